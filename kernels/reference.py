@@ -1,0 +1,129 @@
+"""PyTorch references for every op in `inlaid_ray.kernels`: readable, slow, the ground truth
+the Triton kernels are tested against, and the path used where Triton is unavailable.
+
+Layouts:
+- GPTQ (AutoGPTQ/GPTQModel "gptq" v1 checkpoint format, ALGORITHMS.md section 3): b-bit codes
+  form a little-endian bit stream along the packed dim, 32 codes per b int32 words (for
+  b in {2, 4, 8}: 32/b codes per word, code j of a word at bit b*j). `qweight` packs along the
+  input dim, `qzeros` along the output dim and stores `zero - 1`.
+- Multi-LoRA bank: per (layer, module) `lora_a [num_slots, max_rank, d_in]`,
+  `lora_b [num_slots, d_out, max_rank]` with the adapter scaling folded into `lora_b` and
+  ranks below `max_rank` zero-padded; tokens pick a slot through `LoRABatch`.
+Numerics: accumulate in fp32, return in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inlaid_ray.model.forward_batch import LoRABatch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tensor:
+    """Unpack `count` b-bit codes stored along `dim` of an int32 tensor; returns int32 codes.
+
+    Semantics: code c sits at bits [b*c, b*c + b) of the stream formed by the words
+    packed[..., k] (little-endian, word k holds stream bits 32k..32k+31).
+    """
+    assert bits in SUPPORTED_BITS, f"bits={bits} not in {SUPPORTED_BITS}"
+    assert packed.dtype == torch.int32, f"packed dtype {packed.dtype}, expected int32"
+    words = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF  # [..., n_words]
+    assert words.shape[-1] * 32 >= count * bits, (words.shape, count, bits)
+    start = torch.arange(count, device=packed.device) * bits
+    word_idx, offset = start // 32, start % 32
+    lo = words[..., word_idx] >> offset
+    # A 3-bit code may straddle two words: take its high bits from the next word.
+    spill = (offset + bits) > 32
+    nxt = words[..., torch.clamp(word_idx + 1, max=words.shape[-1] - 1)]
+    hi = torch.where(spill, nxt << (32 - offset), torch.zeros_like(nxt))
+    codes = (lo | hi) & ((1 << bits) - 1)
+    return codes.to(torch.int32).movedim(-1, dim)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of `unpack_codes`: pack int codes in [0, 2^b) along `dim` into int32 words."""
+    assert bits in SUPPORTED_BITS, f"bits={bits} not in {SUPPORTED_BITS}"
+    c = codes.movedim(dim, -1).to(torch.int64)
+    count = c.shape[-1]
+    assert (count * bits) % 32 == 0, f"{count} codes of {bits} bits do not fill whole int32 words"
+    assert int(c.min()) >= 0 and int(c.max()) < (1 << bits), "codes out of range"
+    n_words = count * bits // 32
+    words = torch.zeros(*c.shape[:-1], n_words, dtype=torch.int64, device=codes.device)
+    for j in range(count):  # clear, not fast: packing runs once per checkpoint
+        start = j * bits
+        w, off = divmod(start, 32)
+        words[..., w] |= (c[..., j] << off) & 0xFFFFFFFF
+        if off + bits > 32:
+            words[..., w + 1] |= c[..., j] >> (32 - off)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
+    return words.to(torch.int32).movedim(-1, dim)
+
+
+def gptq_dequantize_ref(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    """Dense weight `W [d_out, d_in]` (dtype of `scales`) of a GPTQ v1-packed linear.
+
+    Semantics: W[o, i] = scales[g_idx[i], o] * (q[i, o] - (z[g_idx[i], o] + 1))
+    qweight: [d_in * bits / 32, d_out] int32; qzeros: [n_groups, d_out * bits / 32] int32;
+    scales: [n_groups, d_out] fp16/bf16/fp32; g_idx: [d_in] int32.
+    """
+    d_in, d_out = g_idx.shape[0], scales.shape[1]
+    q = unpack_codes(qweight, bits, d_in, dim=0)  # [d_in, d_out]
+    z = unpack_codes(qzeros, bits, d_out, dim=1) + 1  # [n_groups, d_out], v1 stores zero - 1
+    g = g_idx.long()
+    w = scales.float()[g] * (q - z[g]).float()  # [d_in, d_out]
+    return w.t().contiguous().to(scales.dtype)
+
+
+def gptq_matmul_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`y = x @ W^T (+ bias)` for a GPTQ-packed W; x: [M, d_in]; returns [M, d_out] in x.dtype."""
+    w = gptq_dequantize_ref(qweight, qzeros, scales, g_idx, bits)
+    y = x.float() @ w.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+    """h[t] = lora_a[slot(t)] @ x[t] for tokens with an adapter, 0 elsewhere.
+
+    x: [T, d_in]; lora_a: [num_slots, max_rank, d_in]; returns h: [T, max_rank] fp32.
+    """
+    h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    for slot, offset, count in zip(batch.slots_list, batch.offsets.tolist(), batch.counts_list):
+        idx = batch.sorted_token_ids[offset : offset + count]
+        h[idx] = x[idx].float() @ lora_a[slot].float().t()
+    return h
+
+
+def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch) -> None:
+    """y[t] += lora_b[slot(t)] @ h[t] for tokens with an adapter; y modified in place.
+
+    y: [T, d_out]; h: [T, max_rank] fp32; lora_b: [num_slots, d_out, max_rank].
+    """
+    for slot, offset, count in zip(batch.slots_list, batch.offsets.tolist(), batch.counts_list):
+        idx = batch.sorted_token_ids[offset : offset + count]
+        y[idx] = (y[idx].float() + h[idx] @ lora_b[slot].float().t()).to(y.dtype)
+
+
+def lora_shrink_expand_ref(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch
+) -> None:
+    """y[t] += lora_b[s] @ (lora_a[s] @ x[t]) with s = batch.token_slots[t] >= 0; y in place."""
+    if batch.num_active_slots:
+        lora_expand_ref(y, lora_shrink_ref(x, lora_a, batch), lora_b, batch)
