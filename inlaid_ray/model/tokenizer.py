@@ -1,0 +1,28 @@
+"""Tokenizer loading and prompt encoding (raw text or chat messages through the chat template)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The HF tokenizer of `model_dir` (tokenization is not model code; transformers is fine here)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` rendered with the model's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; send a raw prompt instead")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a raw prompt, as-is (no chat template, no special tokens added)."""
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]

