@@ -1,0 +1,76 @@
+"""Prometheus metrics of the serving path, vLLM's set renamed `inlaid_*` with unit suffixes.
+
+Per-request metrics carry a `task` label and are recorded by the router (it sees every
+request end to end; replicas report queue time in the final chunk). Engine gauges carry a
+`replica` label and come from the replicas' routing stats. One `CollectorRegistry` per
+process, owned by the object that exposes /metrics (no module-level state).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
+_TOKEN_ERROR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServeMetrics:
+    """All serving metrics in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("inlaid_requests", "Finished requests by finish reason", ["task", "finish_reason"], registry=r)
+        self.errors = Counter("inlaid_request_errors", "Rejected or failed requests by HTTP status", ["status"], registry=r)
+        self.ttft = Histogram("inlaid_time_to_first_token_seconds", "Time to first token", ["task"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("inlaid_inter_token_latency_seconds", "Time between streamed tokens", ["task"], buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("inlaid_e2e_request_latency_seconds", "End-to-end request latency", ["task"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("inlaid_request_queue_time_seconds", "Time from arrival at the replica to first schedule", ["task"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("inlaid_prompt_tokens", "Prompt tokens processed", ["task"], registry=r)
+        self.generation_tokens = Counter("inlaid_generation_tokens", "Tokens generated", ["task"], registry=r)
+        self.slo = Counter("inlaid_slo_requests", "Finished requests by whether they met their SLO", ["task", "attained"], registry=r)
+        self.length_error = Histogram("inlaid_output_length_prediction_error_tokens", "|predicted - actual| output length", ["task"], buckets=_TOKEN_ERROR_BUCKETS, registry=r)
+        self.running = Gauge("inlaid_num_requests_running", "Requests running on a replica", ["replica"], registry=r)
+        self.waiting = Gauge("inlaid_num_requests_waiting", "Requests waiting on a replica", ["replica"], registry=r)
+        self.kv_usage = Gauge("inlaid_kv_cache_usage_ratio", "Fraction of KV blocks in use", ["replica"], registry=r)
+        self.adapters_per_step = Gauge("inlaid_distinct_adapters_per_step", "Distinct adapters in the replica's last step", ["replica"], registry=r)
+        self.loaded_clusters = Gauge("inlaid_loaded_clusters", "Adapter clusters resident on a replica", ["replica"], registry=r)
+
+    def record_finished(
+        self,
+        task: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        e2e_s: float,
+        ttft_s: float | None,
+        queue_s: float | None,
+        slo_s: float | None,
+        predicted_len: float | None,
+    ) -> None:
+        """Record one finished request."""
+        self.requests.labels(task, finish_reason).inc()
+        self.prompt_tokens.labels(task).inc(prompt_tokens)
+        self.generation_tokens.labels(task).inc(completion_tokens)
+        self.e2e.labels(task).observe(e2e_s)
+        if ttft_s is not None:
+            self.ttft.labels(task).observe(ttft_s)
+        if queue_s is not None:
+            self.queue_time.labels(task).observe(queue_s)
+        if slo_s is not None:
+            self.slo.labels(task, str(e2e_s <= slo_s).lower()).inc()
+        if predicted_len is not None:
+            self.length_error.labels(task).observe(abs(predicted_len - completion_tokens))
+
+    def record_replica_stats(self, replica: str, stats: dict) -> None:
+        """Engine gauges from a replica's routing stats."""
+        self.running.labels(replica).set(stats.get("running", 0))
+        self.waiting.labels(replica).set(stats.get("waiting", 0))
+        self.kv_usage.labels(replica).set(stats.get("kv_usage", 0.0))
+        self.adapters_per_step.labels(replica).set(stats.get("distinct_adapters_last_step", 0))
+        self.loaded_clusters.labels(replica).set(len(stats.get("loaded_clusters", ())))
+
+    def exposition(self) -> bytes:
+        """Prometheus text format of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,192 @@
+"""OpenAI-compatible request/response models (pydantic, the HTTP edge) for
+/v1/completions and /v1/chat/completions. `model` is the task name (or the base model id)."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by both endpoints; ranges follow the OpenAI API (top_k as in vLLM)."""
+
+    # Clients send many optional OpenAI fields we do not act on; ignore rather than reject them.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="task name, or the base model id for no adapter")
+    max_tokens: int | None = Field(default=None, description="tokens to generate (default 16 / chat: rest of context)")
+    temperature: float = Field(default=1.0, description="0 = greedy; OpenAI range [0, 2]")
+    top_p: float = Field(default=1.0, description="nucleus sampling mass, (0, 1]")
+    top_k: int = Field(default=-1, description="-1 = off (vLLM extension)")
+    n: int = Field(default=1, description="only 1 is supported")
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    logprobs: int | bool | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if not math.isfinite(v) or not 0.0 <= v <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {v}")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v: float) -> float:
+        if not math.isfinite(v) or not 0.0 < v <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {v}")
+        return v
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {v}")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"only n=1 is supported, got n={v}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError(f"stop takes up to 4 non-empty strings, got {stops!r}")
+        return stops
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "_SamplingFields":
+        if self.logprobs not in (None, False, 0):
+            raise ValueError("logprobs are not supported")
+        if self.presence_penalty != 0.0 or self.frequency_penalty != 0.0:
+            raise ValueError("presence_penalty and frequency_penalty are not supported (must be 0)")
+        return self
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] = Field(description="text, or token ids")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+            return v[0]  # ["text"] is a batch of one
+        if isinstance(v, list) and v and isinstance(v[0], str):
+            raise ValueError("batched prompts are not supported; send one prompt per request")
+        if (isinstance(v, str) and not v) or (isinstance(v, list) and not v):
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+    @model_validator(mode="after")
+    def _max_completion_tokens(self) -> "ChatCompletionRequest":
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            if self.max_completion_tokens < 1:
+                raise ValueError(f"max_completion_tokens must be >= 1, got {self.max_completion_tokens}")
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def completion_body(request_id: str, model: str, text: str, finish_reason: str | None, usage: Usage | None) -> dict:
+    """A /v1/completions response (or stream chunk when `usage` is None and text is a delta)."""
+    body = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": now(),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
+
+
+def chat_body(request_id: str, model: str, text: str, finish_reason: str | None, usage: Usage | None) -> dict:
+    """A non-streaming /v1/chat/completions response."""
+    body = {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+        ],
+    }
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
+
+
+def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+    """One chat.completion.chunk of a stream."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": now(),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def usage_chunk(request_id: str, model: str, obj: str, usage: Usage) -> dict:
+    """The final stream chunk carrying usage (stream_options.include_usage): empty choices."""
+    return {"id": request_id, "object": obj, "created": now(), "model": model, "choices": [], "usage": usage.model_dump()}
+
+
+def error_body(message: str, err_type: str, code: str | None = None, param: str | None = None) -> dict:
+    """The OpenAI error JSON."""
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
