@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inlaid_ray.model.attention import paged_attention
+from inlaid_ray.model.attention import AttentionPlan, paged_attention
 from inlaid_ray.model.config import ModelConfig
 from inlaid_ray.model.forward_batch import ForwardBatch
 from inlaid_ray.model.kv_cache import PagedKVCache
@@ -33,7 +33,6 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.sliding_window = config.sliding_window
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             d_out, d_in = config.module_shape(name)
             bias = config.attention_bias and name != "o_proj"
@@ -46,13 +45,14 @@ class Attention(nn.Module):
         kv_cache: PagedKVCache,
         rotary: RotaryEmbedding,
         lora: LoRAContext | None,
+        plan: AttentionPlan,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q = self.q_proj(x, lora).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x, lora).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, lora).view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = rotary(q, k, batch.positions)
-        out = paged_attention(q, k, v, kv_cache, self.layer_idx, batch, self.sliding_window)
+        out = paged_attention(q, k, v, kv_cache, self.layer_idx, batch, plan)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim), lora)
 
 
@@ -77,8 +77,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = MLP(config, layer_idx, make_linear)
 
-    def forward(self, x, batch, kv_cache, rotary, lora) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache, rotary, lora)
+    def forward(self, x, batch, kv_cache, rotary, lora, plan) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache, rotary, lora, plan)
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
@@ -134,9 +134,10 @@ class Transformer(nn.Module):
             if self.adapter_bank is None:
                 raise ValueError("batch uses adapter slots but the model has no adapter bank")
             lora = LoRAContext(self.adapter_bank, batch.lora)
+        plan = AttentionPlan.build(batch, self.config.sliding_window)
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         for layer in self.model.layers:
-            x = layer(x, batch, kv_cache, self.rotary, lora)
+            x = layer(x, batch, kv_cache, self.rotary, lora, plan)
         if not all_logits:
             x = x[batch.logits_indices]  # [S, hidden]: only last tokens need logits
         return self.lm_head(self.model.norm(x)).float()
