@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from inlaid_ray.config import Settings
+from inlaid_ray.errors import InlaidError
 
 
 def _cmd_model_prepare(args: argparse.Namespace, settings: Settings) -> int:
@@ -15,6 +16,39 @@ def _cmd_model_prepare(args: argparse.Namespace, settings: Settings) -> int:
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else settings.cache_dir
     print(prepare_smollm2(cache_dir, force=args.force))
+    return 0
+
+
+def _default_base(args: argparse.Namespace, settings: Settings) -> Path:
+    from inlaid_ray.model.prepare import prepare_smollm2
+
+    return Path(args.base) if args.base else prepare_smollm2(settings.cache_dir)
+
+
+def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from inlaid_ray.engine import EngineConfig, SamplingParams
+    from inlaid_ray.engine.builder import build_engine
+    from inlaid_ray.model import encode_chat, encode_text
+
+    adapters: dict[str, Path] = {}
+    task = None
+    if args.task:
+        from inlaid_ray.demo import demo_adapter_dir
+
+        task, adapters = args.task, {args.task: demo_adapter_dir(args.task)}
+    elif args.adapter:
+        task, adapters = "adapter", {"adapter": Path(args.adapter)}
+    engine = build_engine(
+        _default_base(args, settings), adapters, dtype=args.dtype, device=args.device,
+        engine_config=EngineConfig(num_kv_blocks=args.kv_blocks),
+    )
+    tok = engine.tokenizer
+    prompt = encode_text(tok, args.prompt) if args.raw else encode_chat(tok, [{"role": "user", "content": args.prompt}])
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+    print(engine.generate([prompt], params, [task])[0].text)
     return 0
 
 
@@ -29,13 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--cache-dir", help="cache root (default: $INLAID_CACHE_DIR or ~/.cache/inlaid-ray)")
     prep.add_argument("--force", action="store_true", help="convert again even if present")
     prep.set_defaults(func=_cmd_model_prepare)
+
+    gen = sub.add_parser("generate", help="generate text with the base model plus one adapter (or none)")
+    which = gen.add_mutually_exclusive_group()
+    which.add_argument("--task", help="a demo task name (its committed adapter)")
+    which.add_argument("--adapter", help="a PEFT adapter directory")
+    gen.add_argument("--prompt", required=True, help="user message (or raw text with --raw)")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as-is, not through the chat template")
+    gen.add_argument("--base", help="base model directory (default: the prepared SmolLM2)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    gen.add_argument("--kv-blocks", type=int, default=512, help="KV cache blocks of 16 tokens")
+    gen.set_defaults(func=_cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args, Settings.from_env())
+    try:
+        return args.func(args, Settings.from_env())
+    except InlaidError as exc:  # user errors: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
