@@ -1,0 +1,366 @@
+"""Continuous batching over a paged KV cache (Orca's iteration-level scheduling, vLLM's
+PagedAttention block tables and recompute preemption) with multi-LoRA requests.
+
+One `step()`: the scheduler picks requests under a `SchedulingPolicy` (new ones are
+prefilled whole, running ones decode one token, prefill and decode mix in one batch),
+the model runs one forward over the flattened batch, each request samples its next token,
+and the detokenizer turns it into a text delta. No Ray, HTTP or threads here:
+`AsyncLLMEngine` wraps this class for streaming.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from inlaid_ray.engine.batch import build_step_batch
+from inlaid_ray.engine.block_allocator import BlockAllocator, blocks_for
+from inlaid_ray.engine.config import EngineConfig, EngineStats
+from inlaid_ray.engine.detokenizer import IncrementalDetokenizer
+from inlaid_ray.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams
+from inlaid_ray.engine.sampling import GREEDY_EPS, sample
+from inlaid_ray.engine.scheduler import Scheduler, SchedulerLimits
+from inlaid_ray.errors import InvalidRequest, TaskNotFound
+from inlaid_ray.model.kv_cache import PagedKVCache
+from inlaid_ray.sched.policy import SchedulingPolicy, make_policy
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model; not thread-safe (AsyncLLMEngine serialises)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any | None,
+        config: EngineConfig = EngineConfig(),
+        adapter_bank: Any | None = None,
+        policy: SchedulingPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.config = config
+        self.clock = clock
+        self.adapter_bank = self._attach_bank(model, adapter_bank)
+        self.device = torch.device(config.device) if config.device else model.device
+        self.dtype = config.dtype or model.dtype
+        self.max_model_len = self._resolve_max_model_len()
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        min_blocks = blocks_for(self.max_model_len, config.block_size)
+        if num_blocks < min_blocks:
+            raise ValueError(
+                f"num_kv_blocks={num_blocks} of {config.block_size} tokens cannot hold one sequence of "
+                f"max_model_len={self.max_model_len} (needs {min_blocks}); lower max_model_len or add memory"
+            )
+        self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.policy = policy if policy is not None else make_policy(config.policy)
+        limits = SchedulerLimits(
+            config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
+            watermark_blocks=int(config.kv_watermark * num_blocks),
+        )
+        self.scheduler = Scheduler(self.policy, self.allocator, limits)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self._requests: dict[str, Request] = {}
+        self._rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        self._num_steps = self._num_finished = 0
+        self._last_step = (0, 0, 0)  # seqs, tokens, adapters
+
+    # ----------------------------------------------------------------- requests
+    def make_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        task: str | None = None,
+        request_id: str | None = None,
+        predicted_output_len: float | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Validate and build a request without queueing it (raises InvalidRequest / TaskNotFound)."""
+        params = params if params is not None else SamplingParams()
+        params.validate(self.max_model_len)
+        if isinstance(prompt_token_ids, (str, bytes)):
+            raise InvalidRequest("the prompt must be token ids; tokenize text first")
+        try:
+            prompt = [int(t) for t in prompt_token_ids]
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"the prompt must be a sequence of integer token ids: {exc}") from exc
+        if not prompt:
+            raise InvalidRequest("the prompt is empty; at least one token is needed")
+        if len(prompt) > self.max_model_len - 1:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt)} tokens; max_model_len={self.max_model_len} "
+                f"allows at most {self.max_model_len - 1} so one token can be generated"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequest(f"stop strings {params.stop!r} need a tokenizer; this engine has none")
+        self._slot_of(task)  # unknown task -> TaskNotFound now, not in the middle of a step
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif request_id in self._requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        now = self.clock()
+        generator = None
+        if params.temperature >= GREEDY_EPS:
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)  # CPU: one uniform per token, any device
+        detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
+        return Request(
+            request_id=request_id,
+            task=task,
+            prompt_token_ids=prompt,
+            params=params,
+            arrival_time=now if arrival_time is None else arrival_time,
+            wait_start=now,
+            predicted_output_len=predicted_output_len,
+            generator=generator,
+            detokenizer=detok,
+        )
+
+    def add(self, request: Request) -> str:
+        """Queue a request built by `make_request`."""
+        if request.request_id in self._requests:
+            raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+        self._requests[request.request_id] = request
+        self.scheduler.add(request)
+        return request.request_id
+
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        task: str | None = None,
+        request_id: str | None = None,
+        predicted_output_len: float | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Validate and queue a request; returns its id."""
+        req = self.make_request(prompt_token_ids, params, task, request_id, predicted_output_len, arrival_time)
+        return self.add(req)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; its final output (None if it is not in flight)."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        self._finish(req, "abort", self.clock())
+        return self._output(req, "", ())
+
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort every request in flight (shutdown, or recovery after a failed step)."""
+        return [out for rid in list(self._requests) if (out := self.abort(rid)) is not None]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    # ----------------------------------------------------------------- stepping
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward, sample one token per scheduled request; their deltas."""
+        now = self.clock()
+        scheduled, budget = self.scheduler.schedule(now)
+        self.policy.on_step(scheduled, budget)
+        outputs: list[RequestOutput] = []
+        # The bank's lock spans slot lookup and forward: a step sees an adapter's old or new version.
+        with getattr(self.adapter_bank, "lock", None) or contextlib.nullcontext():
+            scheduled, slots = self._resolve_slots(scheduled, outputs, now)
+            if not scheduled:
+                self._last_step = (0, 0, 0)
+                return outputs
+            input_ids, batch = build_step_batch(
+                scheduled, slots, self.config.block_size, self.device, with_lora=self.adapter_bank is not None
+            )
+            logits = self.model(input_ids, batch, self.kv_cache)  # [S, vocab] fp32
+        tokens = sample(logits, [r.params for r in scheduled], [r.generator for r in scheduled])
+        self._num_steps += 1
+        self._last_step = (len(scheduled), batch.num_tokens, len({r.task for r in scheduled if r.task is not None}))
+        now = self.clock()
+        return outputs + [self._append_token(req, tok, now) for req, tok in zip(scheduled, tokens)]
+
+    def _resolve_slots(
+        self, scheduled: list[Request], outputs: list[RequestOutput], now: float
+    ) -> tuple[list[Request], list[int]]:
+        """Adapter slot per request; one whose adapter was removed meanwhile is aborted alone."""
+        kept, slots = [], []
+        for req in scheduled:
+            try:
+                slots.append(self._slot_of(req.task))
+                kept.append(req)
+            except TaskNotFound as exc:
+                log.warning("aborting %s: %s", req.request_id, exc)
+                self._finish(req, "abort", now)
+                outputs.append(self._output(req, "", ()))
+        return kept, slots
+
+    def _append_token(self, req: Request, token: int, now: float) -> RequestOutput:
+        """Record a sampled token, detokenize, and finish the request if it should stop."""
+        req.num_computed_tokens = req.num_tokens
+        req.output_token_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        p = req.params
+        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+        reason: FinishReason | None = "stop" if stop_token else None
+        if reason is None and (req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len):
+            reason = "length"
+        delta = ""
+        if req.detokenizer is not None:
+            # The stop token itself is not part of the text.
+            delta, hit_stop = req.detokenizer.update([] if stop_token else [token], final=reason is not None)
+            if hit_stop:
+                reason = "stop"
+        if reason is not None:
+            self._finish(req, reason, now)
+        return self._output(req, delta, (token,))
+
+    def _finish(self, req: Request, reason: FinishReason, now: float) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.finish_time = now
+        self.scheduler.remove(req)
+        del self._requests[req.request_id]
+        self._num_finished += 1
+        self.policy.on_finished(req, now)
+
+    def _output(self, req: Request, delta: str, token_ids: tuple[int, ...]) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            text=delta,
+            token_ids=token_ids,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_completion_tokens=req.num_output_tokens,
+            task=req.task,
+        )
+
+    # ----------------------------------------------------------------- convenience
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        tasks: Sequence[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; one output per prompt (in order) holding the whole completion.
+
+        Outputs of requests added by others meanwhile are dropped (they still advance).
+        """
+        n = len(prompts)
+        params_list = list(params) if isinstance(params, Sequence) else [params] * n
+        tasks_list = list(tasks) if tasks is not None else [None] * n
+        if len(params_list) != n or len(tasks_list) != n:
+            raise InvalidRequest(f"{n} prompts but {len(params_list)} params and {len(tasks_list)} tasks")
+        reqs = [self.make_request(p, sp, t) for p, sp, t in zip(prompts, params_list, tasks_list)]
+        for req in reqs:
+            self.add(req)
+        texts: dict[str, list[str]] = {r.request_id: [] for r in reqs}
+        done: dict[str, RequestOutput] = {}
+        while len(done) < n:
+            outputs = self.step()
+            if not outputs:
+                raise RuntimeError(f"the scheduler made no progress with requests in flight: {self.stats()}")
+            for out in outputs:
+                if out.request_id in texts:
+                    texts[out.request_id].append(out.text)
+                    if out.finished:
+                        done[out.request_id] = out
+        results = []
+        for req in reqs:
+            last = done[req.request_id]
+            results.append(
+                RequestOutput(
+                    request_id=req.request_id,
+                    text="".join(texts[req.request_id]),
+                    token_ids=tuple(req.output_token_ids),
+                    finished=True,
+                    finish_reason=last.finish_reason,
+                    num_prompt_tokens=last.num_prompt_tokens,
+                    num_completion_tokens=last.num_completion_tokens,
+                    task=req.task,
+                )
+            )
+        return results
+
+    def stats(self) -> EngineStats:
+        seqs, tokens, adapters = self._last_step
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_paused=self.scheduler.num_paused,
+            num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks=self.allocator.num_blocks,
+            num_free_blocks=self.allocator.num_free,
+            kv_usage=self.allocator.usage,
+            num_steps=self._num_steps,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_finished=self._num_finished,
+            last_step_num_seqs=seqs,
+            last_step_num_tokens=tokens,
+            last_step_num_adapters=adapters,
+        )
+
+    # ----------------------------------------------------------------- set-up helpers
+    def _slot_of(self, task: str | None) -> int:
+        if task is None:
+            return -1
+        if self.adapter_bank is None:
+            raise TaskNotFound(f"task {task!r} is unknown: this engine serves the base model only")
+        try:
+            return int(self.adapter_bank.slot_of(task))
+        except TaskNotFound:
+            raise
+        except KeyError as exc:
+            raise TaskNotFound(f"task {task!r} is not loaded in the adapter bank") from exc
+
+    @staticmethod
+    def _attach_bank(model: Any, adapter_bank: Any | None) -> Any | None:
+        """One bank for the engine (slots) and the model (deltas); the model's if none is given."""
+        model_bank = getattr(model, "adapter_bank", None)
+        if adapter_bank is None:
+            return model_bank
+        if model_bank is None:
+            model.adapter_bank = adapter_bank
+        elif model_bank is not adapter_bank:
+            raise ValueError("the engine and the model were given different adapter banks")
+        return adapter_bank
+
+    def _resolve_max_model_len(self) -> int:
+        cfg, limit = self.config, self.model_config.max_position_embeddings
+        if cfg.max_model_len is None:
+            return min(limit, cfg.max_num_batched_tokens)
+        if cfg.max_model_len > limit:
+            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings={limit}")
+        if cfg.max_model_len > cfg.max_num_batched_tokens:
+            raise ValueError(
+                f"max_model_len={cfg.max_model_len} > max_num_batched_tokens={cfg.max_num_batched_tokens}: "
+                "prompts are prefilled in one chunk, so a step must fit the longest sequence"
+            )
+        return cfg.max_model_len
+
+    def _blocks_from_memory(self) -> int:
+        cfg = self.config
+        per_block = PagedKVCache.bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        useful = cfg.max_num_seqs * blocks_for(self.max_model_len, cfg.block_size)  # more is never used
+        num_blocks = min(int(free * cfg.kv_memory_fraction) // per_block, useful)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, cfg.block_size, num_blocks * per_block / 2**20)
+        return num_blocks

@@ -1,0 +1,138 @@
+"""A generation request's parameters, life-cycle state and streamed outputs (vLLM's
+`SamplingParams` / `Request` / `RequestOutput`, reduced to what this engine uses)."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from inlaid_ray.errors import InvalidRequest
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop (OpenAI semantics; temperature 0 = greedy)."""
+
+    max_tokens: int = 16  # tokens to generate at most
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = off
+    top_k: int = -1  # keep the k most likely tokens; -1 = off
+    seed: int | None = None  # per-request RNG seed; None = drawn from the engine's seed
+    stop: tuple[str, ...] = ()  # stop strings, excluded from the returned text
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation like EOS
+    ignore_eos: bool = False  # keep generating past the model's EOS tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, max_model_len: int) -> None:
+        """Raise InvalidRequest naming the offending value (limits are those of the model)."""
+        t = self.temperature
+        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {t!r}")
+        p = self.top_p
+        if not isinstance(p, (int, float)) or not (0.0 < p <= 1.0):  # NaN fails too
+            raise InvalidRequest(f"top_p must be in (0, 1], got {p!r}")
+        k = self.top_k
+        if not _is_int(k) or k == 0 or k < -1:
+            raise InvalidRequest(f"top_k must be -1 (off) or >= 1, got {k!r}")
+        n = self.max_tokens
+        if not _is_int(n) or n < 1:
+            raise InvalidRequest(f"max_tokens must be an integer >= 1, got {n!r}")
+        if n > max_model_len - 1:
+            raise InvalidRequest(
+                f"max_tokens={n} exceeds what the model allows: max_model_len={max_model_len} "
+                f"leaves at most {max_model_len - 1} tokens after a one-token prompt"
+            )
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise InvalidRequest(f"seed must be a 64-bit integer or None, got {self.seed!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidRequest(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, tuple) or not all(
+            _is_int(i) and i >= 0 for i in self.stop_token_ids
+        ):
+            raise InvalidRequest(f"stop_token_ids must be a tuple of token ids >= 0, got {self.stop_token_ids!r}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # holds no KV blocks (new, or preempted and to be recomputed)
+    RUNNING = "running"  # holds KV blocks and ran in the last step
+    PAUSED = "paused"  # holds KV blocks but the policy left it out of the last step
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation in flight; satisfies `inlaid_ray.sched.policy.SchedulableRequest`."""
+
+    request_id: str
+    task: str | None  # adapter (task) name; None = base model
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    wait_start: float  # last time it entered the waiting queue (arrival or preemption)
+    predicted_output_len: float | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    generator: torch.Generator | None = field(default=None, repr=False)  # None for greedy
+    detokenizer: Any = field(default=None, repr=False)  # IncrementalDetokenizer or None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_id(self, position: int) -> int:
+        """Token at `position` of prompt + output."""
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: a delta while streaming.
+
+    `text` and `token_ids` are the new text and tokens of this step; `LLMEngine.generate`
+    returns the same type with the whole completion in them.
+    """
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_completion_tokens: int  # generated so far, including a final stop token
+    task: str | None = None
