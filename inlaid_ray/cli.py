@@ -9,6 +9,8 @@ from pathlib import Path
 
 from inlaid_ray.config import Settings
 from inlaid_ray.errors import InlaidError
+from inlaid_ray.quant.cli import add_eval_parser, add_quantize_parser
+from inlaid_ray.serve.cli_args import add_cli_arguments as add_serve_arguments
 
 
 def _cmd_model_prepare(args: argparse.Namespace, settings: Settings) -> int:
@@ -52,6 +54,12 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from inlaid_ray.serve.launcher import run_from_cli
+
+    return run_from_cli(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inlaid-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -81,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     gen.add_argument("--kv-blocks", type=int, default=512, help="KV cache blocks of 16 tokens")
     gen.set_defaults(func=_cmd_generate)
+
+    add_quantize_parser(sub)
+    add_eval_parser(sub)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible Ray Serve app (router + engine replicas)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 

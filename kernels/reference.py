@@ -9,6 +9,9 @@ Layouts:
 - Multi-LoRA bank: per (layer, module) `lora_a [num_slots, max_rank, d_in]`,
   `lora_b [num_slots, d_out, max_rank]` with the adapter scaling folded into `lora_b` and
   ranks below `max_rank` zero-padded; tokens pick a slot through `LoRABatch`.
+- Compressed LoRA bank (Compress then Serve): per cluster c shared `V [C, d_in, k]`,
+  `U [C, d_out, k]` and per-adapter cores `sigma [C, n, k, k]` (full) or `[C, n, k]` (diag);
+  tokens pick (cluster, row) through `CompressedLoRABatch`.
 Numerics: accumulate in fp32, return in the activation dtype.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from inlaid_ray.kernels.compressed_lora_batch import CompressedLoRABatch
 from inlaid_ray.model.forward_batch import LoRABatch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -127,3 +131,25 @@ def lora_shrink_expand_ref(
     """y[t] += lora_b[s] @ (lora_a[s] @ x[t]) with s = batch.token_slots[t] >= 0; y in place."""
     if batch.num_active_slots:
         lora_expand_ref(y, lora_shrink_ref(x, lora_a, batch), lora_b, batch)
+
+
+def compressed_lora_ref(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    sigma: torch.Tensor,
+    batch: CompressedLoRABatch,
+) -> None:
+    """y[t] += U_c (Sigma_c[row] (V_c^T x[t])) for tokens with a cluster c >= 0; y modified in place.
+
+    Compress then Serve (ALGORITHMS.md 9.10); scaling and norms live inside Sigma.
+    x: [T, d_in]; y: [T, d_out]; v: [C, d_in, k]; u: [C, d_out, k];
+    sigma: [C, n, k, k] (JD-Full, g = Sigma h) or [C, n, k] (JD-Diag, g = sigma * h).
+    """
+    for c, offset, count in zip(batch.clusters_list, batch.offsets.tolist(), batch.counts_list):
+        idx = batch.sorted_token_ids[offset : offset + count]
+        h = x[idx].float() @ v[c].float()  # [count, k]
+        core = sigma[c, batch.token_rows[idx]].float()  # [count, k] or [count, k, k]
+        g = h * core if sigma.dim() == 3 else torch.einsum("tji,ti->tj", core, h)
+        y[idx] = (y[idx].float() + g @ u[c].float().t()).to(y.dtype)

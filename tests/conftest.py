@@ -1,12 +1,19 @@
-"""Shared fixtures: the real SmolLM2 directory (converted once from the bundled GGUF) and
+"""Shared fixtures: the compute device, the real SmolLM2 directory (converted once from the bundled GGUF) and
 tiny random Llama-family checkpoints written with transformers (shape tests only)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Triton kernels run under the interpreter without CUDA; the variable must be set before any
+# kernel module is imported (the @triton.jit decorator reads it), hence here, at conftest import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from inlaid_ray.config import Settings
 from inlaid_ray.model.prepare import prepare_smollm2
@@ -44,3 +51,19 @@ def write_tiny_hf_model(path: Path, model_type: str = "llama", seed: int = 0, **
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny random GQA Llama with untied embeddings."""
     return write_tiny_hf_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device kernels and engines run on: CUDA if present, else CPU (Triton interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests need real CUDA launches: skip them, with the reason, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker); runs on the device machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

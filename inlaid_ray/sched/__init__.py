@@ -8,12 +8,37 @@ from inlaid_ray.sched.policy import (
     make_policy,
     register_policy,
 )
+from inlaid_ray.sched.admission import StepPlan, plan_step
+from inlaid_ray.sched.cost_model import StepCostModel, StepSample, fit_cost_model
+from inlaid_ray.sched.metrics import summarize
+from inlaid_ray.sched.policies import InlaidConfig, InlaidPolicy, MlfqConfig, MlfqPolicy
+from inlaid_ray.sched.simulator import ReplicaConfig, SimResult, Simulator
+from inlaid_ray.sched.workload import RequestSpec, WorkloadConfig, generate_workload
+
+# The output-length predictor (inlaid_ray.sched.predictor) needs torch + transformers and is
+# imported from its module, so that importing the policies stays dependency-free.
 
 __all__ = [
     "FifoPolicy",
+    "InlaidConfig",
+    "InlaidPolicy",
+    "MlfqConfig",
+    "MlfqPolicy",
+    "ReplicaConfig",
+    "RequestSpec",
     "SchedulableRequest",
     "SchedulingPolicy",
+    "SimResult",
+    "Simulator",
     "StepBudget",
+    "StepCostModel",
+    "StepPlan",
+    "StepSample",
+    "WorkloadConfig",
+    "fit_cost_model",
+    "generate_workload",
     "make_policy",
+    "plan_step",
     "register_policy",
+    "summarize",
 ]

@@ -36,6 +36,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+    return_token_ids: bool = Field(default=False, description="vLLM extension: add prompt_token_ids and token_ids")
 
     @field_validator("temperature")
     @classmethod
@@ -112,6 +113,17 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v):
+        """OpenAI also sends content as a list of parts; only text parts are supported."""
+        if isinstance(v, list):
+            kinds = sorted({p.get("type") if isinstance(p, dict) else type(p).__name__ for p in v} - {"text"})
+            if kinds:
+                raise ValueError(f"only text content parts are supported, got {kinds}")
+            return "".join(str(p.get("text", "")) for p in v)
+        return v
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -1,0 +1,205 @@
+"""Calibration data for (ML)GPTQ: JSONL files, one record a line, tokenized and sampled to a
+per-task token budget (ALGORITHMS.md 5.4 point 2: every task's Hessian is normalised by its real
+token count, and by default every task gets the same number of tokens, so no task dominates the
+max by sheer volume).
+
+Record shapes (extra keys are ignored; the first matching shape wins, in this order):
+- `{"messages": [{"role": ..., "content": ...}, ...]}`: rendered with the tokenizer's chat
+  template (a generation prompt is appended when the last message is not the assistant's);
+- `{"prompt": ..., "completion": ...}`: the raw text `prompt + completion`, no template;
+- `{"text": ...}`: raw text.
+Every problem is an `InvalidRequest` naming the file and, where there is one, the line.
+
+Sampling is a pure function of (task name, token sequences, `CalibrationConfig`): a seeded
+shuffle, then sequences (each cut to `max_seq_len`) are taken until the budget is met, the last
+one cut to hit it exactly. Adding a task later therefore never changes the samples of the others,
+which incremental quantization (section 6.3) relies on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inlaid_ray.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+RECORD_SHAPES = ('{"messages": [...]}', '{"prompt": ..., "completion": ...}', '{"text": ...}')
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration sequences are chosen for each task."""
+
+    tokens_per_task: int | None = None  # token budget of every task; None = the smallest task's total
+    max_seq_len: int = 512  # each sequence is cut to this many tokens
+    max_sequences: int | None = None  # at most this many sequences per task (None = no limit)
+    seed: int = 0  # shuffle seed (combined with the task name)
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_task is not None and self.tokens_per_task < 1:
+            raise ValueError(f"tokens_per_task={self.tokens_per_task} must be >= 1 (or None)")
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 1")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise ValueError(f"max_sequences={self.max_sequences} must be >= 1 (or None)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens_per_task": self.tokens_per_task, "max_seq_len": self.max_seq_len,
+                "max_sequences": self.max_sequences, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The token sequences one task is calibrated on (no padding: every token is real)."""
+
+    task: str
+    sequences: tuple[tuple[int, ...], ...]
+    source: str = ""  # file it was read from ("" if built from tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the exact token ids (what the Hessians are a function of)."""
+        h = hashlib.sha256()
+        for seq in self.sequences:
+            h.update(len(seq).to_bytes(4, "little"))
+            h.update(b"".join(int(t).to_bytes(4, "little") for t in seq))
+        return h.hexdigest()
+
+
+def read_calibration_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every non-blank line of a JSONL file; shapes are checked here."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidRequest(f"calibration file {path} does not exist")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequest(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise InvalidRequest(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            _record_shape(record, f"{path}:{lineno}")
+            records.append((lineno, record))
+    if not records:
+        raise InvalidRequest(f"calibration file {path} is empty (no records)")
+    return records
+
+
+def _record_shape(record: dict[str, Any], where: str) -> str:
+    """'messages' | 'prompt' | 'text', after checking the fields of that shape."""
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ):
+            raise InvalidRequest(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+        return "messages"
+    if "prompt" in record or "completion" in record:
+        p, c = record.get("prompt"), record.get("completion")
+        if not isinstance(p, str) or not isinstance(c, str):
+            raise InvalidRequest(f"{where}: 'prompt' and 'completion' must both be strings, got "
+                                 f"{type(p).__name__} and {type(c).__name__}")
+        return "prompt"
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise InvalidRequest(f"{where}: 'text' must be a non-empty string")
+        return "text"
+    raise InvalidRequest(f"{where}: unknown record shape with keys {sorted(record)}; expected one of "
+                         f"{', '.join(RECORD_SHAPES)}")
+
+
+def render_record(record: dict[str, Any], tokenizer: Any, where: str = "record") -> list[int]:
+    """Token ids of one record (see the module docstring for each shape)."""
+    shape = _record_shape(record, where)
+    if shape == "messages":
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequest(f"{where}: a 'messages' record needs a tokenizer with a chat template")
+        msgs = record["messages"]
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=msgs[-1]["role"] != "assistant")
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5: BatchEncoding
+    else:
+        text = record["prompt"] + record["completion"] if shape == "prompt" else record["text"]
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise InvalidRequest(f"{where}: the record renders to no tokens")
+    return ids
+
+
+def load_calibration_file(path: str | Path, tokenizer: Any) -> list[list[int]]:
+    """Every record of a calibration JSONL file as token ids, in file order."""
+    return [render_record(rec, tokenizer, f"{path}:{lineno}") for lineno, rec in read_calibration_records(path)]
+
+
+def available_tokens(sequences: Sequence[Sequence[int]], config: CalibrationConfig) -> int:
+    """Tokens a task can contribute under `config` (sequences cut, count capped)."""
+    lens = sorted((min(len(s), config.max_seq_len) for s in sequences), reverse=True)
+    return sum(lens[: config.max_sequences] if config.max_sequences else lens)
+
+
+def sample_calibration(
+    task: str, sequences: Sequence[Sequence[int]], budget: int | None, config: CalibrationConfig, source: str = ""
+) -> CalibrationSet:
+    """Seeded choice of sequences holding exactly `budget` tokens (all available if None or fewer)."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise InvalidRequest(f"task {task!r}: calibration needs non-empty token sequences ({source or 'tokens'})")
+    order = list(range(len(sequences)))
+    random.Random(f"{config.seed}/{task}").shuffle(order)
+    chosen: list[tuple[int, ...]] = []
+    total = 0
+    for i in order:
+        if (budget is not None and total >= budget) or (config.max_sequences and len(chosen) >= config.max_sequences):
+            break
+        seq = tuple(int(t) for t in sequences[i][: config.max_seq_len])
+        if budget is not None:
+            seq = seq[: budget - total]  # the last sequence fills the budget exactly
+        chosen.append(seq)
+        total += len(seq)
+    return CalibrationSet(task, tuple(chosen), source)
+
+
+def resolve_budget(available: Mapping[str, int], config: CalibrationConfig) -> int:
+    """The per-task token budget: `config.tokens_per_task`, or the smallest task's total (equal budgets)."""
+    if config.tokens_per_task is not None:
+        return config.tokens_per_task
+    if not available:
+        raise InvalidRequest("no calibration tasks given")
+    return min(available.values())
+
+
+def build_calibration_sets(
+    files: Mapping[str, str | Path],
+    tokenizer: Any,
+    config: CalibrationConfig = CalibrationConfig(),
+    budget: int | None = None,
+) -> dict[str, CalibrationSet]:
+    """Read, tokenize and sample every task's file; all tasks get the same token budget
+    (`budget`, else `resolve_budget`). A task with fewer tokens than an explicit budget uses all it has."""
+    tokens = {task: load_calibration_file(path, tokenizer) for task, path in files.items()}
+    avail = {t: available_tokens(s, config) for t, s in tokens.items()}
+    if budget is None:
+        budget = resolve_budget(avail, config)
+    short = {t: n for t, n in avail.items() if n < budget}
+    if short:
+        log.warning("tasks %s have fewer calibration tokens than the per-task budget %d: they use all they have",
+                    short, budget)
+    return {t: sample_calibration(t, s, budget, config, str(files[t])) for t, s in tokens.items()}

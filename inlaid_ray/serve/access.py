@@ -1,0 +1,97 @@
+"""Who is calling, which models they may use, and what a task resolves to (its cluster).
+
+API keys map to tenants through the registry (stored hashed); a successful lookup is cached
+for `cache_s` seconds (so revoking a key takes effect within that time), failures are never
+cached (a key created a moment ago works at once). Task lookups read the registry watcher's
+local cache, never Redis. Tenancy: a tenant sees and uses only its own live tasks; an admin
+uses every task. Another tenant's live task answers 403 without naming its owner or cluster,
+and a task that is not live answers 404 like a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from inlaid_ray.registry import RegistryWatcher, TaskRecord, TaskRegistry, hash_api_key
+from inlaid_ray.serve.http_errors import OpenAIHTTPError
+from inlaid_ray.serve.replica_protocol import AdapterEntry, ClusterSpec, solo_cluster_id
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated API key's principal."""
+
+    tenant: str
+    admin: bool = False
+
+    def may_use(self, task: TaskRecord) -> bool:
+        return self.admin or task.tenant == self.tenant
+
+
+class Authenticator:
+    """`Authorization: Bearer <key>` -> Caller, or 401."""
+
+    def __init__(self, registry: TaskRegistry, cache_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry, self.cache_s, self.clock = registry, cache_s, clock
+        self._cache: dict[str, tuple[Caller, float]] = {}  # sha256(key) -> (caller, expiry)
+
+    async def authenticate(self, authorization: str | None) -> Caller:
+        key = _bearer(authorization)
+        digest = hash_api_key(key)
+        hit = self._cache.get(digest)
+        if hit is not None and hit[1] > self.clock():
+            return hit[0]
+        principal = await asyncio.to_thread(self.registry.principal_for_key, key)
+        if principal is None:
+            self._cache.pop(digest, None)
+            raise OpenAIHTTPError(401, "invalid API key", code="invalid_api_key")
+        caller = Caller(principal.tenant, principal.admin)
+        self._cache[digest] = (caller, self.clock() + self.cache_s)
+        return caller
+
+
+def _bearer(authorization: str | None) -> str:
+    scheme, _, key = (authorization or "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise OpenAIHTTPError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+    return key
+
+
+def resolve_model(model: str, caller: Caller, watcher: RegistryWatcher, base_model_id: str) -> TaskRecord | None:
+    """The live task `model` names (None for the base model), or a 404/403 OpenAIHTTPError."""
+    if model == base_model_id:
+        return None
+    task = watcher.get_task(model)
+    if task is None or task.status != "live":
+        detail = f" (status {task.status})" if task is not None and caller.may_use(task) else ""
+        raise OpenAIHTTPError(404, f"the model {model!r} does not exist{detail}", code="model_not_found", param="model")
+    if not caller.may_use(task):
+        raise OpenAIHTTPError(403, f"you do not have access to the model {model!r}", code="model_access_denied", param="model")
+    return task
+
+
+def visible_tasks(caller: Caller, watcher: RegistryWatcher) -> list[TaskRecord]:
+    """Live tasks the caller may use, sorted by name."""
+    return [t for t in watcher.tasks() if t.status == "live" and caller.may_use(t)]
+
+
+def _entry(task: TaskRecord) -> AdapterEntry:
+    return AdapterEntry(task.name, task.adapter_uri, task.version, task.adapter_sha256)
+
+
+def cluster_spec_for(task: TaskRecord, watcher: RegistryWatcher) -> ClusterSpec:
+    """The adapters a replica loads to serve `task`: its cluster's live members (or it alone)."""
+    if task.cluster is None:
+        return ClusterSpec(solo_cluster_id(task.name), task.version, (_entry(task),))
+    cluster = watcher.get_cluster(task.cluster)
+    members = {task.name: task}
+    for name in cluster.members if cluster is not None else ():
+        member = watcher.get_task(name)
+        if member is not None and member.status == "live" and member.cluster == task.cluster:
+            members[name] = member
+    version = cluster.version if cluster is not None else 0
+    return ClusterSpec(task.cluster, version, tuple(_entry(members[n]) for n in sorted(members)))

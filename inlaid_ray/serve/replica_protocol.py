@@ -1,0 +1,82 @@
+"""What the router sends a replica and what the replica streams back (Ray-pickled, in-cluster).
+
+A request names its task and carries the task's cluster as a `ClusterSpec`: the adapters a
+replica must hold to serve any member of that cluster. Sending the spec with the request
+keeps replicas free of registry access; the cluster id is also the request's Ray Serve
+multiplexed model id, which is what the request router keys affinity on.
+
+Chunks streamed back are plain dicts:
+    {"replica": str (first chunk), "text": str, "token_ids": [int], "finish_reason": str | None,
+     "num_prompt_tokens": int, "num_completion_tokens": int, "stats": {...} (last chunk)}
+or, for a failure, `{"error": {"status", "message", "type", "code", "param"}}` (http_errors.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from inlaid_ray.engine import RequestOutput, SamplingParams
+
+# Registry cluster names cannot contain ':', so these never collide with a real cluster id.
+_SOLO_PREFIX = "task:"
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """One task's adapter as a replica loads it."""
+
+    task: str
+    uri: str  # PEFT directory: absolute path, file:// URI, or relative to the artifact dir
+    version: int = 1
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The adapters that make up one cluster (raw PEFT now; compressed banks later)."""
+
+    cluster_id: str
+    version: int
+    adapters: tuple[AdapterEntry, ...]
+    format: Literal["peft"] = "peft"  # "jd_bank" once lora/cluster_bank.py lands
+
+    def entry(self, task: str) -> AdapterEntry | None:
+        return next((a for a in self.adapters if a.task == task), None)
+
+
+def solo_cluster_id(task: str) -> str:
+    """Cluster id of a task the registry has not put in a cluster: it travels alone."""
+    return f"{_SOLO_PREFIX}{task}"
+
+
+@dataclass(frozen=True)
+class ReplicaRequest:
+    """One generation request as the router hands it to a replica."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    task: str | None = None  # None = base model
+    cluster: ClusterSpec | None = None  # required when task is set
+    predicted_len: float | None = None  # predicted output tokens (scheduler and router)
+
+    @property
+    def predicted_work(self) -> float:
+        """Tokens of work this request adds to a replica: prompt + predicted output."""
+        predicted = self.predicted_len if self.predicted_len is not None else self.params.max_tokens
+        return len(self.prompt_token_ids) + min(predicted, self.params.max_tokens)
+
+
+def merge_outputs(outputs: Sequence[RequestOutput]) -> dict[str, Any]:
+    """One chunk from consecutive deltas of one request (the replica coalesces under load)."""
+    assert outputs, "merge_outputs needs at least one output"
+    last = outputs[-1]
+    return {
+        "text": "".join(o.text for o in outputs),
+        "token_ids": [t for o in outputs for t in o.token_ids],
+        "finish_reason": last.finish_reason,
+        "num_prompt_tokens": last.num_prompt_tokens,
+        "num_completion_tokens": last.num_completion_tokens,
+    }

@@ -1,0 +1,300 @@
+"""The ingress deployment: OpenAI-compatible HTTP API over the engine replicas (FastAPI through
+`serve.ingress`, STYLE rule 16).
+
+Per request: authenticate the API key (tenant), parse and validate the JSON body (400 with the
+OpenAI error body, never FastAPI's 422), resolve `model` to the base model or a live task the
+tenant may use (404 / 403), apply the chat template and tokenize, enforce max_model_len,
+predict the output length, then call `EngineReplica.generate` with the task's cluster as the
+multiplexed model id so `ClusterAffinityRouter` can prefer replicas holding it. The first
+chunk is awaited before answering, so failures up to the first token are real HTTP errors and
+the `x-inlaid-replica` header names the replica that serves the request; later failures
+arrive as an SSE error event. Routes: /v1/completions, /v1/chat/completions, /v1/models,
+/health, /metrics, and admin routes under /v1/admin (admin key only).
+"""
+
+# No `from __future__ import annotations` here: Serve's FastAPI class-based views rebuild the
+# route signatures and need real (not string) annotations such as `Request`.
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inlaid_ray.model import ModelConfig, load_tokenizer
+from inlaid_ray.registry import RegistryWatcher, TaskRecord, TaskRegistry, connect_redis, new_api_key
+from inlaid_ray.serve.access import Authenticator, Caller, cluster_spec_for, resolve_model, visible_tasks
+from inlaid_ray.serve.bootstrap import DemoBootstrap, bootstrap_demo
+from inlaid_ray.serve.http_errors import OpenAIHTTPError, from_validation_error
+from inlaid_ray.serve.length_prediction import make_predictor
+from inlaid_ray.serve.metrics import ServeMetrics
+from inlaid_ray.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, new_id
+from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_completion
+from inlaid_ray.serve.replica_protocol import ReplicaRequest
+from inlaid_ray.serve.responses import ResponseContext, StreamTracker, collect, next_chunk, sse_events
+
+log = logging.getLogger(__name__)
+
+REPLICA_HEADER = "x-inlaid-replica"
+HEALTH_PROBE_S = 5.0  # how long /health waits for an engine replica's first answer
+
+api = FastAPI(title="inlaid-ray", description="OpenAI-compatible multi-LoRA serving", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(OpenAIHTTPError)
+async def _openai_error(request: Request, exc: OpenAIHTTPError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = OpenAIHTTPError(400, "; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid request")
+    return JSONResponse(err.body(), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    err = OpenAIHTTPError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+    return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """The ingress's settings (resolved from AppArgs by build_app)."""
+
+    model_dir: str
+    base_model_id: str
+    max_model_len: int
+    redis_url: str | None
+    data_dir: str
+    namespace: str = "inlaid"
+    predictor: str = "task_quantile"
+    default_slo_s: float | None = None
+    auth_cache_s: float = 5.0
+    registry_refresh_s: float = 30.0
+    bootstrap: DemoBootstrap | None = None
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIHTTPError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _validate(model: type[CompletionRequest] | type[ChatCompletionRequest], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise OpenAIHTTPError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+@serve.deployment(name="Router")
+@serve.ingress(api)
+class Router:
+    """Ingress deployment; one instance per ingress replica."""
+
+    def __init__(self, replica: DeploymentHandle, spec: RouterSpec) -> None:
+        self._replica = replica
+        self._spec = spec
+        self._tokenizer = load_tokenizer(spec.model_dir)
+        self._vocab_size = ModelConfig.from_dir(spec.model_dir).vocab_size
+        self._redis = connect_redis(spec.redis_url, spec.data_dir)
+        self._registry = TaskRegistry(self._redis, spec.namespace)
+        if spec.bootstrap is not None:
+            tasks = bootstrap_demo(self._registry, spec.bootstrap)
+            log.info("demo bootstrap: tasks %s live for tenant demo", tasks)
+        self._watcher = RegistryWatcher(self._registry, refresh_interval_s=spec.registry_refresh_s).start()
+        self._auth = Authenticator(self._registry, spec.auth_cache_s)
+        self._predictor = make_predictor(spec.predictor)
+        # One worker: a blocking predictor (MiniLM) is neither thread-safe nor allowed on the loop.
+        self._predict_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inlaid-predictor")
+        self._metrics = ServeMetrics()
+        self._replica_stats: dict[str, dict[str, Any]] = {}
+        self._replicas_ready = False
+
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: end the watcher, release the Redis lease."""
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            watcher.stop()
+        redis_client = getattr(self, "_redis", None)
+        if redis_client is not None:
+            redis_client.close()
+
+    # ---- service routes --------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        """200 once an engine replica has answered (the proxy may route here before replicas run)."""
+        if not self._replicas_ready:
+            try:
+                await asyncio.wait_for(self._replica.stats.remote(), timeout=HEALTH_PROBE_S)
+            except Exception as exc:  # noqa: BLE001 - not ready yet, whatever the reason
+                raise OpenAIHTTPError(503, f"engine replicas are not ready: {type(exc).__name__}",
+                                      code="not_ready", err_type="server_error") from None
+            self._replicas_ready = True  # from now on Serve's own health checks replace replicas
+        return {"status": "ok", "registry_revision": self._watcher.revision}
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(self._metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        caller = await self._caller(request)
+        base = self._spec.base_model_id
+        data = [{"id": base, "object": "model", "created": 0, "owned_by": "inlaid-ray", "root": base, "parent": None}]
+        for task in visible_tasks(caller, self._watcher):
+            data.append({"id": task.name, "object": "model", "created": int(task.created_at),
+                         "owned_by": task.tenant, "root": base, "parent": base})
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completion")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    # ---- admin routes ----------------------------------------------------------------------
+
+    @api.get("/v1/admin/tasks")
+    async def admin_tasks(self, request: Request) -> dict[str, Any]:
+        await self._admin(request)
+        fields = ("name", "tenant", "status", "cluster", "version", "adapter_uri", "updated_at")
+        return {"object": "list", "data": [{f: getattr(t, f) for f in fields} for t in self._watcher.tasks()]}
+
+    @api.post("/v1/admin/tasks/{name}/retire")
+    async def admin_retire(self, name: str, request: Request) -> dict[str, Any]:
+        await self._admin(request)
+        if self._registry.get_task(name) is None:
+            raise OpenAIHTTPError(404, f"the model {name!r} does not exist", code="model_not_found")
+        record = await asyncio.to_thread(self._registry.retire, name)
+        return {"name": name, "status": "retired", "changed": record is not None}
+
+    @api.post("/v1/admin/tenants")
+    async def admin_add_tenant(self, request: Request) -> dict[str, Any]:
+        """Body {"tenant": name}: create the tenant (if new) and return a fresh API key for it."""
+        await self._admin(request)
+        body = await _json_body(request)
+        name = body.get("tenant") if isinstance(body, dict) else None
+        if not isinstance(name, str):
+            raise OpenAIHTTPError(400, "body must be {\"tenant\": \"<name>\"}", param="tenant")
+        key = new_api_key()
+        try:
+            await asyncio.to_thread(self._registry.add_tenant, name)
+            await asyncio.to_thread(self._registry.add_api_key, name, key, "admin-api")
+        except ValueError as exc:
+            raise OpenAIHTTPError(400, str(exc), param="tenant") from None
+        return {"tenant": name, "api_key": key}
+
+    @api.get("/v1/admin/replicas")
+    async def admin_replicas(self, request: Request) -> dict[str, Any]:
+        """The last routing stats each replica reported with a finished request."""
+        await self._admin(request)
+        return {"object": "list", "data": [self._replica_stats[r] for r in sorted(self._replica_stats)]}
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def _caller(self, request: Request) -> Caller:
+        try:
+            return await self._auth.authenticate(request.headers.get("authorization"))
+        except OpenAIHTTPError as err:
+            self._metrics.errors.labels(str(err.status)).inc()
+            raise
+
+    async def _admin(self, request: Request) -> Caller:
+        caller = await self._caller(request)
+        if not caller.admin:
+            raise OpenAIHTTPError(403, "this route needs an admin API key", code="admin_required")
+        return caller
+
+    async def _generate(self, request: Request, kind: Literal["completion", "chat"]) -> Response:
+        try:
+            caller = await self._auth.authenticate(request.headers.get("authorization"))
+            req = _validate(CompletionRequest if kind == "completion" else ChatCompletionRequest, await _json_body(request))
+            task = resolve_model(req.model, caller, self._watcher, self._spec.base_model_id)
+            if kind == "completion":
+                prepared = prepare_completion(req, self._tokenizer, self._vocab_size, self._spec.max_model_len)
+            else:
+                prepared = prepare_chat(req, self._tokenizer, self._spec.max_model_len)
+            ctx = await self._context(kind, req, task, prepared)
+            cluster = cluster_spec_for(task, self._watcher) if task is not None else None
+            replica_req = ReplicaRequest(ctx.request_id, prepared.prompt_token_ids, prepared.params,
+                                         task.name if task else None, cluster, ctx.predicted_len)
+            handle = self._replica.options(stream=True, multiplexed_model_id=cluster.cluster_id if cluster else "")
+            stream = handle.generate.remote(replica_req)
+            try:
+                first = await next_chunk(stream)
+            except BaseException:
+                stream.cancel()
+                raise
+        except OpenAIHTTPError as err:
+            self._metrics.errors.labels(str(err.status)).inc()
+            raise
+        tracker = StreamTracker(ctx, self._metrics, self._on_finished)
+        headers = {REPLICA_HEADER: str(first.get("replica", ""))}
+        if req.stream:
+            return StreamingResponse(self._sse(first, stream, tracker), media_type="text/event-stream", headers=headers)
+        try:
+            body = await collect(first, stream, tracker)
+        except BaseException as exc:
+            tracker.finish(failed=True)
+            stream.cancel()
+            if isinstance(exc, OpenAIHTTPError):
+                self._metrics.errors.labels(str(exc.status)).inc()
+            raise
+        tracker.finish()
+        return JSONResponse(body, headers=headers)
+
+    async def _sse(self, first: dict[str, Any], stream: Any, tracker: StreamTracker):
+        finished = False
+        try:
+            async for event in sse_events(first, stream, tracker):
+                yield event
+            finished = True
+        finally:
+            if not finished:  # the client went away: stop the generation on the replica
+                stream.cancel()
+
+    async def _context(self, kind: Literal["completion", "chat"], req: Any, task: TaskRecord | None,
+                       prepared: PreparedPrompt) -> ResponseContext:
+        extra = task.extra if task is not None else {}
+        prior = extra.get("expected_output_tokens")
+        name = task.name if task is not None else None
+        if self._predictor.blocking:
+            loop = asyncio.get_running_loop()
+            predicted = await loop.run_in_executor(self._predict_pool, self._predictor.predict, name, prepared.prompt_text, prior)
+        else:
+            predicted = self._predictor.predict(name, prepared.prompt_text, prior)
+        predicted = min(max(float(predicted), 1.0), float(prepared.params.max_tokens))
+        return ResponseContext(
+            kind=kind, request_id=new_id("cmpl" if kind == "completion" else "chatcmpl"), model=req.model, task=name,
+            prompt_text=prepared.prompt_text, prompt_token_ids=prepared.prompt_token_ids, predicted_len=predicted,
+            slo_s=extra.get("slo_s", self._spec.default_slo_s), include_usage=req.include_usage_in_stream,
+            return_token_ids=req.return_token_ids,
+        )
+
+    def _on_finished(self, ctx: ResponseContext, tracker: StreamTracker) -> None:
+        if tracker.stats is not None and tracker.replica:
+            self._replica_stats[tracker.replica] = tracker.stats
+        if tracker.completion_tokens < 1:
+            return
+        if self._predictor.blocking:
+            self._predict_pool.submit(self._predictor.observe, ctx.task, ctx.prompt_text, tracker.completion_tokens)
+        else:
+            self._predictor.observe(ctx.task, ctx.prompt_text, tracker.completion_tokens)

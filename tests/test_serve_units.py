@@ -1,0 +1,205 @@
+"""Serve pieces that need no Ray cluster: the deploy YAML and the app builder, response assembly
+(SSE shape, usage, errors after the stream started), AppArgs validation, and the idempotent
+demo bootstrap against a real embedded redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from inlaid_ray.registry import TaskRecord, TaskRegistry, connect_redis
+from inlaid_ray.serve.app import AppArgs, build_app
+from inlaid_ray.serve.bootstrap import DEMO_CLUSTERS, DEMO_TENANT, DemoBootstrap, bootstrap_demo
+from inlaid_ray.serve.http_errors import OpenAIHTTPError
+from inlaid_ray.serve.metrics import ServeMetrics
+from inlaid_ray.serve.responses import DONE, ResponseContext, StreamTracker, collect, next_chunk, sse_events
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_deploy_yaml_is_a_valid_serve_config_and_builds(smollm2_dir):
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path == "inlaid_ray.serve.app:build_app"
+    args = AppArgs.model_validate(app.args)  # every YAML key is a known field
+    assert set(app.args) <= set(AppArgs.model_fields)
+    built = build_app(app.args | {"model_dir": str(smollm2_dir)})
+    assert isinstance(built, Application)
+    assert args.num_replicas == 2 and args.bootstrap_demo
+
+
+def test_every_app_arg_has_a_default_and_a_description():
+    for name, field in AppArgs.model_fields.items():
+        assert not field.is_required(), name
+        assert field.description, name
+
+
+def test_every_policy_app_args_allows_is_registered():
+    from typing import get_args
+
+    from inlaid_ray.sched import make_policy
+
+    for name in get_args(AppArgs.model_fields["policy"].annotation):
+        assert make_policy(name).name == name
+
+
+@pytest.mark.parametrize("bad", [
+    dict(max_model_len=4096, max_num_batched_tokens=2048),
+    dict(device="cuda", num_gpus_per_replica=0),
+    dict(max_adapters_per_replica=1, max_clusters_per_replica=2),
+    dict(policy="lottery"),
+    dict(no_such_field=1),
+])
+def test_app_args_reject_inconsistent_values(bad):
+    with pytest.raises(ValidationError) as info:
+        AppArgs.model_validate(bad)
+    shown = str(info.value)
+    assert all(str(v) in shown or k in shown for k, v in bad.items())
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def _ctx(kind: str, include_usage: bool = False, return_ids: bool = False) -> ResponseContext:
+    return ResponseContext(kind=kind, request_id="r1", model="sentiment", task="sentiment", prompt_text="hi",
+                           prompt_token_ids=(5, 6, 7), predicted_len=3.0, slo_s=10.0, include_usage=include_usage,
+                           return_token_ids=return_ids)
+
+
+async def _stream(chunks: list[dict]):
+    for chunk in chunks:
+        yield chunk
+
+
+def _chunk(text: str, ids: list[int], n: int, finish: str | None = None) -> dict:
+    return {"replica": "rep-a", "text": text, "token_ids": ids, "finish_reason": finish, "num_prompt_tokens": 3,
+            "num_completion_tokens": n}
+
+
+CHUNKS = [_chunk("Hel", [1], 1), _chunk("lo", [2, 3], 3), _chunk("!", [4], 4, "stop")]
+
+
+def _run_sse(ctx: ResponseContext, chunks: list[dict], metrics: ServeMetrics) -> list[str]:
+    async def main():
+        stream = _stream(chunks)
+        first = await next_chunk(stream)
+        return [e async for e in sse_events(first, stream, StreamTracker(ctx, metrics))]
+
+    return asyncio.run(main())
+
+
+def _data(events: list[str]) -> list[dict]:
+    assert events[-1] == DONE
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+
+
+def test_chat_stream_shape_and_usage():
+    metrics = ServeMetrics()
+    events = _data(_run_sse(_ctx("chat", include_usage=True), CHUNKS, metrics))
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1])
+    assert content == "".join(c["text"] for c in CHUNKS)
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-2]["choices"][0]["delta"] == {}
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert all(e["usage"] is None for e in events[:-1])
+    exposition = metrics.exposition().decode()
+    assert 'inlaid_requests_total{finish_reason="stop",task="sentiment"} 1.0' in exposition
+
+
+def test_completion_stream_carries_finish_in_last_text_chunk_and_token_ids():
+    events = _data(_run_sse(_ctx("completion", return_ids=True), CHUNKS, ServeMetrics()))
+    assert [e["choices"][0]["text"] for e in events] == [c["text"] for c in CHUNKS]
+    assert [e["choices"][0]["finish_reason"] for e in events] == [None, None, "stop"]
+    assert [t for e in events for t in e["choices"][0]["token_ids"]] == [1, 2, 3, 4]
+
+
+def test_error_after_the_stream_started_is_an_error_event():
+    metrics = ServeMetrics()
+    failure = {"error": {"status": 503, "message": "no slot", "type": "server_error", "code": "no_free_slot", "param": None}}
+    events = _data(_run_sse(_ctx("completion"), [CHUNKS[0], failure], metrics))
+    assert events[0]["choices"][0]["text"] == "Hel"
+    assert events[-1]["error"]["code"] == "no_free_slot" and events[-1]["status"] == 503
+    exposition = metrics.exposition().decode()
+    assert 'inlaid_requests_total{finish_reason="error",task="sentiment"} 1.0' in exposition
+    assert 'inlaid_request_errors_total{status="503"} 1.0' in exposition
+
+
+def test_error_before_the_first_token_raises_http_error_and_collect_builds_the_body():
+    async def main():
+        with pytest.raises(OpenAIHTTPError) as info:
+            await next_chunk(_stream([{"error": {"status": 404, "message": "gone", "code": "model_not_found"}}]))
+        assert info.value.status == 404 and info.value.body()["error"]["code"] == "model_not_found"
+        stream = _stream(CHUNKS)
+        tracker = StreamTracker(_ctx("chat"), ServeMetrics())
+        return await collect(await next_chunk(stream), stream, tracker)
+
+    body = asyncio.run(main())
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello!"}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _fake_adapters(root: Path) -> Path:
+    """Adapter directories as bootstrap reads them (config + weights file bytes)."""
+    for names in DEMO_CLUSTERS.values():
+        for name in names:
+            d = root / name
+            d.mkdir(parents=True)
+            (d / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": ["q_proj", "v_proj"]}))
+            (d / "adapter_model.safetensors").write_bytes(name.encode() * 10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def redis_client(tmp_path_factory):
+    client = connect_redis(None, tmp_path_factory.mktemp("bootstrap-redis"))
+    yield client
+    client.close()
+
+
+def test_bootstrap_is_idempotent_and_follows_adapter_changes(redis_client, tmp_path):
+    registry = TaskRegistry(redis_client, namespace="b" + uuid.uuid4().hex[:8])
+    adapters = _fake_adapters(tmp_path / "adapters")
+    (adapters / "email" / "adapter_model.safetensors").unlink()  # not trained yet
+    boot = DemoBootstrap(api_key="k-demo", admin_key="k-admin", adapters_dir=str(adapters), base_model="base")
+    first = bootstrap_demo(registry, boot)
+    expected = sorted(n for names in DEMO_CLUSTERS.values() for n in names if n != "email")
+    assert first == expected
+    assert registry.tenant_for_key("k-demo") == DEMO_TENANT and registry.is_admin_key("k-admin")
+    for cluster, names in DEMO_CLUSTERS.items():
+        record = registry.get_cluster(cluster)
+        assert set(record.members) == {n for n in names if n != "email"}
+        assert all(registry.get_task(n).cluster == cluster and registry.get_task(n).status == "live"
+                   for n in record.members)
+    revision = registry.revision()
+    assert bootstrap_demo(registry, boot) == first and registry.revision() == revision  # a restart changes nothing
+
+    (adapters / "sentiment" / "adapter_model.safetensors").write_bytes(b"retrained")
+    (adapters / "email" / "adapter_model.safetensors").write_bytes(b"trained at last")
+    bootstrap_demo(registry, boot)
+    assert registry.get_task("sentiment").version == 2 and registry.get_task("extract").version == 1
+    assert "email" in registry.get_cluster("demo-long").members
+
+
+def test_bootstrap_leaves_another_tenants_task_alone(redis_client, tmp_path):
+    registry = TaskRegistry(redis_client, namespace="b" + uuid.uuid4().hex[:8])
+    registry.upsert_task(TaskRecord(name="extract", tenant="acme", adapter_uri="/elsewhere", status="live"))
+    names = bootstrap_demo(registry, DemoBootstrap(api_key="k-demo", adapters_dir=str(_fake_adapters(tmp_path / "a"))))
+    assert "extract" not in names
+    assert registry.get_task("extract").tenant == "acme" and registry.get_task("extract").adapter_uri == "/elsewhere"
