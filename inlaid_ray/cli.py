@@ -9,6 +9,7 @@ from pathlib import Path
 
 from inlaid_ray.config import Settings
 from inlaid_ray.errors import InlaidError
+from inlaid_ray.lora.compress_cli import add_compress_parser
 from inlaid_ray.quant.cli import add_eval_parser, add_quantize_parser
 from inlaid_ray.serve.cli_args import add_cli_arguments as add_serve_arguments
 
@@ -60,6 +61,15 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return run_from_cli(args, settings)
 
 
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from inlaid_ray.demo.run_demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(work_dir=Path(args.work_dir) if args.work_dir else None, num_replicas=args.num_replicas,
+                        policy=args.policy, port=args.port, examples_per_task=args.examples_per_task,
+                        device=args.device), settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inlaid-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,10 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quantize_parser(sub)
     add_eval_parser(sub)
+    add_compress_parser(sub)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible Ray Serve app (router + engine replicas)")
     add_serve_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser("demo", help="prepare, quantize (MLGPTQ), compress, serve and send requests, end to end")
+    demo.add_argument("--work-dir", help="artifacts (default: <cache>/demo; reused when present)")
+    demo.add_argument("--num-replicas", type=int, default=2)
+    demo.add_argument("--policy", choices=["fifo", "mlfq", "inlaid"], default="inlaid")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--examples-per-task", type=int, default=3, help="eval prompts sent to each task")
+    demo.add_argument("--device", default="cpu", help="device for quantization (cpu, cuda)")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

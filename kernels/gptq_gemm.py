@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from inlaid_ray.kernels._common import dot, interp_upcast, is_interpreted
+from inlaid_ray.kernels.ops import GPTQ_KERNEL_BITS
 from inlaid_ray.kernels.tuning import pick_by_max_m, tuned_table
 
 # Held to (atol, rtol) against `gptq_matmul_ref` (fp32 math on the fp16-rounded dense W),
@@ -37,7 +38,7 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.bfloat16: (6e-2, 3e-2),
 }
 
-_KERNEL_BITS = (2, 4, 8)
+_KERNEL_BITS = GPTQ_KERNEL_BITS
 _GROUP_PER_TILE, _GROUP_DIV, _GROUP_GATHER = 0, 1, 2
 
 

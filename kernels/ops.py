@@ -13,6 +13,8 @@ from inlaid_ray.kernels.compressed_lora_batch import CompressedLoRABatch
 from inlaid_ray.kernels.reference import compressed_lora_ref, gptq_matmul_ref, lora_shrink_expand_ref
 from inlaid_ray.model.forward_batch import LoRABatch
 
+GPTQ_KERNEL_BITS = (2, 4, 8)  # bit widths the Triton GEMM unpacks; 3-bit codes straddle int32 words
+
 
 def gptq_matmul(
     x: torch.Tensor,

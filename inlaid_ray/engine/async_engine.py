@@ -176,7 +176,7 @@ class AsyncLLMEngine:
             out = self.engine.abort(rid)
             if out is None and rid in adds:
                 req = adds[rid]
-                out = RequestOutput(rid, "", (), True, "abort", req.num_prompt_tokens, 0, req.task)
+                out = RequestOutput(rid, "", (), True, "abort", req.num_prompt_tokens, 0, req.task, req.arrival_time)
             if out is not None:
                 self._deliver(out)
 

@@ -181,6 +181,9 @@ class LLMEngine:
         # The bank's lock spans slot lookup and forward: a step sees an adapter's old or new version.
         with getattr(self.adapter_bank, "lock", None) or contextlib.nullcontext():
             scheduled, slots = self._resolve_slots(scheduled, outputs, now)
+            for req in scheduled:
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
             if not scheduled:
                 self._last_step = (0, 0, 0)
                 return outputs
@@ -249,6 +252,8 @@ class LLMEngine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_completion_tokens=req.num_output_tokens,
             task=req.task,
+            arrival_time=req.arrival_time,
+            first_scheduled_time=req.first_scheduled_time,
         )
 
     # ----------------------------------------------------------------- convenience
@@ -294,6 +299,8 @@ class LLMEngine:
                     num_prompt_tokens=last.num_prompt_tokens,
                     num_completion_tokens=last.num_completion_tokens,
                     task=req.task,
+                    arrival_time=req.arrival_time,
+                    first_scheduled_time=req.first_scheduled_time,
                 )
             )
         return results

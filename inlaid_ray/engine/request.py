@@ -89,6 +89,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # first step that ran it (queue time = this - arrival_time)
     first_token_time: float | None = None
     finish_time: float | None = None
     generator: torch.Generator | None = field(default=None, repr=False)  # None for greedy
@@ -136,3 +137,12 @@ class RequestOutput:
     num_prompt_tokens: int
     num_completion_tokens: int  # generated so far, including a final stop token
     task: str | None = None
+    arrival_time: float | None = None  # engine clock
+    first_scheduled_time: float | None = None  # engine clock; None while it has not run yet
+
+    @property
+    def queue_time_s(self) -> float | None:
+        """Seconds from arrival to the first step that ran it (vLLM's queue time); None before."""
+        if self.arrival_time is None or self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time

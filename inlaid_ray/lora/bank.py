@@ -15,39 +15,66 @@ all-linear bytes) while the number of allocations stays <= 7, so tensor addresse
 most 7 times (`generation` counts every change so pointer tables / CUDA graphs can rebuild).
 Per-layer-per-slot allocation would save a little more but make addresses change on every add.
 
-Atomicity: `add` validates, converts and pads everything before its first write, so a failing
-add leaves the bank untouched; writes and bookkeeping happen under `lock`, which the engine
-holds for a whole forward step, so a step sees an adapter's old or new version, never a mix.
+Compressed adapters (Compress then Serve) live in the same bank, in cluster slots of a
+`CompressedStore` (inlaid_ray/lora/compressed_bank.py): a name resolves to a raw slot or to a
+(cluster, row) reference with its own slot id >= max_slots, so one step mixes raw, compressed
+and base-only tokens; `add_delta` sends raw tokens through the multi-LoRA op and compressed
+tokens through the compressed op. Live API (between engine steps, e.g. for onboarding):
+`add(adapter)` / `remove(name)` for raw adapters and any name; `add_cluster(cluster)` loads a
+whole compressed cluster (every member becomes resident, replacing a resident adapter of the
+same name, raw or compressed: recompressing = adding the new cluster version);
+`add_to_cluster(name, cluster_slot, cores)` puts a new adapter projected onto a resident
+cluster's bases (`cluster_basis`) into a free row; `remove_cluster(cluster_slot)`.
+
+Atomicity: every add validates, converts and pads everything before its first write, so a
+failing add leaves the bank untouched; writes and bookkeeping happen under `lock`, which the
+engine holds for a whole forward step, so a step sees an adapter's old or new version, never a mix.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from inlaid_ray.errors import AdapterError, NoFreeSlot, TaskNotFound
 from inlaid_ray.kernels.reference import lora_shrink_expand_ref
 from inlaid_ray.lora.adapter import LoRAAdapter, check_adapter_fits
+from inlaid_ray.lora.cluster_bank import ClusterBank
+from inlaid_ray.lora.compress_jd import ModuleKey
+from inlaid_ray.lora.compressed_bank import CompressedStore, Kernels, StepPlan, split_lora_batch
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
 from inlaid_ray.model.forward_batch import LoRABatch
 
-# (y [T, d_out] in place, x [T, d_in], lora_a [S, R, d_in], lora_b [S, d_out, R], batch) -> None
-LoRAOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch], None]
+# (y [T, d_out] in place, x [T, d_in], lora_a [S, R, d_in], lora_b [S, d_out, R], batch, *, ranks [S]) -> None
+LoRAOp = Callable[..., None]
 
 
-def select_lora_op(device: torch.device) -> LoRAOp:
-    """The single place the shrink+expand implementation is chosen for a device.
+def _reference_lora_op(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                       batch: LoRABatch, *, ranks: torch.Tensor | None = None) -> None:
+    lora_shrink_expand_ref(y, x, lora_a, lora_b, batch)  # ranks is only a skip hint for kernels
 
-    TODO(kernels): on CUDA return the Triton launcher (same signature as the reference) once
-    `kernels/` provides it; everything else keeps the PyTorch reference.
-    """
-    return lora_shrink_expand_ref
+
+def select_lora_op(device: torch.device, kernels: Kernels = "auto") -> LoRAOp:
+    """The single place the shrink+expand implementation is chosen: "auto" = the Triton SGMV
+    kernels (`kernels.ops.lora_shrink_expand`) on CUDA, the PyTorch reference elsewhere;
+    "reference"; "triton" (CUDA, or CPU under TRITON_INTERPRET=1, for tests)."""
+    if kernels == "reference" or (kernels == "auto" and torch.device(device).type != "cuda"):
+        return _reference_lora_op
+    if kernels == "auto":
+        from inlaid_ray.kernels import ops
+
+        return ops.lora_shrink_expand
+    if kernels == "triton":
+        from inlaid_ray.kernels.lora_sgmv import lora_shrink_expand
+
+        return lora_shrink_expand
+    raise ValueError(f"kernels={kernels!r}; expected 'auto', 'reference' or 'triton'")
 
 
 class AdapterBank:
-    """Fixed-capacity slots of LoRA adapters for one base model (see module docstring)."""
+    """Fixed-capacity slots of raw LoRA adapters plus compressed cluster slots (see module docstring)."""
 
     def __init__(
         self,
@@ -56,7 +83,14 @@ class AdapterBank:
         max_rank: int,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        *,
+        max_clusters: int = 0,
+        max_cluster_rank: int = 0,
+        max_cluster_size: int = 0,
+        kernels: Kernels = "auto",
     ) -> None:
+        """max_clusters / max_cluster_rank / max_cluster_size: capacity for compressed clusters (0 = none);
+        kernels: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton"."""
         if max_slots <= 0 or max_rank <= 0:
             raise ValueError(f"max_slots={max_slots} and max_rank={max_rank} must be positive")
         self.config = model_config
@@ -74,12 +108,18 @@ class AdapterBank:
         self._slot_keys: list[frozenset[tuple[int, str]]] = [frozenset()] * max_slots
         self._slot_bytes: list[int] = [0] * max_slots
         self._targeting: dict[tuple[int, str], set[int]] = {}  # (layer, module) -> slots
-        self._lora_op = select_lora_op(self.device)
+        self._lora_op = select_lora_op(self.device, kernels)
+        self.compressed = CompressedStore(model_config, max_slots, max_clusters, max_cluster_rank,
+                                          max_cluster_size, dtype, self.device, kernels)
+        self._compressed_hashes: dict[str, str] = {}
+        # The last step's split, rebuilt when the batch object or the bank changes (one per step).
+        self._plan: tuple[LoRABatch, int, StepPlan] | None = None
 
     # ------------------------------------------------------------------ residency
 
     def add(self, adapter: LoRAAdapter) -> int:
-        """Load `adapter` into a free slot (or its own slot if the name is resident); returns it."""
+        """Load raw `adapter` into a free slot (or its own slot if the name is resident raw; a
+        compressed version of the name is dropped); returns the slot."""
         if adapter.max_rank > self.max_rank:
             raise AdapterError(f"adapter {adapter.name!r} has rank {adapter.max_rank} > bank "
                                f"max_rank {self.max_rank}")
@@ -104,44 +144,113 @@ class AdapterBank:
             self._hashes[slot] = adapter.content_hash
             self._slot_bytes[slot] = adapter.num_bytes
             self.ranks[slot] = adapter.max_rank
+            if adapter.name in self.compressed.location:
+                self._drop_compressed(adapter.name)
             self.generation += 1
         return slot
 
-    def remove(self, name: str) -> None:
-        """Free the slot of adapter `name` (its rows are zeroed); TaskNotFound if absent."""
+    def add_cluster(self, cluster: ClusterBank, *, label: str = "", content_hash: str = "") -> int:
+        """Load a compressed cluster (e.g. one of `load_cluster_banks(...).clusters`) into a free
+        cluster slot; every member becomes resident (a resident adapter of the same name, raw or
+        compressed, is replaced). Returns the cluster slot. AdapterError if it does not fit the
+        model or the capacity (max_cluster_rank/size), NoFreeSlot if no cluster slot is free."""
+        staged = self.compressed.stage_cluster(cluster, label)
         with self.lock:
-            slot = self.slot_of(name)
-            for key in self._slot_keys[slot]:
-                self._zero(slot, key)
-            self._set_keys(slot, frozenset())
-            del self._slot_of[name]
-            self._names[slot] = None
-            self._hashes[slot] = ""
-            self._slot_bytes[slot] = 0
-            self.ranks[slot] = 0
+            c = self.compressed.free_cluster(staged.label)
+            for name in staged.members:  # the new version replaces any resident one
+                if name in self._slot_of:
+                    self._drop_raw(name)
+                elif name in self.compressed.location:
+                    self._drop_compressed(name)
+            self.compressed.write_cluster(c, staged)
+            for name in staged.members:
+                self._compressed_hashes[name] = content_hash
+            self.generation += 1
+        return c
+
+    def add_to_cluster(self, name: str, cluster_slot: int, cores: Mapping[ModuleKey, torch.Tensor],
+                       content_hash: str = "") -> int:
+        """Add adapter `name` as a new row of resident cluster `cluster_slot`, given its cores on the
+        cluster's bases (per module [k_c, k_c] or [k_c], scaling folded; e.g. project_onto_basis on
+        `cluster_basis`). Replaces a resident adapter of that name; returns its slot."""
+        staged = self.compressed.stage_cores(cluster_slot, name, cores)
+        with self.lock:
+            if self.compressed.location.get(name, (None,))[0] == cluster_slot:
+                row = self.compressed.location[name][1]
+            else:
+                row = self.compressed.free_row(cluster_slot, name)
+                if name in self._slot_of:
+                    self._drop_raw(name)
+                elif name in self.compressed.location:
+                    self._drop_compressed(name)
+            self.compressed.write_row(cluster_slot, row, name, staged)
+            self._compressed_hashes[name] = content_hash
+            self.generation += 1
+            return self.compressed.slot(name)
+
+    def remove_cluster(self, cluster_slot: int) -> list[str]:
+        """Free a cluster slot and every adapter in it; returns their names."""
+        with self.lock:
+            names = self.compressed.remove_cluster(cluster_slot)
+            for name in names:
+                self._compressed_hashes.pop(name, None)
+            self.generation += 1
+        return names
+
+    def remove(self, name: str) -> None:
+        """Free adapter `name`, raw (slot zeroed) or compressed (core rows zeroed; an emptied
+        cluster is freed); TaskNotFound if absent."""
+        with self.lock:
+            if name in self.compressed.location:
+                self._drop_compressed(name)
+            else:
+                self.slot_of(name)  # TaskNotFound with the resident names
+                self._drop_raw(name)
             self.generation += 1
 
     def slot_of(self, name: str) -> int:
-        try:
-            return self._slot_of[name]
-        except KeyError:
-            raise TaskNotFound(f"adapter {name!r} is not in the bank (resident: "
-                               f"{_preview(self.names)})") from None
+        """The slot id a step's tokens use for `name`: < max_slots raw, else compressed."""
+        slot = self._slot_of.get(name)
+        if slot is not None:
+            return slot
+        if name in self.compressed.location:
+            return self.compressed.slot(name)
+        raise TaskNotFound(f"adapter {name!r} is not in the bank (resident: {_preview(self.names)})")
 
     def content_hash(self, name: str) -> str:
         """The sha256 the resident version of `name` was loaded from ("" if built in memory)."""
+        if name in self.compressed.location:
+            return self._compressed_hashes.get(name, "")
         return self._hashes[self.slot_of(name)]
+
+    def cluster_of(self, name: str) -> tuple[int, int] | None:
+        """(cluster slot, row) of a compressed adapter, None for a raw one; TaskNotFound if absent."""
+        self.slot_of(name)
+        return self.compressed.location.get(name)
+
+    def cluster_members(self, cluster_slot: int) -> list[str]:
+        """Resident adapters of a cluster slot in row order."""
+        return [n for n in self.compressed.rows[cluster_slot] if n is not None]
+
+    def cluster_basis(self, cluster_slot: int, key: ModuleKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U [d_out, k_c], V [d_in, k_c]) of a resident cluster for one (layer, module)."""
+        return self.compressed.basis(cluster_slot, key)
 
     @property
     def names(self) -> list[str]:
-        """Resident adapter names in slot order."""
-        return [n for n in self._names if n is not None]
+        """Resident adapter names: raw in slot order, then compressed in (cluster, row) order."""
+        return [n for n in self._names if n is not None] + self.compressed.names()
+
+    @property
+    def free_slots(self) -> int:
+        """Free raw slots (compressed adapters do not use them)."""
+        return self.max_slots - len(self._slot_of)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._slot_of
+        return name in self._slot_of or name in self.compressed.location
 
     def __len__(self) -> int:
-        return len(self._slot_of)
+        return len(self._slot_of) + len(self.compressed.location)
 
     # ------------------------------------------------------------------ compute
 
@@ -152,7 +261,7 @@ class AdapterBank:
         return self._a[module][layer_idx], self._b[module][layer_idx]
 
     def targeting_slots(self, layer_idx: int, module: str) -> frozenset[int]:
-        """Slots whose adapter adapts this projection (the others hold zeros there)."""
+        """Raw slots whose adapter adapts this projection (the others hold zeros there)."""
         return frozenset(self._targeting.get((layer_idx, module), ()))
 
     def add_delta(
@@ -163,20 +272,23 @@ class AdapterBank:
         module: str,
         lora_batch: LoRABatch | None,
     ) -> None:
-        """y[t] += scale * B_s (A_s x[t]) with s = slot of token t; y [T, d_out] modified in place.
+        """y[t] += delta of token t's adapter applied to x[t]; y [T, d_out] modified in place.
 
-        x: [T, d_in]. A no-op (no launch) when no token's adapter targets this projection.
+        Raw slot s: scale * B_s (A_s x[t]); compressed (c, i): U_c (Sigma_i (V_c^T x[t])). x: [T, d_in].
+        No launch for a kind no token's adapter uses on this projection.
         Numerics: accumulates in fp32, y keeps its dtype; equal to the fp32 per-token product
-        within 1e-5 relative (fp32 bank) / 2e-2 (bf16 bank), see tests/test_adapter_bank.py.
+        within 1e-5 relative (fp32 bank) / 2e-2 (bf16 bank), see tests/test_adapter_bank.py and
+        tests/test_compressed_serving.py.
         """
         if lora_batch is None or not lora_batch.slots_list:
             return
-        targeting = self._targeting.get((layer_idx, module))
-        if not targeting or targeting.isdisjoint(lora_batch.slots_list):
-            return
         assert x.shape[0] == y.shape[0] == lora_batch.token_slots.shape[0], (
             x.shape, y.shape, lora_batch.token_slots.shape)
-        self._lora_op(y, x, self._a[module][layer_idx], self._b[module][layer_idx], lora_batch)
+        plan = self._step_plan(lora_batch)
+        targeting = self._targeting.get((layer_idx, module))
+        if plan.raw is not None and targeting and not targeting.isdisjoint(plan.raw_slots):
+            self._lora_op(y, x, self._a[module][layer_idx], self._b[module][layer_idx], plan.raw, ranks=self.ranks)
+        self.compressed.add_delta(y, x, layer_idx, module, plan)
 
     def stats(self) -> dict[str, object]:
         """Slots used, bank bytes allocated (padded) and adapter bytes (unpadded) resident."""
@@ -188,6 +300,10 @@ class AdapterBank:
             "modules_allocated": [m for m in LINEAR_MODULES if m in self._a],
             "bytes_allocated": allocated,
             "adapter_bytes": sum(self._slot_bytes),
+            "compressed_adapters": len(self.compressed.location),
+            "clusters_used": len(self.compressed.used_clusters()),
+            "max_clusters": self.compressed.max_clusters,
+            "compressed_bytes_allocated": self.compressed.bytes_allocated(),
         }
 
     # ------------------------------------------------------------------ internals
@@ -207,6 +323,30 @@ class AdapterBank:
                                    f"values after folding scale {f.scale} and casting to {self.dtype}")
             staged[(layer, module)] = (a, b)
         return staged
+
+    def _step_plan(self, batch: LoRABatch) -> StepPlan:
+        """This step's raw/compressed split, built on the first projection and reused by the rest."""
+        if self._plan is None or self._plan[0] is not batch or self._plan[1] != self.generation:
+            if not self.compressed.location:
+                plan = StepPlan(batch, None, frozenset(batch.slots_list), frozenset())
+            else:
+                plan = split_lora_batch(batch, self.max_slots, self.compressed.max_size)
+            self._plan = (batch, self.generation, plan)
+        return self._plan[2]
+
+    def _drop_raw(self, name: str) -> None:
+        slot = self._slot_of.pop(name)
+        for key in self._slot_keys[slot]:
+            self._zero(slot, key)
+        self._set_keys(slot, frozenset())
+        self._names[slot] = None
+        self._hashes[slot] = ""
+        self._slot_bytes[slot] = 0
+        self.ranks[slot] = 0
+
+    def _drop_compressed(self, name: str) -> None:
+        self.compressed.remove_name(name)
+        self._compressed_hashes.pop(name, None)
 
     def _free_slot(self, name: str) -> int:
         for slot, resident in enumerate(self._names):

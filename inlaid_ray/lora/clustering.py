@@ -123,16 +123,30 @@ def _effective_rank(st: StackedFactors, jd: JDConfig) -> int:
 
 def _fit_cluster(
     stacks: dict[ModuleKey, StackedFactors], members: list[int], jd: JDConfig, iters: int,
-    warm: Cluster | None,
+    warm: Cluster | None, progress: str | None = None,
 ) -> Cluster:
     cfg = JDConfig(jd.rank, jd.kind, jd.transform, iters, jd.tol, jd.seed)
     modules = {}
-    for key, st in stacks.items():
+    for key, st in tqdm(stacks.items(), desc=progress, disable=progress is None, leave=False, unit="module"):
         sub = st.select(members)
+        if sub.stacked_rank == 0:  # no member adapts this module (rank-0 padding): exact zeros
+            modules[key] = _zero_module(sub, jd.kind)
+            continue
         c = JDConfig(_effective_rank(sub, jd), cfg.kind, cfg.transform, cfg.max_iters, cfg.tol, cfg.seed)
         init = (warm.modules[key].U, warm.modules[key].V) if warm is not None else None
         modules[key] = fit_stacked(sub, c, init)
     return Cluster(list(members), modules)
+
+
+def _zero_module(st: StackedFactors, kind: str) -> JDModule:
+    """A module none of the adapters adapts: rank-1 unit bases and zero cores (error 0)."""
+    n, _, d_in = st.A.shape
+    d_out = st.Bt.shape[2]
+    U = torch.zeros(d_out, 1, dtype=st.A.dtype, device=st.A.device)
+    V = torch.zeros(d_in, 1, dtype=st.A.dtype, device=st.A.device)
+    U[0, 0] = V[0, 0] = 1.0
+    sigma = torch.zeros((n, 1, 1) if kind == "full" else (n, 1), dtype=st.A.dtype, device=st.A.device)
+    return JDModule(U, V, sigma, torch.zeros(n, dtype=torch.float64))
 
 
 def _cost_matrix(stacks: dict[ModuleKey, StackedFactors], clusters: list[Cluster], kind: str) -> Tensor:
@@ -259,7 +273,8 @@ def _cluster_fixed(
     for c in range(K):
         members = (labels == c).nonzero().flatten().tolist()
         warm = clusters[c] if c < len(clusters) and clusters[c].members == members else None
-        final.append(_fit_cluster(stacks, members, cfg.jd, cfg.jd.max_iters, warm))
+        final.append(_fit_cluster(stacks, members, cfg.jd, cfg.jd.max_iters, warm,
+                                  f"fit cluster {c + 1}/{K}" if progress else None))
     errors = torch.zeros(n, dtype=torch.float64)
     for cl in final:
         errors[cl.members] = cl.errors

@@ -2,8 +2,11 @@
 (`inlaid_ray.model.layers.DenseLinear`): `forward(x [T, d_in]) -> [T, d_out]`, `in_features`,
 `out_features`. The LoRA term is added by `AdaptedLinear` around it (STYLE rule 11).
 
-The matmul is chosen in one place, `select_gptq_matmul`; today it is the PyTorch reference
-(`kernels.reference.gptq_matmul_ref`: dequantize, then an fp32 matmul) on every device.
+The matmul is chosen in one place, `select_gptq_matmul`: the fused Triton W4A16 kernel
+(`kernels.ops.gptq_matmul`) for fp16/bf16 activations on CUDA at 2/4/8 bits, else the PyTorch
+reference (`kernels.reference.gptq_matmul_ref`: dequantize, then an fp32 matmul). The kernel's
+per-tile scale path needs the promise g_idx[i] == i // group_size; it is checked once per layer
+(one device sync) on the first CUDA call and again after any load or move.
 
 Optional dequantized-weight cache (`cache_dequantized=True`, off by default): keeps W in the
 scales dtype (fp16: 4x the bytes of 4-bit codes, i.e. the memory of an unquantized model) so the
@@ -22,6 +25,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from inlaid_ray.kernels import ops
 from inlaid_ray.kernels.reference import gptq_dequantize_ref, gptq_matmul_ref
 from inlaid_ray.quant.gptq_format import check_gptq_tensors
 
@@ -29,13 +33,16 @@ GPTQMatmul = Callable[..., torch.Tensor]  # (x, qweight, qzeros, scales, g_idx, 
 LinearFactory = Callable[[int, str, int, int, bool], nn.Module]
 
 
-def select_gptq_matmul(device: torch.device) -> GPTQMatmul:
-    """The one place a GPTQ matmul implementation is chosen for `device`.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_UNCHECKED = -2  # group-size hint not yet computed (None = g_idx is not monotone)
 
-    A fused Triton kernel (kernels/gptq_matmul.py, same signature as `gptq_matmul_ref`) is to be
-    returned here for `device.type == "cuda"` once it exists; until then every device uses the
-    reference. Selection is explicit: never a silent fallback on a failed import.
-    """
+
+def select_gptq_matmul(device: torch.device, bits: int = 4, dtype: torch.dtype = torch.float16) -> GPTQMatmul:
+    """The one place a GPTQ matmul implementation is chosen (same signature as `gptq_matmul_ref`).
+
+    Explicit by device, bits and activation dtype, never a silent fallback on a failed kernel."""
+    if device.type == "cuda" and bits in ops.GPTQ_KERNEL_BITS and dtype in _KERNEL_DTYPES:
+        return ops.gptq_matmul
     return gptq_matmul_ref
 
 
@@ -70,6 +77,7 @@ class GPTQLinear(nn.Module):
         self.register_buffer("g_idx", g_idx)
         self.register_buffer("bias", bias)
         self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._group_hint: int | None = _UNCHECKED
 
     @classmethod
     def from_checkpoint_tensors(
@@ -135,12 +143,27 @@ class GPTQLinear(nn.Module):
                 y = y + self.bias.float()
             y = y.to(x.dtype)
         else:
-            matmul = select_gptq_matmul(x.device)
-            y = matmul(x2, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
+            matmul = select_gptq_matmul(x.device, self.bits, x.dtype)
+            if matmul is gptq_matmul_ref:
+                y = matmul(x2, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
+            else:
+                y = matmul(x2, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias,
+                           group_size=self._group_size_hint())
         return y.reshape(*lead, self.out_features)
 
+    def _group_size_hint(self) -> int | None:
+        if self._group_hint == _UNCHECKED:
+            from inlaid_ray.kernels.gptq_gemm import monotone_group_size  # CUDA path only: imports triton
+
+            self._group_hint = monotone_group_size(self.g_idx)
+        return self._group_hint
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new g_idx: the kernel's group promise is re-checked
+        self._cache, self._group_hint = None, _UNCHECKED
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _apply(self, *args, **kwargs):  # .to()/.cuda()/.half() replace buffers: drop the stale cache now
-        self._cache = None
+        self._cache, self._group_hint = None, _UNCHECKED
         return super()._apply(*args, **kwargs)
 
     def extra_repr(self) -> str:

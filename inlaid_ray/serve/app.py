@@ -24,6 +24,7 @@ from inlaid_ray.model import ModelConfig
 from inlaid_ray.model.prepare import prepare_smollm2
 from inlaid_ray.serve.bootstrap import DemoBootstrap
 from inlaid_ray.serve.engine_builder import ReplicaSpec
+from inlaid_ray.serve.length_prediction import default_predictor
 from inlaid_ray.serve.replica import EngineReplica
 from inlaid_ray.serve.router import Router, RouterSpec
 
@@ -51,7 +52,8 @@ class AppArgs(BaseModel):
     demo_adapters_dir: str | None = Field(None, description="demo adapters root; None = the committed adapters")
     auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is trusted before re-checking")
     # --- routing and prediction
-    predictor: str = Field("task_quantile", description="length predictor: task_quantile | minilm | module:factory")
+    predictor: str = Field(default_factory=default_predictor,
+                           description="length predictor: task_quantile | minilm | module:factory; default minilm if installed")
     default_slo_s: float | None = Field(None, gt=0, description="e2e SLO for tasks without extra.slo_s; None = not tracked")
     affinity_hint_s: float = Field(5.0, ge=0, description="seconds the router treats a replica as holding a cluster it just sent")
     imbalance_tokens: float = Field(4096.0, ge=0, description="outstanding-token gap at which a cluster spills to another replica")
@@ -71,7 +73,7 @@ class AppArgs(BaseModel):
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the bank holds")
     drain_timeout_s: float = Field(120.0, gt=0, description="how long a cluster load waits for evicted adapters to drain")
     # --- engine
-    policy: Literal["fifo", "mlfq", "inlaid"] = Field("fifo", description="per-replica scheduling policy")
+    policy: Literal["fifo", "mlfq", "inlaid"] = Field("inlaid", description="per-replica scheduling policy")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
     max_model_len: int | None = Field(None, ge=2, description="prompt + output tokens; None = min(model limit, max_num_batched_tokens)")

@@ -16,14 +16,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-replicas", type=int, default=2, help="engine replicas (default 2)")
     parser.add_argument("--num-gpus-per-replica", type=float, default=0, help="GPUs per replica (default 0 = CPU)")
     parser.add_argument("--num-cpus-per-replica", type=float, default=1, help="CPUs per replica (default 1)")
-    parser.add_argument("--policy", choices=["fifo", "mlfq", "inlaid"], default="fifo", help="scheduling policy")
+    parser.add_argument("--policy", choices=["fifo", "mlfq", "inlaid"], default="inlaid",
+                        help="scheduling policy (default inlaid; fifo = S-LoRA's)")
     parser.add_argument("--max-clusters-per-replica", type=int, default=2, help="resident adapter clusters per replica")
     parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
     parser.add_argument("--num-kv-blocks", type=int, default=1024,
                         help="KV blocks of 16 tokens per replica (default 1024, sized for CPU; 0 = from free memory)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--predictor", default="task_quantile", help="length predictor: task_quantile | minilm | module:factory")
+    parser.add_argument("--predictor", default=None,
+                        help="length predictor: task_quantile | minilm | module:factory (default minilm if installed)")
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                         help="any other AppArgs field (value parsed as JSON, else taken as a string); repeatable")
 
@@ -34,9 +36,10 @@ def app_fields_from_cli(ns: argparse.Namespace) -> dict[str, Any]:
         "model_dir": ns.model_dir, "num_replicas": ns.num_replicas, "num_gpus_per_replica": ns.num_gpus_per_replica,
         "num_cpus_per_replica": ns.num_cpus_per_replica, "policy": ns.policy,
         "max_clusters_per_replica": ns.max_clusters_per_replica, "max_model_len": ns.max_model_len,
-        "num_kv_blocks": ns.num_kv_blocks or None, "dtype": ns.dtype, "device": ns.device, "predictor": ns.predictor,
-        "bootstrap_demo": True,
+        "num_kv_blocks": ns.num_kv_blocks or None, "dtype": ns.dtype, "device": ns.device, "bootstrap_demo": True,
     }
+    if ns.predictor is not None:  # else AppArgs' default (the learned predictor when installed)
+        fields["predictor"] = ns.predictor
     for item in ns.arg:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

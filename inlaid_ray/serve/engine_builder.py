@@ -2,15 +2,19 @@
 asyncio front. No Ray here: the replica deployment calls an injectable factory with this
 signature (`build_engine` by default), as Ray Serve LLM injects its engine class.
 
-Seams for work landing elsewhere:
-- a base directory holding `quantize_config.json` is a GPTQ checkpoint; it loads through
-  `inlaid_ray.quant` once that loader exists (`_load_gptq_base`);
-- adapters come as raw PEFT directories (`ClusterSpec.format == "peft"`); compressed cluster
-  banks (`lora/cluster_bank.py`) will be a second format read by `load_cluster_adapter`.
+A base directory holding a GPTQ checkpoint (`quantize_config.json`, e.g. the MLGPTQ 4-bit
+base) loads with `GPTQLinear` projections through `inlaid_ray.model.load_model`, like a dense
+one. Where no fused GPTQ kernel serves the device and dtype (CPU; fp32 on CUDA) the reference
+would unpack every weight on every forward (seconds per step for SmolLM2 on a CPU core), so by
+default those projections cache their dequantized weights: dense speed and dense memory, with
+the 4-bit model's outputs. Seam for work landing elsewhere: adapters come as raw PEFT directories
+(`ClusterSpec.format == "peft"`); compressed cluster banks (`lora/cluster_bank.py`) will be a
+second format read by `load_cluster_adapter`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +23,16 @@ from typing import Any
 import torch
 
 from inlaid_ray.engine import AsyncLLMEngine, EngineConfig, LLMEngine
-from inlaid_ray.errors import AdapterError, ModelLoadError
+from inlaid_ray.engine.builder import parse_dtype
+from inlaid_ray.errors import AdapterError
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, load_peft_adapter
+from inlaid_ray.kernels.reference import gptq_matmul_ref
 from inlaid_ray.model import ModelConfig, load_model, load_tokenizer
+from inlaid_ray.model.loader import is_gptq_dir
+from inlaid_ray.quant.gptq_linear import select_gptq_matmul
 from inlaid_ray.serve.replica_protocol import AdapterEntry
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class ReplicaSpec:
     max_lora_rank: int = 16
     max_clusters: int = 2  # Ray multiplex LRU bound
     drain_timeout_s: float = 120.0  # how long a cluster load waits for evicted adapters to drain
+    gptq_cache_dequantized: bool | None = None  # GPTQ base: None = only where no fused kernel serves it
     engine: EngineConfig = EngineConfig()  # its `policy` names the scheduling policy
 
 
@@ -61,26 +68,30 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA, float32 elsewhere; other names as `engine.builder.parse_dtype`."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)} or 'auto'")
-    return _DTYPES[dtype]
+    return parse_dtype(dtype)
 
 
-def load_base(model_dir: str | Path, dtype: torch.dtype, device: torch.device, bank: Any | None) -> Any:
-    """The base model: a HF safetensors directory now, a GPTQ checkpoint once quant/ provides it."""
+def load_base(model_dir: str | Path, dtype: torch.dtype, device: torch.device, bank: Any | None,
+              gptq_cache_dequantized: bool | None = None) -> Any:
+    """The base model: a HF safetensors directory, or a GPTQ checkpoint (GPTQLinear projections)."""
     model_dir = Path(model_dir)
-    if (model_dir / "quantize_config.json").is_file():
-        return _load_gptq_base(model_dir, dtype, device, bank)
-    return load_model(model_dir, dtype=dtype, device=device, adapter_bank=bank)
+    if not is_gptq_dir(model_dir):
+        return load_model(model_dir, dtype=dtype, device=device, adapter_bank=bank)
+    if gptq_cache_dequantized is None:
+        gptq_cache_dequantized = select_gptq_matmul(device, _gptq_bits(model_dir), dtype) is gptq_matmul_ref
+    log.info("GPTQ base %s on %s (%s): %s", model_dir, device, dtype,
+             "dequantized-weight cache (no fused kernel here)" if gptq_cache_dequantized else "fused GPTQ kernel")
+    return load_model(model_dir, dtype=dtype, device=device, adapter_bank=bank, cache_dequantized=gptq_cache_dequantized)
 
 
-def _load_gptq_base(model_dir: Path, dtype: torch.dtype, device: torch.device, bank: Any | None) -> Any:
-    raise ModelLoadError(
-        f"{model_dir} is a GPTQ checkpoint (quantize_config.json); serving a quantized base needs "
-        "inlaid_ray.quant's model loader, which is not wired into serve/engine_builder.py yet"
-    )
+def _gptq_bits(model_dir: Path) -> int:
+    qc_file = model_dir / "quantize_config.json"
+    qc = json.loads(qc_file.read_text()) if qc_file.is_file() else \
+        json.loads((model_dir / "config.json").read_text()).get("quantization_config", {})
+    return int(qc["bits"])
 
 
 def resolve_adapter_path(uri: str, artifact_dir: str | Path) -> Path:
@@ -115,7 +126,7 @@ def build_engine(spec: ReplicaSpec) -> EngineBundle:
     dtype = resolve_dtype(spec.dtype, device)
     model_config = ModelConfig.from_dir(spec.model_dir)
     bank = AdapterBank(model_config, spec.max_adapters, spec.max_lora_rank, dtype=dtype, device=device)
-    model = load_base(spec.model_dir, dtype, device, bank)
+    model = load_base(spec.model_dir, dtype, device, bank, spec.gptq_cache_dequantized)
     tokenizer = load_tokenizer(spec.model_dir)
     engine = LLMEngine(model, tokenizer, spec.engine, adapter_bank=bank)
     log.info("engine ready: %s on %s (%s), %d KV blocks, max_model_len %d",

@@ -11,6 +11,7 @@ Predictions are clamped to [1, max_tokens] by the caller, since no request outru
 
 from __future__ import annotations
 
+import importlib.util
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -78,6 +79,13 @@ _PREDICTORS: dict[str, Callable[[], OutputLengthPredictor]] = {
     "task_quantile": TaskQuantilePredictor,
     "minilm": MiniLMPredictor,
 }
+
+
+def default_predictor() -> str:
+    """"minilm" (the learned predictor) when its encoder package is installed, else "task_quantile"."""
+    from inlaid_ray.sched.predictor import MINILM_PACKAGE  # torch + transformers, already loaded by serving
+
+    return "minilm" if importlib.util.find_spec(MINILM_PACKAGE) is not None else "task_quantile"
 
 
 def make_predictor(name: str) -> OutputLengthPredictor:

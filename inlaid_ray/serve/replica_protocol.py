@@ -7,7 +7,8 @@ multiplexed model id, which is what the request router keys affinity on.
 
 Chunks streamed back are plain dicts:
     {"replica": str (first chunk), "text": str, "token_ids": [int], "finish_reason": str | None,
-     "num_prompt_tokens": int, "num_completion_tokens": int, "stats": {...} (last chunk)}
+     "num_prompt_tokens": int, "num_completion_tokens": int, "queue_time_s": float | None,
+     "stats": {...} (last chunk)}
 or, for a failure, `{"error": {"status", "message", "type", "code", "param"}}` (http_errors.py).
 """
 
@@ -79,4 +80,5 @@ def merge_outputs(outputs: Sequence[RequestOutput]) -> dict[str, Any]:
         "finish_reason": last.finish_reason,
         "num_prompt_tokens": last.num_prompt_tokens,
         "num_completion_tokens": last.num_completion_tokens,
+        "queue_time_s": last.queue_time_s,  # arrival at the engine -> first step (None until it ran)
     }

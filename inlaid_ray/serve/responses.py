@@ -51,6 +51,7 @@ class StreamTracker:
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.stats: dict[str, Any] | None = None
+        self.queue_time_s: float | None = None  # reported by the replica's engine
         self.first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._recorded = False
@@ -72,6 +73,8 @@ class StreamTracker:
         self.token_ids.extend(tokens)
         self.completion_tokens = chunk.get("num_completion_tokens", self.completion_tokens)
         self.finish_reason = chunk.get("finish_reason") or self.finish_reason
+        if chunk.get("queue_time_s") is not None:
+            self.queue_time_s = chunk["queue_time_s"]
         if chunk.get("stats") is not None:
             self.stats = chunk["stats"]
 
@@ -95,7 +98,7 @@ class StreamTracker:
         done = reason in ("stop", "length")
         self.metrics.record_finished(
             self.ctx.model, reason, len(self.ctx.prompt_token_ids), self.completion_tokens, e2e, ttft,
-            None,  # queue time: the engine does not report when a request was first scheduled
+            self.queue_time_s,
             self.ctx.slo_s if done else None,
             self.ctx.predicted_len if done and self.completion_tokens else None,
         )
