@@ -1,12 +1,14 @@
 """Compare scheduling policies (fifo = S-LoRA, mlfq = FastServe skip-join MLFQ, inlaid =
 LoRA-Inlaid) on one simulated replica across request rates up to overload, for several
-workload scenarios, plus an ablation of the inlaid policy (grouping / prediction / SRTF).
+workload scenarios, plus ablations of the inlaid policy (batch shaping, grouping, pausing,
+prediction, SRTF, and the paper's hard task cap) on the first and the adapter-swap scenario.
 
 Rates are multiples of the replica's capacity, measured first as FIFO's throughput (req/s)
 on the same workload at a rate far above saturation. Every definition (latency, JCT, SLO)
-is in inlaid_ray/sched/metrics.py and is copied into the JSON.
+is in inlaid_ray/sched/metrics.py and is copied into the JSON. The inlaid policy is given
+the replica's step-cost model and adapter slots (what a deployment configures it with).
 
-    python load_tests/sim_policies.py [--quick] [--cost load_tests/results/cost_model_cpu.json]
+    python load_tests/sim_policies.py [--quick] [--requests N] [--cost load_tests/results/cost_model_cpu.json]
 
 Writes load_tests/results/sched_policies.json and sched_policies.png (+ sched_policies_ablation.png).
 """
@@ -32,16 +34,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LOADS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0)
 POLICIES = ("fifo", "mlfq", "inlaid")
 ABLATION = {
-    "inlaid": {},
-    "no grouping": {"grouping": False},
-    "grouping as preference": {"work_conserving": True},
-    "beta 24": {"beta": 24},
-    "beta 48": {"beta": 48},
-    "aging 10x median latency": {"starvation_latency_multiple": 10.0},
+    "inlaid (default)": {},
+    "paper: hard cap beta=10, 30 s aging": {"batching": "all", "grouping": "hard_cap", "starvation_latency_multiple": 0.0},
+    "admission order only (work-conserving)": {"batching": "all"},
+    "closed-system shaping (no queue term)": {"queue_aware": False},
+    "no pausing of running requests": {"pause_running": False},
+    "no grouping (no adapter terms)": {"grouping": "off"},
     "no prediction": {"use_prediction": False},
     "no SRTF": {"srtf": False},
-    "none (FCFS)": {"grouping": False, "use_prediction": False, "srtf": False},
 }
+SWAP_ABLATION = ("inlaid (default)", "paper: hard cap beta=10, 30 s aging", "no grouping (no adapter terms)")
 PLOT_METRICS = (
     ("slo_attainment_5x", "SLO attainment (5x isolated)"),
     ("jct_mean_s", "mean JCT = e2e latency (s)"),
@@ -66,6 +68,8 @@ def scenarios(num_requests: int, sigma: float) -> dict[str, tuple[WorkloadConfig
 
 def run_one(policy: str, overrides: dict, wl: WorkloadConfig, replica: ReplicaConfig, cost: StepCostModel) -> dict:
     _, specs = generate_workload(wl)
+    if policy == "inlaid":  # the replica's cost model and adapter slots, as a deployment configures
+        overrides = {"cost": cost, "adapter_slots": replica.adapter_slots, **overrides}
     res = Simulator(make_policy(policy, **overrides), replica, cost).run(specs)
     return summarize(res)
 
@@ -104,7 +108,7 @@ def plot(results: dict, path: Path, series_key: str = "policies") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests and loads (smoke run)")
-    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--cost", type=Path, default=None, help="cost-model JSON (default: analytic H100 7B 4-bit)")
     ap.add_argument("--sigma", type=float, default=None, help="prediction log-error std (default: from sched_predictor.json)")
     ap.add_argument("--scenarios", default="", help="run only scenarios whose name contains this text")
@@ -131,7 +135,13 @@ def main() -> None:
     items = {k: v for k, v in items.items() if args.scenarios in k}
     if args.quick:
         items = dict(list(items.items())[:1])
-    bar = tqdm(total=len(items) * len(loads) * len(POLICIES) + len(loads) * len(ABLATION), desc="simulations")
+    names = list(items)
+    ablations = [(names[0], list(ABLATION))]
+    swap = [k for k in names if "swap" in k and k != names[0]]
+    if swap:
+        ablations.append((swap[0], list(SWAP_ABLATION)))
+    total = len(items) * len(loads) * len(POLICIES) + sum(len(labels) for _, labels in ablations) * len(loads)
+    bar = tqdm(total=total, desc="simulations")
     for name, (wl, replica) in items.items():
         cap = capacity(wl, replica, cost)
         sc = {"workload": asdict(wl), "replica": asdict(replica), "capacity_req_per_s": cap, "loads": list(loads),
@@ -142,32 +152,37 @@ def main() -> None:
                 sc["policies"][policy].append(run_one(policy, {}, replace(wl, rate=cap * load), replica, cost))
                 bar.update(1)
         out["scenarios"][name] = sc
-    name, (wl, replica) = next(iter(items.items()))
-    cap = out["scenarios"][name]["capacity_req_per_s"]
-    abl = {"scenario": name, "loads": list(loads), "policies": {}}
-    for label, overrides in ABLATION.items():
-        abl["policies"][label] = []
-        for load in loads:
-            abl["policies"][label].append({**run_one("inlaid", overrides, replace(wl, rate=cap * load), replica, cost), "overrides": overrides})
-            bar.update(1)
-    out["ablation"] = abl
+    out["ablations"] = []
+    for name, labels in ablations:
+        wl, replica = items[name]
+        cap = out["scenarios"][name]["capacity_req_per_s"]
+        abl = {"scenario": name, "loads": list(loads), "policies": {}}
+        for label in labels:
+            overrides = ABLATION[label]
+            abl["policies"][label] = []
+            for load in loads:
+                abl["policies"][label].append({**run_one("inlaid", overrides, replace(wl, rate=cap * load), replica, cost),
+                                               "overrides": overrides})
+                bar.update(1)
+        out["ablations"].append(abl)
     bar.close()
     out["wall_s"] = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     plot(out["scenarios"], args.out.with_suffix(".png"))
-    plot({f"ablation: {name}": abl}, args.out.with_name(args.out.stem + "_ablation.png"))
+    plot({f"ablation: {a['scenario']}": a for a in out["ablations"]}, args.out.with_name(args.out.stem + "_ablation.png"))
     print_table(out)
 
 
 def print_table(out: dict) -> None:
     keys = ("slo_attainment_5x", "jct_mean_s", "e2e_latency_p99_s", "throughput_tokens_per_s", "tasks_per_step_mean", "max_wait_s")
-    for name, sc in list(out["scenarios"].items()) + [("ablation: " + out["ablation"]["scenario"], out["ablation"])]:
+    ablations = [("ablation: " + a["scenario"], a) for a in out["ablations"]]
+    for name, sc in list(out["scenarios"].items()) + ablations:
         print(f"\n== {name}" + (f" (capacity {sc['capacity_req_per_s']:.1f} req/s)" if "capacity_req_per_s" in sc else ""))
-        print(f"{'load':>5} {'policy':>14} " + " ".join(f"{k[:16]:>16}" for k in keys))
+        print(f"{'load':>5} {'policy':>40} " + " ".join(f"{k[:16]:>16}" for k in keys))
         for i, load in enumerate(sc["loads"]):
             for policy, points in sc["policies"].items():
-                print(f"{load:5.2f} {policy:>14} " + " ".join(f"{points[i][k]:16.3f}" for k in keys))
+                print(f"{load:5.2f} {policy[:40]:>40} " + " ".join(f"{points[i][k]:16.3f}" for k in keys))
 
 
 if __name__ == "__main__":

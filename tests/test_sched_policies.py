@@ -1,5 +1,7 @@
-"""Scheduling policies on hand-built queues: SRTF order and re-estimation, task grouping, aging,
-skip-join MLFQ placement/demotion/pausing, preemption victims and FIFO head-of-line blocking."""
+"""Scheduling policies on hand-built queues: SRTF order and re-estimation, the paper's task
+grouping cap (ablation), aging, skip-join MLFQ placement/demotion/pausing, preemption victims
+and FIFO head-of-line blocking. The inlaid default's cost-priced batching and grouping are in
+test_sched_batch_shaping.py."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from inlaid_ray.sched import FifoPolicy, InlaidPolicy, MlfqPolicy, StepBudget, m
 from inlaid_ray.sched.admission import held_blocks
 from inlaid_ray.sched.policies import InlaidConfig, MlfqConfig
 from inlaid_ray.sched.simulator import SimJob
+
+# the paper's variant: hard cap of beta tasks per step, work-conserving admission order, fixed bound
+PAPER = {"batching": "all", "grouping": "hard_cap", "starvation_latency_multiple": 0.0}
 
 
 def job(rid: str, task: str | None = "t0", arrival: float = 0.0, p: int = 10, g: int = 0, pred: float | None = 50.0,
@@ -31,11 +36,15 @@ def ids(rs) -> list[str]:
 # -- inlaid: SRTF --------------------------------------------------------------------------------
 
 
-def test_srtf_orders_running_then_waiting_by_predicted_remaining():
+def test_srtf_ranks_running_and_waiting_together_by_predicted_remaining():
     running = [job("r1", g=5, pred=100), job("r2", g=30, pred=40)]
     waiting = [job("w1", arrival=1, pred=80), job("w2", arrival=2, pred=20), job("w3", arrival=3, pred=60)]
-    order = InlaidPolicy().order(waiting, running, budget(now=5))
     rem = lambda r: r.predicted_output_len - r.num_output_tokens  # noqa: E731
+    # default: one ranking (SRTF preempts by pausing); all of them are worth batching here
+    order = InlaidPolicy().order(waiting, running, budget(now=5))
+    assert ids(order) == ids(sorted(running + waiting, key=rem))
+    # admission order only: running requests first, then waiting ones
+    order = InlaidPolicy(batching="all").order(waiting, running, budget(now=5))
     assert ids(order) == ids(sorted(running, key=rem)) + ids(sorted(waiting, key=rem))
 
 
@@ -68,11 +77,11 @@ def test_fallback_uses_task_history_without_prediction():
     assert pol.predicted_len(job("y", task="b", pred=None)) == pol.config.default_output_len
 
 
-# -- inlaid: grouping ------------------------------------------------------------------------------
+# -- inlaid: the paper's grouping cap (ablation) -----------------------------------------------------
 
 
 def test_grouping_caps_tasks_and_prefers_previous_step_tasks():
-    pol = InlaidPolicy(beta=3)
+    pol = InlaidPolicy(beta=3, **PAPER)
     waiting = [job(f"w{i}", task=f"t{i % 6}", arrival=i, pred=10 + 10 * (i % 6)) for i in range(12)]
     pol.on_step([job("prev5", task="t5"), job("prev4", task="t4")], budget())  # t4, t5 ran last step
     order = pol.order(waiting, [], budget(now=20))
@@ -84,7 +93,7 @@ def test_grouping_caps_tasks_and_prefers_previous_step_tasks():
 
 
 def test_grouping_counts_running_tasks_against_beta():
-    pol = InlaidPolicy(beta=2)
+    pol = InlaidPolicy(beta=2, **PAPER)
     running = [job("r", task="busy", g=1)]
     waiting = [job("a", task="x", pred=5), job("b", task="y", pred=6), job("c", task="busy", pred=90)]
     order = pol.order(waiting, running, budget())
@@ -93,7 +102,7 @@ def test_grouping_counts_running_tasks_against_beta():
 
 
 def test_without_grouping_all_tasks_are_candidates():
-    pol = InlaidPolicy(grouping=False, beta=1)
+    pol = InlaidPolicy(grouping="off", beta=1, batching="all")
     waiting = [job(f"w{i}", task=f"t{i}", pred=10 * (i + 1)) for i in range(5)]
     assert ids(pol.order(waiting, [], budget())) == ids(waiting)
 
@@ -102,7 +111,7 @@ def test_without_grouping_all_tasks_are_candidates():
 
 
 def test_starved_request_jumps_the_queue_beyond_beta():
-    pol = InlaidPolicy(beta=1, starvation_s=5.0)
+    pol = InlaidPolicy(beta=1, starvation_s=5.0, **PAPER)
     old = job("old", task="rare", arrival=0.0, pred=900)
     fresh = [job(f"f{i}", task="hot", arrival=10.0 + i, pred=5) for i in range(3)]
     order = pol.order(fresh + [old], [], budget(now=10.0))
@@ -110,13 +119,14 @@ def test_starved_request_jumps_the_queue_beyond_beta():
     assert {r.task for r in order} == {"rare", "hot"}  # the starved task joins beyond beta
 
 
-def test_starved_request_that_does_not_fit_reserves_the_step():
-    pol = InlaidPolicy(starvation_s=5.0)
+@pytest.mark.parametrize("overrides", [{"starvation_latency_multiple": 0.0}, PAPER], ids=["default", "paper"])
+def test_starved_request_that_does_not_fit_reserves_the_step(overrides):
+    pol = InlaidPolicy(starvation_s=5.0, **overrides)
     old = job("old", task="a", p=160, pred=900)  # needs 10 blocks of 16
     small = job("small", task="a", arrival=9.0, p=10, pred=5)
-    running = [job("r", task="a", g=3)]
+    running = [job("r", task="a", g=3, arrival=9.5)]
     order = pol.order([old, small], running, budget(now=10.0, free=4))
-    assert ids(order) == ["r", "old"]  # nobody else takes the blocks it waits for
+    assert "small" not in ids(order)  # nobody else takes the blocks it waits for
     plan = plan_step(pol, [old, small], running, budget(now=10.0, free=4))
     assert ids(plan.scheduled) == ["r"]
 
@@ -225,6 +235,10 @@ def test_admission_respects_seats_and_token_budget():
 def test_config_validation_names_values():
     with pytest.raises(ValueError, match="beta=0"):
         InlaidConfig(beta=0)
+    with pytest.raises(ValueError, match="grouping='nope'"):
+        InlaidConfig(grouping="nope")
+    with pytest.raises(ValueError, match="adapter_slots=0"):
+        InlaidConfig(adapter_slots=0)
     with pytest.raises(ValueError, match="num_queues=0"):
         MlfqConfig(num_queues=0)
     with pytest.raises(ValueError, match="unknown scheduling policy 'nope'"):
@@ -232,19 +246,44 @@ def test_config_validation_names_values():
 
 
 def test_work_conserving_grouping_lists_other_tasks_after_the_group():
-    pol = InlaidPolicy(beta=1, work_conserving=True)
+    pol = InlaidPolicy(beta=1, batching="all", grouping="preference")
     waiting = [job("a", task="x", pred=50), job("b", task="y", pred=5), job("c", task="x", pred=7)]
     pol.on_step([job("prev", task="x")], budget())
     assert ids(pol.order(waiting, [], budget())) == ["c", "a", "b"]  # group x first, then y
 
 
-def test_aging_bound_follows_median_latency_when_asked():
+def test_aging_bound_follows_median_latency():
     pol = InlaidPolicy(starvation_s=5.0, starvation_latency_multiple=10.0)
+    assert pol.starvation_bound_s == 5.0  # nothing finished yet
     latencies = [1.0, 2.0, 4.0]
     for i, lat in enumerate(latencies):
         pol.on_finished(job(f"d{i}", arrival=0.0, g=3), now=lat)
-    bound = max(5.0, 10.0 * float(np.median(latencies)))
+    bound = 10.0 * float(np.median(latencies))
     assert pol.starvation_bound_s == bound
     waiting = [job("old", task="b", arrival=0.0, pred=900), job("new", task="a", arrival=1.0, pred=5)]
     assert ids(pol.order(waiting, [], budget(now=bound - 1)))[0] == "new"  # past 5 s, within the bound
     assert ids(pol.order(waiting, [], budget(now=bound + 1)))[0] == "old"
+
+
+def test_aging_counts_paused_time_and_then_runs_the_request_first():
+    """A running request paused by SRTF accrues unserved time; past the bound it is aged and
+    runs ahead of shorter requests until it finishes (sticky)."""
+    pol = InlaidPolicy(starvation_s=1.0, starvation_latency_multiple=0.0)
+    long = job("long", g=1, pred=500)
+    now = 0.0
+    shorts = [job(f"s{i}", arrival=0.0, pred=5) for i in range(3)]
+    while True:  # one seat: the short requests keep it while long waits paused
+        order = pol.order(shorts, [long], budget(now=now, seqs=1))
+        plan = plan_step(pol, shorts, [long], budget(now=now, seqs=1))
+        pol.on_step(plan.scheduled, budget(now=now, seqs=1))
+        if "long" in ids(plan.scheduled):
+            break
+        assert ids(plan.paused) == ["long"]
+        now += 0.3
+    assert pol.unserved_s("long") > pol.starvation_bound_s  # it ran only once past the bound
+    assert now <= pol.starvation_bound_s + 0.3 + 1e-9
+    for step in range(3):  # aged: it keeps the seat although every short request ranks ahead by rem
+        now += 0.3
+        plan = plan_step(pol, shorts, [long], budget(now=now, seqs=1))
+        pol.on_step(plan.scheduled, budget(now=now, seqs=1))
+        assert ids(plan.scheduled) == ["long"]

@@ -23,21 +23,26 @@ import numpy as np
 
 @dataclass(frozen=True)
 class StepCostModel:
-    """Linear step-time model; the defaults are an analytic H100 / Llama-2-7B 4-bit estimate.
+    """Linear step-time model; the defaults are an H100 / Llama-2-7B 4-bit estimate.
 
-    Defaults (PERFORMANCE.md bounds, not measurements): a = 1.7 ms (3.9 GB of 4-bit weights at
-    ~3 TB/s is 1.3 ms; the engine target is 1.3x that), b = 30 us per token (13.4 GFLOP per
-    token at ~450 TFLOP/s), c = 11 us per adapter (rank-16 LoRA on q,k,v,o = 33.5 MB fp16 read
-    at 3 TB/s), d = 0.175 us per context token (512 KiB of fp16 K/V per token at 3 TB/s),
-    e = 1.3 ms per adapter load (33.5 MB over ~25 GB/s PCIe).
+    a = 1.7 ms base (PERFORMANCE.md bound: 3.9 GB of 4-bit weights at ~3 TB/s is 1.3 ms, the
+    engine target is 1.3x that) + 0.944 ms of multi-LoRA kernels present in any step with an
+    adapter, and c = 17.6 us per distinct adapter: both fitted (`lora_terms_from_kernel_bench`)
+    on the H100 SGMV measurement load_tests/results/kernels_h100.json (4096 x 4096 layer,
+    batch 32, rank 16, 1..32 distinct adapters: 7.38 us + 0.137 us per adapter) times the 128
+    q/k/v/o projections of Llama-2-7B. b = 30 us per token (13.4 GFLOP per token at ~450
+    TFLOP/s), d = 0.175 us per context token (512 KiB of fp16 K/V per token at 3 TB/s),
+    e = 1.3 ms per adapter load (33.5 MB over ~25 GB/s PCIe): analytic bounds.
     """
 
-    a_s: float = 1.7e-3
+    a_s: float = 1.7e-3 + 0.944e-3
     b_s_per_token: float = 3.0e-5
-    c_s_per_adapter: float = 1.1e-5
+    c_s_per_adapter: float = 1.757e-5
     d_s_per_kv_token: float = 1.75e-7
     e_s_per_adapter_load: float = 1.3e-3
-    source: str = "analytic default: Llama-2-7B shape, 4-bit GPTQ, H100 (PERFORMANCE.md bounds)"
+    source: str = (
+        "default: Llama-2-7B shape, 4-bit GPTQ, H100; PERFORMANCE.md bounds, LoRA terms fitted on kernels_h100.json"
+    )
 
     def step_time(self, batch_tokens: int, distinct_adapters: int, kv_tokens: int, adapter_loads: int = 0) -> float:
         """Seconds one step takes."""
@@ -125,3 +130,27 @@ def fit_cost_model(
     model = StepCostModel(**dict(zip(_FEATURES, map(float, coef))), e_s_per_adapter_load=e_s_per_adapter_load, source=source)
     stats = {"n": len(samples), "r2": r2, "median_rel_err": float(np.median(rel)), "max_rel_err": float(rel.max())}
     return model, stats
+
+
+# q, k, v, o of every layer of Llama-2-7B: 32 layers x 4 projections, all 4096 x 4096
+LLAMA2_7B_LORA_MODULES = 32 * 4
+
+
+def lora_terms_from_kernel_bench(
+    rows: Sequence[dict], modules_per_step: int = LLAMA2_7B_LORA_MODULES, tokens: int = 32
+) -> tuple[float, float]:
+    """(seconds per step with any adapter, seconds per distinct adapter) from SGMV timings.
+
+    `rows` are the "lora" entries of `load_tests/bench_kernels.py`'s JSON: one layer's time
+    with and without the multi-LoRA term for a batch of `tokens` spread over 1..n distinct
+    raw adapters. Least squares of the LoRA time `base_plus_lora_us - base_us` on the
+    number of distinct adapters (both base kernels pooled: the LoRA term does not depend on
+    them), scaled by the LoRA-carrying projections one step runs.
+    """
+    use = [r for r in rows if r.get("what") == "raw" and r["tokens"] == tokens]
+    if len({r["distinct_adapters"] for r in use}) < 2:
+        raise ValueError(f"need raw LoRA timings at >= 2 adapter counts for {tokens} tokens, got {len(use)} rows")
+    x = np.array([[1.0, r["distinct_adapters"]] for r in use])
+    y = np.array([r["base_plus_lora_us"] - r["base_us"] for r in use]) * 1e-6
+    (fixed, per_adapter), *_ = np.linalg.lstsq(x, y, rcond=None)
+    return float(fixed) * modules_per_step, float(per_adapter) * modules_per_step

@@ -1,18 +1,37 @@
 """LoRA-Inlaid's multi-task scheduler (ALGORITHMS.md 7.2): shortest predicted remaining work
-first, task grouping with at most `beta` distinct tasks per step (the previous step's tasks
-first, so the adapter set stays stable), and aging so no request waits past a bound.
+first, task grouping, and aging so no request falls behind past a bound.
 
 Per request: predicted output length `L` (from the length predictor at arrival, else the
 task's recent median, else a default) and generated tokens `g`. Remaining work
-`rem = max(min(L, max_tokens) - g, 1)` (+ an optional prefill term for waiting requests).
-When `g >= L` the prediction was too short: `L <- g + max(16, 0.25 L)` (item 17 of section 11).
+`rem = max(min(L, max_tokens) - g, 1)`. When `g >= L` the prediction was too short:
+`L <- g + max(16, 0.25 L)` (item 17 of ALGORITHMS.md section 11), so estimates are
+refreshed as tokens are generated.
 
-One step: running requests keep running, shortest `rem` first (no preemption unless KV runs
-out; then the largest `rem` is evicted). Task set G = tasks of running requests, then
-waiting tasks that ran in the previous step, then other waiting tasks, each group by its best
-request, until |G| = beta. Requests that waited longer than `starvation_s` go first and their
-tasks join G beyond beta; if the oldest of them does not fit now, nothing else is admitted
-until it does (a reservation, so the bound holds under a stream of short requests).
+Default step (`batching="marginal_cost"`, `grouping="cost"`): rank every request, running
+and waiting: aged ones first (oldest first), then by `rem` (+ the steps an adapter reload is
+worth when a waiting request's load would evict a resident adapter, with `adapter_slots`).
+Walk the ranking and run a request when it fits and when the batch gains more than it loses
+from it under the step-cost model (`batch_shaping.py`; the per-step cost of a distinct
+adapter and the cost of a load are priced there: that is the task grouping, no task cap).
+Running requests left out are paused and keep their KV: SRTF preempts at token granularity,
+like skip-join MLFQ. With a queue behind them, everything that fits runs.
+
+Aging: a request's unserved time is the time since arrival during which it did not run
+(queued or paused), i.e. how far it has fallen behind plain continuous batching, which
+runs everyone every step. Past the bound it is aged: it runs before any non-aged request
+until it finishes, skips the cost rule, and when the oldest aged waiting request does not
+fit, no later waiting request is admitted until it does. The bound is
+`starvation_latency_multiple` x the median e2e latency of recent finished requests (the
+spec's "10x median latency", scale-free), or `starvation_s` while none has finished or when
+the multiple is 0. KV exhaustion evicts the request with the largest `rem` (recompute).
+
+Ablations: `batching="all"` runs every request that fits, running ones first (SRTF as an
+admission order only, never idling a seat); `grouping="off"` drops the adapter terms;
+`grouping="hard_cap"` is the paper's rule, at most `beta` distinct tasks per step (running
+tasks, then the previous step's, then the best waiting ones; requests of other tasks wait
+even when seats are free); `grouping="preference"` lists those tasks first, others after;
+`pause_running=False` never pauses running requests; `queue_aware=False` drops the rule's
+queue term (closed-system shaping). Results: load_tests/results/sched_policies*.json.
 """
 
 from __future__ import annotations
@@ -20,44 +39,60 @@ from __future__ import annotations
 import statistics
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from inlaid_ray.sched.admission import blocks_for, prefill_tokens
+from inlaid_ray.sched.cost_model import StepCostModel
+from inlaid_ray.sched.policies.batch_shaping import AdapterResidency, load_penalty_steps, shape_batch
 from inlaid_ray.sched.policy import R, SchedulableRequest, SchedulingPolicy, StepBudget, register_policy
+
+GROUPING_MODES = ("cost", "hard_cap", "preference", "off")
+BATCHING_MODES = ("marginal_cost", "all")
 
 
 @dataclass(frozen=True)
 class InlaidConfig:
-    """Knobs of the LoRA-Inlaid policy; the three switches at the end are for ablations."""
+    """Knobs of the LoRA-Inlaid policy (module docstring); `batching`, `grouping`, `srtf`,
+    `use_prediction`, `pause_running` and `queue_aware` exist for ablations."""
 
-    beta: int = 10  # max distinct tasks per step (grouping coefficient, paper default 10)
-    starvation_s: float = 30.0  # aging bound: a request waiting longer jumps the queue
-    # > 0: the bound becomes max(starvation_s, this x median e2e latency of recent finished
-    # requests), the spec's "10x median latency" alternative for regimes where 30 s is short
-    starvation_latency_multiple: float = 0.0
+    batching: Literal["marginal_cost", "all"] = "marginal_cost"
+    grouping: Literal["cost", "hard_cap", "preference", "off"] = "cost"
+    beta: int = 10  # tasks per step of "hard_cap" / "preference" (paper default 10)
+    # the replica's step-cost model (the simulator's, or one fitted on the engine's device by
+    # load_tests/measure_step_cost.py); only ratios of its terms matter to the policy
+    cost: StepCostModel = field(default_factory=StepCostModel)
+    adapter_slots: int | None = None  # the replica's resident adapter slots; None = all resident
+    pause_running: bool = True  # False: running requests always run, only admission is shaped
+    # False: the rule assumes a deferred request later runs alone (closed system), ignoring
+    # the requests queued behind it that would share its steps then (ablation)
+    queue_aware: bool = True
+    starvation_s: float = 30.0  # aging bound while no request has finished (or multiple = 0)
+    starvation_latency_multiple: float = 10.0  # bound = this x median e2e latency; 0 = fixed bound
     reestimate_min_tokens: float = 16.0  # re-estimate adds max(this, fraction * L) tokens
     reestimate_fraction: float = 0.25
     default_output_len: float = 128.0  # no prediction and no finished request of the task yet
     history_len: int = 64  # finished lengths kept per task for the fallback median
-    prefill_token_weight: float = 0.0  # waiting rem += weight * prefill tokens (0 = spec 7.2)
-    grouping: bool = True  # False: no task cap (ablation "without grouping")
-    # True: requests of tasks beyond beta are still listed, after the chosen tasks' ones, so
-    # free seats/blocks never idle; grouping then only orders (not the paper's hard cap)
-    work_conserving: bool = False
-    srtf: bool = True  # False: arrival order inside the chosen tasks (ablation "without SRTF")
+    prefill_token_weight: float = 0.0  # ranking rem of waiting += weight * prefill tokens (0 = spec 7.2)
+    srtf: bool = True  # False: arrival order ("without SRTF")
     use_prediction: bool = True  # False: ignore predictor, task median only ("without prediction")
 
     def __post_init__(self) -> None:
-        if self.beta < 1 or self.starvation_s <= 0 or self.default_output_len < 1:
+        if self.beta < 1 or self.starvation_s <= 0 or self.starvation_latency_multiple < 0 or self.default_output_len < 1:
             raise ValueError(
-                f"beta={self.beta} must be >= 1, starvation_s={self.starvation_s} > 0, "
-                f"default_output_len={self.default_output_len} >= 1"
+                f"beta={self.beta} must be >= 1, starvation_s={self.starvation_s} > 0, starvation_latency_multiple="
+                f"{self.starvation_latency_multiple} >= 0, default_output_len={self.default_output_len} >= 1"
             )
+        if self.grouping not in GROUPING_MODES or self.batching not in BATCHING_MODES:
+            raise ValueError(
+                f"grouping={self.grouping!r} must be one of {GROUPING_MODES}, batching={self.batching!r} of {BATCHING_MODES}"
+            )
+        if self.adapter_slots is not None and self.adapter_slots < 1:
+            raise ValueError(f"adapter_slots={self.adapter_slots} must be >= 1 or None")
 
 
 class InlaidPolicy(SchedulingPolicy):
-    """SRTF on predicted remaining length + task grouping (beta) + aging."""
+    """SRTF on predicted remaining length + cost-priced batching and task grouping + aging."""
 
     name = "inlaid"
     head_of_line_blocking = False
@@ -70,6 +105,12 @@ class InlaidPolicy(SchedulingPolicy):
         self._prev_tasks: set[str | None] = set()
         self._latencies: deque[float] = deque(maxlen=256)  # e2e latency of recent finished requests
         self._starvation_s = self.config.starvation_s
+        self._residency = AdapterResidency(self.config.adapter_slots)
+        self._unserved: dict[str, float] = {}  # request_id -> seconds in the system not running
+        self._aged: dict[str, float] = {}  # request_id -> when it was found aged (sticky)
+        self._offered: set[str] = set()  # ids ordered in the last step ...
+        self._left_out: set[str] = set()  # ... and those of them that did not run
+        self._last_now: float | None = None
 
     # -- length estimates --------------------------------------------------------------------
 
@@ -98,56 +139,94 @@ class InlaidPolicy(SchedulingPolicy):
             rem += self.config.prefill_token_weight * prefill_tokens(r)
         return rem
 
+    # -- aging -------------------------------------------------------------------------------
+
+    def unserved_s(self, request_id: str) -> float:
+        """Seconds the request has spent in the system without running (0 if unknown)."""
+        return self._unserved.get(request_id, 0.0)
+
+    def _update_aging(self, candidates: Sequence[SchedulableRequest], running_ids: set[str], now: float) -> None:
+        """Charge the time since the last step to those left out of it; mark the aged (sticky)."""
+        dt = now - self._last_now if self._last_now is not None else 0.0
+        for rid in self._left_out:
+            if rid in self._unserved:
+                self._unserved[rid] += dt
+        self._last_now = now
+        for r in candidates:
+            if r.request_id not in self._unserved:  # first sight: queued since wait_start (running: unknown, 0)
+                self._unserved[r.request_id] = 0.0 if r.request_id in running_ids else max(now - r.wait_start, 0.0)
+            u = self._unserved[r.request_id]
+            if u > self._starvation_s and r.request_id not in self._aged:
+                self._aged[r.request_id] = now
+        self._offered = {r.request_id for r in candidates}
+        self._left_out = set(self._offered)  # until on_step says who ran
+
+    def _aged_key(self, r: SchedulableRequest) -> tuple[float, float, str]:
+        return (self._aged[r.request_id], r.arrival_time, r.request_id)
+
     # -- the seam ----------------------------------------------------------------------------
 
     def order(self, waiting: Sequence[R], running: Sequence[R], budget: StepBudget) -> list[R]:
         cfg = self.config
-        run_sorted = sorted(running, key=lambda r: (self.remaining(r), r.arrival_time, r.request_id))
-        if not waiting:
-            return run_sorted
-        keys = {r.request_id: self._waiting_key(r, budget.now) for r in waiting}
-        starved = [r for r in waiting if keys[r.request_id][0] == 0]
-        if starved:
-            oldest = min(starved, key=lambda r: (r.wait_start, r.request_id))
-            if not _fits_now(oldest, len(running), budget):
-                return run_sorted + [oldest]  # reserve: admit nobody else until it fits
-        if cfg.grouping:
-            tasks = self._select_tasks(waiting, running, keys)
-            tasks.update(r.task for r in starved)
-            chosen = sorted((r for r in waiting if r.task in tasks), key=lambda r: keys[r.request_id])
-            if cfg.work_conserving:
-                chosen += sorted((r for r in waiting if r.task not in tasks), key=lambda r: keys[r.request_id])
-            return run_sorted + chosen
-        return run_sorted + sorted(waiting, key=lambda r: keys[r.request_id])
+        running_ids = {r.request_id for r in running}
+        self._update_aging(list(running) + list(waiting), running_ids, budget.now)
+        if cfg.batching == "all" or not cfg.pause_running:  # running first: never paused by the order
+            head = sorted(running, key=lambda r: (self.remaining(r), r.arrival_time, r.request_id))
+            ranked = head + self._rank(waiting, running)
+        else:
+            ranked = self._rank(list(running) + list(waiting), running)
+        if cfg.batching == "all":
+            return self._reserve_for_aged(ranked, waiting, running, budget)
+        exempt = set(self._aged) if cfg.pause_running else set(self._aged) | running_ids
+        return shape_batch(ranked, running_ids, exempt, self.remaining, budget, cfg.cost, self._residency,
+                           adapter_terms=cfg.grouping == "cost", queue_aware=cfg.queue_aware)
 
-    def _waiting_key(self, r: SchedulableRequest, now: float) -> tuple[int, float, float, str]:
-        starved = now - r.wait_start > self._starvation_s
+    def _rank(self, candidates: Sequence[R], running: Sequence[R]) -> list[R]:
+        """Aged first (oldest first), then by key; hard_cap / preference group the others."""
+        cfg = self.config
+        aged = sorted((r for r in candidates if r.request_id in self._aged), key=self._aged_key)
+        key = self._key
+        if cfg.grouping == "cost" and self._residency.slots is not None:
+            penalty = load_penalty_steps(running, cfg.cost)  # resident tasks first, by what a reload costs
+            running_ids = {r.request_id for r in running}
+
+            def key(r: SchedulableRequest) -> tuple[float, float, str]:
+                rem, arrival, rid = self._key(r)
+                evicts = rid not in running_ids and self._residency.evicts(r.task)
+                return (rem + penalty if evicts else rem, arrival, rid)
+
+        rest = sorted((r for r in candidates if r.request_id not in self._aged), key=key)
+        if cfg.grouping in ("hard_cap", "preference"):
+            tasks = self._select_tasks(rest, running) | {r.task for r in aged}
+            chosen = [r for r in rest if r.task in tasks]
+            if cfg.grouping == "preference":
+                chosen += [r for r in rest if r.task not in tasks]
+            rest = chosen
+        return aged + rest
+
+    def _key(self, r: SchedulableRequest) -> tuple[float, float, str]:
         rem = self.remaining(r, waiting=True) if self.config.srtf else 0.0
-        return (0 if starved else 1, rem, r.arrival_time, r.request_id)
+        return (rem, r.arrival_time, r.request_id)
 
-    def _select_tasks(
-        self, waiting: Sequence[R], running: Sequence[R], keys: dict[str, tuple]
-    ) -> set[str | None]:
-        """Running tasks, then previous-step tasks, then the rest, by best waiting key, to beta.
-
-        Starved requests are left out here: the caller adds their tasks beyond beta.
-        """
+    def _select_tasks(self, ranked: Sequence[R], running: Sequence[R]) -> set[str | None]:
+        """Running tasks, then previous-step tasks, then the rest by their best request, to beta."""
         selected: set[str | None] = {r.task for r in running}
-        best: dict[str | None, tuple] = {}
-        for r in waiting:
-            k = keys[r.request_id]
-            if k[0] == 0:
-                continue
-            if r.task not in best or k < best[r.task]:
-                best[r.task] = k
-        candidates = sorted(
-            (t for t in best if t not in selected), key=lambda t: (t not in self._prev_tasks, best[t])
-        )
-        for t in candidates:
-            if len(selected) >= self.config.beta:
-                break
-            selected.add(t)
+        best: dict[str | None, int] = {}
+        for i, r in enumerate(ranked):
+            best.setdefault(r.task, i)
+        candidates = sorted((t for t in best if t not in selected), key=lambda t: (t not in self._prev_tasks, best[t]))
+        selected.update(candidates[: max(self.config.beta - len(selected), 0)])
         return selected
+
+    def _reserve_for_aged(self, ranked: list[R], waiting: Sequence[R], running: Sequence[R], budget: StepBudget) -> list[R]:
+        """`batching="all"`: if the oldest aged waiting request does not fit, admit nobody else."""
+        aged = [r for r in waiting if r.request_id in self._aged]
+        if aged:
+            oldest = min(aged, key=self._aged_key)
+            if not _fits_now(oldest, len(running), budget):
+                waiting_ids = {r.request_id for r in waiting}
+                return [r for r in ranked if r.request_id not in waiting_ids] + [oldest]
+        return ranked
 
     def preemption_victim(self, candidates: Sequence[R], budget: StepBudget) -> R:
         """Evict the request with the most predicted remaining work (latest arrival on ties)."""
@@ -155,25 +234,28 @@ class InlaidPolicy(SchedulingPolicy):
 
     def on_step(self, scheduled: Sequence[R], budget: StepBudget) -> None:
         self._prev_tasks = {r.task for r in scheduled}
+        self._residency.touch(self._prev_tasks)
+        self._left_out = self._offered - {r.request_id for r in scheduled}
 
     def on_finished(self, request: SchedulableRequest, now: float) -> None:
-        self._estimate.pop(request.request_id, None)
+        for table in (self._estimate, self._unserved, self._aged):
+            table.pop(request.request_id, None)
+        self._offered.discard(request.request_id)
+        self._left_out.discard(request.request_id)
         hist = self._history.setdefault(request.task, deque(maxlen=self.config.history_len))
         hist.append(request.num_output_tokens)
         if self.config.starvation_latency_multiple > 0:
             self._latencies.append(now - request.arrival_time)
-            self._starvation_s = max(
-                self.config.starvation_s, self.config.starvation_latency_multiple * statistics.median(self._latencies)
-            )
+            self._starvation_s = self.config.starvation_latency_multiple * statistics.median(self._latencies)
 
     @property
     def starvation_bound_s(self) -> float:
-        """The aging bound in force now (seconds)."""
+        """The aging bound in force now (seconds of unserved time)."""
         return self._starvation_s
 
 
 def _fits_now(r: SchedulableRequest, num_running: int, budget: StepBudget) -> bool:
-    """Whether waiting `r` can be admitted this step after the running set decodes."""
+    """Whether waiting `r` can be admitted this step after every running request decodes."""
     n = prefill_tokens(r)
     return (
         budget.max_num_seqs - num_running >= 1

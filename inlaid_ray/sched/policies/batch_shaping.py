@@ -1,0 +1,175 @@
+"""Which of the ranked requests should share the next step, priced by the step-cost model:
+the inlaid policy's batch shaping, whose adapter terms are its task grouping (ALGORITHMS.md
+7.2 and item 18 of section 11).
+
+A step costs `a + b*tokens + c*distinct_adapters + d*kv_tokens (+ e*loads)` seconds. Take
+request y (predicted remaining `rem_y` decode steps) and the batch S admitted before it in
+rank order. Running y alongside S for the `m = min(rem_y, max_x rem_x)` steps they overlap
+slows each x in S by y's marginal step cost `w_y = b + d*ctx_y + c*[y's task not in S]`:
+`w_y * sum_{x in S} min(rem_x, rem_y)` seconds of JCT. Deferring y does not make those m
+steps free: y runs them later, slowing whoever shares them then, at least the `Q` requests
+ranked behind y (those still there, capped at the seats), `w_y * Q * m`; and y loses the
+fixed part `a` of each of the m steps, `a * m` (exchange argument on two schedules that
+differ only in when y runs; `ctx_y` is y's mean context over the overlap). When y's adapter
+is not resident its load stalls the step of everyone sharing it, now the |S| requests,
+later the Q. So y joins iff
+
+    w_y * (sum_{x in S} min(rem_x, rem_y) - Q * m) + e * (|S| - Q) * [y needs a load]  <=  a * m.
+
+With a queue behind y at least as long as the batch ahead (Q >= |S|: steady state,
+overload), or a large `a` (weight reads dominate a step), everything that fits joins: plain
+continuous batching in SRTF order. Requests are
+deferred only when the batch ahead of them is large and will drain (a burst, the last long
+requests): then the longest and the most expensive wait or pause (keeping their KV), and a
+request of a task not in the batch stops joining sooner than one of a task in it: grouping
+exactly as strong as the cost model says distinct adapters and loads are, with no task cap.
+`Q` ignores future arrivals, so the rule errs towards deferring.
+
+`load_penalty_steps` prices the other side of swapping for the ranking: a waiting request
+whose load would evict a resident adapter ranks as if `e * N / T` steps longer.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+
+from inlaid_ray.sched.admission import blocks_for, prefill_tokens
+from inlaid_ray.sched.cost_model import StepCostModel
+from inlaid_ray.sched.policy import R, StepBudget
+
+
+class AdapterResidency:
+    """The policy's mirror of the replica's LRU adapter cache of `slots` entries (None = unbounded).
+
+    Fed the tasks of every step (the simulator's and S-LoRA's on-demand loading), it tells
+    which tasks would need their adapter loaded.
+    """
+
+    def __init__(self, slots: int | None) -> None:
+        self.slots = slots
+        self._lru: OrderedDict[str, None] = OrderedDict()
+
+    def needs_load(self, task: str | None) -> bool:
+        """Whether running `task` now copies its adapter in (never when every adapter is resident)."""
+        return self.slots is not None and task is not None and task not in self._lru
+
+    def evicts(self, task: str | None) -> bool:
+        """Whether running `task` now loads its adapter over a full cache, evicting another."""
+        return self.needs_load(task) and len(self._lru) >= self.slots  # type: ignore[operator]
+
+    def touch(self, tasks: Iterable[str | None]) -> None:
+        """Record a step that ran `tasks`: most recent last, least recent evicted beyond the slots."""
+        if self.slots is None:
+            return
+        step = sorted({t for t in tasks if t is not None})
+        for t in step:
+            self._lru[t] = None
+            self._lru.move_to_end(t)
+        keep = set(step)
+        while len(self._lru) > max(self.slots, len(step)):
+            del self._lru[next(t for t in self._lru if t not in keep)]
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._lru
+
+
+class _Batch:
+    """Remaining lengths of the requests admitted so far, with O(log n) sums of min(rem, r)."""
+
+    def __init__(self) -> None:
+        self.rems: list[float] = []  # sorted
+        self.prefix: list[float] = [0.0]  # prefix sums of `rems`, rebuilt lazily
+        self.tasks: set[str | None] = set()
+        self._dirty = False
+
+    def add(self, rem: float, task: str | None) -> None:
+        bisect.insort(self.rems, rem)
+        self.tasks.add(task)
+        self._dirty = True
+
+    def overlap_sum(self, rem: float) -> float:
+        """sum over the batch of min(rem_x, rem)."""
+        if self._dirty:
+            self.prefix = [0.0]
+            for x in self.rems:
+                self.prefix.append(self.prefix[-1] + x)
+            self._dirty = False
+        i = bisect.bisect_left(self.rems, rem)
+        return self.prefix[i] + rem * (len(self.rems) - i)
+
+
+def shape_batch(
+    ranked: Sequence[R],
+    running_ids: set[str],
+    exempt: set[str],
+    remaining: Callable[[R], float],
+    budget: StepBudget,
+    cost: StepCostModel,
+    residency: AdapterResidency,
+    adapter_terms: bool = True,
+    queue_aware: bool = True,
+) -> list[R]:
+    """The requests to run, in `ranked` order: each fits the step's seats, tokens and blocks
+    and passes the rule above (`adapter_terms=False` drops its `c` and `e` terms,
+    `queue_aware=False` its `Q` term: the closed-system variant).
+
+    `exempt` requests (aged ones) skip the rule, and an exempt waiting request that does not
+    fit stops the admission of later waiting ones: the room that frees up is kept for it.
+    The best-ranked running request always runs, so a step never stalls on the rule.
+    """
+    seats, tokens, free = budget.max_num_seqs, budget.max_num_batched_tokens, budget.num_free_blocks
+    bs = budget.block_size
+    out: list[R] = []
+    batch = _Batch()
+    admit_waiting, have_running = True, False
+    for i, y in enumerate(ranked):
+        is_running = y.request_id in running_ids
+        n = prefill_tokens(y)  # tokens it will have cached after the step
+        need = blocks_for(n, bs) - (blocks_for(n - 1, bs) if is_running else 0)
+        step_tokens = 1 if is_running else n
+        if seats < 1 or tokens < step_tokens or (not is_running and (not admit_waiting or need > free)):
+            if not is_running and y.request_id in exempt:
+                admit_waiting = False
+            continue
+        rem = remaining(y)
+        ruled = out and y.request_id not in exempt and (have_running or not is_running)
+        queued = min(len(ranked) - i - 1, budget.max_num_seqs - 1) if queue_aware else 0
+        if ruled and not _worth_joining(y, rem, batch, len(out), queued, cost, residency, adapter_terms):
+            continue
+        out.append(y)
+        batch.add(rem, y.task)
+        seats, tokens, free = seats - 1, tokens - step_tokens, free - min(need, free)
+        have_running = have_running or is_running
+    return out
+
+
+def _worth_joining(
+    y: R, rem: float, batch: _Batch, size: int, queued: int, cost: StepCostModel, residency: AdapterResidency,
+    adapter_terms: bool,
+) -> bool:
+    """The module docstring's rule for y joining `batch` (of `size` requests)."""
+    overlap = min(rem, batch.rems[-1])
+    w = cost.b_s_per_token + cost.d_s_per_kv_token * (prefill_tokens(y) + overlap / 2)
+    load = 0.0
+    if adapter_terms and y.task is not None and y.task not in batch.tasks:
+        w += cost.c_s_per_adapter
+        if residency.needs_load(y.task):  # a task already in the batch is loaded by then
+            load = cost.e_s_per_adapter_load * (size - queued)
+    return w * (batch.overlap_sum(rem) - queued * overlap) + load <= cost.a_s * overlap
+
+
+def load_penalty_steps(running: Sequence[R], cost: StepCostModel) -> float:
+    """Decode steps a load that evicts a resident adapter is worth in the ranking.
+
+    Serving a request of a resident task before one whose load would evict an adapter saves
+    at most that eviction's reload later: `e` seconds of stall for each of the running
+    requests, i.e. `e * N / T` steps of one request's waiting at step time T.
+    """
+    n = len(running)
+    if n == 0 or cost.e_s_per_adapter_load == 0:
+        return 0.0
+    kv = sum(prefill_tokens(r) for r in running)
+    t = cost.step_time(n, len({r.task for r in running if r.task is not None}), kv)
+    return cost.e_s_per_adapter_load * n / t
