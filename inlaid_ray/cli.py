@@ -66,7 +66,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     run_demo(DemoConfig(work_dir=Path(args.work_dir) if args.work_dir else None, num_replicas=args.num_replicas,
                         policy=args.policy, port=args.port, examples_per_task=args.examples_per_task,
-                        device=args.device), settings)
+                        device=args.device, quant_method=args.quant_method), settings)
     return 0
 
 
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--examples-per-task", type=int, default=3, help="eval prompts sent to each task")
     demo.add_argument("--device", default="cpu", help="device for quantization (cpu, cuda)")
+    demo.add_argument("--quant-method", default="gptq-mixed", choices=["gptq-mixed", "mlgptq", "rtn"],
+                      help="shared-base quantization (see load_tests/results/quant_quality.md for why not mlgptq)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
