@@ -9,6 +9,7 @@ from pathlib import Path
 
 from inlaid_ray.config import Settings
 from inlaid_ray.errors import InlaidError
+from inlaid_ray.jobs.cli import add_onboard_parser, add_tasks_parser
 from inlaid_ray.lora.compress_cli import add_compress_parser
 from inlaid_ray.quant.cli import add_eval_parser, add_quantize_parser
 from inlaid_ray.serve.cli_args import add_cli_arguments as add_serve_arguments
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     add_eval_parser(sub)
     add_compress_parser(sub)
+    add_onboard_parser(sub)
+    add_tasks_parser(sub)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible Ray Serve app (router + engine replicas)")
     add_serve_arguments(serve)

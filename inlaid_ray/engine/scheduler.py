@@ -113,10 +113,12 @@ class Scheduler:
         self.holding.pop(req.request_id, None)
         self.waiting.pop(req.request_id, None)
 
+    # Stats are read from other threads while a step runs: list() copies the values in one
+    # C-level call under the GIL, where a generator over the live dict could see it resize.
     @property
     def num_running(self) -> int:
-        return sum(r.status is RequestStatus.RUNNING for r in self.holding.values())
+        return sum(r.status is RequestStatus.RUNNING for r in list(self.holding.values()))
 
     @property
     def num_paused(self) -> int:
-        return sum(r.status is RequestStatus.PAUSED for r in self.holding.values())
+        return sum(r.status is RequestStatus.PAUSED for r in list(self.holding.values()))

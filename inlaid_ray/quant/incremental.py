@@ -103,7 +103,7 @@ def resolve_task_budget(sources: Sequence[TaskSource], tokenizer: Any, calib_cfg
     return resolve_budget(avail, calib_cfg)
 
 
-def _settings(cfg: MLGPTQConfig, calib_cfg: CalibrationConfig, budget: int) -> dict[str, Any]:
+def hessian_settings(cfg: MLGPTQConfig, calib_cfg: CalibrationConfig, budget: int) -> dict[str, Any]:
     """Everything a stored Hessian depends on besides the base, the adapter and the tokens."""
     return {"calibration": {**calib_cfg.to_dict(), "budget": budget},
             "calibrate_with_adapter": cfg.calibrate_with_adapter, "batch_tokens": cfg.batch_tokens,
@@ -225,7 +225,7 @@ def quantize_base(
             store = StatsStore.open(stats_dir) if existing else None
             budget = (int(store.settings["calibration"]["budget"]) if store is not None
                       else resolve_task_budget(sources, tokenizer, calib_cfg))
-            settings = _settings(cfg, calib_cfg, budget)
+            settings = hessian_settings(cfg, calib_cfg, budget)
             if store is not None:
                 store.check_compatible(base, settings)
             tasks = load_tasks(sources, tokenizer, model.config, calib_cfg, budget, cfg.dtype)  # fails before writing

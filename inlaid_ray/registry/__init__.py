@@ -26,7 +26,15 @@ from inlaid_ray.registry.records import (
     TaskStatus,
     Tenant,
 )
+from inlaid_ray.registry.rollout import (
+    Staged,
+    activate_onboarding,
+    fail_stale_onboarding,
+    rollback_onboarding,
+    stage_onboarding,
+)
 from inlaid_ray.registry.store import Snapshot, TaskRegistry
+from inlaid_ray.registry.task_views import list_tasks, retire_task, show_task, task_detail, task_row, task_rows
 from inlaid_ray.registry.tenants import hash_api_key, new_api_key
 from inlaid_ray.registry.watcher import RegistryWatcher
 
@@ -45,6 +53,7 @@ __all__ = [
     "Principal",
     "RegistryWatcher",
     "Snapshot",
+    "Staged",
     "TaskAdded",
     "TaskRecord",
     "TaskRegistry",
@@ -52,9 +61,19 @@ __all__ = [
     "TaskStatus",
     "TaskUpdated",
     "Tenant",
+    "activate_onboarding",
     "connect_redis",
     "decode_event",
     "encode_event",
+    "fail_stale_onboarding",
     "hash_api_key",
+    "list_tasks",
     "new_api_key",
+    "retire_task",
+    "rollback_onboarding",
+    "show_task",
+    "stage_onboarding",
+    "task_detail",
+    "task_row",
+    "task_rows",
 ]

@@ -34,10 +34,11 @@ class Plan(Generic[T]):
     hdel: list[tuple[str, str]] = field(default_factory=list)
     set: list[tuple[str, str]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)  # plain keys to remove (e.g. the current base version)
 
     @property
     def writes(self) -> bool:
-        return bool(self.hset or self.hdel or self.set)
+        return bool(self.hset or self.hdel or self.set or self.delete)
 
 
 def run_transaction(client: redis.Redis, rev_key: str, channel: str, op: str,
@@ -65,6 +66,8 @@ def run_transaction(client: redis.Redis, rev_key: str, channel: str, op: str,
                     pipe.hdel(key, fld)
                 for key, value in plan.set:
                     pipe.set(key, value)
+                for key in plan.delete:
+                    pipe.delete(key)
                 for event in plan.events:
                     pipe.publish(channel, encode_event(event))
                 pipe.execute()

@@ -7,6 +7,11 @@ until no request in flight uses an adapter, see residency.py), streams each requ
 and reports routing stats (resident clusters, running/waiting, KV usage, distinct adapters in
 the last step, predicted outstanding tokens) for `ClusterAffinityRouter`.
 
+Base versions: every request also carries the base version the registry names (`BaseRef`);
+`residency.BaseResidency` loads a new one beside the running engine (same adapter bank) and
+swaps when it is ready, each request finishing on the engine it started on (see residency.py).
+The first chunk names the base version that serves the request (`base_version`).
+
 Streaming coalesces: a pump task moves engine deltas into a queue, and each yield carries
 every delta that arrived since the last one, so a slow consumer costs fewer Ray messages
 instead of a growing backlog.
@@ -23,17 +28,31 @@ from typing import Any
 
 from ray import serve
 
-from inlaid_ray.errors import InvalidRequest, NoFreeSlot, TaskNotFound
-from inlaid_ray.serve.engine_builder import EngineBundle, ReplicaSpec, build_engine, load_cluster_adapter
+from inlaid_ray.engine import AsyncLLMEngine, LLMEngine
+from inlaid_ray.errors import InvalidRequest, ModelLoadError, NoFreeSlot, TaskNotFound
+from inlaid_ray.model import ModelConfig, load_tokenizer
+from inlaid_ray.serve.engine_builder import (
+    EngineBundle,
+    ReplicaSpec,
+    build_engine,
+    load_base,
+    load_cluster_adapter,
+    resolve_device,
+    resolve_dtype,
+)
 from inlaid_ray.serve.http_errors import error_chunk
 from inlaid_ray.serve.imports import import_object
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ReplicaRequest, merge_outputs
-from inlaid_ray.serve.residency import ClusterResidency, ClusterToken, Lease
+from inlaid_ray.serve.residency import BaseRef, BaseResidency, ClusterResidency, ClusterToken, EngineSlot, Lease
 
 log = logging.getLogger(__name__)
 
 _END = object()  # the pump's end-of-stream marker
 _ACQUIRE_ATTEMPTS = 3  # a cluster evicted between load and lease is loaded again, this often
+_STATS_ATTEMPTS = 5  # reads of the engines' counters that may race a step before the last good stats are used
+# Fields that must agree between two bases sharing one adapter bank and one tokenizer.
+_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim")
 
 
 @dataclass
@@ -47,6 +66,20 @@ class _InFlight:
         """Predicted tokens of work left: the prompt until it is prefilled, then the rest of the output."""
         prefill = self.prompt_tokens if self.generated == 0 else 0
         return prefill + max(self.predicted_len - self.generated, 1.0)
+
+
+def engine_on_base(uri: str, spec: ReplicaSpec, bank: Any, model_config: ModelConfig) -> AsyncLLMEngine:
+    """A ready engine on the base at `uri` sharing `bank` (blocking: call it off the event loop)."""
+    new = ModelConfig.from_dir(uri)
+    diff = {f: (getattr(model_config, f), getattr(new, f)) for f in _SHAPE_FIELDS
+            if getattr(model_config, f) != getattr(new, f)}
+    if diff:
+        raise ModelLoadError(f"base {uri} does not fit this replica's adapter bank and tokenizer: "
+                             f"(field: (serving, new)) {diff}")
+    device = resolve_device(spec.device)
+    dtype = bank.dtype if bank is not None else resolve_dtype(spec.dtype, device)
+    model = load_base(uri, dtype, device, bank, spec.gptq_cache_dequantized)  # dense or GPTQ, as at start-up
+    return AsyncLLMEngine(LLMEngine(model, load_tokenizer(uri), spec.engine, adapter_bank=bank))
 
 
 def _replica_id() -> str:
@@ -64,13 +97,15 @@ class EngineReplica:
         factory: Callable[[ReplicaSpec], EngineBundle] = import_object(engine_factory) if engine_factory else build_engine
         bundle = factory(spec)
         self._spec = spec
-        self._engine = bundle.engine
         self._model_config = bundle.model_config
         self._bank = bundle.bank
+        # Base swaps build engines the default way; an injected factory's engine stays as it is.
+        self._swaps_bases = engine_factory is None
+        self._bases = BaseResidency(bundle.engine, spec.model_dir, self._load_base)
         self._replica_id = _replica_id()
         self._inflight: dict[str, _InFlight] = {}
         self._specs: dict[str, Any] = {}  # cluster id -> latest ClusterSpec seen (read by the loader)
-        self._engine_started = False
+        self._last_stats: dict[str, Any] = {"replica": self._replica_id}
         self._num_cancelled = 0  # streams the consumer left before they finished (client went away)
         self._residency = None if self._bank is None else \
             ClusterResidency(self._bank, self._read_adapter, spec.drain_timeout_s)
@@ -80,24 +115,44 @@ class EngineReplica:
     # ---- Ray Serve hooks -----------------------------------------------------------------
 
     async def check_health(self) -> None:
-        """Fail once the engine's background loop has died (Serve then replaces this replica)."""
-        if self._engine_started and not self._engine.is_running:
-            raise RuntimeError(f"replica {self._replica_id}: the engine loop is not running")
+        """Fail once an engine's background loop has died (Serve then replaces this replica)."""
+        for slot in self._bases.slots():
+            if slot.started and not slot.engine.is_running:
+                raise RuntimeError(f"replica {self._replica_id}: the engine loop on {slot.uri} is not running")
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Pushed to the controller every request_routing_stats_period_s; read by the router."""
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        s = self._engine.stats()
+        """Routing stats (advisory): never fails a request. The engines' counters are read while a
+        step may be changing them in the engine's worker thread, so a read that races retries."""
+        for _ in range(_STATS_ATTEMPTS):
+            try:
+                self._last_stats = self._read_stats()
+                break
+            except RuntimeError as exc:  # "dictionary changed size during iteration" in the scheduler
+                log.debug("replica %s: stats read raced an engine step (%s); retrying", self._replica_id, exc)
+        return {**self._last_stats, "ts": time.time()}
+
+    def _read_stats(self) -> dict[str, Any]:
+        bases = self._bases
+        s = bases.current.engine.stats()
+        others = [slot.engine.stats() for slot in bases.draining]
         residency = self._residency
+        loading = bases.loading
         return {
             "replica": self._replica_id,
             "ts": time.time(),
             "loaded_clusters": residency.resident_clusters if residency else [],
             "loading_clusters": residency.loading_clusters if residency else [],
-            "running": s.num_running + s.num_paused,
-            "waiting": s.num_waiting,
+            "running": s.num_running + s.num_paused + sum(o.num_running + o.num_paused for o in others),
+            "waiting": s.num_waiting + sum(o.num_waiting for o in others),
+            "base_version": bases.current.version,
+            "base_uri": bases.current.uri,
+            "base_versions_draining": [slot.version for slot in bases.draining],
+            "base_loading": loading.version if loading is not None else None,
+            "base_swaps": bases.num_swaps,
             "kv_usage": s.kv_usage,
             "distinct_adapters_last_step": s.last_step_num_adapters,
             "predicted_outstanding_tokens": sum(f.outstanding for f in self._inflight.values()),
@@ -111,11 +166,15 @@ class EngineReplica:
 
     # ---- requests ------------------------------------------------------------------------
 
-    async def generate(self, request: ReplicaRequest) -> AsyncGenerator[dict[str, Any], None]:
-        """Stream chunks (replica_protocol.py); failures arrive as one error chunk, never raised."""
+    async def generate(self, request: ReplicaRequest,
+                       base: BaseRef | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        """Stream chunks (replica_protocol.py) on the current base, noting `base` (the registry's
+        current version) for a background swap; failures arrive as one error chunk, never raised."""
         lease: Lease | None = None
         first = True
         try:
+            if self._swaps_bases:
+                self._bases.want(base)
             if request.task is not None:
                 lease = await self._lease(request)
             async for chunk in self._stream(request):
@@ -142,6 +201,7 @@ class EngineReplica:
         if self._residency is None:
             raise TaskNotFound(f"task {request.task!r}: this replica serves the base model only")
         self._specs[cid] = cluster
+        self._residency.reconcile(cluster)
         for _ in range(_ACQUIRE_ATTEMPTS):
             token: ClusterToken = await self._load_cluster(cid)
             lease = await self._residency.acquire(token, entry)
@@ -154,8 +214,9 @@ class EngineReplica:
         flight = _InFlight(len(request.prompt_token_ids), request.predicted_len or request.params.max_tokens)
         self._inflight[request.request_id] = flight
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        pump = asyncio.get_running_loop().create_task(self._pump(request, queue))
-        done = False
+        slot = self._bases.acquire()  # the request lives on this engine (its weights, its KV cache) to the end
+        pump = asyncio.get_running_loop().create_task(self._pump(request, slot, queue))
+        done, first = False, True
         try:
             while not done:
                 items = [await queue.get()]
@@ -172,6 +233,8 @@ class EngineReplica:
                 if outputs:
                     flight.generated = outputs[-1].num_completion_tokens
                     chunk = merge_outputs(outputs)
+                    if first:
+                        chunk["base_version"], first = slot.version, False
                     if outputs[-1].finished:
                         self._inflight.pop(request.request_id, None)  # the stats describe what is left
                         chunk["stats"], done = self.stats(), True
@@ -184,13 +247,14 @@ class EngineReplica:
                 self._num_cancelled += 1
             if not pump.done():
                 pump.cancel()  # leaving the engine's iterator aborts the request there
+            self._bases.release(slot)
 
-    async def _pump(self, request: ReplicaRequest, queue: asyncio.Queue[Any]) -> None:
+    async def _pump(self, request: ReplicaRequest, slot: EngineSlot, queue: asyncio.Queue[Any]) -> None:
         try:
-            async for out in self._engine.generate(
+            async for out in slot.engine.generate(
                 request.prompt_token_ids, request.params, request.task, request.request_id, request.predicted_len
             ):
-                self._engine_started = True  # its loop runs from the first output on (health checks it)
+                slot.started = True  # its loop runs from the first output on (health checks it)
                 queue.put_nowait(out)
         except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
             queue.put_nowait(exc)
@@ -211,6 +275,11 @@ class EngineReplica:
             return await residency.load(self._specs[cluster_id], on_unload)
 
         return load_cluster
+
+    async def _load_base(self, ref: BaseRef) -> AsyncLLMEngine:
+        log.info("replica %s: loading base version %d from %s beside %s", self._replica_id, ref.version, ref.uri,
+                 self._bases.current.uri)
+        return await asyncio.to_thread(engine_on_base, ref.uri, self._spec, self._bank, self._model_config)
 
     async def _read_adapter(self, entry: AdapterEntry) -> Any:
         assert self._bank is not None

@@ -9,7 +9,15 @@ multiplexed model id so `ClusterAffinityRouter` can prefer replicas holding it. 
 chunk is awaited before answering, so failures up to the first token are real HTTP errors and
 the `x-inlaid-replica` header names the replica that serves the request; later failures
 arrive as an SSE error event. Routes: /v1/completions, /v1/chat/completions, /v1/models,
-/health, /metrics, and admin routes under /v1/admin (admin key only).
+/health, /metrics, and admin routes under /v1/admin (admin key only): tasks (list, show,
+retire), tenants, replicas.
+
+Every request also carries the registry's current base version (`BaseRef`), which replicas
+swap to in the background (residency.py); the `x-inlaid-base-version` header names the base
+version that served the request. The onboarding job probes a staged task before it goes live
+with the admin key and `x-inlaid-probe: 1`: only then may a task still `onboarding` be used.
+A retired task answers 404 as soon as the registry event arrives (the retire route waits for
+it, so the next request through this router already gets 404); its requests in flight finish.
 """
 
 # No `from __future__ import annotations` here: Serve's FastAPI class-based views rebuild the
@@ -31,7 +39,17 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inlaid_ray.model import ModelConfig, load_tokenizer
-from inlaid_ray.registry import RegistryWatcher, TaskRecord, TaskRegistry, connect_redis, new_api_key
+from inlaid_ray.errors import TaskNotFound
+from inlaid_ray.registry import (
+    RegistryWatcher,
+    TaskRecord,
+    TaskRegistry,
+    connect_redis,
+    list_tasks,
+    new_api_key,
+    retire_task,
+    show_task,
+)
 from inlaid_ray.serve.access import Authenticator, Caller, cluster_spec_for, resolve_model, visible_tasks
 from inlaid_ray.serve.bootstrap import DemoBootstrap, bootstrap_demo
 from inlaid_ray.serve.http_errors import OpenAIHTTPError, from_validation_error
@@ -40,11 +58,15 @@ from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, new_id
 from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_completion
 from inlaid_ray.serve.replica_protocol import ReplicaRequest
+from inlaid_ray.serve.residency import BaseRef
 from inlaid_ray.serve.responses import ResponseContext, StreamTracker, collect, next_chunk, sse_events
 
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-inlaid-replica"
+BASE_VERSION_HEADER = "x-inlaid-base-version"
+PROBE_HEADER = "x-inlaid-probe"  # admin only: lets the onboarding job use a staged (onboarding) task
+RETIRE_WAIT_S = 5.0  # how long the retire route waits for this router's cache to apply the retirement
 HEALTH_PROBE_S = 5.0  # how long /health waits for an engine replica's first answer
 
 api = FastAPI(title="inlaid-ray", description="OpenAI-compatible multi-LoRA serving", docs_url=None, redoc_url=None)
@@ -174,17 +196,40 @@ class Router:
 
     @api.get("/v1/admin/tasks")
     async def admin_tasks(self, request: Request) -> dict[str, Any]:
+        """Every task (query: `tenant=T`, `status=S` repeatable), as `inlaid-ray tasks list`."""
         await self._admin(request)
-        fields = ("name", "tenant", "status", "cluster", "version", "adapter_uri", "updated_at")
-        return {"object": "list", "data": [{f: getattr(t, f) for f in fields} for t in self._watcher.tasks()]}
+        tenant = request.query_params.get("tenant")
+        statuses = [v for s in request.query_params.getlist("status") for v in s.split(",") if v] or None
+        try:
+            rows = await asyncio.to_thread(list_tasks, self._registry, tenant, statuses)
+        except ValueError as exc:
+            raise OpenAIHTTPError(400, str(exc), param="status") from None
+        return {"object": "list", "data": rows}
+
+    @api.get("/v1/admin/tasks/{name}")
+    async def admin_task(self, name: str, request: Request) -> dict[str, Any]:
+        """One task's record and its cluster's, as `inlaid-ray tasks show`."""
+        await self._admin(request)
+        try:
+            return await asyncio.to_thread(show_task, self._registry, name)
+        except TaskNotFound:
+            raise OpenAIHTTPError(404, f"the model {name!r} does not exist", code="model_not_found") from None
 
     @api.post("/v1/admin/tasks/{name}/retire")
     async def admin_retire(self, name: str, request: Request) -> dict[str, Any]:
+        """Retire a task, as `inlaid-ray tasks retire`: 404 for new requests, requests in flight finish."""
         await self._admin(request)
-        if self._registry.get_task(name) is None:
-            raise OpenAIHTTPError(404, f"the model {name!r} does not exist", code="model_not_found")
-        record = await asyncio.to_thread(self._registry.retire, name)
-        return {"name": name, "status": "retired", "changed": record is not None}
+        try:
+            result = await asyncio.to_thread(retire_task, self._registry, name)
+        except TaskNotFound:
+            raise OpenAIHTTPError(404, f"the model {name!r} does not exist", code="model_not_found") from None
+
+        def applied(w: RegistryWatcher) -> bool:
+            task = w.get_task(name)
+            return task is None or task.status == "retired"
+
+        await asyncio.to_thread(self._watcher.wait_for, applied, RETIRE_WAIT_S)
+        return result
 
     @api.post("/v1/admin/tenants")
     async def admin_add_tenant(self, request: Request) -> dict[str, Any]:
@@ -217,6 +262,14 @@ class Router:
             self._metrics.errors.labels(str(err.status)).inc()
             raise
 
+    def _resolve(self, model: str, caller: Caller, request: Request) -> TaskRecord | None:
+        """The task `model` names for this caller; an admin probe may also use a staged onboarding task."""
+        if caller.admin and request.headers.get(PROBE_HEADER) == "1":
+            task = self._watcher.get_task(model)
+            if task is not None and task.status == "onboarding" and task.cluster is not None:
+                return task
+        return resolve_model(model, caller, self._watcher, self._spec.base_model_id)
+
     async def _admin(self, request: Request) -> Caller:
         caller = await self._caller(request)
         if not caller.admin:
@@ -227,7 +280,7 @@ class Router:
         try:
             caller = await self._auth.authenticate(request.headers.get("authorization"))
             req = _validate(CompletionRequest if kind == "completion" else ChatCompletionRequest, await _json_body(request))
-            task = resolve_model(req.model, caller, self._watcher, self._spec.base_model_id)
+            task = self._resolve(req.model, caller, request)
             if kind == "completion":
                 prepared = prepare_completion(req, self._tokenizer, self._vocab_size, self._spec.max_model_len)
             else:
@@ -236,8 +289,9 @@ class Router:
             cluster = cluster_spec_for(task, self._watcher) if task is not None else None
             replica_req = ReplicaRequest(ctx.request_id, prepared.prompt_token_ids, prepared.params,
                                          task.name if task else None, cluster, ctx.predicted_len)
+            base = self._watcher.base_version
             handle = self._replica.options(stream=True, multiplexed_model_id=cluster.cluster_id if cluster else "")
-            stream = handle.generate.remote(replica_req)
+            stream = handle.generate.remote(replica_req, BaseRef(base.version, base.uri) if base is not None else None)
             try:
                 first = await next_chunk(stream)
             except BaseException:
@@ -248,6 +302,8 @@ class Router:
             raise
         tracker = StreamTracker(ctx, self._metrics, self._on_finished)
         headers = {REPLICA_HEADER: str(first.get("replica", ""))}
+        if first.get("base_version") is not None:
+            headers[BASE_VERSION_HEADER] = str(first["base_version"])
         if req.stream:
             return StreamingResponse(self._sse(first, stream, tracker), media_type="text/event-stream", headers=headers)
         try:

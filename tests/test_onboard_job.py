@@ -1,0 +1,248 @@
+"""The onboarding job on a tiny random Llama, in-process (no Ray, no service to probe): the
+registry's stage/activate/rollback transactions, atomic versioned artifacts, incremental MLGPTQ
+through the job (only the new task's statistics are computed, the decision names the changed
+layer groups, and the new base is bit-identical to a full MLGPTQ run over all tasks), joining a
+compatible cluster, and failures - corrupt adapter, wrong-format calibration, a crash injected
+after each step - leaving registry, artifacts and statistics as they were."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+from inlaid_ray.config import Settings
+from inlaid_ray.errors import AdapterError, InvalidRequest
+from inlaid_ray.jobs.artifacts import ArtifactStore, list_versions
+from inlaid_ray.jobs.onboard import STEPS, OnboardingFailed, onboard_task
+from inlaid_ray.jobs.onboard_args import OnboardOptions
+from inlaid_ray.quant.calibration import CalibrationConfig
+from inlaid_ray.quant.incremental import checkpoints_identical, quantize_base
+from inlaid_ray.quant.mlgptq import MLGPTQConfig
+from inlaid_ray.quant.quantizer import QuantGrid
+from inlaid_ray.quant.stats_store import StatsStore
+from inlaid_ray.registry import (
+    BaseVersion,
+    ClusterRecord,
+    TaskRecord,
+    TaskRegistry,
+    activate_onboarding,
+    connect_redis,
+    rollback_onboarding,
+    stage_onboarding,
+)
+from test_mlgptq_setup import GROUP_SIZE, TASKS, make_peft_adapter, make_task_sources, write_calibration, write_tiny_base
+
+TOKENS = 120  # calibration tokens per task: tiny and fast, still several sequences
+
+
+@pytest.fixture(scope="module")
+def redis_client(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("onboard-redis")
+    client = connect_redis(None, data_dir)
+    client.data_dir = data_dir  # the job connects to the same embedded server through it
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onboard-tiny")
+    base = write_tiny_base(root / "base")
+    sources = {s.name: s for s in make_task_sources(root, base)}
+    # A second all-module adapter: compatible with "all" for a cluster join.
+    twin = make_peft_adapter(base, root / "adapter_all2", 8, 16, TASKS["all"][2], seed=321)
+    return root, base, sources, twin
+
+
+def _env(tmp_path: Path, redis_client, base: Path) -> tuple[OnboardOptions, Settings, TaskRegistry]:
+    ns = "t" + uuid.uuid4().hex[:10]
+    opts = OnboardOptions(base_dir=str(base), artifact_dir=str(tmp_path / "artifacts"), namespace=ns, endpoint=None,
+                          use_ray=False, tokens_per_task=TOKENS, group_size=GROUP_SIZE, progress=False,
+                          cluster_rank=16, error_budget=0.05, data_dir=str(redis_client.data_dir))
+    return opts, Settings(cache_dir=tmp_path / "cache"), TaskRegistry(redis_client, ns)
+
+
+def _state(registry: TaskRegistry, artifacts: Path, skip: str | None = None) -> dict:
+    """Everything a failed onboarding must leave as it was (records without bookkeeping fields)."""
+    snap = registry.snapshot()
+    strip = lambda rec: {k: v for k, v in asdict(rec).items() if k not in ("revision", "updated_at")}  # noqa: E731
+    stats = artifacts / "stats" / "store.json"
+    return {
+        "tasks": {n: strip(t) for n, t in snap.tasks.items() if n != skip},
+        "clusters": {c: strip(r) for c, r in snap.clusters.items()},
+        "base": strip(snap.base_version) if snap.base_version else None,
+        "bases": sorted((b.version, b.uri) for b in registry.list_base_versions()),
+        "dirs": sorted(str(v) for kind in ("tasks", "clusters") for d in sorted((artifacts / kind).glob("*"))
+                       for v in list_versions(artifacts, kind, d.name)) + [str(v) for v in list_versions(artifacts, "bases")],
+        "stats": json.loads(stats.read_text())["tasks"] if stats.is_file() else None,
+    }
+
+
+def test_registry_stage_activate_and_rollback(redis_client):
+    reg = TaskRegistry(redis_client, "t" + uuid.uuid4().hex[:10])
+    reg.upsert_cluster(ClusterRecord("c0", bank_uri="/banks/c0/v1", version=1, members=("old",)))
+    before = reg.snapshot()
+    task = reg.begin_onboarding(TaskRecord(name="new", tenant="acme", adapter_uri="/src"))
+    staged = stage_onboarding(reg, replace(task, adapter_uri="/art/new/v1"),
+                              ClusterRecord("c0", bank_uri="/banks/c0/v2", version=2, members=("old",)),
+                              BaseVersion(1, "/bases/v1"), previous_base=BaseVersion(0, "/fp16", quant_method="none"))
+    snap = reg.snapshot()
+    assert snap.tasks["new"].status == "onboarding" and snap.tasks["new"].cluster == "c0"
+    assert snap.tasks["new"].adapter_uri == "/art/new/v1"
+    assert snap.clusters["c0"].members == ("new", "old") and snap.clusters["c0"].bank_uri == "/banks/c0/v2"
+    assert snap.base_version.uri == "/bases/v1" and [b.version for b in reg.list_base_versions()] == [0, 1]
+    # Rolled back: the task failed, cluster and base exactly as before (no current base, no versions).
+    failed = rollback_onboarding(reg, "new", task.version, "probe: boom", staged)
+    assert failed.status == "failed" and failed.extra["error"] == "probe: boom" and failed.cluster is None
+    after = reg.snapshot()
+    assert after.clusters["c0"] == replace(before.clusters["c0"], updated_at=after.clusters["c0"].updated_at,
+                                           revision=after.clusters["c0"].revision)
+    assert after.base_version is None and reg.list_base_versions() == []
+    # A second attempt stages and goes live; rollback of the stale first attempt cannot touch it.
+    again = reg.begin_onboarding(TaskRecord(name="new", tenant="acme", adapter_uri="/src"))
+    assert again.version == task.version + 1
+    staged2 = stage_onboarding(reg, again, ClusterRecord("c0", bank_uri="/banks/c0/v2b", version=2, members=("old",)))
+    assert activate_onboarding(reg, "new", task.version) is None  # the old attempt's version
+    live = activate_onboarding(reg, "new", again.version)
+    assert live.status == "live" and reg.snapshot().clusters["c0"].bank_uri == "/banks/c0/v2b"
+    assert rollback_onboarding(reg, "new", task.version, "late", None) is None
+    assert reg.get_task("new").status == "live"
+    assert staged2.cluster.members == ("new", "old")
+
+
+def test_artifact_versions_appear_whole_or_not_at_all(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with store.building("tasks", "x", 3) as tmp:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("a")
+        assert list_versions(tmp_path, "tasks", "x") == []  # still hidden while being written
+    final = store.published[-1]
+    assert final.name.startswith("v0003-") and (final / "a.txt").read_text() == "a"
+    with pytest.raises(RuntimeError):
+        with store.building("tasks", "x", 4) as tmp:
+            tmp.mkdir()
+            (tmp / "half").write_text("h")
+            raise RuntimeError("crash while writing")
+    assert list_versions(tmp_path, "tasks", "x") == [final]  # nothing of the failed version, no temp left
+    assert sorted(p.name for p in (tmp_path / "tasks" / "x").iterdir()) == [final.name]
+    assert store.discard_published() == [final] and list_versions(tmp_path, "tasks", "x") == []
+
+
+def test_onboarding_is_incremental_and_equals_full_mlgptq(tiny, tmp_path, redis_client):
+    root, base, sources, twin = tiny
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    artifacts = Path(opts.artifact_dir)
+    first = onboard_task("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration, opts, settings=settings)
+    assert first.status == "live" and first.decision["requantize"]
+    assert first.statistics["computed"] == ["qv"] and first.statistics["created_store"]
+    second = onboard_task("all", "acme", sources["all"].adapter_dir, sources["all"].calibration, opts, settings=settings)
+    assert second.statistics["computed"] == ["all"]  # only the new task's forward passes
+    assert second.decision["requantize"] and second.decision["num_changed"] >= 1
+    assert second.decision["changed_layers"]  # e.g. {"attn_in": "0-1", ...}
+    snap = reg.snapshot()
+    assert snap.base_version.version == 2 and snap.tasks["all"].status == "live"
+    # The job's base equals MLGPTQ over both tasks computed from scratch, bit for bit.
+    cfg = MLGPTQConfig(grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
+    full = quantize_base(base, [sources["qv"], sources["all"]], tmp_path / "full", cfg,
+                         CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
+    assert full["tasks"] == ["all", "qv"]
+    same, diffs = checkpoints_identical(snap.base_version.uri, tmp_path / "full")
+    assert same, diffs
+    # Every task and cluster points at published, complete artifact versions.
+    for t in snap.tasks.values():
+        assert Path(t.adapter_uri).parent.parent == artifacts / "tasks" and (Path(t.adapter_uri) / "calibration.jsonl").is_file()
+    assert all(Path(c.bank_uri, "index.json").is_file() for c in snap.clusters.values())
+    # A compatible adapter joins the cluster of "all" (same modules, within the error budget after refit).
+    third = onboard_task("all2", "acme", twin, sources["all"].calibration, opts, settings=settings)
+    snap = reg.snapshot()
+    assert third.cluster["cluster"] == snap.tasks["all"].cluster == snap.tasks["all2"].cluster
+    assert not third.cluster["created"] and third.cluster["version"] == 2
+    assert set(snap.clusters[snap.tasks["all"].cluster].members) == {"all", "all2"}
+    # Re-onboarding a live task is refused without touching anything.
+    state = _state(reg, artifacts)
+    with pytest.raises(OnboardingFailed, match="is live"):
+        onboard_task("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration, opts, settings=settings)
+    assert _state(reg, artifacts) == state
+
+
+def test_unchanged_statistics_or_requantize_never_keep_the_base(tiny, tmp_path, redis_client):
+    root, base, sources, _ = tiny
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    small = write_calibration(tmp_path / "small.jsonl", list(TASKS["qv"][3]), 2, seed=5)  # < TOKENS: all of it is used
+    onboard_task("qv", "acme", sources["qv"].adapter_dir, small, opts, settings=settings)
+    assert reg.snapshot().base_version.version == 1
+    # The same adapter on the same tokens under another name raises no Hessian entry: base kept.
+    same = onboard_task("qv-copy", "acme", sources["qv"].adapter_dir, small, opts, settings=settings)
+    assert same.statistics["computed"] == ["qv-copy"]
+    assert not same.decision["requantize"] and same.decision["num_changed"] == 0, same.decision
+    assert reg.snapshot().base_version.version == 1
+    # A different task changes the max, but requantize=never only stores its statistics.
+    never = onboard_task("mlp", "acme", sources["mlp"].adapter_dir, sources["mlp"].calibration,
+                         opts.model_copy(update={"requantize": "never"}), settings=settings)
+    assert not never.decision["requantize"] and never.decision["num_changed"] > 0
+    assert never.statistics["computed"] == ["mlp"] and reg.snapshot().base_version.version == 1
+    assert sorted(StatsStore.open(Path(opts.artifact_dir) / "stats").tasks) == ["mlp", "qv", "qv-copy"]
+
+
+def test_auto_method_follows_the_current_base_gptq_mixed(tiny, tmp_path, redis_client):
+    root, base, sources, _ = tiny
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    onboard_task("mlp", "acme", sources["mlp"].adapter_dir, sources["mlp"].calibration,
+                 opts.model_copy(update={"quant_method": "gptq-mixed"}), settings=settings)
+    second = onboard_task("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration, opts, settings=settings)
+    assert second.quantization["method"] == "gptq-mixed" and second.decision["requantize"]
+    base_v2 = reg.snapshot().base_version
+    assert base_v2.version == 2 and base_v2.quant_method == "gptq-mixed"
+    cfg = MLGPTQConfig(method="gptq-mixed", grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
+    quantize_base(base, [sources["mlp"], sources["qv"]], tmp_path / "full", cfg,
+                  CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
+    same, diffs = checkpoints_identical(base_v2.uri, tmp_path / "full")
+    assert same, diffs
+
+
+def _corrupt_adapter(src: Path, out: Path) -> Path:
+    shutil.copytree(src, out)
+    data = (out / "adapter_model.safetensors").read_bytes()
+    (out / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])  # truncated file
+    return out
+
+
+@pytest.mark.parametrize("fault_at", [s for s in STEPS if s not in ("validate", "activate")] + ["corrupt", "calib"])
+def test_failed_onboarding_leaves_everything_as_it_was(tiny, tmp_path, redis_client, fault_at):
+    root, base, sources, twin = tiny
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    onboard_task("all", "acme", sources["all"].adapter_dir, sources["all"].calibration,
+                 opts.model_copy(update={"requantize": "never"}), settings=settings)  # a live task, its stats, no GPTQ
+    artifacts = Path(opts.artifact_dir)
+    before = _state(reg, artifacts)
+    adapter, calib = twin, sources["all"].calibration
+    fault = None
+    if fault_at == "corrupt":
+        adapter = _corrupt_adapter(twin, tmp_path / "corrupt")
+    elif fault_at == "calib":
+        calib = write_calibration(tmp_path / "calib.jsonl", ["a", "b"], 3, seed=0, shape="prompt")
+        calib.write_text(calib.read_text().replace('"completion"', '"answer"'))  # unknown record shape
+    else:
+        def fault(step: str) -> None:
+            if step == fault_at:
+                raise RuntimeError(f"injected crash after {step}")
+    with pytest.raises(OnboardingFailed) as info:
+        onboard_task("all2", "acme", adapter, calib, opts.model_copy(update={"requantize": "always"}),
+                     settings=settings, fault=fault)
+    if fault_at in ("corrupt", "calib"):
+        assert info.value.step == "validate"
+        assert isinstance(info.value.__cause__, AdapterError if fault_at == "corrupt" else InvalidRequest)
+        assert reg.get_task("all2") is None  # never registered
+    else:
+        assert info.value.step == fault_at and "injected crash" in str(info.value)
+        failed = reg.get_task("all2")
+        assert failed.status == "failed" and "injected crash" in failed.extra["error"] and failed.cluster is None
+        assert all(r.endswith(": ok") for r in info.value.report.rollback), info.value.report.rollback
+    assert _state(reg, artifacts, skip="all2") == before
+    store = StatsStore.open(artifacts / "stats")
+    assert "all2" not in store.tasks and store.tasks.keys() == {"all"}

@@ -1,0 +1,90 @@
+"""`inlaid-ray tasks list|show|retire` and the `onboard` flags, on a real embedded registry: the
+commands print what the registry holds (checked against the records read back), retire moves a
+live task to retired and drops it from its cluster, unknown names fail with TaskNotFound, and
+unset onboard flags keep OnboardOptions' defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+
+import pytest
+
+from inlaid_ray.config import Settings
+from inlaid_ray.errors import TaskNotFound
+from inlaid_ray.jobs.cli import _options, add_onboard_parser, add_tasks_parser
+from inlaid_ray.jobs.onboard_args import OnboardOptions
+from inlaid_ray.registry import ClusterRecord, TaskRecord, TaskRegistry, connect_redis
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tasks-redis")
+    client = connect_redis(None, data_dir)
+    yield client, data_dir
+    client.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inlaid-ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_onboard_parser(sub)
+    add_tasks_parser(sub)
+    return parser
+
+
+def _run(argv: list[str], capsys, settings: Settings) -> str:
+    args = _parser().parse_args(argv)
+    assert args.func(args, settings) == 0
+    return capsys.readouterr().out
+
+
+def test_tasks_list_show_retire(server, capsys, tmp_path):
+    client, data_dir = server
+    ns = "t" + uuid.uuid4().hex[:8]
+    reg = TaskRegistry(client, ns)
+    for name, tenant in (("alpha", "acme"), ("beta", "acme"), ("gamma", "other")):
+        reg.upsert_task(TaskRecord(name=name, tenant=tenant, adapter_uri=f"/a/{name}", status="live", cluster="c0",
+                                   rank=4))
+    reg.upsert_cluster(ClusterRecord("c0", members=("alpha", "beta", "gamma")))
+    settings = Settings(cache_dir=tmp_path)
+    common = ["tasks", "--data-dir", str(data_dir), "--namespace", ns]
+
+    rows = json.loads(_run(common + ["--json", "list"], capsys, settings))
+    assert [r["name"] for r in rows] == ["alpha", "beta", "gamma"]
+    assert rows[0] == {f: getattr(reg.get_task("alpha"), f) for f in rows[0]}
+    acme = json.loads(_run(common + ["--json", "list", "--tenant", "acme"], capsys, settings))
+    assert [r["name"] for r in acme] == ["alpha", "beta"]
+    table = _run(common + ["list"], capsys, settings).splitlines()
+    assert table[0].split() == ["name", "tenant", "status", "cluster", "version", "rank", "updated"]
+    assert [ln.split()[:4] for ln in table[1:]] == [[n, t, "live", "c0"] for n, t in
+                                                    (("alpha", "acme"), ("beta", "acme"), ("gamma", "other"))]
+
+    shown = json.loads(_run(common + ["show", "beta"], capsys, settings))
+    assert shown["adapter_uri"] == "/a/beta" and shown["cluster_record"]["members"] == ["alpha", "beta", "gamma"]
+
+    out = _run(common + ["retire", "beta"], capsys, settings)
+    assert out.strip() == "task beta: retired"
+    assert reg.get_task("beta").status == "retired" and reg.get_cluster("c0").members == ("alpha", "gamma")
+    assert "(already)" in _run(common + ["retire", "beta"], capsys, settings)
+    retired = json.loads(_run(common + ["--json", "list", "--status", "retired"], capsys, settings))
+    assert [r["name"] for r in retired] == ["beta"]
+    with pytest.raises(TaskNotFound, match="nope"):
+        _run(common + ["show", "nope"], capsys, settings)
+    with pytest.raises(TaskNotFound, match="nope"):
+        _run(common + ["retire", "nope"], capsys, settings)
+
+
+def test_onboard_flags_map_to_options():
+    base = ["onboard", "--task", "t", "--tenant", "acme", "--adapter", "/a", "--calib", "/c.jsonl"]
+    args = _parser().parse_args(base)
+    assert (args.task, args.tenant, args.adapter, args.calib) == ("t", "acme", "/a", "/c.jsonl")
+    assert _options(args) == OnboardOptions()  # nothing set: every default
+    args = _parser().parse_args(base + ["--requantize", "never", "--endpoint", "none", "--num-cpus", "0",
+                                        "--max-rank", "32", "--no-ray", "--tokens-per-task", "256"])
+    opts = _options(args)
+    assert opts == OnboardOptions(requantize="never", endpoint=None, num_cpus=0, max_rank=32, use_ray=False,
+                                  tokens_per_task=256)
+    with pytest.raises(ValueError, match="requantize"):
+        _options(_parser().parse_args(base + ["--requantize", "sometimes"]))
