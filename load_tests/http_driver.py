@@ -4,8 +4,9 @@ per server variant and sends it the SAME seeded workload at a few request rates.
 
 Variants: scheduling policy (fifo, mlfq, inlaid) x base (fp32 SmolLM2, or its MLGPTQ 4-bit
 checkpoint made once with `quantize_base` and cached under the work dir) x adapters (raw PEFT,
-or JD-compressed cluster banks once the serve path can load them: until then a compressed
-variant is recorded as not runnable, with the reason).
+or JD-compressed cluster banks: `adapter_format="jd_bank"`, the bootstrap compresses each demo
+cluster once into the artifact dir and the replicas serve it compressed; where the serve path
+cannot do that yet, a compressed variant is recorded as not runnable, with the reason).
 
 Workload: the demo tasks' eval prompts through /v1/chat/completions (streaming), equally
 weighted, Poisson arrivals; per-task e2e SLO = slo_ttft + slo_per_token x min(p90 completion
@@ -132,7 +133,29 @@ def compression_unsupported_reason() -> str | None:
         return ("the serve app cannot serve compressed adapters yet: replica_protocol.ClusterSpec.format "
                 f"allows {list(formats) or 'peft only'} and AppArgs has no 'adapter_format' field "
                 "(the adapter bank / engine_builder work that adds it has not landed)")
+    if not _router_sends_format():
+        return ("the router does not send a cluster's compressed bank to the replicas yet: "
+                "serve/access.py cluster_spec_for drops ClusterRecord.format / bank_uri")
     return None
+
+
+def _router_sends_format() -> bool:
+    """Whether the router's ClusterSpec carries a "jd_bank" cluster record's format (a behavioural
+    probe of serve/access.py on one in-memory record, no registry)."""
+    from inlaid_ray.registry import ClusterRecord, TaskRecord
+    from inlaid_ray.serve.access import cluster_spec_for
+
+    task = TaskRecord(name="probe", tenant="probe", adapter_uri="probe", cluster="probe", status="live")
+    cluster = ClusterRecord(cluster_id="probe", bank_uri="probe-bank", members=("probe",), format="jd_bank")
+
+    class Records:  # the two RegistryWatcher reads cluster_spec_for makes
+        def get_cluster(self, cluster_id: str) -> ClusterRecord:
+            return cluster
+
+        def get_task(self, name: str) -> TaskRecord:
+            return task
+
+    return cluster_spec_for(task, Records()).format == "jd_bank"  # type: ignore[arg-type]
 
 
 def app_args(cfg: DriverConfig, variant: Variant, model_dir: Path, data_dir: Path) -> Any:
@@ -341,7 +364,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DriverConfig, Path, P
     p.add_argument("--policies", nargs="+", default=list(d.policies), choices=["fifo", "mlfq", "inlaid"])
     p.add_argument("--quantization", choices=["off", "on", "both"], default="both", help="MLGPTQ 4-bit base")
     p.add_argument("--compression", choices=["off", "on", "both"], default="off",
-                   help="JD-compressed adapters (not runnable until the serve path loads cluster banks)")
+                   help="JD-compressed adapters (adapter_format=jd_bank: demo clusters served as compressed banks)")
     p.add_argument("--rates", nargs="+", type=float, default=list(d.rates))
     p.add_argument("--duration", type=float, default=d.duration_s)
     p.add_argument("--max-requests", type=int, default=d.max_requests)

@@ -59,6 +59,9 @@ class TaskRecord:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
 
+CLUSTER_FORMATS = ("peft", "jd_bank")
+
+
 @dataclass(frozen=True)
 class ClusterRecord:
     """A cluster of tasks sharing one compressed bank (shared U, V; per-task Sigma)."""
@@ -69,10 +72,15 @@ class ClusterRecord:
     members: tuple[str, ...] = ()
     updated_at: float = field(default_factory=time.time)
     revision: int = 0
+    # How replicas serve it: "peft" = each member's raw adapter; "jd_bank" = the compressed bank
+    # at `bank_uri` (members missing from it, or every member while bank_uri is "", are served raw).
+    format: str = "peft"
 
     def __post_init__(self) -> None:
         check_name("cluster", self.cluster_id)
         object.__setattr__(self, "members", tuple(sorted(set(self.members))))
+        if self.format not in CLUSTER_FORMATS:
+            raise ValueError(f"cluster {self.cluster_id!r}: format {self.format!r} is not one of {CLUSTER_FORMATS}")
 
 
 @dataclass(frozen=True)

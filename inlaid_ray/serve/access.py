@@ -94,4 +94,6 @@ def cluster_spec_for(task: TaskRecord, watcher: RegistryWatcher) -> ClusterSpec:
         if member is not None and member.status == "live" and member.cluster == task.cluster:
             members[name] = member
     version = cluster.version if cluster is not None else 0
-    return ClusterSpec(task.cluster, version, tuple(_entry(members[n]) for n in sorted(members)))
+    return ClusterSpec(task.cluster, version, tuple(_entry(members[n]) for n in sorted(members)),
+                       format=cluster.format if cluster is not None else "peft",
+                       bank_uri=cluster.bank_uri if cluster is not None else "")

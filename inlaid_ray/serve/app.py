@@ -22,7 +22,7 @@ from inlaid_ray.config import Settings
 from inlaid_ray.engine import EngineConfig
 from inlaid_ray.model import ModelConfig
 from inlaid_ray.model.prepare import prepare_smollm2
-from inlaid_ray.serve.bootstrap import DemoBootstrap
+from inlaid_ray.serve.bootstrap import DemoBootstrap, demo_banks_root
 from inlaid_ray.serve.engine_builder import ReplicaSpec
 from inlaid_ray.serve.length_prediction import default_predictor
 from inlaid_ray.serve.replica import EngineReplica
@@ -50,6 +50,8 @@ class AppArgs(BaseModel):
     api_key: str | None = Field(None, description="demo tenant's API key for the bootstrap; None = $INLAID_API_KEY")
     admin_key: str | None = Field(None, description="admin tenant's API key for the bootstrap; None = $INLAID_ADMIN_KEY")
     demo_adapters_dir: str | None = Field(None, description="demo adapters root; None = the committed adapters")
+    adapter_format: Literal["peft", "jd_bank"] = Field(
+        "peft", description="how the bootstrap registers the demo clusters: raw PEFT, or a compressed bank built once")
     auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is trusted before re-checking")
     # --- routing and prediction
     predictor: str = Field(default_factory=default_predictor,
@@ -72,6 +74,11 @@ class AppArgs(BaseModel):
     max_adapters_per_replica: int = Field(16, ge=1, description="adapter bank slots per replica")
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the bank holds")
     drain_timeout_s: float = Field(120.0, gt=0, description="how long a cluster load waits for evicted adapters to drain")
+    max_compressed_clusters_per_replica: int | None = Field(
+        None, ge=0, description="compressed cluster slots per bank; None = max_clusters_per_replica + 1 with "
+                                "adapter_format jd_bank (one draining), else 0 (compressed clusters then load raw)")
+    max_cluster_rank: int = Field(16, ge=1, description="largest shared rank of a compressed cluster")
+    max_cluster_size: int = Field(8, ge=1, description="most members of a compressed cluster")
     # --- engine
     policy: Literal["fifo", "mlfq", "inlaid"] = Field("inlaid", description="per-replica scheduling policy")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
@@ -95,6 +102,13 @@ class AppArgs(BaseModel):
             raise ValueError(f"max_adapters_per_replica={self.max_adapters_per_replica} < max_clusters_per_replica="
                              f"{self.max_clusters_per_replica}: every resident cluster needs at least one slot")
         return self
+
+    @property
+    def compressed_clusters(self) -> int:
+        """Compressed cluster slots per replica bank (see max_compressed_clusters_per_replica)."""
+        if self.max_compressed_clusters_per_replica is not None:
+            return self.max_compressed_clusters_per_replica
+        return self.max_clusters_per_replica + 1 if self.adapter_format == "jd_bank" else 0
 
 
 def resolve_model_dir(args: AppArgs, settings: Settings) -> Path:
@@ -133,18 +147,23 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=max_model_len, policy=args.policy, seed=args.seed,
     )
+    artifact_dir = args.artifact_dir or str(settings.cache_dir / "artifacts")
     replica_spec = ReplicaSpec(
-        model_dir=str(model_dir), artifact_dir=args.artifact_dir or str(settings.cache_dir / "artifacts"),
+        model_dir=str(model_dir), artifact_dir=artifact_dir,
         dtype=args.dtype, device="cuda" if args.device == "auto" and args.num_gpus_per_replica > 0 else args.device,
         torch_threads=args.torch_threads or max(1, int(args.num_cpus_per_replica)),
         max_adapters=args.max_adapters_per_replica, max_lora_rank=args.max_lora_rank,
         max_clusters=args.max_clusters_per_replica, drain_timeout_s=args.drain_timeout_s, engine=engine,
+        max_compressed_clusters=args.compressed_clusters, max_cluster_rank=args.max_cluster_rank,
+        max_cluster_size=args.max_cluster_size,
     )
     base_model_id = args.base_model_id or model_dir.name
     bootstrap = None
     if args.bootstrap_demo:
         bootstrap = DemoBootstrap(api_key=args.api_key or settings.api_key, admin_key=args.admin_key or settings.admin_key,
-                                  adapters_dir=args.demo_adapters_dir, base_model=base_model_id)
+                                  adapters_dir=args.demo_adapters_dir, base_model=base_model_id,
+                                  adapter_format=args.adapter_format, model_dir=str(model_dir),
+                                  banks_dir=str(demo_banks_root(artifact_dir)))
     router_spec = RouterSpec(
         model_dir=str(model_dir), base_model_id=base_model_id, max_model_len=max_model_len, redis_url=redis_url,
         data_dir=data_dir, namespace=args.namespace, predictor=args.predictor, default_slo_s=args.default_slo_s,

@@ -7,6 +7,9 @@ operator or (re-)onboarded with another adapter are left alone.
 A demo cluster keeps the members onboarding added to it and its compressed bank (`bank_uri`);
 each demo task records its calibration file (`extra["calibration_uri"]`) so that an onboarding
 job can compute its MLGPTQ statistics when it re-quantizes the base.
+With `adapter_format="jd_bank"` each demo cluster is registered as a compressed bank (format
+"jd_bank", rank DEMO_BANK_RANK) built from its demo adapters into `banks_dir/<cluster>` the first
+time, and rebuilt only when an adapter file changed (the bank's index records their sha256).
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from inlaid_ray.demo import DEMO_TASKS, demo_adapter_dir, demo_data_path, task_length_stats
+from inlaid_ray.lora import load_peft_adapter
+from inlaid_ray.lora.cluster_bank import INDEX_FILE, save_cluster_banks
+from inlaid_ray.lora.clustering import ClusterConfig
+from inlaid_ray.lora.compress_jd import JDConfig
+from inlaid_ray.lora.compress_set import compress_adapter_set
+from inlaid_ray.model import ModelConfig
 from inlaid_ray.registry import ClusterRecord, TaskRecord, TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,7 @@ DEMO_CLUSTERS: dict[str, tuple[str, ...]] = {
 # Demo SLO: e2e deadline = TTFT budget + per-token budget * p90 output length (CPU-scale numbers).
 SLO_TTFT_S = 2.0
 SLO_PER_TOKEN_S = 0.1
+DEMO_BANK_RANK = 16  # shared rank of a demo cluster's compressed bank
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,42 @@ class DemoBootstrap:
     admin_key: str | None = None
     adapters_dir: str | None = None  # None: the adapters committed in inlaid_ray/demo/adapters
     base_model: str = ""
+    adapter_format: str = "peft"  # "jd_bank": register the demo clusters as compressed banks
+    model_dir: str = ""  # base the banks are built for ("jd_bank" only)
+    banks_dir: str = ""  # where the demo banks live ("jd_bank" only; see demo_banks_root)
+
+
+def demo_banks_root(artifact_dir: str | Path) -> Path:
+    """Directory of the demo clusters' compressed banks under an artifact root."""
+    return Path(artifact_dir) / "demo-banks"
+
+
+def demo_bank_dir(banks_dir: str | Path, cluster: str) -> Path:
+    """The compressed bank of one demo cluster."""
+    return Path(banks_dir) / cluster
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def ensure_demo_bank(cluster: str, paths: dict[str, Path], model_dir: str | Path, banks_dir: str | Path) -> Path:
+    """The compressed bank of `cluster`'s adapters `paths` (task -> PEFT dir), built if missing or
+    built from other adapter files (rank DEMO_BANK_RANK, one cluster, full cores)."""
+    out = demo_bank_dir(banks_dir, cluster)
+    sources = {name: _sha256(path) for name, path in sorted(paths.items())}
+    index = out / INDEX_FILE
+    if index.is_file() and json.loads(index.read_text()).get("extra", {}).get("demo_sources") == sources:
+        return out
+    config = ModelConfig.from_dir(model_dir)
+    adapters = [load_peft_adapter(path, config, name=name) for name, path in sorted(paths.items())]
+    cfg = ClusterConfig(jd=JDConfig(rank=DEMO_BANK_RANK), num_clusters=1)
+    compressed = compress_adapter_set(adapters, cfg, progress=False)
+    compressed.banks.extra["demo_sources"] = sources
+    save_cluster_banks(compressed.banks, out, overwrite=True)
+    log.info("demo cluster %s: compressed bank of %s written to %s (%.1fs)", cluster, sorted(paths), out,
+             compressed.seconds)
+    return out
 
 
 def adapter_ready(path: Path) -> bool:
@@ -66,7 +112,7 @@ def _task_record(name: str, cluster: str, path: Path, base_model: str, version: 
         name=name, tenant=DEMO_TENANT, adapter_uri=str(path.resolve()), base_model=base_model,
         rank=int(cfg.get("r", 0)), target_modules=tuple([targets] if isinstance(targets, str) else targets),
         cluster=cluster, version=version, status="live",
-        adapter_sha256=hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest(), extra=extra,
+        adapter_sha256=_sha256(path), extra=extra,
     )
 
 
@@ -108,8 +154,16 @@ def bootstrap_demo(registry: TaskRegistry, boot: DemoBootstrap) -> list[str]:
             task = registry.get_task(name)
             if task is not None and task.status in ("live", "onboarding") and task.cluster == cluster:
                 wanted.add(name)
-        if old_cluster is None or set(old_cluster.members) != wanted:
+        bank_uri = old_cluster.bank_uri if old_cluster else ""
+        fmt = old_cluster.format if old_cluster else "peft"
+        if wanted == set(members):  # only demo members: the bootstrap decides how they are served
+            fmt = boot.adapter_format
+            if fmt == "jd_bank":
+                paths = {name: demo_adapter_dir(name, adapters_dir) for name in members}
+                bank_uri = str(ensure_demo_bank(cluster, paths, boot.model_dir, boot.banks_dir))
+        if old_cluster is None or set(old_cluster.members) != wanted or \
+                (old_cluster.format, old_cluster.bank_uri) != (fmt, bank_uri):
             version = old_cluster.version + 1 if old_cluster else 1
             registry.upsert_cluster(ClusterRecord(cluster_id=cluster, version=version, members=tuple(wanted),
-                                                  bank_uri=old_cluster.bank_uri if old_cluster else ""))
+                                                  bank_uri=bank_uri, format=fmt))
     return sorted(n for members in live.values() for n in members)

@@ -7,9 +7,9 @@ base) loads with `GPTQLinear` projections through `inlaid_ray.model.load_model`,
 one. Where no fused GPTQ kernel serves the device and dtype (CPU; fp32 on CUDA) the reference
 would unpack every weight on every forward (seconds per step for SmolLM2 on a CPU core), so by
 default those projections cache their dequantized weights: dense speed and dense memory, with
-the 4-bit model's outputs. Seam for work landing elsewhere: adapters come as raw PEFT directories
-(`ClusterSpec.format == "peft"`); compressed cluster banks (`lora/cluster_bank.py`) will be a
-second format read by `load_cluster_adapter`.
+the 4-bit model's outputs. Adapters come as raw PEFT directories (`load_cluster_adapter`) or as
+compressed cluster banks (`load_bank`, `ClusterSpec.format == "jd_bank"`); the bank reserves
+`max_compressed_clusters` cluster slots for the latter.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from inlaid_ray.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from inlaid_ray.engine.builder import parse_dtype
 from inlaid_ray.errors import AdapterError
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, load_peft_adapter
+from inlaid_ray.lora.cluster_bank import ClusterBanks, load_cluster_banks
 from inlaid_ray.kernels.reference import gptq_matmul_ref
 from inlaid_ray.model import ModelConfig, load_model, load_tokenizer
 from inlaid_ray.model.loader import is_gptq_dir
@@ -47,6 +48,9 @@ class ReplicaSpec:
     max_adapters: int = 16  # adapter bank slots
     max_lora_rank: int = 16
     max_clusters: int = 2  # Ray multiplex LRU bound
+    max_compressed_clusters: int = 0  # compressed cluster slots of the bank (0: "jd_bank" clusters load raw)
+    max_cluster_rank: int = 16  # largest shared rank of a compressed cluster
+    max_cluster_size: int = 8  # most members of a compressed cluster
     drain_timeout_s: float = 120.0  # how long a cluster load waits for evicted adapters to drain
     gptq_cache_dequantized: bool | None = None  # GPTQ base: None = only where no fused kernel serves it
     engine: EngineConfig = EngineConfig()  # its `policy` names the scheduling policy
@@ -119,13 +123,22 @@ def load_cluster_adapter(
     return adapter
 
 
+def load_bank(uri: str, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
+              artifact_dir: str | Path) -> ClusterBanks:
+    """Read a compressed cluster bank (checksums verified, shapes checked against the base)."""
+    return load_cluster_banks(resolve_adapter_path(uri, artifact_dir), model_config=model_config, device=device,
+                              dtype=dtype)
+
+
 def build_engine(spec: ReplicaSpec) -> EngineBundle:
     """Default engine factory: base + adapter bank + continuous-batching engine."""
     torch.set_num_threads(max(1, spec.torch_threads))
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     model_config = ModelConfig.from_dir(spec.model_dir)
-    bank = AdapterBank(model_config, spec.max_adapters, spec.max_lora_rank, dtype=dtype, device=device)
+    bank = AdapterBank(model_config, spec.max_adapters, spec.max_lora_rank, dtype=dtype, device=device,
+                       max_clusters=spec.max_compressed_clusters, max_cluster_rank=spec.max_cluster_rank,
+                       max_cluster_size=spec.max_cluster_size)
     model = load_base(spec.model_dir, dtype, device, bank, spec.gptq_cache_dequantized)
     tokenizer = load_tokenizer(spec.model_dir)
     engine = LLMEngine(model, tokenizer, spec.engine, adapter_bank=bank)

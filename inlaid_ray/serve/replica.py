@@ -3,7 +3,8 @@
 Each replica builds its engine with a factory (`engine_builder.build_engine` unless an import
 path is given), multiplexes adapter *clusters* with `serve.multiplexed` (the multiplexed model
 id of a request is its task's cluster id, LRU-bounded by `max_clusters`; eviction is deferred
-until no request in flight uses an adapter, see residency.py), streams each request's deltas,
+until no request in flight uses an adapter, see residency.py; a "jd_bank" cluster loads as a
+compressed cluster bank, others as raw PEFT adapters, side by side), streams each request's deltas,
 and reports routing stats (resident clusters, running/waiting, KV usage, distinct adapters in
 the last step, predicted outstanding tokens) for `ClusterAffinityRouter`.
 
@@ -35,6 +36,7 @@ from inlaid_ray.serve.engine_builder import (
     EngineBundle,
     ReplicaSpec,
     build_engine,
+    load_bank,
     load_base,
     load_cluster_adapter,
     resolve_device,
@@ -108,7 +110,7 @@ class EngineReplica:
         self._last_stats: dict[str, Any] = {"replica": self._replica_id}
         self._num_cancelled = 0  # streams the consumer left before they finished (client went away)
         self._residency = None if self._bank is None else \
-            ClusterResidency(self._bank, self._read_adapter, spec.drain_timeout_s)
+            ClusterResidency(self._bank, self._read_adapter, spec.drain_timeout_s, self._read_bank)
         # Decorated here, not on the class, so that the LRU bound comes from the spec.
         self._load_cluster = serve.multiplexed(max_num_models_per_replica=spec.max_clusters)(self._make_cluster_loader())
 
@@ -158,6 +160,7 @@ class EngineReplica:
             "predicted_outstanding_tokens": sum(f.outstanding for f in self._inflight.values()),
             "in_flight": len(self._inflight),
             "adapters_resident": len(self._bank) if self._bank is not None else 0,
+            "adapters_compressed": len(self._bank.compressed.location) if self._bank is not None else 0,
             "cancelled": self._num_cancelled,
             "cluster_loads": residency.num_loads if residency else 0,
             "cluster_evictions": residency.num_evictions if residency else 0,
@@ -280,6 +283,12 @@ class EngineReplica:
         log.info("replica %s: loading base version %d from %s beside %s", self._replica_id, ref.version, ref.uri,
                  self._bases.current.uri)
         return await asyncio.to_thread(engine_on_base, ref.uri, self._spec, self._bank, self._model_config)
+
+    async def _read_bank(self, uri: str) -> Any:
+        assert self._bank is not None
+        bank = self._bank
+        return await asyncio.to_thread(load_bank, uri, self._model_config, bank.dtype, bank.device,
+                                       self._spec.artifact_dir)
 
     async def _read_adapter(self, entry: AdapterEntry) -> Any:
         assert self._bank is not None

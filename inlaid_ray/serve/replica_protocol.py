@@ -36,12 +36,19 @@ class AdapterEntry:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """The adapters that make up one cluster (raw PEFT now; compressed banks later)."""
+    """The adapters that make up one cluster: raw PEFT ("peft"), or the compressed cluster bank at
+    `bank_uri` ("jd_bank"; a member the bank lacks is served raw from its own entry)."""
 
     cluster_id: str
     version: int
     adapters: tuple[AdapterEntry, ...]
-    format: Literal["peft"] = "peft"  # "jd_bank" once lora/cluster_bank.py lands
+    format: Literal["peft", "jd_bank"] = "peft"
+    bank_uri: str = ""  # cluster-bank directory (path, file:// URI, or relative to the artifact dir)
+
+    @property
+    def compressed_bank(self) -> str:
+        """The bank to serve from, "" when served raw."""
+        return self.bank_uri if self.format == "jd_bank" else ""
 
     def entry(self, task: str) -> AdapterEntry | None:
         return next((a for a in self.adapters if a.task == task), None)

@@ -13,6 +13,15 @@ waits for such releases (up to `drain_timeout_s`), then fails with NoFreeSlot. A
 left its cluster (retired, failed) is dropped the same way when a request brings the cluster's
 new spec (`reconcile`): its requests in flight finish on it, new ones cannot name it.
 
+Compressed clusters. A spec of format "jd_bank" loads its members from the cluster bank at
+`bank_uri` into a compressed cluster slot of the bank (`AdapterBank.add_cluster`), one slot per
+bank cluster whose members all need loading; every other member (absent from the bank, or the
+replica has no cluster slots, or the bank is unreadable) loads raw, so one replica mixes both.
+A compressed member leaves the bank by the same deferred rule (`bank.remove` frees its row, and
+the cluster slot once its last row is gone). A member whose version moves on, or whose cluster
+names another bank, is reloaded on its next request: the whole cluster from the new bank (a
+cluster slot is taken before the old one empties), or that member alone raw (exact).
+
 All methods run on one asyncio loop; loads are serialised by one lock with a re-check after
 acquiring it. Bank writes touch only slots no scheduled request uses (a new adapter gets a free
 slot, a freed slot has no user), so they may overlap an engine step; a new *version* of a
@@ -50,6 +59,8 @@ log = logging.getLogger(__name__)
 
 # (entry) -> LoRAAdapter named entry.task; runs off the loop (file I/O, tensor conversion)
 AdapterLoader = Callable[[AdapterEntry], Awaitable[Any]]
+# (bank_uri) -> ClusterBanks (lora/cluster_bank.py) on the bank's dtype and device; off the loop
+BankLoader = Callable[[str], Awaitable[Any]]
 
 
 @dataclass
@@ -57,6 +68,13 @@ class _AdapterState:
     entry: AdapterEntry
     owners: set[str] = field(default_factory=set)  # resident cluster ids that list this adapter
     in_flight: int = 0  # requests holding a lease on it
+    bank_uri: str = ""  # the compressed bank it was loaded from; "" = raw PEFT
+
+    def serves(self, entry: AdapterEntry, bank_uri: str) -> bool:
+        """Whether the resident copy is `entry`'s version for a cluster served from `bank_uri`
+        ("" = raw): raw always qualifies (exact), a compressed copy only from that bank."""
+        same = self.entry.version == entry.version and self.entry.uri == entry.uri
+        return same and (not self.bank_uri or self.bank_uri == bank_uri)
 
 
 @dataclass
@@ -101,9 +119,11 @@ class Lease:
 class ClusterResidency:
     """Adapter residency of one replica's bank, keyed by cluster (see module docstring)."""
 
-    def __init__(self, bank: Any, load_adapter: AdapterLoader, drain_timeout_s: float = 120.0) -> None:
+    def __init__(self, bank: Any, load_adapter: AdapterLoader, drain_timeout_s: float = 120.0,
+                 load_bank: BankLoader | None = None) -> None:
         self.bank = bank
         self._load_adapter = load_adapter
+        self._load_bank = load_bank  # None: "jd_bank" clusters load raw
         self.drain_timeout_s = drain_timeout_s
         self._clusters: dict[str, _Cluster] = {}
         self._adapters: dict[str, _AdapterState] = {}
@@ -127,6 +147,11 @@ class ClusterResidency:
     def loading_clusters(self) -> list[str]:
         return sorted(self._loading)
 
+    def compressed_from(self, task: str) -> str:
+        """The bank a resident adapter was loaded from ("" raw or absent)."""
+        state = self._adapters.get(task)
+        return state.bank_uri if state else ""
+
     def in_flight(self, task: str) -> int:
         state = self._adapters.get(task)
         return state.in_flight if state else 0
@@ -143,13 +168,13 @@ class ClusterResidency:
             cid = spec.cluster_id
             if cid in self._clusters:  # re-check: loaded while we waited for the lock
                 cluster = self._clusters[cid]
-                await self._load_entries(cid, spec.adapters)
+                await self._load_entries(cid, spec.adapters, spec.compressed_bank)
                 cluster.spec = spec
                 return ClusterToken(cid, cluster.generation, on_unload)
             started = time.perf_counter()
             self._loading.add(cid)
             try:
-                await self._load_entries(cid, spec.adapters)
+                await self._load_entries(cid, spec.adapters, spec.compressed_bank)
             except BaseException:
                 self._drop_owner(cid)
                 raise
@@ -178,11 +203,15 @@ class ClusterResidency:
         if not self.is_current(token):
             return None
         state = self._adapters.get(entry.task)
-        if state is None or token.cluster_id not in state.owners or state.entry.version != entry.version:
+        spec = self._clusters[token.cluster_id].spec
+        if state is None or token.cluster_id not in state.owners or not state.serves(entry, spec.compressed_bank):
             async with self._lock:
                 if not self.is_current(token):
                     return None
-                await self._load_entries(token.cluster_id, (entry,))
+                spec = self._clusters[token.cluster_id].spec
+                # A cluster now served from another bank reloads as a whole (compressed where it can).
+                whole = spec.compressed_bank and spec.entry(entry.task) == entry
+                await self._load_entries(token.cluster_id, spec.adapters if whole else (entry,), spec.compressed_bank)
             state = self._adapters[entry.task]
         state.in_flight += 1
         return Lease(self, entry.task)
@@ -201,37 +230,96 @@ class ClusterResidency:
 
     # ---- internals -------------------------------------------------------------------------
 
-    async def _load_entries(self, cid: str, entries: tuple[AdapterEntry, ...]) -> None:
-        """Own `entries` for cluster `cid`, loading those missing or at another version (holds the lock)."""
+    async def _load_entries(self, cid: str, entries: tuple[AdapterEntry, ...], bank_uri: str = "") -> None:
+        """Own `entries` for cluster `cid`, loading those missing or at another version, compressed
+        from `bank_uri` where it can ("" = raw; see module docstring). Holds the lock."""
         todo = []
         for entry in entries:
             state = self._adapters.get(entry.task)
-            if state is not None and state.entry.version == entry.version and state.entry.uri == entry.uri:
+            if state is not None and state.serves(entry, bank_uri):
                 state.owners.add(cid)
             else:
                 todo.append(entry)
-        new_slots = sum(1 for e in todo if e.task not in self.bank)
-        await self._wait_for_slots(new_slots, cid)
-        for entry in todo:
+        # While loading anyway, members resident raw may move into the bank's cluster with the others.
+        candidates = todo + [e for e in entries if e not in todo and not self._adapters[e.task].bank_uri]
+        clusters = await self._compressed_plan(cid, bank_uri, candidates) if bank_uri and todo else []
+        room = self._free_clusters() + self._draining_clusters()
+        if len(clusters) > room:  # every cluster slot held by a resident cluster: the rest load raw
+            log.info("cluster %s: %d of %d bank clusters load raw (cluster slots in use)", cid, len(clusters) - room,
+                     len(clusters))
+            clusters = clusters[:room]
+        in_bank = {name for cl in clusters for name in cl.members}
+        raw = [e for e in todo if e.task not in in_bank]
+        # A compressed resident replaced by raw needs a raw slot too.
+        new_slots = sum(1 for e in raw if e.task not in self.bank or self.bank.cluster_of(e.task) is not None)
+        await self._wait_for_capacity(new_slots, len(clusters), cid)
+        for cl in clusters:
+            self.bank.add_cluster(cl, label=f"{cid}/{cl.cluster_id}")  # members resident elsewhere are replaced
+            for entry in (e for e in candidates if e.task in cl.members):
+                self._own(cid, entry, bank_uri)
+        for entry in raw:
             adapter = await self._load_adapter(entry)
             self.bank.add(adapter)  # same name: replaced in place; else a free slot
-            state = self._adapters.setdefault(entry.task, _AdapterState(entry))
-            state.entry = entry
-            state.owners.add(cid)
+            self._own(cid, entry, "")
 
-    async def _wait_for_slots(self, needed: int, cid: str) -> None:
+    def _own(self, cid: str, entry: AdapterEntry, bank_uri: str) -> None:
+        state = self._adapters.setdefault(entry.task, _AdapterState(entry))
+        state.entry, state.bank_uri = entry, bank_uri
+        state.owners.add(cid)
+
+    async def _compressed_plan(self, cid: str, bank_uri: str, todo: list[AdapterEntry]) -> list[Any]:
+        """The bank clusters of `bank_uri` to load compressed: those whose members are all in `todo`
+        and that fit the bank's cluster capacity; [] (all raw) when the bank cannot be used."""
+        store = self.bank.compressed
+        if self._load_bank is None or store.max_clusters == 0:
+            return []
+        try:
+            banks = await self._load_bank(bank_uri)
+        except Exception as exc:  # noqa: BLE001 - raw adapters are the exact fallback
+            log.warning("cluster %s: compressed bank %s unusable (%s); loading its members raw", cid, bank_uri, exc)
+            return []
+        wanted = {e.task for e in todo}
+        chosen = []
+        for cl in banks.clusters:
+            if not cl.members or not set(cl.members) <= wanted:
+                continue  # unlisted (retired) or already resident members: the listed ones load raw
+            too_big = len(cl.members) > store.max_size or max(cl.ranks.values(), default=0) > store.max_rank
+            if too_big:
+                log.warning("cluster %s: bank %s cluster %d (%d members, rank %d) exceeds the bank's cluster "
+                            "capacity (size %d, rank %d); loading it raw", cid, bank_uri, cl.cluster_id,
+                            len(cl.members), max(cl.ranks.values()), store.max_size, store.max_rank)
+                continue
+            chosen.append(cl)
+        return chosen[:store.max_clusters]
+
+    def _free_clusters(self) -> int:
+        store = self.bank.compressed
+        return store.max_clusters - len(store.used_clusters())
+
+    def _draining_clusters(self) -> int:
+        """Used cluster slots that no resident cluster owns a row of (they free as requests end)."""
+        def owned(name: str) -> bool:
+            state = self._adapters.get(name)
+            return state is not None and bool(state.owners)
+
+        return sum(1 for c in self.bank.compressed.used_clusters()
+                   if not any(owned(n) for n in self.bank.cluster_members(c)))
+
+    async def _wait_for_capacity(self, needed: int, clusters: int, cid: str) -> None:
+        """Wait until `needed` raw slots and `clusters` compressed cluster slots are free."""
         if needed > self.bank.max_slots:
             raise NoFreeSlot(f"cluster {cid!r} needs {needed} adapter slots but the bank has "
                              f"{self.bank.max_slots}; raise max_adapters_per_replica")
         deadline = time.monotonic() + self.drain_timeout_s
-        while self.bank.max_slots - len(self.bank) < needed:
+        while self.bank.free_slots < needed or self._free_clusters() < clusters:
             draining = [t for t, s in self._adapters.items() if not s.owners]
             remaining = deadline - time.monotonic()
             if not draining or remaining <= 0:
                 raise NoFreeSlot(
-                    f"cluster {cid!r} needs {needed} free adapter slots, "
-                    f"{self.bank.max_slots - len(self.bank)} free of {self.bank.max_slots}; resident "
-                    f"clusters {self.resident_clusters}, adapters draining {sorted(draining)}"
+                    f"cluster {cid!r} needs {needed} free adapter slots and {clusters} cluster slots, "
+                    f"{self.bank.free_slots} free of {self.bank.max_slots} and {self._free_clusters()} of "
+                    f"{self.bank.compressed.max_clusters}; resident clusters {self.resident_clusters}, "
+                    f"adapters draining {sorted(draining)}"
                 )
             self._freed.clear()
             try:
