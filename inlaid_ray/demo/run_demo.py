@@ -1,10 +1,8 @@
 """`inlaid-ray demo`: the whole path on one machine. Prepare SmolLM2, quantize it once for the
-four demo tasks (4-bit, shared base), compress the demo adapters jointly into one cluster bank,
-serve the quantized base and the demo adapters over the OpenAI API (Ray Serve, embedded Redis),
-send each task a few eval prompts over HTTP, score the answers and write a JSON summary.
-
-The engine serves compressed banks (`build_engine(compressed=...)`), but the Serve replicas
-still load raw PEFT adapters from the registry, so the HTTP step serves the raw adapters.
+four demo tasks (4-bit, shared base), serve it over the OpenAI API (Ray Serve, embedded Redis)
+with the demo adapters compressed per cluster (shared U, V and a small Sigma per adapter, built
+by the app's bootstrap: `adapter_format="jd_bank"`), send each task a few eval prompts over
+HTTP, score the answers and write a JSON summary.
 
 Each artifact is reused when present, so a second run only serves and sends requests.
 """
@@ -35,7 +33,6 @@ class DemoConfig:
     quant_method: str = "gptq-mixed"
     bits: int = 4
     group_size: int = 64  # SmolLM2's 576-wide projections: 128 does not divide them
-    compress_rank: int = 16
     num_replicas: int = 2
     policy: str = "inlaid"
     host: str = "127.0.0.1"
@@ -63,19 +60,6 @@ def quantize_demo_base(base_dir: Path, out_dir: Path, cfg: DemoConfig) -> Path:
     report = quantize_base(base_dir, sources, out_dir, mlgptq, stats_dir=out_dir.parent / "task-stats")
     print(f"{cfg.quant_method} {cfg.bits}-bit g{cfg.group_size} for {report['tasks']}: "
           f"{report['resources']['total']['seconds']:.0f} s -> {out_dir}")
-    return out_dir
-
-
-def compress_demo_adapters(out_dir: Path, rank: int) -> Path:
-    """Jointly compress the demo adapters into one cluster bank (reused when present)."""
-    from inlaid_ray.cli import main as cli_main
-
-    if out_dir.exists():
-        print(f"reusing {out_dir}")
-        return out_dir
-    adapters = [f"{t}={demo_adapter_dir(t)}" for t in DEMO_TASKS]
-    if cli_main(["compress", "--adapters", *adapters, "--rank", str(rank), "--clusters", "1", "--out", str(out_dir)]):
-        raise RuntimeError(f"compressing the demo adapters into {out_dir} failed (see the error above)")
     return out_dir
 
 
@@ -113,24 +97,23 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> dict[str, Any]:
 
     work = Path(cfg.work_dir or settings.cache_dir / "demo")
     work.mkdir(parents=True, exist_ok=True)
-    _step("1/5 prepare SmolLM2-135M-Instruct (bundled GGUF -> HF directory)")
+    _step("1/4 prepare SmolLM2-135M-Instruct (bundled GGUF -> HF directory)")
     base_dir = prepare_smollm2(settings.cache_dir)
     print(base_dir)
-    _step(f"2/5 quantize the base once for all tasks ({cfg.quant_method}, {cfg.bits}-bit)")
+    _step(f"2/4 quantize the base once for all tasks ({cfg.quant_method}, {cfg.bits}-bit)")
     quantized = quantize_demo_base(base_dir, work / f"smollm2-{cfg.quant_method}-{cfg.bits}bit", cfg)
-    _step(f"3/5 compress the demo adapters jointly (rank {cfg.compress_rank}, one cluster)")
-    bank = compress_demo_adapters(work / f"demo-adapters-jd-r{cfg.compress_rank}", cfg.compress_rank)
-    _step("4/5 serve the quantized base with the demo adapters (Ray Serve, OpenAI API)")
+    _step("3/4 compress the demo adapters per cluster and serve them on the quantized base (Ray Serve)")
     args = AppArgs(model_dir=str(quantized), base_model_id=f"smollm2-{cfg.quant_method}", num_replicas=cfg.num_replicas,
-                   policy=cfg.policy, data_dir=str(work / "registry"), bootstrap_demo=True)
+                   policy=cfg.policy, data_dir=str(work / "registry"), artifact_dir=str(work / "artifacts"),
+                   adapter_format="jd_bank", bootstrap_demo=True)
     url = run_serve(args, host=cfg.host, port=cfg.port, blocking=False, settings=settings)
     try:
-        _step("5/5 send each task a few eval prompts over HTTP")
+        _step("4/4 send each task a few eval prompts over HTTP")
         results = send_demo_requests(url, settings.api_key, cfg.examples_per_task)
     finally:
         serve.shutdown()
     summary = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "quantized_base": str(quantized),
-               "compressed_bank": str(bank),
+               "compressed_banks": str(work / "artifacts" / "demo-banks"),
                "tasks": results}
     out = work / "demo_summary.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
