@@ -41,6 +41,14 @@ def test_spill_over_when_holder_is_far_busier():
     assert rank_replicas(views, "c1", 5000.0 - 100.0)[0] == "a"
 
 
+def test_a_free_cluster_slot_beats_evicting_unless_it_costs_more_than_the_imbalance():
+    # b holds c2 and is full (1 cluster per replica); c is empty but slightly busier.
+    views = _views({"b": ({"c2"}, 0.0), "c": (set(), 50.0)})
+    assert rank_replicas(views, "c1", imbalance_tokens=100.0, max_clusters=1) == ["c", "b"]
+    assert rank_replicas(views, "c1", imbalance_tokens=100.0) == ["b", "c"]  # capacity unknown: work only
+    assert rank_replicas(views, "c1", imbalance_tokens=10.0, max_clusters=1) == ["b", "c"]  # too costly
+
+
 def test_base_model_requests_rank_by_work_only():
     views = _views({"a": ({"c1"}, 30.0), "b": ({"c2", "c3"}, 10.0), "c": (set(), 20.0)})
     assert rank_replicas(views, None, imbalance_tokens=0) == ["b", "c", "a"]

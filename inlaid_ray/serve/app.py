@@ -175,7 +175,8 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica},
         request_router_config=RequestRouterConfig(
             request_router_class=REQUEST_ROUTER_PATH,
-            request_router_kwargs={"affinity_hint_s": args.affinity_hint_s, "imbalance_tokens": args.imbalance_tokens},
+            request_router_kwargs={"affinity_hint_s": args.affinity_hint_s, "imbalance_tokens": args.imbalance_tokens,
+                                   "max_clusters_per_replica": args.max_clusters_per_replica},
             request_routing_stats_period_s=args.routing_stats_period_s,
         ),
     ).bind(replica_spec, args.engine_factory)

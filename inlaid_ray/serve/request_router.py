@@ -8,7 +8,9 @@ every call, never cached here):
    within `affinity_hint_s`, which covers the ~0.1 s before a new load is reported), least
    predicted outstanding work first;
 2. every other replica, least outstanding work first, then fewest resident clusters (an empty
-   replica takes a new cluster rather than evicting one elsewhere).
+   replica takes a new cluster rather than evicting one elsewhere); when the cluster capacity
+   per replica is known, replicas with a free cluster slot go before full ones unless that
+   costs more than `imbalance_tokens` of outstanding work (an eviction costs a reload later).
 If the best holder has more than `imbalance_tokens` more outstanding work than the best other
 replica, that other replica goes first: a hot cluster spreads instead of queueing.
 Each rank holds one replica, so Ray tries them strictly in this order and moves on only when
@@ -38,11 +40,18 @@ class ReplicaView:
     num_clusters: int = 0
 
 
-def rank_replicas(views: Sequence[ReplicaView], cluster: str | None, imbalance_tokens: float) -> list[str]:
+def rank_replicas(
+    views: Sequence[ReplicaView], cluster: str | None, imbalance_tokens: float, max_clusters: int | None = None
+) -> list[str]:
     """Replica ids, most preferred first (see module docstring). Ties keep the input order."""
     holders = sorted((v for v in views if cluster and cluster in v.clusters), key=lambda v: v.outstanding)
     others = sorted((v for v in views if not (cluster and cluster in v.clusters)),
                     key=lambda v: (v.outstanding, v.num_clusters))
+    if cluster and max_clusters is not None:
+        free = [v for v in others if v.num_clusters < max_clusters]
+        full = [v for v in others if v.num_clusters >= max_clusters]
+        if free and full and free[0].outstanding - full[0].outstanding <= imbalance_tokens:
+            others = free + full
     if holders and others and holders[0].outstanding - others[0].outstanding > imbalance_tokens:
         return [others[0].replica_id] + [v.replica_id for v in holders] + [v.replica_id for v in others[1:]]
     return [v.replica_id for v in holders] + [v.replica_id for v in others]
@@ -54,13 +63,16 @@ class ClusterAffinityRouter(RequestRouter):
     affinity_hint_s: float = 5.0
     imbalance_tokens: float = 4096.0
     stats_stale_s: float = 30.0
+    max_clusters_per_replica: int | None = None
 
     def initialize_state(self, affinity_hint_s: float = 5.0, imbalance_tokens: float = 4096.0,
-                         stats_stale_s: float = 30.0, **kwargs: Any) -> None:
+                         stats_stale_s: float = 30.0, max_clusters_per_replica: int | None = None,
+                         **kwargs: Any) -> None:
         """Called by Serve with RequestRouterConfig.request_router_kwargs."""
         self.affinity_hint_s = affinity_hint_s
         self.imbalance_tokens = imbalance_tokens
         self.stats_stale_s = stats_stale_s
+        self.max_clusters_per_replica = max_clusters_per_replica
 
     # Per-router bookkeeping, created lazily (Serve builds routers without calling __init__ hooks of ours).
     @property
@@ -86,7 +98,8 @@ class ClusterAffinityRouter(RequestRouter):
         random.shuffle(shuffled)  # equal replicas share the load instead of the first one taking all
         views = [self._view(r, time.time()) for r in shuffled]
         self._forget_gone(set(by_id))
-        return [[by_id[rid]] for rid in rank_replicas(views, cluster or None, self.imbalance_tokens)]
+        return [[by_id[rid]] for rid in rank_replicas(views, cluster or None, self.imbalance_tokens,
+                                                               self.max_clusters_per_replica)]
 
     def _view(self, replica: RunningReplica, now: float) -> ReplicaView:
         rid = replica.replica_id.unique_id
