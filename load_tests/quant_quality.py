@@ -45,7 +45,7 @@ from inlaid_ray.quant.quantizer import QuantGrid
 from inlaid_ray.quant.stats_store import StatsStore
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("rtn", "gptq-mixed", "gptq-per-task", "mlgptq")
+METHODS = ("rtn", "gptq-mixed", "gptq-per-task", "mlgptq", "mlgptq-channel")
 log = logging.getLogger("quant_quality")
 
 
@@ -300,6 +300,15 @@ def _findings(state: State, summary: dict[str, Any], args) -> str:
                      f"{', '.join(better) or 'none'}); its max-aggregated Hessian needed eigenvalue clipping in "
                      f"{q.get('eig_clipped', '?')}/{q.get('modules', '?')} modules (GPTQ-mixed: "
                      f"{quantized.get(f'gptq-mixed-{bits}bit', {}).get('eig_clipped', '?')}).")
+        ch = summary.get(f"mlgptq-channel-{bits}bit")
+        if ch:
+            better = [t for t in args.tasks if ch["tasks"][t]["eval_loss"] < mix["tasks"][t]["eval_loss"]]
+            metric = [t for t in args.tasks if ch["tasks"][t]["value"] > mix["tasks"][t]["value"]]
+            worse = [t for t in args.tasks if ch["tasks"][t]["value"] < mix["tasks"][t]["value"]]
+            lines.append(f"- {bits}-bit: MLGPTQ-channel (max diagonal, pooled correlations; PSD, no clipping) vs "
+                         f"GPTQ-mixed: mean eval loss {ch['mean_eval_loss']:.4f} vs {mix['mean_eval_loss']:.4f} "
+                         f"(lower on {len(better)}/{len(args.tasks)}: {', '.join(better) or 'none'}); task metric "
+                         f"higher on {', '.join(metric) or 'none'}, lower on {', '.join(worse) or 'none'}.")
     hess = state.data.get("hessian") or {}
     if hess:
         lines += ["", "Max-aggregated vs mixed Hessian, pooled over the 30 layers (per input group):", "",

@@ -213,12 +213,15 @@ def test_every_gptq_variant_beats_rtn_on_every_task(setup, full_run):
     quantize_base(base, [], root / "rtn", dataclasses.replace(CFG, method="rtn"), CALIB, progress=False)
     quantize_base(base, sources, root / "mix", dataclasses.replace(CFG, method="gptq-mixed"), CALIB,
                   progress=False)
+    rep = quantize_base(base, sources, root / "channel", dataclasses.replace(CFG, method="mlgptq-channel"), CALIB,
+                        progress=False)
+    assert not any(i["eig_clipped"] for i in rep["layers"]["shared"].values())  # PSD by construction
     if not (root / "pt").exists():
         quantize_base(base, sources, root / "pt", dataclasses.replace(CFG, method="gptq-per-task"), CALIB,
                       progress=False)
     for s in sources:
         rtn = _task_objective(root / "rtn", base, store, s.name)
-        for ckpt in (root / "ml", root / "mix", root / "pt" / s.name):
+        for ckpt in (root / "ml", root / "mix", root / "channel", root / "pt" / s.name):
             assert _task_objective(ckpt, base, store, s.name) < rtn, (ckpt.name, s.name)
 
 

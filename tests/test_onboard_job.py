@@ -157,12 +157,17 @@ def test_onboarding_is_incremental_and_equals_full_mlgptq(tiny, tmp_path, redis_
     for t in snap.tasks.values():
         assert Path(t.adapter_uri).parent.parent == artifacts / "tasks" and (Path(t.adapter_uri) / "calibration.jsonl").is_file()
     assert all(Path(c.bank_uri, "index.json").is_file() for c in snap.clusters.values())
-    # A compatible adapter joins the cluster of "all" (same modules, within the error budget after refit).
+    # A compatible adapter joins the cluster of "all" (same modules, within the error budget after refit);
+    # a cluster the deployment serves compressed stays compressed, now from the new bank version.
+    joined = snap.clusters[snap.tasks["all"].cluster]
+    reg.upsert_cluster(replace(joined, format="jd_bank"))
     third = onboard_task("all2", "acme", twin, sources["all"].calibration, opts, settings=settings)
     snap = reg.snapshot()
     assert third.cluster["cluster"] == snap.tasks["all"].cluster == snap.tasks["all2"].cluster
     assert not third.cluster["created"] and third.cluster["version"] == 2
-    assert set(snap.clusters[snap.tasks["all"].cluster].members) == {"all", "all2"}
+    cluster = snap.clusters[snap.tasks["all"].cluster]
+    assert set(cluster.members) == {"all", "all2"}
+    assert cluster.format == "jd_bank" and cluster.bank_uri == third.artifacts["cluster_bank"] != joined.bank_uri
     # Re-onboarding a live task is refused without touching anything.
     state = _state(reg, artifacts)
     with pytest.raises(OnboardingFailed, match="is live"):

@@ -1,5 +1,6 @@
 """HessianAccumulator: H = 2/N_real_tokens * sum x x^T, pad-masked, fed by hooks; mix aggregation
-equals GPTQ on the union of the tasks' data."""
+equals GPTQ on the union of the tasks' data; the channel-max aggregate keeps the max diagonal and
+stays PSD where the element-wise max does not."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from inlaid_ray.quant import HessianAccumulator, mix_aggregate_hessians
+from inlaid_ray.quant import (
+    HessianAccumulator,
+    channel_max_aggregate_hessians,
+    max_aggregate_hessians,
+    mix_aggregate_hessians,
+)
 
 
 def _ref_hessian(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -68,6 +74,43 @@ def test_mix_aggregate_equals_union_of_tasks() -> None:
     torch.testing.assert_close(mix_aggregate_hessians(accs), union, rtol=1e-5, atol=1e-5)
     mixed = mix_aggregate_hessians([a.H for a in accs], [a.num_tokens for a in accs])
     torch.testing.assert_close(mixed, union, rtol=1e-5, atol=1e-5)
+
+
+def _task_hessians(seed: int, d: int = 40, tokens: int = 200, tasks: int = 4) -> list[torch.Tensor]:
+    """PSD Hessians of tasks sharing a mean activation but with task-specific channel mixing."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(d, generator=g)
+    out = []
+    for _ in range(tasks):
+        x = mean + torch.randn(tokens, d, generator=g) @ torch.randn(d, d, generator=g) * 0.3
+        out.append(_ref_hessian([x]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_channel_max_is_psd_with_the_max_diagonal(seed: int) -> None:
+    hs = _task_hessians(seed)
+    counts = [200] * len(hs)
+    elementwise = max_aggregate_hessians(hs)
+    channel = channel_max_aggregate_hessians(hs, counts)
+    assert float(torch.linalg.eigvalsh(elementwise.double()).min()) < 0  # the hazard it avoids (5.4)
+    torch.testing.assert_close(channel.diagonal(), elementwise.diagonal(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(channel, channel.t())
+    evals = torch.linalg.eigvalsh(channel.double())
+    assert float(evals.min()) > -1e-5 * float(evals.max())
+    # the correlations are the pooled data's: normalising either matrix by its diagonal agrees
+    mix = mix_aggregate_hessians(hs, counts)
+    corr = lambda h: h / torch.outer(h.diagonal().sqrt(), h.diagonal().sqrt())  # noqa: E731
+    torch.testing.assert_close(corr(channel), corr(mix), rtol=1e-4, atol=1e-5)
+
+
+def test_channel_max_of_identical_tasks_and_dead_channels() -> None:
+    h = _task_hessians(7, tasks=1)[0]
+    h[:, 3] = 0
+    h[3, :] = 0  # a channel no task ever activates stays zero (GPTQ treats it as dead)
+    out = channel_max_aggregate_hessians([h, h.clone()], [5, 9])
+    torch.testing.assert_close(out, h, rtol=1e-5, atol=1e-5)
+    assert torch.all(out[3] == 0) and torch.all(out[:, 3] == 0)
 
 
 def test_bad_inputs_raise() -> None:

@@ -27,7 +27,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -269,7 +269,7 @@ def _quant_method(wanted: str, snapshot: Snapshot) -> str:
     if wanted != "auto":
         return wanted
     method = (_base_meta(snapshot) or {}).get("method", "mlgptq")
-    return method if method in ("mlgptq", "gptq-mixed") else "mlgptq"
+    return method if method in ("mlgptq", "mlgptq-channel", "gptq-mixed") else "mlgptq"
 
 
 def _base_tasks(snapshot: Snapshot) -> list[dict[str, Any]] | None:
@@ -359,7 +359,18 @@ def _cluster(task: str, lora: Any, snapshot: Snapshot, model_config: ModelConfig
              choice.error, choice.candidates)
     members = choice.previous.members if choice.previous else ()
     return ClusterRecord(choice.cluster_id, bank_uri=str(store.published[-1]), version=version,
-                         members=tuple(m for m in members if m != task))
+                         members=tuple(m for m in members if m != task),
+                         format=_cluster_format(choice.previous, snapshot.clusters))
+
+
+def _cluster_format(joined: ClusterRecord | None, clusters: Mapping[str, ClusterRecord]) -> str:
+    """How replicas serve the cluster after this onboarding: a joined cluster keeps its format (a
+    compressed cluster stays compressed, served from its new bank version); a new cluster takes
+    the format every populated cluster shares (the deployment's choice), else raw PEFT."""
+    if joined is not None:
+        return joined.format
+    formats = {c.format for c in clusters.values() if c.members}
+    return formats.pop() if len(formats) == 1 else "peft"
 
 
 def _rollback(task: str, attempt: _Attempt, registry: TaskRegistry, store: ArtifactStore, res: Resolved,

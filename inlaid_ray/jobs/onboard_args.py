@@ -42,7 +42,7 @@ class OnboardOptions(BaseModel):
     # --- quantization
     requantize: Literal["auto", "always", "never"] = Field(
         "auto", description="auto: new base version only if the max-aggregated statistics changed")
-    quant_method: Literal["auto", "mlgptq", "gptq-mixed"] = Field(
+    quant_method: Literal["auto", "mlgptq", "mlgptq-channel", "gptq-mixed"] = Field(
         "auto", description="aggregation of a re-quantized base; auto = the current base's, else mlgptq")
     bits: int = Field(4, description="GPTQ bits of a re-quantized base")
     group_size: int | None = Field(None, description="GPTQ group size; None = largest of 128/64/32 dividing d_in")

@@ -41,7 +41,7 @@ class QuantSettings:
     """Calibration and grid of the onboarding job. The calibration fields apply only when the
     statistics store is created; an existing store keeps the settings it was built with."""
 
-    method: str = "mlgptq"  # "mlgptq" (max aggregation) or "gptq-mixed" (token-weighted mean)
+    method: str = "mlgptq"  # "mlgptq" (element-wise max), "mlgptq-channel" or "gptq-mixed" (token-weighted mean)
     bits: int = 4
     group_size: int | None = None  # None: the largest of 128, 64, 32 dividing every input dim (else -1)
     tokens_per_task: int = 512  # calibration tokens per task (equal for every task, fixed by the store)
@@ -138,7 +138,7 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
     with meter.phase("compare_aggregate"):
         if settings.method == "mlgptq":
             changed, basis = aggregate_changes(store, base_tasks)
-        else:  # a token-weighted mean moves with every task added
+        else:  # a token-weighted mean (also inside mlgptq-channel) moves with every task added
             changed = {layer: list(GROUPS) for layer in range(store.num_layers)}
             basis = f"{settings.method}: the token-weighted mean Hessian changes with every new task"
     return StatsResult(

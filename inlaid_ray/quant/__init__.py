@@ -12,7 +12,12 @@ from inlaid_ray.quant.gptq_format import (
     split_layers,
 )
 from inlaid_ray.quant.gptq_linear import GPTQLinear, gptq_linear_factory, select_gptq_matmul
-from inlaid_ray.quant.hessian import HessianAccumulator, max_aggregate_hessians, mix_aggregate_hessians
+from inlaid_ray.quant.hessian import (
+    HessianAccumulator,
+    channel_max_aggregate_hessians,
+    max_aggregate_hessians,
+    mix_aggregate_hessians,
+)
 from inlaid_ray.quant.quantizer import SUPPORTED_BITS, QuantGrid, quantize, quantize_codes
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     "gptq_quantize",
     "inverse_hessian_factor",
     "load_gptq_checkpoint",
+    "channel_max_aggregate_hessians",
     "max_aggregate_hessians",
     "mix_aggregate_hessians",
     "pack_gptq_result",

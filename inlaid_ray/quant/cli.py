@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from inlaid_ray.config import Settings
+from inlaid_ray.quant.mlgptq import METHODS
 from inlaid_ray.quant.quantizer import SUPPORTED_BITS
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -46,7 +47,7 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--add-task", action="append", default=[], metavar="NAME=ADAPTER_DIR:CALIB.jsonl",
                    help="a task to add to the existing --stats-dir store (incremental); repeatable")
     p.add_argument("--out", required=True, help="output checkpoint directory (gptq-per-task: one sub-directory per task)")
-    p.add_argument("--method", default="mlgptq", choices=["mlgptq", "gptq-mixed", "gptq-per-task", "rtn"])
+    p.add_argument("--method", default="mlgptq", choices=list(METHODS))
     p.add_argument("--bits", type=int, default=4, choices=list(SUPPORTED_BITS))
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale (-1 = whole row)")
     p.add_argument("--desc-act", action="store_true", help="act-order (columns by decreasing Hessian diagonal)")

@@ -5,7 +5,8 @@ linear layer, with one change MLGPTQ needs (5.4 item 2, 11 item 3): the running 
 REAL tokens (padding masked out), not sequences, so Hessians of tasks with different prompt
 lengths are on the same scale. `max_aggregate_hessians` is MLGPTQ's element-wise max over tasks
 (5.3); `mix_aggregate_hessians` is the GPTQ-mixed baseline, identical to running GPTQ on the
-union of all tasks' calibration data.
+union of all tasks' calibration data. `channel_max_aggregate_hessians` keeps the max per input
+channel (the diagonal) but takes the channel correlations from the mix, so it stays PSD (5.4).
 """
 
 from __future__ import annotations
@@ -103,3 +104,18 @@ def mix_aggregate_hessians(
     for h, n in zip(mats, token_counts):
         out.add_(h.to(out.device, torch.float32), alpha=n / total)
     return out
+
+
+def channel_max_aggregate_hessians(
+    hs: Sequence[torch.Tensor | HessianAccumulator], token_counts: Sequence[int] | None = None
+) -> torch.Tensor:
+    """PSD max aggregate: `S M S` with M the token-weighted mean and `S = diag(sqrt(max_t H_t[i, i] /
+    M[i, i]))`, so the diagonal is every channel's max energy over tasks (as the element-wise max)
+    while the off-diagonals keep the pooled data's correlations. A congruence of the PSD mean, so
+    Cholesky never needs eigenvalue clipping (the element-wise max of the off-diagonals is where
+    the max turns indefinite: max of task-dependent entries is a positively biased random matrix)."""
+    mix = mix_aggregate_hessians(hs, token_counts)
+    top = max_aggregate_hessians(hs).diagonal()
+    mean = mix.diagonal()
+    scale = torch.where(mean > 0, (top / mean.clamp_min(torch.finfo(mean.dtype).tiny)).sqrt(), torch.ones_like(mean))
+    return mix.mul_(scale.unsqueeze(1)).mul_(scale.unsqueeze(0))

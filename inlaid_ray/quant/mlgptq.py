@@ -41,13 +41,18 @@ from inlaid_ray.model.transformer import Transformer
 from inlaid_ray.quant.calibration import CalibrationSet
 from inlaid_ray.quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
 from inlaid_ray.quant.gptq_format import pack_gptq_result
-from inlaid_ray.quant.hessian import HessianAccumulator, max_aggregate_hessians, mix_aggregate_hessians
+from inlaid_ray.quant.hessian import (
+    HessianAccumulator,
+    channel_max_aggregate_hessians,
+    max_aggregate_hessians,
+    mix_aggregate_hessians,
+)
 from inlaid_ray.quant.quantizer import QuantGrid
 
 log = logging.getLogger(__name__)
 
-Method = Literal["rtn", "gptq-mixed", "gptq-per-task", "mlgptq"]
-METHODS: tuple[str, ...] = ("rtn", "gptq-mixed", "gptq-per-task", "mlgptq")
+Method = Literal["rtn", "gptq-mixed", "gptq-per-task", "mlgptq", "mlgptq-channel"]
+METHODS: tuple[str, ...] = ("rtn", "gptq-mixed", "gptq-per-task", "mlgptq", "mlgptq-channel")
 GROUPS: dict[str, tuple[str, ...]] = {
     "attn_in": ("q_proj", "k_proj", "v_proj"),
     "attn_out": ("o_proj",),
@@ -85,7 +90,8 @@ class MLGPTQConfig:
 
     @property
     def aggregation(self) -> str:
-        return {"mlgptq": "max", "gptq-mixed": "token-weighted mean", "gptq-per-task": "none", "rtn": "none"}[
+        return {"mlgptq": "max", "mlgptq-channel": "channel max (max diagonal, pooled correlations)",
+                "gptq-mixed": "token-weighted mean", "gptq-per-task": "none", "rtn": "none"}[
             self.method
         ]
 
@@ -237,9 +243,12 @@ def collect_task_hessians(
 
 
 def aggregate_hessians(method: str, hs: Sequence[torch.Tensor], token_counts: Sequence[int]) -> torch.Tensor:
-    """MLGPTQ: element-wise max; GPTQ-mixed: token-weighted mean (= GPTQ on the union of the data)."""
+    """MLGPTQ: element-wise max; MLGPTQ-channel: max diagonal with pooled correlations (PSD);
+    GPTQ-mixed: token-weighted mean (= GPTQ on the union of the data)."""
     if method == "mlgptq":
         return max_aggregate_hessians(hs)
+    if method == "mlgptq-channel":
+        return channel_max_aggregate_hessians(hs, token_counts)
     if method == "gptq-mixed":
         return mix_aggregate_hessians(hs, token_counts)
     if len(hs) != 1:
