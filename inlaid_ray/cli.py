@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--examples-per-task", type=int, default=3, help="eval prompts sent to each task")
     demo.add_argument("--device", default="cpu", help="device for quantization (cpu, cuda)")
-    demo.add_argument("--quant-method", default="gptq-mixed", choices=["gptq-mixed", "mlgptq", "rtn"],
-                      help="shared-base quantization (see load_tests/results/quant_quality.md for why not mlgptq)")
+    demo.add_argument("--quant-method", default="mlgptq-channel",
+                      choices=["mlgptq-channel", "gptq-mixed", "mlgptq", "rtn"],
+                      help="shared-base quantization (load_tests/results/quant_quality.md: the element-wise "
+                           "max of mlgptq collapses on the demo tasks)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

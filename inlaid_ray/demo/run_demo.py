@@ -28,9 +28,9 @@ class DemoConfig:
     """What the demo builds and how it serves; paths default under the cache directory."""
 
     work_dir: Path | None = None
-    # gptq-mixed by default: on SmolLM2 + the demo adapters the element-wise max Hessian of
-    # MLGPTQ is far from PSD and loses to it (load_tests/results/quant_quality.md)
-    quant_method: str = "gptq-mixed"
+    # The channel max, not the element-wise max: on SmolLM2 + the demo adapters the element-wise
+    # max Hessian is far from PSD and its base collapses (load_tests/results/quant_quality.md)
+    quant_method: str = "mlgptq-channel"
     bits: int = 4
     group_size: int = 64  # SmolLM2's 576-wide projections: 128 does not divide them
     num_replicas: int = 2
