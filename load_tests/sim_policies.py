@@ -42,6 +42,8 @@ ABLATION = {
     "no grouping (no adapter terms)": {"grouping": "off"},
     "no prediction": {"use_prediction": False},
     "no SRTF": {"srtf": False},
+    "rank by output length only (no prefill term)": {"prefill_token_weight": 0.0},
+    "fixed prefill weight 0.25 (sensitivity)": {"prefill_token_weight": 0.25},
 }
 SWAP_ABLATION = ("inlaid (default)", "paper: hard cap beta=10, 30 s aging", "no grouping (no adapter terms)")
 PLOT_METRICS = (

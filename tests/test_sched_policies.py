@@ -61,6 +61,23 @@ def test_srtf_reestimates_when_generation_passes_prediction():
     assert pol.predicted_len(stale) == pytest.approx(expected + max(cfg.reestimate_min_tokens, cfg.reestimate_fraction * expected))
 
 
+def test_waiting_rank_counts_prefill_as_marginal_compute():
+    """A long prompt is work: with the cost model's weight b / (b + d * context) a 2000-token prompt
+    with 20 output tokens ranks after a 10-token prompt with 40; ranking by output alone (weight
+    0, spec 7.2) puts it first."""
+    long_prompt, short_prompt = job("long", p=2000, pred=20), job("short", p=10, pred=40)
+    pol = InlaidPolicy()
+    cost = pol.config.cost
+    weight = cost.b_s_per_token / (cost.b_s_per_token + cost.d_s_per_kv_token * (2000 + 20 / 2))
+    assert pol.remaining(long_prompt, waiting=True) == pytest.approx(20 + weight * 2000)
+    assert pol.remaining(long_prompt) == pytest.approx(20)  # running: its prompt is already in the cache
+    assert ids(pol.order([long_prompt, short_prompt], [], budget())) == ["short", "long"]
+    output_only = InlaidPolicy(prefill_token_weight=0.0)
+    assert ids(output_only.order([long_prompt, short_prompt], [], budget())) == ["long", "short"]
+    fixed = InlaidPolicy(prefill_token_weight=0.5)
+    assert fixed.remaining(long_prompt, waiting=True) == pytest.approx(20 + 0.5 * 2000)
+
+
 def test_max_tokens_caps_remaining_work():
     pol = InlaidPolicy()
     capped = job("capped", pred=500, max_tokens=8)
@@ -239,6 +256,8 @@ def test_config_validation_names_values():
         InlaidConfig(grouping="nope")
     with pytest.raises(ValueError, match="adapter_slots=0"):
         InlaidConfig(adapter_slots=0)
+    with pytest.raises(ValueError, match="prefill_token_weight=-1"):
+        InlaidConfig(prefill_token_weight=-1)
     with pytest.raises(ValueError, match="num_queues=0"):
         MlfqConfig(num_queues=0)
     with pytest.raises(ValueError, match="unknown scheduling policy 'nope'"):

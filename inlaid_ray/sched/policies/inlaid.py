@@ -73,7 +73,11 @@ class InlaidConfig:
     reestimate_fraction: float = 0.25
     default_output_len: float = 128.0  # no prediction and no finished request of the task yet
     history_len: int = 64  # finished lengths kept per task for the fallback median
-    prefill_token_weight: float = 0.0  # ranking rem of waiting += weight * prefill tokens (0 = spec 7.2)
+    # ranking rem of a waiting request += weight * its prefill tokens. None: from the cost model,
+    # b / (b + d * context), a prompt token in decode-token units of marginal compute (a long
+    # prompt is real work: ranking by output length alone puts long-prompt, short-output requests
+    # first and loses to MLFQ at overload even with exact lengths); 0 = spec 7.2 (output only)
+    prefill_token_weight: float | None = None
     srtf: bool = True  # False: arrival order ("without SRTF")
     use_prediction: bool = True  # False: ignore predictor, task median only ("without prediction")
 
@@ -87,6 +91,8 @@ class InlaidConfig:
             raise ValueError(
                 f"grouping={self.grouping!r} must be one of {GROUPING_MODES}, batching={self.batching!r} of {BATCHING_MODES}"
             )
+        if self.prefill_token_weight is not None and self.prefill_token_weight < 0:
+            raise ValueError(f"prefill_token_weight={self.prefill_token_weight} must be >= 0 or None (from the cost model)")
         if self.adapter_slots is not None and self.adapter_slots < 1:
             raise ValueError(f"adapter_slots={self.adapter_slots} must be >= 1 or None")
 
@@ -135,8 +141,13 @@ class InlaidPolicy(SchedulingPolicy):
     def remaining(self, r: SchedulableRequest, waiting: bool = False) -> float:
         """Predicted remaining work in decode tokens (plus the prefill term when waiting)."""
         rem = max(min(self.predicted_len(r), r.max_tokens) - r.num_output_tokens, 1.0)
-        if waiting and self.config.prefill_token_weight:
-            rem += self.config.prefill_token_weight * prefill_tokens(r)
+        if waiting and self.config.prefill_token_weight != 0:
+            prefill = prefill_tokens(r)
+            weight = self.config.prefill_token_weight
+            if weight is None:
+                b, d = self.config.cost.b_s_per_token, self.config.cost.d_s_per_kv_token
+                weight = b / (b + d * (prefill + rem / 2))  # mean context over the remaining decode
+            rem += weight * prefill
         return rem
 
     # -- aging -------------------------------------------------------------------------------
@@ -185,15 +196,16 @@ class InlaidPolicy(SchedulingPolicy):
         """Aged first (oldest first), then by key; hard_cap / preference group the others."""
         cfg = self.config
         aged = sorted((r for r in candidates if r.request_id in self._aged), key=self._aged_key)
-        key = self._key
-        if cfg.grouping == "cost" and self._residency.slots is not None:
-            penalty = load_penalty_steps(running, cfg.cost)  # resident tasks first, by what a reload costs
-            running_ids = {r.request_id for r in running}
+        running_ids = {r.request_id for r in running}
+        # resident tasks first, by what a reload costs
+        penalty = load_penalty_steps(running, cfg.cost) if cfg.grouping == "cost" and self._residency.slots else 0.0
 
-            def key(r: SchedulableRequest) -> tuple[float, float, str]:
-                rem, arrival, rid = self._key(r)
-                evicts = rid not in running_ids and self._residency.evicts(r.task)
-                return (rem + penalty if evicts else rem, arrival, rid)
+        def key(r: SchedulableRequest) -> tuple[float, float, str]:
+            running_now = r.request_id in running_ids
+            rem, arrival, rid = self._key(r, running=running_now)
+            if penalty and not running_now and self._residency.evicts(r.task):
+                rem += penalty
+            return (rem, arrival, rid)
 
         rest = sorted((r for r in candidates if r.request_id not in self._aged), key=key)
         if cfg.grouping in ("hard_cap", "preference"):
@@ -204,8 +216,8 @@ class InlaidPolicy(SchedulingPolicy):
             rest = chosen
         return aged + rest
 
-    def _key(self, r: SchedulableRequest) -> tuple[float, float, str]:
-        rem = self.remaining(r, waiting=True) if self.config.srtf else 0.0
+    def _key(self, r: SchedulableRequest, running: bool) -> tuple[float, float, str]:
+        rem = self.remaining(r, waiting=not running) if self.config.srtf else 0.0
         return (rem, r.arrival_time, r.request_id)
 
     def _select_tasks(self, ranked: Sequence[R], running: Sequence[R]) -> set[str | None]:
