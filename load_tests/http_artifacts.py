@@ -22,17 +22,17 @@ from inlaid_ray.quant.mlgptq import MLGPTQConfig
 from inlaid_ray.quant.quantizer import QuantGrid
 
 
-def quantized_dir_name(bits: int, group_size: int, method: str = "mlgptq") -> str:
-    """Cache directory name of a checkpoint, e.g. 'smollm2-mlgptq-4bit-g64'."""
+def quantized_dir_name(bits: int, group_size: int, method: str) -> str:
+    """Cache directory name of a checkpoint, e.g. 'smollm2-mlgptq-channel-4bit-g64'."""
     return f"smollm2-{method}-{bits}bit-g{group_size}"
 
 
-def _matches(ckpt: Path, bits: int, group_size: int, tasks: Sequence[str]) -> bool:
+def _matches(ckpt: Path, bits: int, group_size: int, tasks: Sequence[str], method: str) -> bool:
     if not is_gptq_dir(ckpt) or not (ckpt / "model.safetensors").is_file():
         return False
     qc = json.loads((ckpt / "quantize_config.json").read_text())
     meta = qc.get("meta") or {}
-    return qc.get("bits") == bits and qc.get("group_size") == group_size and \
+    return qc.get("bits") == bits and qc.get("group_size") == group_size and meta.get("method") == method and \
         sorted(meta.get("task_ids") or []) == sorted(tasks)
 
 
@@ -44,19 +44,21 @@ def ensure_quantized_base(
     group_size: int = 64,
     calib_tokens: int | None = 4096,
     progress: bool = True,
+    method: str = "mlgptq-channel",
 ) -> Path:
-    """The cached MLGPTQ checkpoint of `base_dir` for the demo `tasks` (made if missing).
+    """The cached shared-base checkpoint of `base_dir` for the demo `tasks` (made if missing);
+    `mlgptq-channel` by default, as the demo serves (the element-wise max collapses on these tasks).
 
     group_size 64 because SmolLM2's hidden size (576) is not a multiple of 128.
     """
-    out = work_dir / quantized_dir_name(bits, group_size)
-    if _matches(out, bits, group_size, tasks):
+    out = work_dir / quantized_dir_name(bits, group_size, method)
+    if _matches(out, bits, group_size, tasks, method):
         return out
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sources = [TaskSource(t, demo_adapter_dir(t), demo_data_path(t, "calib")) for t in tasks]
-    cfg = MLGPTQConfig(method="mlgptq", grid=QuantGrid(bits=bits, group_size=group_size))
+    cfg = MLGPTQConfig(method=method, grid=QuantGrid(bits=bits, group_size=group_size))  # type: ignore[arg-type]
     calib = CalibrationConfig(tokens_per_task=calib_tokens)
     quantize_base(base_dir, sources, out, cfg, calib, stats_dir=None, progress=progress)
     return out

@@ -82,7 +82,7 @@ class DriverConfig:
     predictor: str | None = None  # None = the app's default (the learned MiniLM predictor when installed)
     stats_period_s: float = 0.2
     work_dir: str | None = None  # None = <cache_dir>/http_load
-    quantized_dir: str | None = None  # None = make (once) <work_dir>/smollm2-mlgptq-4bit-g64
+    quantized_dir: str | None = None  # None = make (once) <work_dir>/smollm2-mlgptq-channel-4bit-g64
 
     def __post_init__(self) -> None:
         if not self.rates or any(r <= 0 for r in self.rates):
@@ -362,7 +362,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DriverConfig, Path, P
     d = DriverConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", nargs="+", default=list(d.policies), choices=["fifo", "mlfq", "inlaid"])
-    p.add_argument("--quantization", choices=["off", "on", "both"], default="both", help="MLGPTQ 4-bit base")
+    p.add_argument("--quantization", choices=["off", "on", "both"], default="both", help="4-bit MLGPTQ-channel base")
     p.add_argument("--compression", choices=["off", "on", "both"], default="off",
                    help="JD-compressed adapters (adapter_format=jd_bank: demo clusters served as compressed banks)")
     p.add_argument("--rates", nargs="+", type=float, default=list(d.rates))
