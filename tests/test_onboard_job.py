@@ -147,7 +147,7 @@ def test_onboarding_is_incremental_and_equals_full_mlgptq(tiny, tmp_path, redis_
     snap = reg.snapshot()
     assert snap.base_version.version == 2 and snap.tasks["all"].status == "live"
     # The job's base equals MLGPTQ over both tasks computed from scratch, bit for bit.
-    cfg = MLGPTQConfig(grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
+    cfg = MLGPTQConfig(method="mlgptq-channel", grid=QuantGrid(bits=4, group_size=GROUP_SIZE))  # the job's default
     full = quantize_base(base, [sources["qv"], sources["all"]], tmp_path / "full", cfg,
                          CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
     assert full["tasks"] == ["all", "qv"]
@@ -175,18 +175,20 @@ def test_onboarding_is_incremental_and_equals_full_mlgptq(tiny, tmp_path, redis_
     assert _state(reg, artifacts) == state
 
 
-def test_unchanged_statistics_or_requantize_never_keep_the_base(tiny, tmp_path, redis_client):
+@pytest.mark.parametrize("method", ["mlgptq-channel", "mlgptq"])
+def test_unchanged_statistics_or_requantize_never_keep_the_base(tiny, tmp_path, redis_client, method):
     root, base, sources, _ = tiny
     opts, settings, reg = _env(tmp_path, redis_client, base)
+    opts = opts.model_copy(update={"quant_method": method})
     small = write_calibration(tmp_path / "small.jsonl", list(TASKS["qv"][3]), 2, seed=5)  # < TOKENS: all of it is used
     onboard_task("qv", "acme", sources["qv"].adapter_dir, small, opts, settings=settings)
     assert reg.snapshot().base_version.version == 1
-    # The same adapter on the same tokens under another name raises no Hessian entry: base kept.
+    # The same adapter on the same tokens under another name moves no aggregate entry: base kept.
     same = onboard_task("qv-copy", "acme", sources["qv"].adapter_dir, small, opts, settings=settings)
     assert same.statistics["computed"] == ["qv-copy"]
     assert not same.decision["requantize"] and same.decision["num_changed"] == 0, same.decision
     assert reg.snapshot().base_version.version == 1
-    # A different task changes the max, but requantize=never only stores its statistics.
+    # A different task changes the aggregate, but requantize=never only stores its statistics.
     never = onboard_task("mlp", "acme", sources["mlp"].adapter_dir, sources["mlp"].calibration,
                          opts.model_copy(update={"requantize": "never"}), settings=settings)
     assert not never.decision["requantize"] and never.decision["num_changed"] > 0

@@ -27,7 +27,7 @@ _ONBOARD_FLAGS: dict[str, tuple[type | None, str]] = {
     "endpoint": (str, "service URL to probe (default: http://127.0.0.1:8000; 'none' = no probe)"),
     "admin-key": (str, "admin API key for the probe (default: $INLAID_ADMIN_KEY)"),
     "requantize": (str, "auto | always | never: new base version only when the statistics changed (auto)"),
-    "quant-method": (str, "auto | mlgptq | mlgptq-channel | gptq-mixed: aggregation of a re-quantized base (auto: the current base's)"),
+    "quant-method": (str, "auto | mlgptq | mlgptq-channel | gptq-mixed: aggregation of a re-quantized base (auto: the current base's, else mlgptq-channel)"),
     "tokens-per-task": (int, "calibration tokens per task when the statistics store is created (512)"),
     "group-size": (int, "GPTQ group size (default: largest of 128/64/32 dividing the input dims)"),
     "max-rank": (int, "largest adapter rank the replicas hold (16)"),

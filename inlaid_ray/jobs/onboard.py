@@ -265,11 +265,12 @@ def _base_meta(snapshot: Snapshot) -> dict[str, Any] | None:
 
 
 def _quant_method(wanted: str, snapshot: Snapshot) -> str:
-    """`wanted`, or for "auto" the method the current base was quantized with (else mlgptq)."""
+    """`wanted`, or for "auto" the method the current base was quantized with (else mlgptq-channel:
+    the element-wise max can collapse a base, load_tests/results/quant_quality.md)."""
     if wanted != "auto":
         return wanted
-    method = (_base_meta(snapshot) or {}).get("method", "mlgptq")
-    return method if method in ("mlgptq", "mlgptq-channel", "gptq-mixed") else "mlgptq"
+    method = (_base_meta(snapshot) or {}).get("method", "mlgptq-channel")
+    return method if method in ("mlgptq", "mlgptq-channel", "gptq-mixed") else "mlgptq-channel"
 
 
 def _base_tasks(snapshot: Snapshot) -> list[dict[str, Any]] | None:

@@ -1,15 +1,14 @@
 """Steps 2-3 of onboarding: the new task's MLGPTQ statistics and the re-quantization decision
-(LoRA-Inlaid section 3; ALGORITHMS.md 6.3; GPTQ-mixed re-quantizes from the same stored
-statistics, with the token-weighted mean instead of the max). No Ray here: `onboard.py` runs these functions as
-Ray tasks (on a GPU when the cluster has one).
+(LoRA-Inlaid section 3; ALGORITHMS.md 6.3; MLGPTQ-channel and GPTQ-mixed re-quantize from the
+same stored statistics with their own aggregate). No Ray here: `onboard.py` runs these functions
+as Ray tasks (on a GPU when the cluster has one).
 
 `compute_statistics` adds the Hessians of the tasks the store lacks (the new one, plus live tasks
 whose calibration data is known but whose statistics were never stored) and says, per decoder
-layer and Linear input group, whether the element-wise max over all stored tasks differs from
-the max the current base was quantized with. With max aggregation a group whose aggregate did
-not change quantizes to the very same weights (GPTQ is a function of W and H), so "nothing
-changed" means the current base already is the MLGPTQ base for the new task set and no new base
-version is needed. `requantize` runs incremental MLGPTQ from the stored statistics (GPTQ of every
+layer and Linear input group, whether the aggregate over all stored tasks differs from the one
+the current base was quantized with. A group whose aggregate did not change quantizes to the
+very same weights (GPTQ is a function of W and H), so "nothing changed" means the current base
+already is the base for the new task set and no new base version is needed. `requantize` runs incremental MLGPTQ from the stored statistics (GPTQ of every
 layer from the fp16 weights; only the new task's forward passes were computed).
 """
 
@@ -28,7 +27,7 @@ from inlaid_ray.quant.calibration import CalibrationConfig
 from inlaid_ray.quant.incremental import TaskSource, compute_missing_stats, load_tasks, quantize_base
 from inlaid_ray.quant.incremental import hessian_settings
 from inlaid_ray.quant.measure import ResourceMeter
-from inlaid_ray.quant.mlgptq import GROUPS, MLGPTQConfig
+from inlaid_ray.quant.mlgptq import GROUPS, MLGPTQConfig, aggregate_hessians
 from inlaid_ray.quant.quantizer import QuantGrid
 from inlaid_ray.quant.stats_store import StatsStore, base_fingerprint
 
@@ -41,7 +40,7 @@ class QuantSettings:
     """Calibration and grid of the onboarding job. The calibration fields apply only when the
     statistics store is created; an existing store keeps the settings it was built with."""
 
-    method: str = "mlgptq"  # "mlgptq" (element-wise max), "mlgptq-channel" or "gptq-mixed" (token-weighted mean)
+    method: str = "mlgptq-channel"  # or "mlgptq" (element-wise max) or "gptq-mixed" (token-weighted mean)
     bits: int = 4
     group_size: int | None = None  # None: the largest of 128, 64, 32 dividing every input dim (else -1)
     tokens_per_task: int = 512  # calibration tokens per task (equal for every task, fixed by the store)
@@ -136,11 +135,7 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
         computed = compute_missing_stats(model, store, tasks, cfg, progress)
     del model
     with meter.phase("compare_aggregate"):
-        if settings.method == "mlgptq":
-            changed, basis = aggregate_changes(store, base_tasks)
-        else:  # a token-weighted mean (also inside mlgptq-channel) moves with every task added
-            changed = {layer: list(GROUPS) for layer in range(store.num_layers)}
-            basis = f"{settings.method}: the token-weighted mean Hessian changes with every new task"
+        changed, basis = aggregate_changes(store, base_tasks, settings.method)
     return StatsResult(
         created_store=existing is None, computed=computed, replaced=sorted(t for t in computed if t in before),
         store_tasks=sorted(store.tasks), changed=changed, num_groups=store.num_layers * len(GROUPS), basis=basis,
@@ -148,12 +143,13 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
     )
 
 
-def aggregate_changes(store: StatsStore, base_tasks: Sequence[Mapping[str, Any]] | None,
+def aggregate_changes(store: StatsStore, base_tasks: Sequence[Mapping[str, Any]] | None, method: str = "mlgptq",
                       rtol: float = 1e-4) -> tuple[dict[int, list[str]], str]:
-    """({layer: [groups]} where the max over all stored tasks exceeds the max over `base_tasks`,
-    what was compared). An entry counts as raised only by more than `rtol` x the group's largest
-    entry: the same data sampled in another order differs in the last bits, and GPTQ's result
-    does not move for that."""
+    """({layer: [groups]} where `method`'s aggregate over all stored tasks differs from the one over
+    `base_tasks`, what was compared). For the element-wise max only a raised entry counts, read
+    against the running max; an entry counts only if it moves by more than `rtol` x the group's
+    largest entry: the same data sampled in another order differs in the last bits, and GPTQ's
+    result does not move for that."""
     everything = {layer: list(GROUPS) for layer in range(store.num_layers)}
     if base_tasks is None:
         return everything, "no quantized base is current: every layer is new"
@@ -167,6 +163,9 @@ def aggregate_changes(store: StatsStore, base_tasks: Sequence[Mapping[str, Any]]
     extra = sorted(set(stored) - set(names))
     if not extra:
         return {}, f"the store holds exactly the current base's tasks {names}"
+    if method != "mlgptq":
+        return _pooled_aggregate_changes(store, names, extra, method, rtol), \
+            f"{method} over {names} + {extra} vs over {names}"
     use_aggregate = sorted(store.aggregate_tasks) == names
     changed: dict[int, list[str]] = {}
     for layer in range(store.num_layers):
@@ -181,6 +180,25 @@ def aggregate_changes(store: StatsStore, base_tasks: Sequence[Mapping[str, Any]]
         if groups:
             changed[layer] = groups
     return changed, f"max over {names} + {extra} vs max over {names}"
+
+
+def _pooled_aggregate_changes(store: StatsStore, names: list[str], extra: list[str], method: str,
+                              rtol: float) -> dict[int, list[str]]:
+    """Groups whose token-weighted (gptq-mixed, mlgptq-channel) aggregate moves when `extra` join."""
+    counts = {t: store.tasks[t].num_tokens for t in names + extra}
+    changed: dict[int, list[str]] = {}
+    for layer in range(store.num_layers):
+        parts = {t: store.task_layer(t, layer) for t in names + extra}
+        groups = []
+        for g in GROUPS:
+            old = aggregate_hessians(method, [parts[t][g] for t in names], [counts[t] for t in names])
+            new = aggregate_hessians(method, [parts[t][g] for t in sorted(names + extra)],
+                                     [counts[t] for t in sorted(names + extra)])
+            if float((new - old).abs().max()) > rtol * float(old.abs().max()):
+                groups.append(g)
+        if groups:
+            changed[layer] = groups
+    return changed
 
 
 def requantize(base_dir: str | Path, stats_dir: str | Path, out_dir: str | Path,
