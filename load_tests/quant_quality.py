@@ -166,9 +166,8 @@ DIAGNOSTIC_MODULES = ((0, "q_proj"), (10, "k_proj"), (10, "down_proj"), (20, "ga
 
 def _module_diagnostics(store: StatsStore, base: Path, tasks: list[str], args) -> dict[str, Any]:
     """For a few modules, every task's own relative objective when ONE module is quantized with
-    H = mix, max (as MLGPTQ), the task's own H, RTN, and - a diagnostic, not a method of the
-    paper - "maxdiag": the mix with its diagonal replaced by the max diagonal (PSD by construction,
-    keeps each channel's largest energy). Separates "max is indefinite" from "max is the wrong target"."""
+    H = mix, the element-wise max (as MLGPTQ), the channel max (mlgptq-channel: PSD, the max's
+    diagonal with the mix's correlations), the task's own H, and RTN."""
     from safetensors.torch import load_file
 
     from inlaid_ray.quant.gptq import gptq_quantize, rtn_quantize
@@ -183,11 +182,10 @@ def _module_diagnostics(store: StatsStore, base: Path, tasks: list[str], args) -
             continue
         parts = [store.task_layer(t, layer)[GROUP_OF[module]] for t in tasks]
         mx, mix = aggregate_hessians("mlgptq", parts, counts), aggregate_hessians("gptq-mixed", parts, counts)
-        maxdiag = mix.clone()
-        maxdiag.diagonal().copy_(mx.diagonal())
+        channel = aggregate_hessians("mlgptq-channel", parts, counts)
         W = dense[f"{hf_prefix(layer, module)}.weight"].float()
         qs = {"rtn": rtn_quantize(W, grid).Q, "mix": gptq_quantize(W, mix, grid).Q,
-              "max": gptq_quantize(W, mx, grid).Q, "maxdiag": gptq_quantize(W, maxdiag, grid).Q}
+              "max": gptq_quantize(W, mx, grid).Q, "channel": gptq_quantize(W, channel, grid).Q}
         ev = torch.linalg.eigvalsh(mx.double())
         entry: dict[str, Any] = {"max_min_eig_over_mean_diag": float(ev.min() / mx.diagonal().mean()),
                                  "max_negative_eigenvalues": int((ev < 0).sum()), "d_in": int(ev.numel()),
@@ -321,15 +319,15 @@ def _findings(state: State, summary: dict[str, Any], args) -> str:
     diag = state.data.get("module_diagnostics") or {}
     if diag:
         lines += ["", f"One module quantized at {args.bits[0]} bits with different H, each task's own relative objective "
-                  "tr(dW H_t dW^T)/tr(W H_t W^T), mean over tasks, relative to H = mix (1.00). `maxdiag` is a "
-                  "diagnostic (mix with the max diagonal; PSD), not a method of the paper:", "",
-                  "| module | negative eigenvalues of H_max | min eig / mean diag | max | maxdiag | own H_t | RTN |",
+                  "tr(dW H_t dW^T)/tr(W H_t W^T), mean over tasks, relative to H = mix (1.00); `channel` is "
+                  "mlgptq-channel's aggregate:", "",
+                  "| module | negative eigenvalues of H_max | min eig / mean diag | max | channel | own H_t | RTN |",
                   "|---|---|---|---|---|---|---|"]
         for name, d in diag.items():
             rel = {k: statistics.fmean(o[k] / o["mix"] for o in d["objective"].values())
-                   for k in ("max", "maxdiag", "own", "rtn")}
+                   for k in ("max", "channel", "own", "rtn")}
             lines.append(f"| {name} | {d['max_negative_eigenvalues']}/{d['d_in']} | {d['max_min_eig_over_mean_diag']:.1f} | "
-                         f"{rel['max']:.2f} | {rel['maxdiag']:.2f} | {rel['own']:.2f} | {rel['rtn']:.2f} |")
+                         f"{rel['max']:.2f} | {rel['channel']:.2f} | {rel['own']:.2f} | {rel['rtn']:.2f} |")
     return "\n".join(lines)
 
 

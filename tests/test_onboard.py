@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import threading
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,8 @@ from inlaid_ray.serve.launcher import run_serve
 from inlaid_ray.serve.replica_protocol import AdapterEntry
 from inlaid_ray.serve.router import BASE_VERSION_HEADER, REPLICA_HEADER
 
+from conftest import free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,12 +56,6 @@ OVERRIDES = dict(
     max_clusters_per_replica=1, max_adapters_per_replica=4, auth_cache_s=0.0,
     namespace="ob" + uuid.uuid4().hex[:8],
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -95,7 +90,7 @@ def app(smollm2_dir, tmp_path_factory):
     settings = Settings(cache_dir=tmp_path_factory.mktemp("onboard-cache"), api_key=API_KEY, admin_key=ADMIN_KEY)
     client = connect_redis(None, data_dir)
     try:
-        url = run_serve(args, host="127.0.0.1", port=_free_port(), blocking=False, settings=settings,
+        url = run_serve(args, host="127.0.0.1", port=free_port(), blocking=False, settings=settings,
                         ray_init_kwargs=dict(num_cpus=2, include_dashboard=False))
         options = OnboardOptions(
             base_dir=str(smollm2_dir), artifact_dir=str(tmp_path_factory.mktemp("artifacts")), data_dir=str(data_dir),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 from collections import Counter
@@ -37,6 +36,8 @@ from inlaid_ray.serve.engine_builder import ReplicaSpec, build_engine, load_clus
 from inlaid_ray.serve.launcher import run_serve
 from inlaid_ray.serve.replica_protocol import AdapterEntry
 from inlaid_ray.serve.router import REPLICA_HEADER
+
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -83,12 +84,6 @@ def adapters_dir(smollm2_dir, tmp_path_factory) -> Path:
     return _stand_in_adapters(smollm2_dir, tmp_path_factory.mktemp("stand-in-adapters"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Served:
     url: str
@@ -122,7 +117,7 @@ def served(smollm2_dir, adapters_dir, tmp_path_factory):
     settings = Settings(cache_dir=tmp_path_factory.mktemp("serve-cache"), api_key=API_KEY, admin_key=ADMIN_KEY)
     client = connect_redis(None, data_dir)
     try:
-        url = run_serve(args, host="127.0.0.1", port=_free_port(), blocking=False, settings=settings,
+        url = run_serve(args, host="127.0.0.1", port=free_port(), blocking=False, settings=settings,
                         ray_init_kwargs=dict(num_cpus=2, include_dashboard=False))
         yield Served(url, args, TaskRegistry(client, args.namespace), adapters_dir, load_tokenizer(smollm2_dir))
     finally:

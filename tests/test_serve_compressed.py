@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import socket
 import uuid
 
 import httpx
@@ -25,7 +24,7 @@ from inlaid_ray.config import Settings
 from inlaid_ray.demo import DEMO_TASKS, demo_adapter_dir
 from inlaid_ray.engine import EngineConfig, SamplingParams
 from inlaid_ray.engine.builder import build_engine
-from inlaid_ray.lora import AdapterBank, LoRAAdapter, LoRAFactors
+from inlaid_ray.lora import AdapterBank, LoRAAdapter
 from inlaid_ray.lora.cluster_bank import load_cluster_banks, save_cluster_banks
 from inlaid_ray.lora.clustering import ClusterConfig
 from inlaid_ray.lora.compress_jd import JDConfig
@@ -38,6 +37,8 @@ from inlaid_ray.serve.bootstrap import DEMO_CLUSTERS, adapter_ready, demo_bank_d
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ClusterSpec
 from inlaid_ray.serve.residency import ClusterResidency
 
+from conftest import free_port, random_lora_adapter
+
 API_KEY, ADMIN_KEY = "test-demo-key", "test-admin-key"
 MAX_MODEL_LEN = 256
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -45,17 +46,6 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 
 # ----------------------------------------------------------------------------- residency (fast)
-
-
-def _adapter(config: ModelConfig, name: str, seed: int, rank: int = 4) -> LoRAAdapter:
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for layer in range(config.num_layers):
-        for module in ("q_proj", "v_proj"):
-            d_out, d_in = config.module_shape(module)
-            weights[(layer, module)] = LoRAFactors(torch.randn(rank, d_in, generator=gen),
-                                                   torch.randn(d_out, rank, generator=gen), 0.5)
-    return LoRAAdapter(name, None, weights)
 
 
 def _bank_delta(bank: AdapterBank, name: str, layer: int, module: str, d_in: int) -> torch.Tensor:
@@ -71,7 +61,7 @@ def _bank_delta(bank: AdapterBank, name: str, layer: int, module: str, d_in: int
 
 def test_residency_mixes_a_compressed_cluster_with_raw_adapters(tmp_path):
     config = ModelConfig.from_hf_dict(LlamaConfig(**TINY).to_dict())
-    adapters = {n: _adapter(config, n, seed) for seed, n in enumerate(["a", "b", "c", "d"])}
+    adapters = {n: random_lora_adapter(config, n, 4, ("q_proj", "v_proj"), seed) for seed, n in enumerate(["a", "b", "c", "d"])}
     # "a", "b" compressed exactly (k = stacked rank 8); "c" joined the cluster after the bank was built.
     banks = compress_adapter_set([adapters["a"], adapters["b"]], ClusterConfig(jd=JDConfig(rank=8), num_clusters=1),
                                  progress=False).banks
@@ -139,12 +129,6 @@ def _router_sends_format() -> bool:
     return cluster_spec_for(task, Records()).format == "jd_bank"  # type: ignore[arg-type]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_app_serves_demo_clusters_compressed(smollm2_dir, tmp_path_factory):
     import ray
@@ -171,7 +155,7 @@ def test_app_serves_demo_clusters_compressed(smollm2_dir, tmp_path_factory):
     messages = [{"role": "user", "content": "Write one short sentence about the sea."}]
     client = connect_redis(None, data_dir)
     try:
-        url = run_serve(args, host="127.0.0.1", port=_free_port(), blocking=False, settings=settings,
+        url = run_serve(args, host="127.0.0.1", port=free_port(), blocking=False, settings=settings,
                         ray_init_kwargs=dict(num_cpus=2, include_dashboard=False))
         served = {}
         for task in tasks:

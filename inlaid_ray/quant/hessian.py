@@ -115,7 +115,7 @@ def channel_max_aggregate_hessians(
     Cholesky never needs eigenvalue clipping (the element-wise max of the off-diagonals is where
     the max turns indefinite: max of task-dependent entries is a positively biased random matrix)."""
     mix = mix_aggregate_hessians(hs, token_counts)
-    top = max_aggregate_hessians(hs).diagonal()
+    top = torch.stack([_as_tensor(h).diagonal().to(mix.device, torch.float32) for h in hs]).amax(dim=0)
     mean = mix.diagonal()
     scale = torch.where(mean > 0, (top / mean.clamp_min(torch.finfo(mean.dtype).tiny)).sqrt(), torch.ones_like(mean))
     return mix.mul_(scale.unsqueeze(1)).mul_(scale.unsqueeze(0))
