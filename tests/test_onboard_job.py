@@ -32,6 +32,7 @@ from inlaid_ray.registry import (
     TaskRegistry,
     activate_onboarding,
     connect_redis,
+    retire_task,
     rollback_onboarding,
     stage_onboarding,
 )
@@ -209,6 +210,26 @@ def test_auto_method_follows_the_current_base_gptq_mixed(tiny, tmp_path, redis_c
     quantize_base(base, [sources["mlp"], sources["qv"]], tmp_path / "full", cfg,
                   CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
     same, diffs = checkpoints_identical(base_v2.uri, tmp_path / "full")
+    assert same, diffs
+
+
+def test_retired_task_statistics_leave_the_store_and_the_next_base(tiny, tmp_path, redis_client):
+    """A retired task no longer shapes the shared base: the next onboarding drops its statistics
+    and re-quantizes for the tasks still served, equal to a full run over exactly those."""
+    root, base, sources, _ = tiny
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    for name in ("qv", "all"):
+        onboard_task(name, "acme", sources[name].adapter_dir, sources[name].calibration, opts, settings=settings)
+    assert retire_task(reg, "all")["changed"]
+    third = onboard_task("mlp", "acme", sources["mlp"].adapter_dir, sources["mlp"].calibration, opts, settings=settings)
+    assert third.statistics["dropped"] == ["all"] and third.statistics["store_tasks"] == ["mlp", "qv"]
+    assert third.decision["requantize"]
+    snap = reg.snapshot()
+    assert snap.base_version.version == 3 and snap.tasks["all"].status == "retired"
+    cfg = MLGPTQConfig(method="mlgptq-channel", grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
+    quantize_base(base, [sources["mlp"], sources["qv"]], tmp_path / "full", cfg,
+                  CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
+    same, diffs = checkpoints_identical(snap.base_version.uri, tmp_path / "full")
     assert same, diffs
 
 

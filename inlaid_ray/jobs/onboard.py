@@ -293,9 +293,10 @@ def _statistics(task: str, task_dir: Path, snapshot: Snapshot, res: Resolved, st
                if catch_up and t.status == "live" and t.name != task and t.name not in stored
                and t.extra.get("calibration_uri")]
     sources.append(TaskSource(task, task_dir, task_dir / "calibration.jsonl"))
+    retired = [n for n in stored if n in snapshot.tasks and snapshot.tasks[n].status == "retired"]
     attempt.stats_started = True
     return run_step(f"onboard-{task}-statistics", compute_statistics, res.base_dir, stats_dir, sources,
-                    _base_tasks(snapshot), res.quant, progress, remote=res.remote)
+                    _base_tasks(snapshot), res.quant, progress, retired, remote=res.remote)
 
 
 def _ranges(layers: list[int]) -> str:

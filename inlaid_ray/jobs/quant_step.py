@@ -4,7 +4,8 @@ same stored statistics with their own aggregate). No Ray here: `onboard.py` runs
 as Ray tasks (on a GPU when the cluster has one).
 
 `compute_statistics` adds the Hessians of the tasks the store lacks (the new one, plus live tasks
-whose calibration data is known but whose statistics were never stored) and says, per decoder
+whose calibration data is known but whose statistics were never stored), drops those of retired
+tasks (retired is terminal: the next base is quantized for the tasks still served), and says, per decoder
 layer and Linear input group, whether the aggregate over all stored tasks differs from the one
 the current base was quantized with. A group whose aggregate did not change quantizes to the
 very same weights (GPTQ is a function of W and H), so "nothing changed" means the current base
@@ -67,6 +68,7 @@ class StatsResult:
     computed: list[str]  # tasks whose statistics were computed now
     replaced: list[str]  # of those, tasks the store held before with another adapter / calibration
     store_tasks: list[str]  # every task in the store afterwards
+    dropped: list[str]  # retired tasks whose statistics left the store now
     changed: dict[int, list[str]]  # layer -> input groups whose max aggregate differs from the current base's
     num_groups: int  # layers x groups compared
     basis: str  # what the comparison was made against
@@ -111,10 +113,11 @@ def configs(settings: QuantSettings, model_config: ModelConfig,
 
 def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Sequence[TaskSource],
                        base_tasks: Sequence[Mapping[str, Any]] | None, settings: QuantSettings = QuantSettings(),
-                       progress: bool = False) -> StatsResult:
-    """Store the statistics of `sources` the store lacks (creating the store if absent) and compare
-    the new max aggregate with the one of `base_tasks` (the current base's MLGPTQ meta "tasks"
-    entries; None = no quantized base is current)."""
+                       progress: bool = False, retired: Sequence[str] = ()) -> StatsResult:
+    """Drop the statistics of `retired` tasks, store those of `sources` the store lacks (creating
+    the store if absent) and compare the new aggregate with the one of `base_tasks` (the current
+    base's MLGPTQ meta "tasks" entries; None = no quantized base is current). A base task dropped
+    here makes every layer count as changed: the next base no longer serves it."""
     base_dir, stats_dir = Path(base_dir), Path(stats_dir)
     meter = ResourceMeter(resolve_device(settings.device))
     model_config = ModelConfig.from_dir(base_dir)
@@ -131,6 +134,9 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
                                   model_config.num_layers)
     else:
         store.check_compatible(base_fingerprint(base_dir), hessian_settings(cfg, calib_cfg, budget))
+    dropped = sorted(t for t in set(retired) if t in store.tasks)
+    for name in dropped:
+        store.remove_task(name)
     with meter.phase("forward_hessian"):
         computed = compute_missing_stats(model, store, tasks, cfg, progress)
     del model
@@ -138,7 +144,7 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
         changed, basis = aggregate_changes(store, base_tasks, settings.method)
     return StatsResult(
         created_store=existing is None, computed=computed, replaced=sorted(t for t in computed if t in before),
-        store_tasks=sorted(store.tasks), changed=changed, num_groups=store.num_layers * len(GROUPS), basis=basis,
+        store_tasks=sorted(store.tasks), dropped=dropped, changed=changed, num_groups=store.num_layers * len(GROUPS), basis=basis,
         resources=meter.summary(),
     )
 
