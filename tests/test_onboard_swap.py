@@ -16,7 +16,7 @@ from inlaid_ray.lora import AdapterBank
 from inlaid_ray.model import ModelConfig
 from inlaid_ray.serve.engine_builder import ReplicaSpec
 from inlaid_ray.serve.replica import engine_on_base
-from inlaid_ray.serve.residency import BaseRef, BaseResidency
+from inlaid_ray.serve.base_residency import BaseRef, BaseResidency
 from test_mlgptq_setup import write_tiny_base
 
 PROMPT = [1, 5, 7, 9, 11, 13]

@@ -9,8 +9,8 @@ and reports routing stats (resident clusters, running/waiting, KV usage, distinc
 the last step, predicted outstanding tokens) for `ClusterAffinityRouter`.
 
 Base versions: every request also carries the base version the registry names (`BaseRef`);
-`residency.BaseResidency` loads a new one beside the running engine (same adapter bank) and
-swaps when it is ready, each request finishing on the engine it started on (see residency.py).
+`base_residency.BaseResidency` loads a new one beside the running engine (same adapter bank) and
+swaps when it is ready, each request finishing on the engine it started on (see base_residency.py).
 The first chunk names the base version that serves the request (`base_version`).
 
 Streaming coalesces: a pump task moves engine deltas into a queue, and each yield carries
@@ -45,7 +45,8 @@ from inlaid_ray.serve.engine_builder import (
 from inlaid_ray.serve.http_errors import error_chunk
 from inlaid_ray.serve.imports import import_object
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ReplicaRequest, merge_outputs
-from inlaid_ray.serve.residency import BaseRef, BaseResidency, ClusterResidency, ClusterToken, EngineSlot, Lease
+from inlaid_ray.serve.base_residency import BaseRef, BaseResidency, EngineSlot
+from inlaid_ray.serve.residency import ClusterResidency, ClusterToken, Lease
 
 log = logging.getLogger(__name__)
 

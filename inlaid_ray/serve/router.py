@@ -13,7 +13,7 @@ arrive as an SSE error event. Routes: /v1/completions, /v1/chat/completions, /v1
 retire), tenants, replicas.
 
 Every request also carries the registry's current base version (`BaseRef`), which replicas
-swap to in the background (residency.py); the `x-inlaid-base-version` header names the base
+swap to in the background (base_residency.py); the `x-inlaid-base-version` header names the base
 version that served the request. The onboarding job probes a staged task before it goes live
 with the admin key and `x-inlaid-probe: 1`: only then may a task still `onboarding` be used.
 A retired task answers 404 as soon as the registry event arrives (the retire route waits for
@@ -58,7 +58,7 @@ from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, new_id
 from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_completion
 from inlaid_ray.serve.replica_protocol import ReplicaRequest
-from inlaid_ray.serve.residency import BaseRef
+from inlaid_ray.serve.base_residency import BaseRef
 from inlaid_ray.serve.responses import ResponseContext, StreamTracker, collect, next_chunk, sse_events
 
 log = logging.getLogger(__name__)
