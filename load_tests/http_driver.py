@@ -80,6 +80,8 @@ class DriverConfig:
     max_model_len: int = 384
     num_kv_blocks: int = 256
     predictor: str | None = None  # None = the app's default (the learned MiniLM predictor when installed)
+    # the replica's step-cost model for inlaid: the fit on this CPU engine, as a deployment configures it
+    step_cost_model: str | None = str(RESULTS / "cost_model_cpu.json")
     stats_period_s: float = 0.2
     work_dir: str | None = None  # None = <cache_dir>/http_load
     quantized_dir: str | None = None  # None = make (once) <work_dir>/smollm2-mlgptq-channel-4bit-g64
@@ -168,7 +170,7 @@ def app_args(cfg: DriverConfig, variant: Variant, model_dir: Path, data_dir: Pat
         torch_threads=cfg.torch_threads, dtype="float32", device="cpu", policy=variant.policy,
         max_model_len=cfg.max_model_len, max_num_batched_tokens=max(1024, cfg.max_model_len),
         max_num_seqs=cfg.max_num_seqs, num_kv_blocks=cfg.num_kv_blocks, max_clusters_per_replica=2,
-        max_adapters_per_replica=4,
+        max_adapters_per_replica=4, step_cost_model=cfg.step_cost_model,
     )
     if cfg.predictor is not None:
         fields["predictor"] = cfg.predictor
@@ -377,6 +379,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DriverConfig, Path, P
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--work-dir", default=None, help="artifacts + registry (default <cache_dir>/http_load)")
     p.add_argument("--quantized-dir", default=None, help="an existing GPTQ checkpoint of SmolLM2 to serve")
+    p.add_argument("--step-cost-model", default=d.step_cost_model,
+                   help="inlaid's step-cost model JSON ('none': its analytic H100 default)")
     p.add_argument("--out", type=Path, default=RESULTS / "http_load.json")
     a = p.parse_args(argv)
     cfg = DriverConfig(
@@ -384,6 +388,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[DriverConfig, Path, P
         rates=tuple(a.rates), duration_s=a.duration, max_requests=a.max_requests, drain_timeout_s=a.drain_timeout,
         seed=a.seed, max_tokens=a.max_tokens, slo_ttft_s=a.slo_ttft, slo_per_token_s=a.slo_per_token,
         max_num_seqs=a.max_num_seqs, predictor=a.predictor, work_dir=a.work_dir, quantized_dir=a.quantized_dir,
+        step_cost_model=None if a.step_cost_model == "none" else a.step_cost_model,
     )
     return cfg, a.out, a.out.with_suffix(".png")
 

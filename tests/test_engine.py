@@ -6,6 +6,7 @@ input raises the right error and leaves the engine working."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from inlaid_ray.engine import EngineConfig, LLMEngine, RequestStatus, SamplingPa
 from inlaid_ray.errors import InvalidRequest, TaskNotFound
 from inlaid_ray.model import load_model, prefill_logits
 from inlaid_ray.sched import FifoPolicy, StepBudget
+from inlaid_ray.sched.cost_model import StepCostModel
 
 PROMPTS = [[1, 5, 7, 9, 11], [4, 4, 4], list(range(2, 31)), [7], [150, 3, 99, 12, 8, 8, 40]]
 CFG = EngineConfig(block_size=4, num_kv_blocks=128, max_model_len=64, max_num_batched_tokens=128, max_num_seqs=8)
@@ -252,6 +254,19 @@ def test_stats_and_config_validation(model):
     derived = LLMEngine(model, None, EngineConfig(max_num_batched_tokens=256, max_num_seqs=2))
     assert derived.max_model_len == 256 and derived.allocator.num_blocks <= 2 * 16
     assert derived.kv_cache.key_caches[0].dtype == torch.float32
+
+
+def test_engine_gives_cost_aware_policies_the_replicas_step_cost_model(model, tmp_path):
+    """EngineConfig.step_cost_model (a measure_step_cost.py JSON) reaches the inlaid policy's
+    batch shaping; policies that do not price steps are built as usual."""
+    fitted = StepCostModel(a_s=0.25, b_s_per_token=0.012, c_s_per_adapter=0.034, d_s_per_kv_token=4.8e-4,
+                           e_s_per_adapter_load=0.0, source="fitted on this CPU")
+    fitted.save(tmp_path / "cost.json", extra={"fit": {"r2": 0.6}})
+    inlaid = LLMEngine(model, None, replace(CFG, policy="inlaid", step_cost_model=str(tmp_path / "cost.json")))
+    assert inlaid.policy.config.cost == fitted
+    assert LLMEngine(model, None, replace(CFG, policy="inlaid")).policy.config.cost == StepCostModel()
+    fifo = LLMEngine(model, None, replace(CFG, policy="fifo", step_cost_model=str(tmp_path / "cost.json")))
+    assert isinstance(fifo.policy, FifoPolicy)
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from inlaid_ray.engine.sampling import GREEDY_EPS, sample
 from inlaid_ray.engine.scheduler import Scheduler, SchedulerLimits
 from inlaid_ray.errors import InvalidRequest, TaskNotFound
 from inlaid_ray.model.kv_cache import PagedKVCache
-from inlaid_ray.sched.policy import SchedulingPolicy, make_policy
+from inlaid_ray.sched.policy import SchedulingPolicy, make_replica_policy
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class LLMEngine:
             )
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(num_blocks)
-        self.policy = policy if policy is not None else make_policy(config.policy)
+        self.policy = policy if policy is not None else make_replica_policy(config.policy, config.step_cost_model)
         limits = SchedulerLimits(
             config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
             watermark_blocks=int(config.kv_watermark * num_blocks),

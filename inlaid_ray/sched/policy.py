@@ -18,7 +18,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
+
+from inlaid_ray.sched.cost_model import StepCostModel
 
 
 class SchedulableRequest(Protocol):
@@ -53,6 +56,7 @@ class SchedulingPolicy(ABC):
 
     name: ClassVar[str]
     head_of_line_blocking: ClassVar[bool] = False
+    uses_cost_model: ClassVar[bool] = False  # takes `cost=StepCostModel` (the replica's step times)
 
     @abstractmethod
     def order(self, waiting: Sequence[R], running: Sequence[R], budget: StepBudget) -> list[R]:
@@ -93,6 +97,15 @@ def make_policy(name: str, **kwargs: Any) -> SchedulingPolicy:
     if name not in _POLICIES:
         raise ValueError(f"unknown scheduling policy {name!r}; known: {sorted(_POLICIES)}")
     return _POLICIES[name](**kwargs)
+
+
+def make_replica_policy(name: str, step_cost_model: str | Path | None = None) -> SchedulingPolicy:
+    """`make_policy(name)` for an engine: a policy that prices steps gets the step-cost model
+    fitted on the replica's device (JSON of load_tests/measure_step_cost.py) when one is given."""
+    factory = _POLICIES.get(name)
+    if step_cost_model is not None and getattr(factory, "uses_cost_model", False):
+        return make_policy(name, cost=StepCostModel.load(step_cost_model))
+    return make_policy(name)
 
 
 register_policy(FifoPolicy)

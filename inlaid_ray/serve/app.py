@@ -81,6 +81,9 @@ class AppArgs(BaseModel):
     max_cluster_size: int = Field(8, ge=1, description="most members of a compressed cluster")
     # --- engine
     policy: Literal["fifo", "mlfq", "inlaid"] = Field("inlaid", description="per-replica scheduling policy")
+    step_cost_model: str | None = Field(
+        None, description="step-cost model JSON fitted on the replicas' device (load_tests/measure_step_cost.py) "
+                          "for the inlaid policy; None = its analytic H100 / Llama-2-7B 4-bit default")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
     max_model_len: int | None = Field(None, ge=2, description="prompt + output tokens; None = min(model limit, max_num_batched_tokens)")
@@ -98,6 +101,8 @@ class AppArgs(BaseModel):
                              "a prompt is prefilled in one step")
         if self.device == "cuda" and self.num_gpus_per_replica == 0:
             raise ValueError(f"device='cuda' needs num_gpus_per_replica > 0, got {self.num_gpus_per_replica}")
+        if self.step_cost_model is not None and not Path(self.step_cost_model).is_file():
+            raise ValueError(f"step_cost_model={self.step_cost_model!r} is not a file (a JSON of measure_step_cost.py)")
         if self.max_adapters_per_replica < self.max_clusters_per_replica:
             raise ValueError(f"max_adapters_per_replica={self.max_adapters_per_replica} < max_clusters_per_replica="
                              f"{self.max_clusters_per_replica}: every resident cluster needs at least one slot")
@@ -145,7 +150,7 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
     engine = EngineConfig(
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=max_model_len, policy=args.policy, seed=args.seed,
+        max_model_len=max_model_len, policy=args.policy, seed=args.seed, step_cost_model=args.step_cost_model,
     )
     artifact_dir = args.artifact_dir or str(settings.cache_dir / "artifacts")
     replica_spec = ReplicaSpec(

@@ -18,6 +18,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus-per-replica", type=float, default=1, help="CPUs per replica (default 1)")
     parser.add_argument("--policy", choices=["fifo", "mlfq", "inlaid"], default="inlaid",
                         help="scheduling policy (default inlaid; fifo = S-LoRA's)")
+    parser.add_argument("--step-cost-model", default=None,
+                        help="step-cost model JSON fitted on the replicas' device, for inlaid (load_tests/measure_step_cost.py)")
     parser.add_argument("--max-clusters-per-replica", type=int, default=2, help="resident adapter clusters per replica")
     parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
     parser.add_argument("--num-kv-blocks", type=int, default=1024,
@@ -34,7 +36,7 @@ def app_fields_from_cli(ns: argparse.Namespace) -> dict[str, Any]:
     """AppArgs fields (as a dict) from flags parsed by `add_cli_arguments`."""
     fields: dict[str, Any] = {
         "model_dir": ns.model_dir, "num_replicas": ns.num_replicas, "num_gpus_per_replica": ns.num_gpus_per_replica,
-        "num_cpus_per_replica": ns.num_cpus_per_replica, "policy": ns.policy,
+        "num_cpus_per_replica": ns.num_cpus_per_replica, "policy": ns.policy, "step_cost_model": ns.step_cost_model,
         "max_clusters_per_replica": ns.max_clusters_per_replica, "max_model_len": ns.max_model_len,
         "num_kv_blocks": ns.num_kv_blocks or None, "dtype": ns.dtype, "device": ns.device, "bootstrap_demo": True,
     }
