@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from inlaid_ray.registry import (
     TaskRegistry,
     activate_onboarding,
     connect_redis,
+    fail_stale_onboarding,
     retire_task,
     rollback_onboarding,
     stage_onboarding,
@@ -231,6 +233,34 @@ def test_retired_task_statistics_leave_the_store_and_the_next_base(tiny, tmp_pat
                   CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
     same, diffs = checkpoints_identical(snap.base_version.uri, tmp_path / "full")
     assert same, diffs
+
+
+@pytest.mark.parametrize("heartbeat_s, reclaimed", [(0.05, False), (5.0, True)])
+def test_heartbeat_keeps_a_running_job_from_being_reclaimed(tiny, tmp_path, redis_client, heartbeat_s, reclaimed):
+    """A second job reclaims records older than 0.3 s while the first is still computing statistics:
+    with a 0.05 s heartbeat the running job's record stays fresh and it goes live; with beats too
+    rare to help (5 s) the reclaim fails it and it rolls back."""
+    root, base, sources, _ = tiny
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    opts = opts.model_copy(update={"heartbeat_s": heartbeat_s})
+    seen = {}
+
+    def slow_statistics(step: str) -> None:
+        if step == "statistics":
+            time.sleep(0.6)
+            seen["reclaim"] = fail_stale_onboarding(reg, "qv", 0.3, "onboarding job vanished (reclaimed)")
+
+    if reclaimed:
+        with pytest.raises(OnboardingFailed, match="left onboarding"):
+            onboard_task("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration, opts, settings=settings,
+                         fault=slow_statistics)
+        assert seen["reclaim"] is not None and reg.get_task("qv").status == "failed"
+    else:
+        report = onboard_task("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration, opts,
+                              settings=settings, fault=slow_statistics)
+        assert seen["reclaim"] is None and report.status == "live" and reg.get_task("qv").status == "live"
+    with pytest.raises(ValueError, match="reclaim_stale_s=10.0 must be >= 2 x heartbeat_s=30.0"):
+        OnboardOptions(reclaim_stale_s=10.0)
 
 
 def _corrupt_adapter(src: Path, out: Path) -> Path:

@@ -35,7 +35,8 @@ _ONBOARD_FLAGS: dict[str, tuple[type | None, str]] = {
     "probe-timeout-s": (float, "how long the probe may retry, base swaps included (300)"),
     "num-gpus": (float, "GPUs per Ray task (default: 1 when the cluster has a GPU)"),
     "num-cpus": (float, "CPUs per Ray task (1)"),
-    "reclaim-stale-s": (float, "first fail an onboarding record older than this (a crashed job)"),
+    "reclaim-stale-s": (float, "first fail an onboarding record older than this (a crashed job; >= 2 x heartbeat)"),
+    "heartbeat-s": (float, "how often the running job refreshes its onboarding record (30)"),
     "expected-output-tokens": (float, "output-length prior recorded for the router"),
     "slo-s": (float, "end-to-end SLO recorded for the task"),
 }

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -53,6 +54,7 @@ from inlaid_ray.registry.rollout import (
     Staged,
     activate_onboarding,
     fail_stale_onboarding,
+    heartbeat_onboarding,
     rollback_onboarding,
     stage_onboarding,
 )
@@ -99,10 +101,37 @@ class OnboardReport:
 @dataclass
 class _Attempt:
     record: TaskRecord | None = None  # set once begin_onboarding registered it
+    heartbeat: _Heartbeat | None = None  # refreshes the record while the job runs
     staged: Staged | None = None
     stats_started: bool = False
     store_existed: bool = False
     stats_before: dict[str, Any] = field(default_factory=dict)
+
+
+class _Heartbeat:
+    """Refreshes the onboarding record every `interval_s` from a daemon thread while the job runs,
+    so another job's `--reclaim-stale-s` fails only a job that died (its record stops aging)."""
+
+    def __init__(self, registry: TaskRegistry, task: str, version: int, interval_s: float) -> None:
+        self._args = (registry, task, version)
+        self.interval_s = interval_s
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"onboard-heartbeat-{task}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not heartbeat_onboarding(*self._args):
+                    return  # left onboarding (rolled back, reclaimed): nothing left to keep alive
+                self.beats += 1
+            except Exception:  # noqa: BLE001 - a missed beat only ages the record; keep beating
+                log.warning("onboard %s: heartbeat failed", self._args[1], exc_info=True)
 
 
 class _Steps:
@@ -164,6 +193,7 @@ def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any,
         with steps("register"):
             attempt.record = _register(task, tenant, adapter_dir, lora, opts, res, registry)
             report.version = attempt.record.version
+            attempt.heartbeat = _Heartbeat(registry, task, attempt.record.version, opts.heartbeat_s)
         version = attempt.record.version
         with steps("task_artifacts"):
             with store.building("tasks", task, version) as tmp:
@@ -206,12 +236,15 @@ def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any,
             else:
                 log.warning("onboard %s: no endpoint given; going live without a probe", task)
         with steps("activate"):
+            attempt.heartbeat.stop()
             if activate_onboarding(registry, task, version) is None:
                 raise RuntimeError(f"task {task!r} left onboarding (version {version}) before it went live")
         report.status, report.step = "live", "done"
         _write_report(store, report)
         return report
     except BaseException as exc:
+        if attempt.heartbeat is not None:
+            attempt.heartbeat.stop()
         step = report.step
         report.status, report.error = "failed", f"{step}: {type(exc).__name__}: {exc}"
         _rollback(task, attempt, registry, store, res, report)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inlaid_ray.config import Settings
 from inlaid_ray.jobs.cluster_assign import ClusterSettings
@@ -57,9 +57,18 @@ class OnboardOptions(BaseModel):
     num_gpus: float | None = Field(None, ge=0, description="GPUs per Ray task; None = 1 when the cluster has one")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per Ray task")
     reclaim_stale_s: float | None = Field(None, gt=0, description="fail an onboarding record older than this first")
+    heartbeat_s: float = Field(30.0, gt=0, description="how often a running job refreshes its onboarding record")
     expected_output_tokens: float | None = Field(None, gt=0, description="length prior recorded for the router")
     slo_s: float | None = Field(None, gt=0, description="end-to-end SLO recorded for the task")
     progress: bool = Field(True, description="tqdm progress bars")
+
+    @model_validator(mode="after")
+    def _reclaim_after_missed_beats(self) -> "OnboardOptions":
+        # a live job refreshes its record every heartbeat_s: reclaiming sooner could fail it
+        if self.reclaim_stale_s is not None and self.reclaim_stale_s < 2 * self.heartbeat_s:
+            raise ValueError(f"reclaim_stale_s={self.reclaim_stale_s} must be >= 2 x heartbeat_s={self.heartbeat_s}: "
+                             "a running job's record is refreshed only that often")
+        return self
 
 
 @dataclass(frozen=True)

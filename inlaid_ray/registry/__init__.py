@@ -30,6 +30,7 @@ from inlaid_ray.registry.rollout import (
     Staged,
     activate_onboarding,
     fail_stale_onboarding,
+    heartbeat_onboarding,
     rollback_onboarding,
     stage_onboarding,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "encode_event",
     "fail_stale_onboarding",
     "hash_api_key",
+    "heartbeat_onboarding",
     "list_tasks",
     "new_api_key",
     "retire_task",

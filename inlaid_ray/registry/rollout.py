@@ -190,6 +190,22 @@ def _undo_cluster(r: TaskRegistry, pipe, plan: Plan, rev: int, staged: Staged, n
     plan.events.append(ClusterUpdated(cluster=back, revision=rev))
 
 
+def heartbeat_onboarding(registry: TaskRegistry, name: str, version: int) -> bool:
+    """Refresh `updated_at` of the onboarding record at `version` (its job is alive, so
+    `fail_stale_onboarding` leaves it); False once it left onboarding or another attempt owns it.
+    No event: nothing serves an onboarding task, routers need not hear of it."""
+    r = registry
+
+    def body(pipe, rev: int) -> Plan[bool]:
+        old = r._read_task(pipe, name)
+        if old is None or old.status != "onboarding" or old.version != version:
+            return Plan(False)
+        new = replace(old, updated_at=time.time(), revision=rev)
+        return Plan(True, hset=[(r._tasks_key, name, to_json(new))])
+
+    return r._transact(f"heartbeat_onboarding {name}", body)
+
+
 def fail_stale_onboarding(registry: TaskRegistry, name: str, older_than_s: float, reason: str) -> TaskRecord | None:
     """`onboarding -> failed` if the record was last written more than `older_than_s` ago (its job
     died without rolling back); None if it is not onboarding or still fresh."""
