@@ -57,7 +57,6 @@ class GPTQGemmConfig:
 
 
 # Fallback when kernels/configs/<gpu>.json has no entry: (max_m, config), ascending max_m.
-# Fallback when kernels/configs/<gpu>.json has no entry: (max_m, config), ascending max_m.
 # Values: the shape-independent winners of load_tests/bench_kernels.py on an H100 (2026-11).
 DEFAULT_CONFIGS: list[tuple[int, GPTQGemmConfig]] = [
     (1, GPTQGemmConfig(block_m=1, block_n=64, block_k=128, split_k=16, num_warps=4, num_stages=3)),

@@ -37,15 +37,18 @@ ABLATION = {
     "inlaid (default)": {},
     "paper: hard cap beta=10, 30 s aging": {"batching": "all", "grouping": "hard_cap", "starvation_latency_multiple": 0.0},
     "admission order only (work-conserving)": {"batching": "all"},
-    "closed-system shaping (no queue term)": {"queue_aware": False},
+    "queue term counts waiting requests too": {"queue_term": "all"},
+    "closed-system shaping (no queue term)": {"queue_term": "off"},
     "no pausing of running requests": {"pause_running": False},
     "no grouping (no adapter terms)": {"grouping": "off"},
+    "fixed 30 s aging bound (MLFQ's)": {"starvation_latency_multiple": 0.0},
     "no prediction": {"use_prediction": False},
     "no SRTF": {"srtf": False},
     "rank by output length only (no prefill term)": {"prefill_token_weight": 0.0},
     "fixed prefill weight 0.25 (sensitivity)": {"prefill_token_weight": 0.25},
 }
-SWAP_ABLATION = ("inlaid (default)", "paper: hard cap beta=10, 30 s aging", "no grouping (no adapter terms)")
+SWAP_ABLATION = ("inlaid (default)", "paper: hard cap beta=10, 30 s aging", "no grouping (no adapter terms)",
+                 "queue term counts waiting requests too")
 PLOT_METRICS = (
     ("slo_attainment_5x", "SLO attainment (5x isolated)"),
     ("jct_mean_s", "mean JCT = e2e latency (s)"),

@@ -45,18 +45,32 @@ def joins(cost: StepCostModel, y: SimJob, batch: list[SimJob], queued: int, new_
 
 @pytest.mark.parametrize("queued", [0, 2, 8])
 def test_long_context_request_joins_exactly_when_the_rule_says(queued):
-    running = [job(f"r{i}", g=1, pred=40 + i) for i in range(5)]
+    running = [job(f"r{i}", g=1, pred=40 + i) for i in range(4)]
     y = job("y", p=1500, pred=60, arrival=1.0)  # shorter than nothing running: ranked last but one group
-    behind = [job(f"q{i}", p=10, pred=500 + i, arrival=2.0) for i in range(queued)]  # ranked after y
+    behind = [job(f"q{i}", p=10, g=1, pred=500 + i, arrival=2.0) for i in range(queued)]  # running, ranked after y
     pol = InlaidPolicy(cost=ATTENTION_HEAVY)
-    plan = plan_step(pol, [y] + behind, running, budget())
+    plan = plan_step(pol, [y], running + behind, budget())
     expected = joins(ATTENTION_HEAVY, y, running, queued, new_task=False)
     assert ("y" in ids(plan.scheduled)) == expected
     assert set(ids(running)) <= set(ids(plan.scheduled))  # shorter running requests are never paused for y
     if queued == 0:
         assert not expected  # the case worth testing: alone behind the batch it waits
     if queued == 8:
-        assert expected  # a queue behind it would share its steps later anyway: it runs now
+        assert expected  # running requests behind it would share its steps later anyway: it runs now
+
+
+@pytest.mark.parametrize("queue_term, joins_now", [("running", False), ("all", True), ("off", False)])
+def test_waiting_requests_behind_count_only_under_queue_term_all(queue_term, joins_now):
+    """Eight *waiting* requests ranked behind y: at overload they still wait when y's deferred
+    steps come, so the default rule does not count them (y waits, as with nobody behind it)."""
+    running = [job(f"r{i}", g=1, pred=40 + i) for i in range(4)]
+    y = job("y", p=1500, pred=60, arrival=1.0)
+    behind = [job(f"q{i}", p=10, pred=500 + i, arrival=2.0) for i in range(8)]
+    assert not joins(ATTENTION_HEAVY, y, running, 0, new_task=False) and joins(ATTENTION_HEAVY, y, running, 8, new_task=False)
+    plan = plan_step(InlaidPolicy(cost=ATTENTION_HEAVY, queue_term=queue_term), [y] + behind, running, budget())
+    assert ("y" in ids(plan.scheduled)) == joins_now
+    with pytest.raises(ValueError, match="queue_term"):
+        InlaidPolicy(queue_term="sometimes")
 
 
 def test_paused_long_request_keeps_its_blocks_and_resumes_when_the_batch_drains():

@@ -7,8 +7,8 @@ request y (predicted remaining `rem_y` decode steps) and the batch S admitted be
 rank order. Running y alongside S for the `m = min(rem_y, max_x rem_x)` steps they overlap
 slows each x in S by y's marginal step cost `w_y = b + d*ctx_y + c*[y's task not in S]`:
 `w_y * sum_{x in S} min(rem_x, rem_y)` seconds of JCT. Deferring y does not make those m
-steps free: y runs them later, slowing whoever shares them then, at least the `Q` requests
-ranked behind y (those still there, capped at the seats), `w_y * Q * m`; and y loses the
+steps free: y runs them later, slowing whoever shares them then, the `Q` requests below,
+`w_y * Q * m`; and y loses the
 fixed part `a` of each of the m steps, `a * m` (exchange argument on two schedules that
 differ only in when y runs; `ctx_y` is y's mean context over the overlap). When y's adapter
 is not resident its load stalls the step of everyone sharing it, now the |S| requests,
@@ -16,17 +16,20 @@ later the Q. So y joins iff
 
     w_y * (sum_{x in S} min(rem_x, rem_y) - Q * m) + e * (|S| - Q) * [y needs a load]  <=  a * m.
 
-With a queue behind y at least as long as the batch ahead (Q >= |S|: steady state,
-overload), or a large `a` (weight reads dominate a step), everything that fits joins: plain
-continuous batching in SRTF order. Requests are
-deferred only when the batch ahead of them is large and will drain (a burst, the last long
-requests): then the longest and the most expensive wait or pause (keeping their KV), and a
-request of a task not in the batch stops joining sooner than one of a task in it: grouping
-exactly as strong as the cost model says distinct adapters and loads are, with no task cap.
-`Q` ignores future arrivals, so the rule errs towards deferring.
+Q counts the *running* requests ranked behind y (capped at the seats): admitted, with more
+remaining work, they are still running when y's deferred steps come. Waiting requests behind y
+are not counted: they rank behind y then too, so at overload they are still waiting when y
+runs and do not share its steps. (Counting them, `queue_term="all"`, makes every request join
+at overload, i.e. processor sharing over all seats: 18% more mean JCT at 3x capacity in
+load_tests/results/sched_policies.json; `"off"` is the closed system, Q = 0.)
+With Q >= |S| or a large `a` (weight reads dominate a step), everything that fits joins:
+plain continuous batching in SRTF order. Otherwise the longest and the most expensive wait or
+pause (keeping their KV), and a request of a task not in the batch stops joining sooner than
+one of a task in it: grouping exactly as strong as the cost model says distinct adapters and
+loads are, with no task cap.
 
 `load_penalty_steps` prices the other side of swapping for the ranking: a waiting request
-whose load would evict a resident adapter ranks as if `e * N / T` steps longer.
+whose load would evict a resident adapter ranks as if `e * max(N, 1) / T` steps longer.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from collections.abc import Callable, Iterable, Sequence
 from inlaid_ray.sched.admission import blocks_for, prefill_tokens
 from inlaid_ray.sched.cost_model import StepCostModel
 from inlaid_ray.sched.policy import R, StepBudget
+
+QUEUE_TERMS = ("running", "all", "off")
 
 
 class AdapterResidency:
@@ -109,11 +114,13 @@ def shape_batch(
     cost: StepCostModel,
     residency: AdapterResidency,
     adapter_terms: bool = True,
-    queue_aware: bool = True,
+    queue_term: str = "running",
+    priority: Sequence[R] | None = None,
 ) -> list[R]:
     """The requests to run, in `ranked` order: each fits the step's seats, tokens and blocks
-    and passes the rule above (`adapter_terms=False` drops its `c` and `e` terms,
-    `queue_aware=False` its `Q` term: the closed-system variant).
+    and passes the rule above (`adapter_terms=False` drops its `c` and `e` terms; `queue_term`
+    is what Q counts behind y: "running", "all" or "off"; "behind" is in `priority`, the SRTF
+    ranking, when the admission order `ranked` differs from it).
 
     `exempt` requests (aged ones) skip the rule, and an exempt waiting request that does not
     fit stops the admission of later waiting ones: the room that frees up is kept for it.
@@ -124,6 +131,9 @@ def shape_batch(
     out: list[R] = []
     batch = _Batch()
     admit_waiting, have_running = True, False
+    if queue_term not in QUEUE_TERMS:
+        raise ValueError(f"queue_term={queue_term!r} must be one of {QUEUE_TERMS}")
+    behind = _counted_behind(priority if priority is not None else ranked, running_ids, queue_term)
     for i, y in enumerate(ranked):
         is_running = y.request_id in running_ids
         n = prefill_tokens(y)  # tokens it will have cached after the step
@@ -135,13 +145,22 @@ def shape_batch(
             continue
         rem = remaining(y)
         ruled = out and y.request_id not in exempt and (have_running or not is_running)
-        queued = min(len(ranked) - i - 1, budget.max_num_seqs - 1) if queue_aware else 0
+        queued = min(behind[y.request_id], budget.max_num_seqs - 1)
         if ruled and not _worth_joining(y, rem, batch, len(out), queued, cost, residency, adapter_terms):
             continue
         out.append(y)
         batch.add(rem, y.task)
         seats, tokens, free = seats - 1, tokens - step_tokens, free - min(need, free)
         have_running = have_running or is_running
+    return out
+
+
+def _counted_behind(order: Sequence[R], running_ids: set[str], queue_term: str) -> dict[str, int]:
+    """request id -> how many requests after it in `order` the rule's Q counts."""
+    out, count = {}, 0
+    for r in reversed(order):
+        out[r.request_id] = count
+        count += queue_term == "all" or (queue_term == "running" and r.request_id in running_ids)
     return out
 
 
@@ -164,12 +183,14 @@ def load_penalty_steps(running: Sequence[R], cost: StepCostModel) -> float:
     """Decode steps a load that evicts a resident adapter is worth in the ranking.
 
     Serving a request of a resident task before one whose load would evict an adapter saves
-    at most that eviction's reload later: `e` seconds of stall for each of the running
-    requests, i.e. `e * N / T` steps of one request's waiting at step time T.
+    at most that eviction's reload later: `e` seconds of stall for each of the N running
+    requests, at least the one reloading, i.e. `e * max(N, 1) / T` steps of one request's
+    waiting at step time T (an empty batch still pays the reload: without the floor, the
+    first step after a batch drains would evict freely).
     """
-    n = len(running)
-    if n == 0 or cost.e_s_per_adapter_load == 0:
+    if cost.e_s_per_adapter_load == 0:
         return 0.0
+    n = max(len(running), 1)
     kv = sum(prefill_tokens(r) for r in running)
-    t = cost.step_time(n, len({r.task for r in running if r.task is not None}), kv)
+    t = cost.step_time(n, max(len({r.task for r in running if r.task is not None}), 1), kv)
     return cost.e_s_per_adapter_load * n / t

@@ -14,7 +14,7 @@ Walk the ranking and run a request when it fits and when the batch gains more th
 from it under the step-cost model (`batch_shaping.py`; the per-step cost of a distinct
 adapter and the cost of a load are priced there: that is the task grouping, no task cap).
 Running requests left out are paused and keep their KV: SRTF preempts at token granularity,
-like skip-join MLFQ. With a queue behind them, everything that fits runs.
+like skip-join MLFQ. With as many running requests ranked behind as ahead, everything that fits runs.
 
 Aging: a request's unserved time is the time since arrival during which it did not run
 (queued or paused), i.e. how far it has fallen behind plain continuous batching, which
@@ -30,8 +30,8 @@ admission order only, never idling a seat); `grouping="off"` drops the adapter t
 `grouping="hard_cap"` is the paper's rule, at most `beta` distinct tasks per step (running
 tasks, then the previous step's, then the best waiting ones; requests of other tasks wait
 even when seats are free); `grouping="preference"` lists those tasks first, others after;
-`pause_running=False` never pauses running requests; `queue_aware=False` drops the rule's
-queue term (closed-system shaping). Results: load_tests/results/sched_policies*.json.
+`pause_running=False` never pauses running requests; `queue_term="all"` counts waiting
+requests in the rule's queue term too, `"off"` drops it (closed-system shaping). Results: load_tests/results/sched_policies*.json.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 from inlaid_ray.sched.admission import blocks_for, prefill_tokens
 from inlaid_ray.sched.cost_model import StepCostModel
-from inlaid_ray.sched.policies.batch_shaping import AdapterResidency, load_penalty_steps, shape_batch
+from inlaid_ray.sched.policies.batch_shaping import QUEUE_TERMS, AdapterResidency, load_penalty_steps, shape_batch
 from inlaid_ray.sched.policy import R, SchedulableRequest, SchedulingPolicy, StepBudget, register_policy
 
 GROUPING_MODES = ("cost", "hard_cap", "preference", "off")
@@ -54,7 +54,7 @@ BATCHING_MODES = ("marginal_cost", "all")
 @dataclass(frozen=True)
 class InlaidConfig:
     """Knobs of the LoRA-Inlaid policy (module docstring); `batching`, `grouping`, `srtf`,
-    `use_prediction`, `pause_running` and `queue_aware` exist for ablations."""
+    `use_prediction`, `pause_running` and `queue_term` exist for ablations."""
 
     batching: Literal["marginal_cost", "all"] = "marginal_cost"
     grouping: Literal["cost", "hard_cap", "preference", "off"] = "cost"
@@ -64,9 +64,10 @@ class InlaidConfig:
     cost: StepCostModel = field(default_factory=StepCostModel)
     adapter_slots: int | None = None  # the replica's resident adapter slots; None = all resident
     pause_running: bool = True  # False: running requests always run, only admission is shaped
-    # False: the rule assumes a deferred request later runs alone (closed system), ignoring
-    # the requests queued behind it that would share its steps then (ablation)
-    queue_aware: bool = True
+    # who shares a deferred request's later steps in the join rule (batch_shaping.py): the
+    # running requests ranked behind it ("running"), every request behind it ("all", ablation)
+    # or nobody ("off": closed system, ablation)
+    queue_term: Literal["running", "all", "off"] = "running"
     starvation_s: float = 30.0  # aging bound while no request has finished (or multiple = 0)
     starvation_latency_multiple: float = 10.0  # bound = this x median e2e latency; 0 = fixed bound
     reestimate_min_tokens: float = 16.0  # re-estimate adds max(this, fraction * L) tokens
@@ -87,9 +88,10 @@ class InlaidConfig:
                 f"beta={self.beta} must be >= 1, starvation_s={self.starvation_s} > 0, starvation_latency_multiple="
                 f"{self.starvation_latency_multiple} >= 0, default_output_len={self.default_output_len} >= 1"
             )
-        if self.grouping not in GROUPING_MODES or self.batching not in BATCHING_MODES:
+        if self.grouping not in GROUPING_MODES or self.batching not in BATCHING_MODES or self.queue_term not in QUEUE_TERMS:
             raise ValueError(
-                f"grouping={self.grouping!r} must be one of {GROUPING_MODES}, batching={self.batching!r} of {BATCHING_MODES}"
+                f"grouping={self.grouping!r} must be one of {GROUPING_MODES}, batching={self.batching!r} of "
+                f"{BATCHING_MODES}, queue_term={self.queue_term!r} of {QUEUE_TERMS}"
             )
         if self.prefill_token_weight is not None and self.prefill_token_weight < 0:
             raise ValueError(f"prefill_token_weight={self.prefill_token_weight} must be >= 0 or None (from the cost model)")
@@ -102,6 +104,7 @@ class InlaidPolicy(SchedulingPolicy):
 
     name = "inlaid"
     head_of_line_blocking = False
+    uses_cost_model = True
 
     def __init__(self, config: InlaidConfig | None = None, **overrides: Any) -> None:
         """`overrides` replace single fields of `config`, e.g. `make_policy("inlaid", beta=4)`."""
@@ -181,16 +184,18 @@ class InlaidPolicy(SchedulingPolicy):
         cfg = self.config
         running_ids = {r.request_id for r in running}
         self._update_aging(list(running) + list(waiting), running_ids, budget.now)
+        priority = None
         if cfg.batching == "all" or not cfg.pause_running:  # running first: never paused by the order
             head = sorted(running, key=lambda r: (self.remaining(r), r.arrival_time, r.request_id))
             ranked = head + self._rank(waiting, running)
+            priority = self._rank(list(running) + list(waiting), running)  # SRTF order, for the rule's Q
         else:
             ranked = self._rank(list(running) + list(waiting), running)
         if cfg.batching == "all":
             return self._reserve_for_aged(ranked, waiting, running, budget)
         exempt = set(self._aged) if cfg.pause_running else set(self._aged) | running_ids
         return shape_batch(ranked, running_ids, exempt, self.remaining, budget, cfg.cost, self._residency,
-                           adapter_terms=cfg.grouping == "cost", queue_aware=cfg.queue_aware)
+                           adapter_terms=cfg.grouping == "cost", queue_term=cfg.queue_term, priority=priority)
 
     def _rank(self, candidates: Sequence[R], running: Sequence[R]) -> list[R]:
         """Aged first (oldest first), then by key; hard_cap / preference group the others."""
