@@ -115,7 +115,6 @@ class _Heartbeat:
     def __init__(self, registry: TaskRegistry, task: str, version: int, interval_s: float) -> None:
         self._args = (registry, task, version)
         self.interval_s = interval_s
-        self.beats = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"onboard-heartbeat-{task}", daemon=True)
         self._thread.start()
@@ -129,7 +128,6 @@ class _Heartbeat:
             try:
                 if not heartbeat_onboarding(*self._args):
                     return  # left onboarding (rolled back, reclaimed): nothing left to keep alive
-                self.beats += 1
             except Exception:  # noqa: BLE001 - a missed beat only ages the record; keep beating
                 log.warning("onboard %s: heartbeat failed", self._args[1], exc_info=True)
 

@@ -19,7 +19,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=["fifo", "mlfq", "inlaid"], default="inlaid",
                         help="scheduling policy (default inlaid; fifo = S-LoRA's)")
     parser.add_argument("--step-cost-model", default=None,
-                        help="step-cost model JSON fitted on the replicas' device, for inlaid (load_tests/measure_step_cost.py)")
+                        help="inlaid's step-cost model, fitted on the replicas' device (measure_step_cost.py JSON)")
     parser.add_argument("--max-clusters-per-replica", type=int, default=2, help="resident adapter clusters per replica")
     parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
     parser.add_argument("--num-kv-blocks", type=int, default=1024,

@@ -8,9 +8,9 @@ rank order. Running y alongside S for the `m = min(rem_y, max_x rem_x)` steps th
 slows each x in S by y's marginal step cost `w_y = b + d*ctx_y + c*[y's task not in S]`:
 `w_y * sum_{x in S} min(rem_x, rem_y)` seconds of JCT. Deferring y does not make those m
 steps free: y runs them later, slowing whoever shares them then, the `Q` requests below,
-`w_y * Q * m`; and y loses the
-fixed part `a` of each of the m steps, `a * m` (exchange argument on two schedules that
-differ only in when y runs; `ctx_y` is y's mean context over the overlap). When y's adapter
+`w_y * Q * m`; and y loses the fixed part `a` of each of the m steps, `a * m` (exchange
+argument on two schedules that differ only in when y runs; `ctx_y` is y's mean context over
+the overlap). When y's adapter
 is not resident its load stalls the step of everyone sharing it, now the |S| requests,
 later the Q. So y joins iff
 

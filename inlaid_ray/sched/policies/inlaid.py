@@ -14,7 +14,8 @@ Walk the ranking and run a request when it fits and when the batch gains more th
 from it under the step-cost model (`batch_shaping.py`; the per-step cost of a distinct
 adapter and the cost of a load are priced there: that is the task grouping, no task cap).
 Running requests left out are paused and keep their KV: SRTF preempts at token granularity,
-like skip-join MLFQ. With as many running requests ranked behind as ahead, everything that fits runs.
+like skip-join MLFQ. With as many running requests ranked behind as ahead, everything that
+fits runs.
 
 Aging: a request's unserved time is the time since arrival during which it did not run
 (queued or paused), i.e. how far it has fallen behind plain continuous batching, which
@@ -31,7 +32,8 @@ admission order only, never idling a seat); `grouping="off"` drops the adapter t
 tasks, then the previous step's, then the best waiting ones; requests of other tasks wait
 even when seats are free); `grouping="preference"` lists those tasks first, others after;
 `pause_running=False` never pauses running requests; `queue_term="all"` counts waiting
-requests in the rule's queue term too, `"off"` drops it (closed-system shaping). Results: load_tests/results/sched_policies*.json.
+requests in the rule's queue term too, `"off"` drops it (closed-system shaping).
+Results: load_tests/results/sched_policies*.json.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class InlaidConfig:
                 f"beta={self.beta} must be >= 1, starvation_s={self.starvation_s} > 0, starvation_latency_multiple="
                 f"{self.starvation_latency_multiple} >= 0, default_output_len={self.default_output_len} >= 1"
             )
-        if self.grouping not in GROUPING_MODES or self.batching not in BATCHING_MODES or self.queue_term not in QUEUE_TERMS:
+        modes = (self.grouping in GROUPING_MODES, self.batching in BATCHING_MODES, self.queue_term in QUEUE_TERMS)
+        if not all(modes):
             raise ValueError(
                 f"grouping={self.grouping!r} must be one of {GROUPING_MODES}, batching={self.batching!r} of "
                 f"{BATCHING_MODES}, queue_term={self.queue_term!r} of {QUEUE_TERMS}"
