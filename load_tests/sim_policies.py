@@ -9,6 +9,8 @@ is in inlaid_ray/sched/metrics.py and is copied into the JSON. The inlaid policy
 the replica's step-cost model and adapter slots (what a deployment configures it with).
 
     python load_tests/sim_policies.py [--quick] [--requests N] [--cost load_tests/results/cost_model_cpu.json]
+    python load_tests/sim_policies.py --cost load_tests/results/cost_model_cuda_h100_llama7b.json
+        --scenarios uniform --out load_tests/results/sched_policies_h100_engine_now.json
 
 Writes load_tests/results/sched_policies.json and sched_policies.png (+ sched_policies_ablation.png).
 """
