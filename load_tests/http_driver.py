@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import platform
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -179,12 +178,6 @@ def app_args(cfg: DriverConfig, variant: Variant, model_dir: Path, data_dir: Pat
     return AppArgs.model_validate(fields)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------ one rate
 
 
@@ -304,6 +297,7 @@ def run(cfg: DriverConfig, out_json: Path, out_png: Path) -> dict[str, Any]:
     from inlaid_ray.config import Settings
     from inlaid_ray.demo import DEMO_TASKS
     from inlaid_ray.model.prepare import prepare_smollm2
+    from inlaid_ray.serve.launcher import free_port
 
     settings = dataclasses.replace(Settings.from_env(), api_key=API_KEY)
     work = Path(cfg.work_dir) if cfg.work_dir else settings.cache_dir / "http_load"
@@ -327,7 +321,7 @@ def run(cfg: DriverConfig, out_json: Path, out_png: Path) -> dict[str, Any]:
     }
     bar = tqdm(total=len(variants) * sum(len(p) for p in plans.values()), desc="http load", unit="req")
     t_run = time.perf_counter()
-    port = _free_port()
+    port = free_port()
     try:
         for variant in variants:
             model_dir = quantized_dir if variant.quantized else base_dir

@@ -1,11 +1,10 @@
 """Shared fixtures: the compute device, the real SmolLM2 directory (converted once from the bundled GGUF),
-tiny random Llama-family checkpoints written with transformers (shape tests only), random LoRA
-adapters and a free local port for the HTTP tests."""
+tiny random Llama-family checkpoints written with transformers (shape tests only) and random LoRA
+adapters."""
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -86,9 +85,3 @@ def random_lora_adapter(config: ModelConfig, name: str, rank: int, modules: Iter
                                                    torch.randn(d_out, rank, generator=gen), scaling)
     return LoRAAdapter(name, None, weights)
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -36,11 +36,10 @@ from inlaid_ray.model import encode_chat, load_tokenizer
 from inlaid_ray.registry import BaseVersion, TaskRegistry, connect_redis
 from inlaid_ray.serve.app import AppArgs
 from inlaid_ray.serve.engine_builder import ReplicaSpec, build_engine, load_cluster_adapter
-from inlaid_ray.serve.launcher import run_serve
+from inlaid_ray.serve.launcher import free_port, run_serve
 from inlaid_ray.serve.replica_protocol import AdapterEntry
 from inlaid_ray.serve.router import BASE_VERSION_HEADER, REPLICA_HEADER
 
-from conftest import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -237,9 +237,10 @@ def test_retired_task_statistics_leave_the_store_and_the_next_base(tiny, tmp_pat
 
 @pytest.mark.parametrize("heartbeat_s, reclaimed", [(0.05, False), (5.0, True)])
 def test_heartbeat_keeps_a_running_job_from_being_reclaimed(tiny, tmp_path, redis_client, heartbeat_s, reclaimed):
-    """A second job reclaims records older than 0.3 s while the first is still computing statistics:
-    with a 0.05 s heartbeat the running job's record stays fresh and it goes live; with beats too
-    rare to help (5 s) the reclaim fails it and it rolls back."""
+    """A second job reclaims records older than 0.6 s while the first is still computing statistics
+    (1.2 s): with a 0.05 s heartbeat the running job's record stays fresh (12 beats of margin, for a
+    loaded CI box) and it goes live; with beats too rare to help (5 s) the reclaim fails it and it
+    rolls back."""
     root, base, sources, _ = tiny
     opts, settings, reg = _env(tmp_path, redis_client, base)
     opts = opts.model_copy(update={"heartbeat_s": heartbeat_s})
@@ -247,8 +248,8 @@ def test_heartbeat_keeps_a_running_job_from_being_reclaimed(tiny, tmp_path, redi
 
     def slow_statistics(step: str) -> None:
         if step == "statistics":
-            time.sleep(0.6)
-            seen["reclaim"] = fail_stale_onboarding(reg, "qv", 0.3, "onboarding job vanished (reclaimed)")
+            time.sleep(1.2)
+            seen["reclaim"] = fail_stale_onboarding(reg, "qv", 0.6, "onboarding job vanished (reclaimed)")
 
     if reclaimed:
         with pytest.raises(OnboardingFailed, match="left onboarding"):

@@ -33,11 +33,10 @@ from inlaid_ray.config import Settings
 from inlaid_ray.serve.app import AppArgs
 from inlaid_ray.serve.bootstrap import DEMO_CLUSTERS, adapter_ready
 from inlaid_ray.serve.engine_builder import ReplicaSpec, build_engine, load_cluster_adapter
-from inlaid_ray.serve.launcher import run_serve
+from inlaid_ray.serve.launcher import free_port, run_serve
 from inlaid_ray.serve.replica_protocol import AdapterEntry
 from inlaid_ray.serve.router import REPLICA_HEADER
 
-from conftest import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -37,7 +37,7 @@ from inlaid_ray.serve.bootstrap import DEMO_CLUSTERS, adapter_ready, demo_bank_d
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ClusterSpec
 from inlaid_ray.serve.residency import ClusterResidency
 
-from conftest import free_port, random_lora_adapter
+from conftest import random_lora_adapter
 
 API_KEY, ADMIN_KEY = "test-demo-key", "test-admin-key"
 MAX_MODEL_LEN = 256
@@ -135,7 +135,7 @@ def test_app_serves_demo_clusters_compressed(smollm2_dir, tmp_path_factory):
     from ray import serve
 
     from inlaid_ray.registry import connect_redis
-    from inlaid_ray.serve.launcher import run_serve
+    from inlaid_ray.serve.launcher import free_port, run_serve
 
     if not all(adapter_ready(demo_adapter_dir(n)) for n in DEMO_TASKS):
         pytest.skip("the trained demo adapters are not in the package")

@@ -5,12 +5,13 @@ as Ray tasks (on a GPU when the cluster has one).
 
 `compute_statistics` adds the Hessians of the tasks the store lacks (the new one, plus live tasks
 whose calibration data is known but whose statistics were never stored), drops those of retired
-tasks (retired is terminal: the next base is quantized for the tasks still served), and says, per decoder
-layer and Linear input group, whether the aggregate over all stored tasks differs from the one
-the current base was quantized with. A group whose aggregate did not change quantizes to the
-very same weights (GPTQ is a function of W and H), so "nothing changed" means the current base
-already is the base for the new task set and no new base version is needed. `requantize` runs incremental MLGPTQ from the stored statistics (GPTQ of every
-layer from the fp16 weights; only the new task's forward passes were computed).
+tasks (retired is terminal: the next base is quantized for the tasks still served), and says, per
+decoder layer and Linear input group, whether the aggregate over all stored tasks differs from
+the one the current base was quantized with. A group whose aggregate did not change quantizes to
+the very same weights (GPTQ is a function of W and H), so "nothing changed" means the current
+base already is the base for the new task set and no new base version is needed. `requantize`
+runs incremental MLGPTQ from the stored statistics (GPTQ of every layer from the fp16 weights;
+only the new task's forward passes were computed).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class StatsResult:
     replaced: list[str]  # of those, tasks the store held before with another adapter / calibration
     store_tasks: list[str]  # every task in the store afterwards
     dropped: list[str]  # retired tasks whose statistics left the store now
-    changed: dict[int, list[str]]  # layer -> input groups whose max aggregate differs from the current base's
+    changed: dict[int, list[str]]  # layer -> input groups whose aggregate differs from the current base's
     num_groups: int  # layers x groups compared
     basis: str  # what the comparison was made against
     resources: dict[str, Any] = field(default_factory=dict)
@@ -144,12 +145,12 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
         changed, basis = aggregate_changes(store, base_tasks, settings.method)
     return StatsResult(
         created_store=existing is None, computed=computed, replaced=sorted(t for t in computed if t in before),
-        store_tasks=sorted(store.tasks), dropped=dropped, changed=changed, num_groups=store.num_layers * len(GROUPS), basis=basis,
-        resources=meter.summary(),
+        store_tasks=sorted(store.tasks), dropped=dropped, changed=changed,
+        num_groups=store.num_layers * len(GROUPS), basis=basis, resources=meter.summary(),
     )
 
 
-def aggregate_changes(store: StatsStore, base_tasks: Sequence[Mapping[str, Any]] | None, method: str = "mlgptq",
+def aggregate_changes(store: StatsStore, base_tasks: Sequence[Mapping[str, Any]] | None, method: str,
                       rtol: float = 1e-4) -> tuple[dict[int, list[str]], str]:
     """({layer: [groups]} where `method`'s aggregate over all stored tasks differs from the one over
     `base_tasks`, what was compared). For the element-wise max only a raised entry counts, read

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import time
 from typing import Any
 
@@ -23,6 +24,13 @@ from inlaid_ray.serve.cli_args import app_fields_from_cli
 log = logging.getLogger(__name__)
 
 APP_NAME = "inlaid"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` nobody listens on right now (for `run_serve` in tests and load tests)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout_s: float = 600.0) -> None:

@@ -187,15 +187,15 @@ class InlaidPolicy(SchedulingPolicy):
         cfg = self.config
         running_ids = {r.request_id for r in running}
         self._update_aging(list(running) + list(waiting), running_ids, budget.now)
-        priority = None
         if cfg.batching == "all" or not cfg.pause_running:  # running first: never paused by the order
             head = sorted(running, key=lambda r: (self.remaining(r), r.arrival_time, r.request_id))
             ranked = head + self._rank(waiting, running)
-            priority = self._rank(list(running) + list(waiting), running)  # SRTF order, for the rule's Q
         else:
             ranked = self._rank(list(running) + list(waiting), running)
         if cfg.batching == "all":
             return self._reserve_for_aged(ranked, waiting, running, budget)
+        # the rule's "ranked behind" is the SRTF order, which `ranked` is unless running go first
+        priority = None if cfg.pause_running else self._rank(list(running) + list(waiting), running)
         exempt = set(self._aged) if cfg.pause_running else set(self._aged) | running_ids
         return shape_batch(ranked, running_ids, exempt, self.remaining, budget, cfg.cost, self._residency,
                            adapter_terms=cfg.grouping == "cost", queue_term=cfg.queue_term, priority=priority)
