@@ -156,12 +156,13 @@ class Traffic:
         self._stop.set()
         self._thread.join(300)
 
-    def wait_for_more(self, n: int) -> None:
-        """Block until `n` more requests have completed (bounded)."""
+    def wait_for_more(self, n: int, model: str | None = None) -> None:
+        """Block until `n` more requests (of `model`, if given) have completed (bounded)."""
         with self._cond:
-            target = self.completed + n
-            assert self._cond.wait_for(lambda: self.completed >= target or self.failures, timeout=POLL * 0.5), \
-                f"traffic stalled at {self.completed} requests"
+            done = (lambda: self.by_model.get(model, 0)) if model else (lambda: self.completed)
+            target = done() + n
+            assert self._cond.wait_for(lambda: done() >= target or self.failures, timeout=POLL * 0.5), \
+                f"traffic stalled at {self.completed} requests ({model or 'any model'}: {done()})"
 
     async def _main(self) -> None:
         async with httpx.AsyncClient(base_url=self.app.url, timeout=300,
@@ -251,6 +252,7 @@ def test_onboarding_under_load_has_no_failed_request(app, reference):
         report = onboard_task(NEW, "demo", demo_adapter_dir(NEW), demo_data_path(NEW, "calib"), app.options,
                               settings=app.settings, fault=between_steps)
         traffic.models = (*traffic.models, NEW)
+        traffic.wait_for_more(1, model=NEW)  # the loops reach the new model within a few requests
         traffic.wait_for_more(2 * len(traffic.models))
     assert traffic.failures == []
     assert steps_seen == ["validate", "register", "task_artifacts", "statistics", "decide", "cluster", "stage", "probe",
