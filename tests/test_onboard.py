@@ -259,6 +259,9 @@ def test_onboarding_under_load_has_no_failed_request(app, reference):
                           "activate"]
     assert traffic.by_model.get(NEW, 0) >= 1 and all(traffic.by_model.get(m, 0) >= 2 for m in BOOTSTRAPPED)
     assert report.status == "live" and report.probe["status"] == 200
+    # the probe walked both replicas (each avoided the ones that had answered), and both agree
+    assert len(set(report.probe["replicas"])) == app.args.num_replicas == 2, report.probe
+    assert len(set(report.probe["texts"])) == 1, report.probe
     assert report.statistics["computed"] == [NEW] and not report.decision["requantize"]
     # email adapts the same modules as rewrite: it joins rewrite's cluster (exactly, k = 8 + 16 <= 32).
     assert report.cluster["cluster"] == "demo-long" and report.cluster["error"] < 1e-4

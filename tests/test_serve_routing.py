@@ -1,6 +1,7 @@
 """Cluster-affinity ranking of replicas (pure logic of ClusterAffinityRouter): holders first by
 outstanding work, then the rest by work and resident clusters, spill-over past the imbalance
-threshold, base-model requests by work alone. Expected orders are derived from the inputs."""
+threshold, base-model requests by work alone, and the probe walk's avoided replicas.
+Expected orders are derived from the inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import itertools
 
 import pytest
 
-from inlaid_ray.serve.request_router import ReplicaView, rank_replicas
+from inlaid_ray.serve.request_router import ReplicaView, rank_replicas, unvisited
 
 
 def _views(spec: dict[str, tuple[set[str], float]]) -> list[ReplicaView]:
@@ -68,3 +69,12 @@ def test_ranking_is_a_permutation_and_respects_order_rules(cluster):
         for group in (holders, ranked[len(holders):]):
             loads = [by_id[r].outstanding for r in group]
             assert loads == sorted(loads)
+
+
+def test_avoided_replicas_are_passed_over_until_none_is_left():
+    ids = ["r0", "r1", "r2"]
+    assert unvisited(ids, ()) == ids
+    assert unvisited(ids, ("r1",)) == ["r0", "r2"]
+    assert unvisited(ids, ("r0", "r2", "gone")) == ["r1"]  # a replica that left does not matter
+    # every one visited: all are candidates again, so the answer repeats a seen replica and the walk ends
+    assert unvisited(ids, ("r2", "r0", "r1")) == ids

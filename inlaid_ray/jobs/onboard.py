@@ -230,7 +230,7 @@ def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any,
         with steps("probe"):
             if opts.endpoint:
                 result = probe_task(opts.endpoint, res.admin_key, task, base.version if base else None, res.probe)
-                report.probe = {k: v for k, v in asdict(result).items() if k != "body"}
+                report.probe = asdict(result)
             else:
                 log.warning("onboard %s: no endpoint given; going live without a probe", task)
         with steps("activate"):

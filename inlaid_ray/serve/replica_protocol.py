@@ -69,6 +69,9 @@ class ReplicaRequest:
     task: str | None = None  # None = base model
     cluster: ClusterSpec | None = None  # required when task is set
     predicted_len: float | None = None  # predicted output tokens (scheduler and router)
+    # replica ids the request router passes over while any other replica is running: the
+    # onboarding probe visits every replica by avoiding those that already answered it
+    avoid_replicas: tuple[str, ...] = ()
 
     @property
     def predicted_work(self) -> float:

@@ -14,7 +14,8 @@ every call, never cached here):
 If the best holder has more than `imbalance_tokens` more outstanding work than the best other
 replica, that other replica goes first: a hot cluster spreads instead of queueing.
 Each rank holds one replica, so Ray tries them strictly in this order and moves on only when
-a replica's queue is full. Outstanding work of a replica = max(its last reported
+a replica's queue is full. A request's `avoid_replicas` are left out while any other replica
+runs (the onboarding probe's walk over every replica; a busy unvisited replica is waited for). Outstanding work of a replica = max(its last reported
 `predicted_outstanding_tokens`, what this router sent it and has not seen complete), so a
 fresh burst counts before the next stats report and other routers' load counts through stats.
 """
@@ -57,6 +58,12 @@ def rank_replicas(
     return [v.replica_id for v in holders] + [v.replica_id for v in others]
 
 
+def unvisited(replica_ids: Sequence[str], avoid: Sequence[str]) -> list[str]:
+    """The ids not in `avoid`, or all of them when every one is."""
+    rest = [r for r in replica_ids if r not in set(avoid)]
+    return rest or list(replica_ids)
+
+
 class ClusterAffinityRouter(RequestRouter):
     """Prefer replicas holding the cluster, then least predicted outstanding work, then any."""
 
@@ -94,10 +101,12 @@ class ClusterAffinityRouter(RequestRouter):
             return []
         cluster = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        payload = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        self._forget_gone(set(by_id))
+        by_id = {rid: by_id[rid] for rid in unvisited(list(by_id), getattr(payload, "avoid_replicas", ()))}
         shuffled = list(by_id.values())
         random.shuffle(shuffled)  # equal replicas share the load instead of the first one taking all
         views = [self._view(r, time.time()) for r in shuffled]
-        self._forget_gone(set(by_id))
         return [[by_id[rid]] for rid in rank_replicas(views, cluster or None, self.imbalance_tokens,
                                                                self.max_clusters_per_replica)]
 

@@ -16,6 +16,8 @@ Every request also carries the registry's current base version (`BaseRef`), whic
 swap to in the background (base_residency.py); the `x-inlaid-base-version` header names the base
 version that served the request. The onboarding job probes a staged task before it goes live
 with the admin key and `x-inlaid-probe: 1`: only then may a task still `onboarding` be used.
+Such a probe may also send `x-inlaid-probe-avoid: <replica id>,...`: the request router then
+passes those replicas over while another one runs, so the job reaches every replica in turn.
 A retired task answers 404 as soon as the registry event arrives (the retire route waits for
 it, so the next request through this router already gets 404); its requests in flight finish.
 """
@@ -66,6 +68,7 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-inlaid-replica"
 BASE_VERSION_HEADER = "x-inlaid-base-version"
 PROBE_HEADER = "x-inlaid-probe"  # admin only: lets the onboarding job use a staged (onboarding) task
+PROBE_AVOID_HEADER = "x-inlaid-probe-avoid"  # admin probe only: replica ids that already answered it
 RETIRE_WAIT_S = 5.0  # how long the retire route waits for this router's cache to apply the retirement
 HEALTH_PROBE_S = 5.0  # how long /health waits for an engine replica's first answer
 
@@ -104,6 +107,13 @@ class RouterSpec:
     auth_cache_s: float = 5.0
     registry_refresh_s: float = 30.0
     bootstrap: DemoBootstrap | None = None
+
+
+def _probe_avoid(caller: Caller, request: Request) -> tuple[str, ...]:
+    """The replica ids an admin probe asks the request router to pass over."""
+    if not (caller.admin and request.headers.get(PROBE_HEADER) == "1"):
+        return ()
+    return tuple(r.strip() for r in request.headers.get(PROBE_AVOID_HEADER, "").split(",") if r.strip())
 
 
 async def _json_body(request: Request) -> Any:
@@ -288,7 +298,8 @@ class Router:
             ctx = await self._context(kind, req, task, prepared)
             cluster = cluster_spec_for(task, self._watcher) if task is not None else None
             replica_req = ReplicaRequest(ctx.request_id, prepared.prompt_token_ids, prepared.params,
-                                         task.name if task else None, cluster, ctx.predicted_len)
+                                         task.name if task else None, cluster, ctx.predicted_len,
+                                         _probe_avoid(caller, request))
             base = self._watcher.base_version
             handle = self._replica.options(stream=True, multiplexed_model_id=cluster.cluster_id if cluster else "")
             stream = handle.generate.remote(replica_req, BaseRef(base.version, base.uri) if base is not None else None)
