@@ -9,21 +9,21 @@ new versioned task directory -> MLGPTQ statistics of the task in a Ray task (GPU
 changed) and if so run incremental MLGPTQ into a new base version -> join or create a cluster
 and write its next compressed bank version -> stage everything in ONE registry transaction
 (task still `onboarding`; the events are the rollout announcement) -> probe the endpoint with
-the task (admin probe header) -> mark it `live` (`task_added`).
+the task on every running replica (probe.py) -> mark it `live` (`task_added`). The base-model
+steps (statistics, decision, re-quantization) are in onboard_base.py.
 
 Any failure, including an interrupt, rolls back in reverse: the registry transaction of
 `rollback_onboarding` (task -> `failed`, cluster and base version restored), then the published
 artifact directories and the task's statistics are removed. Users never saw the task (it was
 not live), other tasks kept being served from the unchanged cluster/base records, and replicas
 that already loaded a staged base keep serving correctly on it until the restored version
-swaps back. Replicas serve the raw adapter; the compressed bank is recorded as the cluster's
-`bank_uri` for when replicas serve compressed clusters.
+swaps back. The cluster keeps its serving format: a compressed cluster is served from its new
+bank version, a raw one from the members' PEFT adapters.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import threading
@@ -38,16 +38,19 @@ from inlaid_ray.errors import InlaidError, InvalidRequest
 from inlaid_ray.jobs.artifacts import ArtifactStore
 from inlaid_ray.jobs.cluster_assign import choose_cluster
 from inlaid_ray.jobs.onboard_args import OnboardOptions, Resolved, resolve
+from inlaid_ray.jobs.onboard_base import (
+    StatsUndo,
+    decide_requantize,
+    quant_method_for,
+    quantize_new_base,
+    task_statistics,
+)
 from inlaid_ray.jobs.probe import probe_task
-from inlaid_ray.jobs.quant_step import StatsResult, compute_statistics, remove_task_statistics, requantize
-from inlaid_ray.jobs.remote import run_step
 from inlaid_ray.jobs.validate import validate_adapter, validate_calibration
 from inlaid_ray.lora import load_peft_adapter
 from inlaid_ray.lora.cluster_bank import save_cluster_banks
 from inlaid_ray.lora.peft_io import CONFIG_NAME, WEIGHTS_NAME
 from inlaid_ray.model import ModelConfig, load_tokenizer
-from inlaid_ray.quant.incremental import TaskSource
-from inlaid_ray.quant.stats_store import StatsStore
 from inlaid_ray.registry import BaseVersion, ClusterRecord, Snapshot, TaskRecord, TaskRegistry, connect_redis
 from inlaid_ray.registry.records import check_name
 from inlaid_ray.registry.rollout import (
@@ -103,9 +106,7 @@ class _Attempt:
     record: TaskRecord | None = None  # set once begin_onboarding registered it
     heartbeat: _Heartbeat | None = None  # refreshes the record while the job runs
     staged: Staged | None = None
-    stats_started: bool = False
-    store_existed: bool = False
-    stats_before: dict[str, Any] = field(default_factory=dict)
+    stats_undo: StatsUndo | None = None  # set once the statistics step starts
 
 
 class _Heartbeat:
@@ -202,19 +203,24 @@ def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any,
             task_dir = store.published[-1]
             report.artifacts["task"] = str(task_dir)
         snapshot = registry.snapshot()
-        res = replace(res, quant=replace(res.quant, method=_quant_method(opts.quant_method, snapshot)))
+        res = replace(res, quant=replace(res.quant, method=quant_method_for(opts.quant_method, snapshot)))
         report.quantization["method"] = res.quant.method
         with steps("statistics"):
-            stats = _statistics(task, task_dir, snapshot, res, store, attempt, opts.progress,
-                                catch_up=opts.requantize != "never")
+            attempt.stats_undo = StatsUndo.capture(store.stats_dir)
+            stats = task_statistics(task, task_dir, snapshot, res, store.stats_dir, attempt.stats_undo, opts.progress,
+                                    catch_up=opts.requantize != "never")
             report.statistics = {k: v for k, v in asdict(stats).items() if k != "changed"}
         with steps("decide"):
-            report.decision = _decide(opts.requantize, task, stats, snapshot)
+            report.decision = decide_requantize(opts.requantize, task, stats, snapshot)
             log.info("onboard %s: re-quantize=%s (%s)", task, report.decision["requantize"], report.decision["reason"])
         base = None
         if report.decision["requantize"]:
             with steps("quantize"):
-                base = _quantize(res, store, registry, report)
+                version_number = max([b.version for b in registry.list_base_versions()] + [0]) + 1
+                base, qreport = quantize_new_base(task, version_number, res, store)
+                report.artifacts["base"] = base.uri
+                report.quantization.update(version=base.version, tasks=qreport.get("tasks"),
+                                           resources=qreport.get("resources"))
         with steps("cluster"):
             cluster = _cluster(task, lora, snapshot, model_config, res, store, report)
         with steps("stage"):
@@ -282,99 +288,6 @@ def _extra(record: TaskRecord, task_dir: Path, opts: OnboardOptions) -> dict[str
     return extra
 
 
-def _base_meta(snapshot: Snapshot) -> dict[str, Any] | None:
-    """quantize_config.json "meta" of the current base (None: no quantized base is current)."""
-    base = snapshot.base_version
-    if base is None or base.quant_method == "none":
-        return None
-    config = Path(base.uri) / "quantize_config.json"
-    try:
-        return dict(json.loads(config.read_text())["meta"])
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        log.warning("current base version %d: cannot read %s (%s)", base.version, config, exc)
-        return {}
-
-
-def _quant_method(wanted: str, snapshot: Snapshot) -> str:
-    """`wanted`, or for "auto" the method the current base was quantized with (else mlgptq-channel:
-    the element-wise max can collapse a base, load_tests/results/quant_quality.md)."""
-    if wanted != "auto":
-        return wanted
-    method = (_base_meta(snapshot) or {}).get("method", "mlgptq-channel")
-    return method if method in ("mlgptq", "mlgptq-channel", "gptq-mixed") else "mlgptq-channel"
-
-
-def _base_tasks(snapshot: Snapshot) -> list[dict[str, Any]] | None:
-    """MLGPTQ meta "tasks" of the current base (None: no quantized base is current; [] when unreadable,
-    so that every layer counts as changed)."""
-    meta = _base_meta(snapshot)
-    return None if meta is None else list(meta.get("tasks") or [])
-
-
-def _statistics(task: str, task_dir: Path, snapshot: Snapshot, res: Resolved, store: ArtifactStore,
-                attempt: _Attempt, progress: bool, catch_up: bool) -> StatsResult:
-    stats_dir = store.stats_dir
-    attempt.store_existed = StatsStore.is_store(stats_dir)
-    stored = StatsStore.open(stats_dir).tasks if attempt.store_existed else {}
-    attempt.stats_before = {n: asdict(r) for n, r in stored.items()}
-    # Live tasks whose calibration data is known but whose statistics were never stored catch up now
-    # (a re-quantization must see every live task); with requantize=never that waits for the next one.
-    sources = [TaskSource(t.name, Path(t.adapter_uri), Path(t.extra["calibration_uri"]))
-               for t in snapshot.tasks.values()
-               if catch_up and t.status == "live" and t.name != task and t.name not in stored
-               and t.extra.get("calibration_uri")]
-    sources.append(TaskSource(task, task_dir, task_dir / "calibration.jsonl"))
-    retired = [n for n in stored if n in snapshot.tasks and snapshot.tasks[n].status == "retired"]
-    attempt.stats_started = True
-    return run_step(f"onboard-{task}-statistics", compute_statistics, res.base_dir, stats_dir, sources,
-                    _base_tasks(snapshot), res.quant, progress, retired, remote=res.remote)
-
-
-def _ranges(layers: list[int]) -> str:
-    out, start = [], None
-    for i, layer in enumerate(layers):
-        if start is None:
-            start = layer
-        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
-            out.append(str(start) if start == layer else f"{start}-{layer}")
-            start = None
-    return ",".join(out)
-
-
-def _decide(mode: str, task: str, stats: StatsResult, snapshot: Snapshot) -> dict[str, Any]:
-    by_group: dict[str, list[int]] = {}
-    for layer, groups in sorted(stats.changed.items()):
-        for g in groups:
-            by_group.setdefault(g, []).append(layer)
-    changed = {g: _ranges(ls) for g, ls in sorted(by_group.items())}
-    summary = f"{stats.num_changed} of {stats.num_groups} layer groups changed ({stats.basis})"
-    missing = sorted(t.name for t in snapshot.tasks.values()
-                     if t.status == "live" and t.name != task and t.name not in stats.store_tasks)
-    if mode == "never":
-        requant, reason = False, f"requantize=never; statistics stored for a later re-quantization; {summary}"
-    elif mode == "always":
-        requant, reason = True, f"requantize=always; {summary}"
-    elif missing:
-        requant, reason = False, f"live tasks {missing} have no statistics (no calibration data): base kept; {summary}"
-    elif not stats.changed:
-        requant, reason = False, f"the max-aggregated statistics did not change: the current base stays; {summary}"
-    else:
-        requant, reason = True, summary
-    return {"requantize": requant, "reason": reason, "changed_layers": changed, "num_changed": stats.num_changed,
-            "num_groups": stats.num_groups, "tasks_without_statistics": missing}
-
-
-def _quantize(res: Resolved, store: ArtifactStore, registry: TaskRegistry, report: OnboardReport) -> BaseVersion:
-    version = max([b.version for b in registry.list_base_versions()] + [0]) + 1
-    with store.building("bases", None, version) as tmp:
-        qreport = run_step(f"onboard-{report.task}-quantize", requantize, res.base_dir, store.stats_dir, tmp,
-                           res.quant, False, remote=res.remote)
-    uri = store.published[-1]
-    report.artifacts["base"] = str(uri)
-    report.quantization.update(version=version, tasks=qreport.get("tasks"), resources=qreport.get("resources"))
-    return BaseVersion(version=version, uri=str(uri), quant_method=res.quant.method)
-
-
 def _cluster(task: str, lora: Any, snapshot: Snapshot, model_config: ModelConfig, res: Resolved,
              store: ArtifactStore, report: OnboardReport) -> ClusterRecord:
     def load_member(t: TaskRecord) -> Any:
@@ -415,8 +328,8 @@ def _rollback(task: str, attempt: _Attempt, registry: TaskRegistry, store: Artif
         parts.append(("registry", lambda: rollback_onboarding(registry, task, record.version,
                                                               report.error or "failed", attempt.staged)))
     parts.append(("artifacts", store.discard_published))
-    if attempt.stats_started:
-        parts.append(("statistics", lambda: _restore_statistics(store.stats_dir, task, attempt)))
+    if attempt.stats_undo is not None:
+        parts.append(("statistics", lambda: attempt.stats_undo.restore(store.stats_dir, task)))
     for name, undo in parts:
         try:
             undo()
@@ -424,16 +337,6 @@ def _rollback(task: str, attempt: _Attempt, registry: TaskRegistry, store: Artif
         except Exception as exc:  # noqa: BLE001 - keep undoing the rest, report what failed
             log.exception("onboard %s: rollback of %s failed", task, name)
             report.rollback.append(f"{name}: FAILED {type(exc).__name__}: {exc}")
-
-
-def _restore_statistics(stats_dir: Path, task: str, attempt: _Attempt) -> None:
-    if not attempt.store_existed:
-        remove_task_statistics(stats_dir, task, created_store=True)
-        return
-    store = StatsStore.open(stats_dir)
-    record = store.tasks.get(task)
-    if record is not None and asdict(record) != attempt.stats_before.get(task):
-        store.remove_task(task)
 
 
 def _write_report(store: ArtifactStore, report: OnboardReport) -> None:
