@@ -12,8 +12,13 @@ codes per word), loaded once. Three ways to turn it into products (chosen by `GP
 - natural dot (default for `block_m >= 16`): codes are unpacked in registers (tl.join/reshape)
   into natural channel order and meet a contiguous x tile in one `tl.dot`; `swap_ab` computes
   out^T = W x^T so the weights are the dot's first operand (no permute, wgmma for M < 64).
-`split_k > 1` spreads K over many programs (fp32 atomics, then one cast) so small-M calls still
-stream from every SM.
+`split_k > 1` spreads K over many programs so small-M calls still stream from every SM. The K
+splits of a tile are summed either by fp32 atomics into a zeroed buffer, then one cast
+(`split_k_reduce="atomic"`: three kernels), or by the last split to finish the tile
+(`"last"`: every split stores its fp32 partial and takes a ticket from a per-tile atomic
+counter; the one holding the last ticket sums the partials in split order, writes the output
+dtype and resets the counter, so there is one kernel, no zero fill, no cast, and the sum does
+not depend on the order the splits ran in).
 Group scales: when `group_size` is declared and a multiple of BLOCK_K, a whole tile shares one
 group and the scale is applied once per output after the tile's dot (fast path); otherwise
 scales and zeros are gathered per input channel through `g_idx` (act-order) or `c // group_size`.
@@ -40,6 +45,8 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 
 _KERNEL_BITS = GPTQ_KERNEL_BITS
 _GROUP_PER_TILE, _GROUP_DIV, _GROUP_GATHER = 0, 1, 2
+_STORE, _ATOMIC, _LAST_SPLIT = 0, 1, 2  # how a program writes its tile (REDUCE)
+SPLIT_K_REDUCTIONS = {"atomic": _ATOMIC, "last": _LAST_SPLIT}
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class GPTQGemmConfig:
     num_stages: int = 3
     swap_ab: bool = False  # dot path only: dequantized weights as the dot's first operand
     interleave: bool = False  # dot path only: PACK sub-dots on interleaved K instead of one dot
+    split_k_reduce: str = "atomic"  # how K splits are summed: "atomic" or "last" (module docstring)
 
 
 # Fallback when kernels/configs/<gpu>.json has no entry: (max_m, config), ascending max_m.
@@ -147,10 +155,10 @@ def _along(v, AXIS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])  # one binary for every batch size
 def _gptq_gemm_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, out_ptr,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr, out_ptr, partial_ptr, ticket_ptr,
     M, N, K, stride_xm, stride_om, group_size, k_per_split,
     BITS: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE: tl.constexpr,
     SWAP_AB: tl.constexpr, INTERLEAVE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
@@ -297,10 +305,25 @@ def _gptq_gemm_kernel(
             out += _along(tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), A1)
     ptrs = out_ptr + _along(offs_m, A0) * stride_om + _along(offs_n, A1)
     omask = _along(mask_m, A0) & _along(mask_n, A1)
-    if not ATOMIC:  # this program owns its outputs
+    if REDUCE == 0:  # this program owns its outputs
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
+    elif REDUCE == 1:
         tl.atomic_add(ptrs, out, mask=omask)
+    else:
+        # Partials are [split_k, M, N] fp32. Every thread's store must be done before the ticket
+        # (the barrier), and the ticket's acq_rel makes them visible to the last split, whose
+        # L2-only (.cg) loads cannot hit stale L1 lines.
+        split_k = tl.num_programs(2)
+        offs_mn = _along(offs_m, A0) * N + _along(offs_n, A1)
+        tl.store(partial_ptr + pid_k * M * N + offs_mn, out, mask=omask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(ticket_ptr + tile, 1) == split_k - 1:
+            total = tl.zeros(out.shape, dtype=tl.float32)
+            for split in range(0, split_k):
+                total += tl.load(partial_ptr + split * M * N + offs_mn, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next launch
 
 
 def gptq_matmul(
@@ -359,6 +382,7 @@ def gptq_matmul(
     assert cfg.block_k % pack == 0, f"block_k={cfg.block_k} not a multiple of {pack}"
     assert not (cfg.swap_ab and cfg.block_m == 1), f"{cfg}: swap_ab needs the dot path"
     assert not cfg.interleave or cfg.block_k // pack >= 16, f"{cfg}: interleaved dots need block_k >= {16 * pack}"
+    assert cfg.split_k_reduce in SPLIT_K_REDUCTIONS, f"{cfg}: split_k_reduce must be one of {list(SPLIT_K_REDUCTIONS)}"
 
     if group_size is not None and group_size % cfg.block_k == 0:
         mode = _GROUP_PER_TILE
@@ -368,22 +392,47 @@ def gptq_matmul(
         mode = _GROUP_GATHER
     split_k = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), cfg.block_k) * cfg.block_k
-    if split_k == 1:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:
-        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    reduce = _STORE if split_k == 1 else SPLIT_K_REDUCTIONS[cfg.split_k_reduce]
     if m == 0:
-        return out.to(x.dtype)
+        return torch.empty(0, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split_k)
+    partials = tickets = scales  # unused placeholders unless REDUCE == _LAST_SPLIT
+    if reduce == _ATOMIC:
+        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if reduce == _LAST_SPLIT:
+        partials = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+        tickets = tile_tickets(x.device, grid[0] * grid[1])
     _gptq_gemm_kernel[grid](
-        x, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, out,
+        x, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, out, partials, tickets,
         m, n, k, x.stride(0), out.stride(0), group_size or 1, k_per_split,
         BITS=bits, GROUP_MODE=mode, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=split_k > 1,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=reduce,
         SWAP_AB=int(cfg.swap_ab), INTERLEAVE=cfg.interleave, UPCAST=interp_upcast(_gptq_gemm_kernel, x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out if split_k == 1 else out.to(x.dtype)
+    return out.to(x.dtype) if reduce == _ATOMIC else out
+
+
+# Tile tickets of the "last" split-K reduction, one buffer per device: every launch leaves its
+# tickets at zero, so a buffer is zeroed once, when it is first made or grown, not per call.
+# Launches that share it must be ordered, i.e. on one stream (as the engine runs), like Marlin's
+# workspace in vLLM. Make it before CUDA-graph capture (any warm-up call does): a buffer made
+# while capturing would stay unzeroed until the first replay.
+_TICKETS: dict[str, torch.Tensor] = {}
+
+
+def tile_tickets(device: torch.device, count: int) -> torch.Tensor:
+    """At least `count` zeroed int32 tickets on `device` (see above)."""
+    tickets = _TICKETS.get(str(device))
+    if tickets is None or tickets.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split_k_reduce='last' needs one call before CUDA-graph capture (warm-up) "
+                               f"to make its {count} tile tickets")
+        tickets = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _TICKETS[str(device)] = tickets
+    return tickets
 
 
 def monotone_group_size(g_idx: torch.Tensor) -> int | None:

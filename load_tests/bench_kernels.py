@@ -48,8 +48,11 @@ def candidates(m: int) -> list[GPTQGemmConfig]:
     out: list[GPTQGemmConfig] = []
     if m == 1:
         out += [c(1, bn, bk, sk, 4, 3) for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 4, 8, 16)]
+        out += [c(1, bn, bk, sk, 4, 3, split_k_reduce="last") for bn in (32, 64, 128) for bk in (64, 128)
+                for sk in (4, 8, 16)]  # one kernel: no zero fill, no cast (gptq_gemm docstring)
     if m <= 16:
         out += [c(16, bn, 128, sk, 4, 3, swap_ab=sw) for bn in (32, 64, 128) for sk in (1, 2, 4, 8) for sw in (False, True)]
+        out += [c(16, bn, 128, sk, 4, 3, swap_ab=True, split_k_reduce="last") for bn in (32, 64, 128) for sk in (2, 4, 8)]
         out += [c(16, 256, bk, sk, w, 3, swap_ab=True) for bk in (64, 128) for sk in (1, 2, 4) for w in (4, 8)]
         out += [c(16, bn, 128, sk, 4, 3, swap_ab=sw, interleave=True) for bn in (64, 128) for sk in (2, 4, 8)
                 for sw in (False, True)]
@@ -305,7 +308,11 @@ def breakdowns(tuned: dict, shrink: ShrinkConfig, expand: ExpandConfig) -> dict[
     for m in (1, 16, 128):
         e = next(e for e in tuned["4096x4096"] if e["max_m"] >= m)
         cfg = GPTQGemmConfig(**{k: v for k, v in e.items() if k != "max_m"})
-        res[f"w4a16 4096x4096 M={m}"] = kernel_breakdown(gptq_call(torch.randn(m, 4096, device="cuda").half(), w, cfg))
+        x = torch.randn(m, 4096, device="cuda").half()
+        res[f"w4a16 4096x4096 M={m}"] = kernel_breakdown(gptq_call(x, w, cfg))
+        if m == 1:  # the same launch with the one-kernel split-K reduction, for comparison
+            last = replace(cfg, split_k=max(cfg.split_k, 4), split_k_reduce="last")
+            res["w4a16 4096x4096 M=1 last-split"] = kernel_breakdown(gptq_call(x, w, last))
     a, b = lora_bank(64, 16, 4096, 0)
     x, y = torch.randn(32, 4096, device="cuda").half(), torch.zeros(32, 4096, device="cuda").half()
     batch = LoRABatch.from_token_slots(torch.arange(32, device="cuda"))
@@ -320,7 +327,8 @@ def summarize(result: dict) -> None:
     for r in result["gptq"]:
         c = r["config"]
         cfg = (f"bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} sk{c['split_k']} w{c['num_warps']}"
-               f"{' swap' if c['swap_ab'] else ''}{' ilv' if c['interleave'] else ''}")
+               f"{' swap' if c['swap_ab'] else ''}{' ilv' if c['interleave'] else ''}"
+               f"{' last' if c.get('split_k_reduce') == 'last' else ''}")
         print(f"{r['k']:>5}x{r['n']:<6} {r['m']:>4} {r['w4a16_us']:9.2f} {r['fp16_cublas_us']:8.2f} "
               f"{r['speedup_vs_fp16']:7.2f} {r['speedup_vs_dequant']:6.2f} {r['bw_fraction_of_copy']:7.2f} {r['rel_err_vs_dense_fp32']:8.1e}  {cfg}")
     print(f"\n{'LoRA':>10} {'adapters':>8} {'tokens':>6} {'base':>6} {'base us':>8} {'+lora us':>8} {'overhead':>8}")

@@ -1,5 +1,7 @@
-"""gptq_gemm.gptq_matmul against gptq_matmul_ref: every path (GEMV, dot, split-K), every group
-layout (per-tile fast path, small groups, act-order gather, one group), 2/4/8 bits, fp16/bf16."""
+"""gptq_gemm.gptq_matmul against gptq_matmul_ref: every path (GEMV, dot, split-K summed by
+atomics or by the last split), every group layout (per-tile fast path, small groups, act-order
+gather, one group), 2/4/8 bits, fp16/bf16; the last-split reduction is deterministic and leaves
+its tile tickets ready for the next launch."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from inlaid_ray.kernels.gptq_gemm import (
     DEFAULT_CONFIGS,
     TOLERANCES,
     GPTQGemmConfig,
+    tile_tickets,
     gptq_matmul,
     monotone_group_size,
     select_config,
@@ -29,6 +32,10 @@ PATHS = {
                                      interleave=True),
     "dot-interleave-swap": GPTQGemmConfig(block_m=16, block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=2,
                                           swap_ab=True, interleave=True),
+    "gemv-splitk-last": GPTQGemmConfig(block_m=1, block_n=32, block_k=64, split_k=3, num_warps=4, num_stages=2,
+                                       split_k_reduce="last"),
+    "dot-swap-splitk-last": GPTQGemmConfig(block_m=16, block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=2,
+                                           swap_ab=True, split_k_reduce="last"),
 }
 # group layout -> (group size, act-order permutation, hint passed to the kernel)
 GROUPS = {
@@ -122,6 +129,25 @@ def test_strided_rows_and_empty_batch(device):
     assert empty.shape == (0, 64)
 
 
+def test_last_split_reduction_is_deterministic_and_resets_its_tickets(device):
+    """Calls of different grids share the ticket buffer: each leaves it zeroed, and the same call
+    gives the same bits every time (splits are summed in split order, not arrival order)."""
+    qw, qz, sc, gi = make_gptq(512, 96, 4, 128, False, device, seed=10)
+    x = torch.randn(20, 512, generator=torch.Generator().manual_seed(11)).half().to(device)
+    gemv = replace(PATHS["gemv-splitk-last"], split_k=4)
+    dot = replace(PATHS["dot-swap-splitk-last"], block_n=32, split_k=4)
+    first = gptq_matmul(x[:1], qw, qz, sc, gi, 4, group_size=128, config=gemv)
+    batched = gptq_matmul(x, qw, qz, sc, gi, 4, group_size=128, config=dot)  # 3 x 2 tiles
+    check(first, gptq_matmul_ref(x[:1], qw, qz, sc, gi, 4), torch.float16)
+    check(batched, gptq_matmul_ref(x, qw, qz, sc, gi, 4), torch.float16)
+    for _ in range(2):
+        assert torch.equal(gptq_matmul(x[:1], qw, qz, sc, gi, 4, group_size=128, config=gemv), first)
+        assert torch.equal(gptq_matmul(x, qw, qz, sc, gi, 4, group_size=128, config=dot), batched)
+    assert int(tile_tickets(x.device, 1).abs().sum()) == 0
+    with pytest.raises(AssertionError, match="split_k_reduce"):
+        gptq_matmul(x, qw, qz, sc, gi, 4, config=replace(dot, split_k_reduce="tree"))
+
+
 def test_monotone_group_size_detects_layouts():
     assert monotone_group_size(torch.arange(576, dtype=torch.int32) // 128) == 128
     assert monotone_group_size(torch.zeros(256, dtype=torch.int32)) == 256
@@ -176,3 +202,23 @@ def test_cuda_graph_replay_equals_eager(device):
     # split-K atomics may add in another order: equal up to fp32 reordering, then fp16 rounding
     check(captured, gptq_matmul(x, qw, qz, sc, gi, 4, group_size=128).float(), torch.float16)
     assert not torch.equal(captured, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_last_split_reduction_under_cuda_graphs_is_bitwise_stable(device, m):
+    """Replays of a captured last-split call (tickets reset by each launch) give exactly the eager bits."""
+    qw, qz, sc, gi = make_gptq(4096, 4096, 4, 128, False, device, seed=12)
+    cfg = select_config(m, 4096, 4096, torch.device(device))
+    cfg = replace(cfg, split_k=max(cfg.split_k, 4), split_k_reduce="last")
+    x = torch.randn(m, 4096, device=device, dtype=torch.float16)
+    gptq_matmul(x, qw, qz, sc, gi, 4, group_size=128, config=cfg)  # warm-up: makes the tile tickets
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gptq_matmul(x, qw, qz, sc, gi, 4, group_size=128, config=cfg)
+    for seed in range(3):
+        x.copy_(torch.randn(m, 4096, generator=torch.Generator(device=device).manual_seed(seed), device=device))
+        graph.replay()
+        eager = gptq_matmul(x, qw, qz, sc, gi, 4, group_size=128, config=cfg)
+        assert torch.equal(captured, eager)
+        check(eager, gptq_matmul_ref(x, qw, qz, sc, gi, 4), torch.float16)
