@@ -112,3 +112,25 @@ def test_observe_rejects_bad_lengths(encoder):
     pred = LengthPredictor(encoder=encoder)
     with pytest.raises(ValueError, match="must be >= 1, got 0 for task 'a'"):
         pred.observe("a", "p", 0)
+
+
+@pytest.mark.slow
+def test_prompts_longer_than_any_fitted_do_not_extrapolate(encoder):
+    """Served traffic fits the head on near-identical prompt lengths (a tiny log-length std); a
+    long prompt once predicted ~4e4 tokens for a task whose outputs are <= 24, or overflowed exp()
+    and failed the request. Prompt lengths are now clamped to the fitted range, outputs to 2x the
+    longest seen."""
+    rnd = np.random.default_rng(0)
+    pred = LengthPredictor(PredictorConfig(min_task_history=8), encoder)
+    tasks = ["sentiment", "extract", "rewrite", None]
+    for i in range(128):
+        if i % 37 == 5:
+            pred.observe(tasks[i % 4], "Rewrite this sentence in a formal register please: hey whats up", 24)
+        else:
+            pred.observe(tasks[i % 4], f"Request {i}: tell me", int(rnd.integers(1, 5)))
+    pred.refit()
+    long = "Classify the sentiment of this review: " + "the movie was long and the plot was thin " * 30
+    predicted = pred.predict(tasks, [long] * 4)
+    assert all(1.0 <= p <= 2 * 24 for p in predicted), predicted
+    # within the fitted range nothing changes: the short prompts still predict short outputs
+    assert all(p <= 8 for p in pred.predict(tasks, ["Request 7: tell me"] * 4))

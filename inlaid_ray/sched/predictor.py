@@ -81,6 +81,8 @@ class PredictorConfig:
     refit_every: int = 0  # refit automatically after this many observe() calls (0 = only refit())
     encode_batch_size: int = 32
     default_len: float = 128.0  # nothing known about the task and no global history
+    min_log_tokens_std: float = 0.1  # floor of the std that standardizes log(prompt tokens + 1)
+    max_len_factor: float = 2.0  # predictions are at most this x the longest output fitted on
 
 
 @dataclass
@@ -105,6 +107,10 @@ class LengthPredictor:
         self._tasks: dict[str | None, int] = {}  # task -> one-hot column, tasks the head knows
         self._weights: torch.Tensor | None = None  # [F] ridge weights (intercept included)
         self._z_mean = self._z_std = 0.0
+        # The head is linear in log space, so it must not extrapolate: prompt lengths are clamped to
+        # the range it was fitted on, and predictions to `max_len_factor` x the longest output seen.
+        self._z_range = (0.0, 0.0)
+        self._max_log_len = 0.0
 
     # -- learning ----------------------------------------------------------------------------
 
@@ -144,9 +150,14 @@ class LengthPredictor:
         if not rows:
             self._weights = None
             return {"records": len(self._records), "tasks_fitted": 0}
-        z = torch.tensor([math.log(r.num_tokens + 1) for r in rows])
+        z = torch.tensor([math.log(r.num_tokens + 1) for r in rows], dtype=torch.float64)
         self._z_mean, self._z_std = float(z.mean()), float(z.std()) if len(rows) > 1 else 1.0
-        self._z_std = self._z_std or 1.0
+        # a floor, not `or 1.0`: near-identical prompt lengths give a tiny std that would blow a
+        # slightly longer prompt up to hundreds of standard deviations
+        self._z_std = max(self._z_std, self.config.min_log_tokens_std)
+        zs = (z - self._z_mean) / self._z_std
+        self._z_range = (float(zs.min()), float(zs.max()))
+        self._max_log_len = math.log(self.config.max_len_factor * max(r.length for r in rows))
         x = self._features(torch.stack([r.emb for r in rows]), [r.num_tokens for r in rows], [r.task for r in rows])
         y = torch.tensor([math.log(r.length) for r in rows], dtype=torch.float64)
         self._weights = _ridge(x, y, self.config.ridge_alpha)
@@ -157,6 +168,7 @@ class LengthPredictor:
         """[N, 1 + dim + 1 + 2T] float64: intercept, embedding, z, task one-hot, task one-hot * z."""
         n, t = emb.shape[0], len(self._tasks)
         z = (torch.tensor([math.log(c + 1) for c in num_tokens], dtype=torch.float64) - self._z_mean) / self._z_std
+        z = z.clamp(*self._z_range)  # a no-op on the training rows
         onehot = torch.zeros(n, t, dtype=torch.float64)
         for i, task in enumerate(tasks):
             if task in self._tasks:
@@ -184,7 +196,8 @@ class LengthPredictor:
             emb = self.encoder.encode(sel, self.config.encode_batch_size)
             x = self._features(emb, self.encoder.count_tokens(sel), [tasks[i] for i in idx])
             for i, v in zip(idx, (x @ self._weights).tolist()):
-                out[i] = math.exp(v)
+                if math.isfinite(v):  # else the fallback stays
+                    out[i] = math.exp(min(v, self._max_log_len))
         return [max(v, 1.0) for v in out]
 
     def predict_one(self, task: str | None, prompt: str) -> float:

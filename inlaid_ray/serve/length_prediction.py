@@ -6,17 +6,22 @@ injectable (AppArgs.predictor): a name of this module or an import path to a fac
 - "minilm": `inlaid_ray.sched.predictor.LengthPredictor` (MiniLM embeddings + per-task ridge on
   log length, ALGORITHMS.md 7.2), trained online from finished requests; tasks it has seen
   fewer than `min_task_history` times use the prior like the fallback.
-Predictions are clamped to [1, max_tokens] by the caller, since no request outruns its budget.
+Predictions are clamped to [1, max_tokens] (`bounded_prediction`), since no request outruns its
+budget; a prediction that fails or is not finite counts as max_tokens, so it never fails a request.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
 from inlaid_ray.serve.imports import import_object
+
+log = logging.getLogger(__name__)
 
 
 class OutputLengthPredictor(Protocol):
@@ -27,6 +32,19 @@ class OutputLengthPredictor(Protocol):
     def predict(self, task: str | None, prompt: str, prior: float | None) -> float: ...
 
     def observe(self, task: str | None, prompt: str, actual_len: int) -> None: ...
+
+
+def bounded_prediction(predict: Callable[[], float], max_tokens: int, task: str | None) -> float:
+    """`predict()` clamped to [1, max_tokens]; max_tokens (logged) when it raises or is not finite."""
+    try:
+        predicted = float(predict())
+    except Exception:  # noqa: BLE001 - a failed prediction must not fail the request: rank it as long
+        log.exception("length prediction failed for task %s; using max_tokens", task)
+        return float(max_tokens)
+    if not math.isfinite(predicted):
+        log.warning("length prediction for task %s is %s; using max_tokens", task, predicted)
+        return float(max_tokens)
+    return min(max(predicted, 1.0), float(max_tokens))
 
 
 class TaskQuantilePredictor:

@@ -25,6 +25,7 @@ it, so the next request through this router already gets 404); its requests in f
 # No `from __future__ import annotations` here: Serve's FastAPI class-based views rebuild the
 # route signatures and need real (not string) annotations such as `Request`.
 import asyncio
+import functools
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +56,7 @@ from inlaid_ray.registry import (
 from inlaid_ray.serve.access import Authenticator, Caller, cluster_spec_for, resolve_model, visible_tasks
 from inlaid_ray.serve.bootstrap import DemoBootstrap, bootstrap_demo
 from inlaid_ray.serve.http_errors import OpenAIHTTPError, from_validation_error
-from inlaid_ray.serve.length_prediction import make_predictor
+from inlaid_ray.serve.length_prediction import bounded_prediction, make_predictor
 from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, new_id
 from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_completion
@@ -343,12 +344,13 @@ class Router:
         extra = task.extra if task is not None else {}
         prior = extra.get("expected_output_tokens")
         name = task.name if task is not None else None
+        predict = functools.partial(self._predictor.predict, name, prepared.prompt_text, prior)
         if self._predictor.blocking:
             loop = asyncio.get_running_loop()
-            predicted = await loop.run_in_executor(self._predict_pool, self._predictor.predict, name, prepared.prompt_text, prior)
+            predicted = await loop.run_in_executor(self._predict_pool, bounded_prediction, predict,
+                                                   prepared.params.max_tokens, name)
         else:
-            predicted = self._predictor.predict(name, prepared.prompt_text, prior)
-        predicted = min(max(float(predicted), 1.0), float(prepared.params.max_tokens))
+            predicted = bounded_prediction(predict, prepared.params.max_tokens, name)
         return ResponseContext(
             kind=kind, request_id=new_id("cmpl" if kind == "completion" else "chatcmpl"), model=req.model, task=name,
             prompt_text=prepared.prompt_text, prompt_token_ids=prepared.prompt_token_ids, predicted_len=predicted,
