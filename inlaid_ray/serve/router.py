@@ -28,7 +28,7 @@ import asyncio
 import functools
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -108,6 +108,11 @@ class RouterSpec:
     auth_cache_s: float = 5.0
     registry_refresh_s: float = 30.0
     bootstrap: DemoBootstrap | None = None
+
+
+def _log_observe_failure(done: Future) -> None:
+    if done.exception() is not None:
+        log.error("length predictor failed to learn from a finished request", exc_info=done.exception())
 
 
 def _probe_avoid(caller: Caller, request: Request) -> tuple[str, ...]:
@@ -364,6 +369,8 @@ class Router:
         if tracker.completion_tokens < 1:
             return
         if self._predictor.blocking:
-            self._predict_pool.submit(self._predictor.observe, ctx.task, ctx.prompt_text, tracker.completion_tokens)
+            done = self._predict_pool.submit(self._predictor.observe, ctx.task, ctx.prompt_text,
+                                             tracker.completion_tokens)
+            done.add_done_callback(_log_observe_failure)  # the pool would keep the exception to itself
         else:
             self._predictor.observe(ctx.task, ctx.prompt_text, tracker.completion_tokens)
