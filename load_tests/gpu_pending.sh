@@ -2,7 +2,7 @@
 # The checks still owed to a CUDA machine (issues #6 and #9), in the order they matter. A device
 # call runs at most 10 minutes (30 minutes of device time per session), so give each part its
 # own call; `all` is for a machine without that limit:
-#     bash load_tests/gpu_pending.sh tests|kernels|ncu|engine|all
+#     bash load_tests/gpu_pending.sh tests|kernels|ncu|profile|engine|all
 # Writes everything under $OUT (default out/gpu), which the device tool brings back; copy the
 # JSON files into load_tests/results/ and record the figures in the README and on the issues.
 # The device has torch, triton, transformers, peft and safetensors but no Ray/Redis/FastAPI, so
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=.  # inlaid_ray/kernels is a symlink to kernels/: no install needed
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
-what=${1:?tests, kernels, ncu, engine or all}
+what=${1:?tests, kernels, ncu, profile, engine or all}
 status=0
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, keep going
@@ -48,6 +48,11 @@ if [[ $what == all || $what == ncu ]]; then
     else
         echo "== ncu: not on PATH (look under /usr/local/cuda*/bin)"; status=1
     fi
+fi
+if [[ $what == all || $what == profile ]]; then
+    # The ~0.17 s engine step (7B 4-bit, decode, batch 1 and 32): Python CPU time vs kernel time,
+    # launches and host syncs per step, top ops.
+    step profile_engine 420 python load_tests/profile_engine_step.py --out "$OUT/engine_step_profile_h100.json"
 fi
 if [[ $what == all || $what == engine ]]; then
     # #9 item 3: the engine under load, fifo with 1 and 1000 adapters, then inlaid and mlfq with 1000
