@@ -15,9 +15,10 @@ If the best holder has more than `imbalance_tokens` more outstanding work than t
 replica, that other replica goes first: a hot cluster spreads instead of queueing.
 Each rank holds one replica, so Ray tries them strictly in this order and moves on only when
 a replica's queue is full. A request's `avoid_replicas` are left out while any other replica
-runs (the onboarding probe's walk over every replica; a busy unvisited replica is waited for). Outstanding work of a replica = max(its last reported
-`predicted_outstanding_tokens`, what this router sent it and has not seen complete), so a
-fresh burst counts before the next stats report and other routers' load counts through stats.
+runs (the onboarding probe's walk over every replica; a busy unvisited replica is waited for).
+Outstanding work of a replica = max(its last reported `predicted_outstanding_tokens`, what
+this router sent it and has not seen complete), so a fresh burst counts before the next stats
+report and other routers' load counts through stats.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def rank_replicas(
 
 def unvisited(replica_ids: Sequence[str], avoid: Sequence[str]) -> list[str]:
     """The ids not in `avoid`, or all of them when every one is."""
-    rest = [r for r in replica_ids if r not in set(avoid)]
+    avoided = set(avoid)
+    rest = [r for r in replica_ids if r not in avoided]
     return rest or list(replica_ids)
 
 
