@@ -9,7 +9,6 @@ machine, which has no ray / redis / fastapi.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import time
 from collections.abc import Iterable, Mapping
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, LoRAFactors, save_peft_adapter
+from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model import ModelConfig
 from inlaid_ray.quant.gptq_linear import GPTQLinear, select_gptq_matmul
 
@@ -85,28 +85,8 @@ def write_json(path: Path, obj: Any) -> None:
 # ------------------------------------------------------------------------------ adapters
 
 
-def random_adapter(
-    config: ModelConfig,
-    name: str,
-    rank: int,
-    modules: Iterable[str],
-    dtype: torch.dtype,
-    device: torch.device | str,
-    seed: int,
-    layers: Iterable[int] | None = None,
-    alpha: float | None = None,
-) -> LoRAAdapter:
-    """A LoRA adapter of the base's shapes with Gaussian factors (A ~ 1/sqrt(d_in), B small)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    scale = (alpha if alpha is not None else 2.0 * rank) / rank
-    weights = {}
-    for layer in layers if layers is not None else range(config.num_layers):
-        for module in modules:
-            d_out, d_in = config.module_shape(module)
-            a = torch.randn(rank, d_in, generator=gen, device=device, dtype=torch.float32) / math.sqrt(d_in)
-            b = torch.randn(d_out, rank, generator=gen, device=device, dtype=torch.float32) * 0.01
-            weights[(layer, module)] = LoRAFactors(a.to(dtype), b.to(dtype), scale)
-    return LoRAAdapter(name=name, base_model_name_or_path=config.name_or_path or None, weights=weights)
+# Random adapters of the benchmarks: A ~ N(0, 1/d_in) (PEFT's fan-in scale), small B, scale 2.
+BENCH_LORA_INIT = dict(a_std=None, b_std=0.01, scale=2.0)
 
 
 def write_random_peft_adapters(
@@ -115,7 +95,8 @@ def write_random_peft_adapters(
     """PEFT directories {name: dir} of random adapters with the given (rank, target modules)."""
     dirs = {}
     for i, (name, (rank, modules)) in enumerate(shapes.items()):
-        adapter = random_adapter(config, name, rank, modules, torch.float32, "cpu", seed + i)
+        adapter = random_lora_adapter(config, name, rank, modules, seed + i, base_model=config.name_or_path or None,
+                                      **BENCH_LORA_INIT)
         save_peft_adapter(adapter, out_dir / name)
         dirs[name] = out_dir / name
     return dirs

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    RESULTS, SHAPES, device_info, fill_random_gptq, gptq_factory, kernel_paths, model_bytes, random_adapter,
+    BENCH_LORA_INIT, RESULTS, SHAPES, device_info, fill_random_gptq, gptq_factory, kernel_paths, model_bytes,
     use_kernel_ops, write_json,
 )
 from engine_load import calibrate, capacity_req_per_s, drive, make_workload  # noqa: E402
@@ -52,6 +52,7 @@ from load_stats import summarize  # noqa: E402
 
 from inlaid_ray.engine import EngineConfig, LLMEngine  # noqa: E402
 from inlaid_ray.lora import AdapterBank  # noqa: E402
+from inlaid_ray.lora.synthetic import random_lora_adapter  # noqa: E402
 from inlaid_ray.model import PagedKVCache, random_model  # noqa: E402
 from inlaid_ray.sched import make_policy  # noqa: E402
 from inlaid_ray.sched.workload import WorkloadConfig  # noqa: E402
@@ -101,7 +102,8 @@ def build_model_and_bank(cfg: GpuBenchConfig) -> tuple[Any, AdapterBank, dict[st
     n = max(cfg.adapter_counts)
     bank = AdapterBank(config, max_slots=n, max_rank=cfg.rank, dtype=dtype, device=cfg.device)
     for i in tqdm(range(n), desc="adapters", unit="adapter"):
-        bank.add(random_adapter(config, f"task-{i:04d}", cfg.rank, cfg.modules, dtype, cfg.device, cfg.seed + i))
+        bank.add(random_lora_adapter(config, f"task-{i:04d}", cfg.rank, cfg.modules, cfg.seed + i, dtype=dtype,
+                                     device=cfg.device, base_model=config.name_or_path or None, **BENCH_LORA_INIT))
     use_kernel_ops(bank, cfg.kernels)
     info = {"model": f"{config.name_or_path}, GPTQ 4-bit group 128 random codes, {dtype} activations",
             "model_bytes": model_bytes(model), "bank": bank.stats(), "setup_s": time.monotonic() - t0,

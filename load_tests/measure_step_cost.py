@@ -28,26 +28,14 @@ from tqdm import tqdm
 from inlaid_ray.config import Settings
 from inlaid_ray.engine.batch import build_step_batch
 from inlaid_ray.engine.request import Request, SamplingParams
-from inlaid_ray.lora import AdapterBank, LoRAAdapter, LoRAFactors
+from inlaid_ray.lora import AdapterBank
 from inlaid_ray.errors import ModelLoadError
-from inlaid_ray.lora.synthetic import SMOLLM2_135M
+from inlaid_ray.lora.synthetic import SMOLLM2_135M, random_lora_adapter
 from inlaid_ray.model import ModelConfig, PagedKVCache, load_model, random_model
 from inlaid_ray.model.prepare import prepare_smollm2
 from inlaid_ray.sched.cost_model import StepSample, fit_cost_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def random_adapter(config, name: str, rank: int, modules: tuple[str, ...], gen: torch.Generator) -> LoRAAdapter:
-    """A rank-`rank` adapter on `modules` of every layer with small random factors."""
-    weights = {}
-    for layer in range(config.num_layers):
-        for m in modules:
-            d_out, d_in = config.module_shape(m)
-            a = torch.randn(rank, d_in, generator=gen) / d_in**0.5
-            b = torch.randn(d_out, rank, generator=gen) * 0.01
-            weights[(layer, m)] = LoRAFactors(a, b, scale=2.0)
-    return LoRAAdapter(name, None, weights)
 
 
 def make_step(rng: random.Random, args, block_size: int, num_adapters: int) -> tuple[list[Request], list[int]]:
@@ -124,7 +112,8 @@ def main() -> None:
     bank = AdapterBank(config, max_slots=args.num_adapters, max_rank=args.rank, dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(args.seed)
     for i in range(args.num_adapters):
-        bank.add(random_adapter(config, f"a{i}", args.rank, ("q_proj", "k_proj", "v_proj", "o_proj"), gen))
+        bank.add(random_lora_adapter(config, f"a{i}", args.rank, ("q_proj", "k_proj", "v_proj", "o_proj"), gen,
+                                     a_std=None, b_std=0.01, scale=2.0))
     if model_dir is not None:
         model = load_model(model_dir, dtype=dtype, device=device, adapter_bank=bank)
     else:

@@ -1,11 +1,9 @@
-"""Shared fixtures: the compute device, the real SmolLM2 directory (converted once from the bundled GGUF),
-tiny random Llama-family checkpoints written with transformers (shape tests only) and random LoRA
-adapters."""
+"""Shared fixtures: the compute device, the real SmolLM2 directory (converted once from the bundled GGUF) and
+tiny random Llama-family checkpoints written with transformers (shape tests only)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -18,8 +16,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from inlaid_ray.config import Settings
-from inlaid_ray.lora import LoRAAdapter, LoRAFactors
-from inlaid_ray.model import ModelConfig
 from inlaid_ray.model.prepare import prepare_smollm2
 
 
@@ -71,17 +67,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def random_lora_adapter(config: ModelConfig, name: str, rank: int, modules: Iterable[str], seed: int,
-                        scaling: float = 0.5) -> LoRAAdapter:
-    """An adapter with N(0, 1) A and B factors on `modules` of every layer (same seed, same adapter)."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for layer in range(config.num_layers):
-        for module in modules:
-            d_out, d_in = config.module_shape(module)
-            weights[(layer, module)] = LoRAFactors(torch.randn(rank, d_in, generator=gen),
-                                                   torch.randn(d_out, rank, generator=gen), scaling)
-    return LoRAAdapter(name, None, weights)
-

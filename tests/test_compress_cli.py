@@ -15,9 +15,9 @@ from inlaid_ray.errors import AdapterError
 from inlaid_ray.lora import LoRAAdapter, save_peft_adapter
 from inlaid_ray.lora.cluster_bank import bank_size_report, load_cluster_banks
 from inlaid_ray.lora.compress_cli import add_compress_parser
+from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
 
-from conftest import random_lora_adapter
 
 # name -> (rank, target modules)
 ADAPTERS = {"qv": (2, ("q_proj", "v_proj")), "all_a": (3, LINEAR_MODULES), "all_b": (4, LINEAR_MODULES)}
@@ -28,7 +28,7 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, tuple[object, Lo
     config = ModelConfig.from_dir(tiny_llama_dir)
     out = {}
     for seed, (name, (rank, modules)) in enumerate(ADAPTERS.items()):
-        adapter = random_lora_adapter(config, name, rank, modules, seed, scaling=2.0 / rank)
+        adapter = random_lora_adapter(config, name, rank, modules, seed, scale=2.0 / rank)
         d = tmp_path_factory.mktemp(name)
         save_peft_adapter(adapter, d)
         out[name] = (d, adapter)

@@ -18,11 +18,11 @@ from inlaid_ray.lora.cluster_bank import ClusterBank, save_cluster_banks
 from inlaid_ray.lora.clustering import ClusterConfig
 from inlaid_ray.lora.compress_jd import JDConfig, project_onto_basis
 from inlaid_ray.lora.compress_set import compress_adapter_set
+from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model import load_model, prefill_logits
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
 from inlaid_ray.model.forward_batch import LoRABatch
 
-from conftest import random_lora_adapter
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -82,8 +82,8 @@ def check_bank(bank: AdapterBank, config: ModelConfig, sources: dict[str, object
 
 @pytest.fixture(scope="module")
 def parts(config):
-    raw = {"raw_qo": random_lora_adapter(config, "raw_qo", 2, ("q_proj", "o_proj"), 1),
-           "raw_all": random_lora_adapter(config, "raw_all", 4, LINEAR_MODULES, 2)}
+    raw = {"raw_qo": random_lora_adapter(config, "raw_qo", 2, ("q_proj", "o_proj"), 1, scale=0.5),
+           "raw_all": random_lora_adapter(config, "raw_all", 4, LINEAR_MODULES, 2, scale=0.5)}
     full = random_cluster(config, 0, ["f0", "f1", "f2"], 4, ("q_proj", "v_proj", "down_proj"), "full", 3)
     diag = random_cluster(config, 1, ["d0", "d1"], 3, LINEAR_MODULES, "diag", 4)
     return raw, full, diag
@@ -153,7 +153,7 @@ def test_live_add_replace_project_and_remove(config, parts):
     assert bank.generation > gen0 and bank.free_slots == 2 and bank.cluster_of("f1") == (c, 1)
     assert bank.content_hash("f1") == "v1" and bank.cluster_members(c) == ["f0", "f1", "f2"]
     # Onboarding by projection: a new adapter's cores on the resident bases go into a free row.
-    new = random_lora_adapter(config, "new", 2, ("q_proj", "v_proj", "down_proj"), 7)
+    new = random_lora_adapter(config, "new", 2, ("q_proj", "v_proj", "down_proj"), 7, scale=0.5)
     cores = {}
     for key in new.weights:
         U, V = bank.cluster_basis(c, key)
@@ -244,7 +244,7 @@ def test_engine_serves_compressed_next_to_raw_and_base_on_smollm2(smollm2_dir, t
 
     config = ModelConfig.from_dir(smollm2_dir)
     # Two rank-4 adapters squeezed into a shared rank 4: lossy, so serving raw factors would differ.
-    members = [random_lora_adapter(config, f"c{i}", 4, MODULES, 10 + i, scaling=0.02) for i in range(2)]
+    members = [random_lora_adapter(config, f"c{i}", 4, MODULES, 10 + i, scale=0.02) for i in range(2)]
     cset = compress_adapter_set(members, ClusterConfig(jd=JDConfig(rank=4, max_iters=3), num_clusters=1), progress=False)
     assert all(e.error > 1e-2 for e in cset.banks.adapters.values())
     bank_dir = save_cluster_banks(cset.banks, tmp_path / "bank")
@@ -280,7 +280,7 @@ def test_engine_serves_compressed_next_to_raw_and_base_on_smollm2(smollm2_dir, t
 
 def test_build_engine_refuses_a_name_in_raw_and_compressed(tiny_llama_dir, tmp_path):
     config = ModelConfig.from_dir(tiny_llama_dir)
-    a = random_lora_adapter(config, "dup", 2, ("q_proj",), 0)
+    a = random_lora_adapter(config, "dup", 2, ("q_proj",), 0, scale=0.5)
     from inlaid_ray.lora import save_peft_adapter
 
     save_peft_adapter(a, tmp_path / "dup")

@@ -13,7 +13,8 @@ from inlaid_ray.model import load_model
 from test_engine import reference_greedy
 
 bank_mod = pytest.importorskip("inlaid_ray.lora.bank", reason="the adapter bank (inlaid_ray/lora/bank.py) is not written yet")
-from inlaid_ray.lora import LoRAAdapter, LoRAFactors  # noqa: E402
+from inlaid_ray.lora import LoRAAdapter  # noqa: E402
+from inlaid_ray.lora.synthetic import random_lora_adapter  # noqa: E402
 
 # name -> (rank, target modules)
 ADAPTERS = {
@@ -25,16 +26,8 @@ ADAPTERS = {
 PROMPTS = [[1, 5, 7, 9, 11], [4, 4, 4, 8], list(range(2, 21)), [7, 100]]
 
 
-def _random_adapter(name: str, rank: int, modules, config, seed: int) -> LoRAAdapter:
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for layer in range(config.num_layers):
-        for module in modules:
-            d_out, d_in = config.module_shape(module)
-            a = torch.randn(rank, d_in, generator=gen) * 0.3
-            b = torch.randn(d_out, rank, generator=gen) * 0.3
-            weights[(layer, module)] = LoRAFactors(a=a, b=b, scale=2.0 / rank)
-    return LoRAAdapter(name=name, base_model_name_or_path=None, weights=weights)
+def _adapter(config, name: str, rank: int, modules, seed: int) -> LoRAAdapter:
+    return random_lora_adapter(config, name, rank, modules, seed, a_std=0.3, b_std=0.3, scale=2.0 / rank)
 
 
 def _merged_model(model_dir, adapter: LoRAAdapter):
@@ -51,7 +44,7 @@ def _merged_model(model_dir, adapter: LoRAAdapter):
 @pytest.fixture(scope="module")
 def setup(tiny_llama_dir):
     config = load_model(tiny_llama_dir).config
-    adapters = {n: _random_adapter(n, r, mods, config, seed=i) for i, (n, (r, mods)) in enumerate(ADAPTERS.items())}
+    adapters = {n: _adapter(config, n, r, mods, i) for i, (n, (r, mods)) in enumerate(ADAPTERS.items())}
     bank = bank_mod.AdapterBank(config, max_slots=4, max_rank=8)
     for adapter in adapters.values():
         bank.add(adapter)
@@ -106,7 +99,7 @@ def test_unknown_task_and_bank_mismatch(setup, tiny_llama_dir):
 def test_adapter_removed_mid_request_aborts_only_its_requests(tiny_llama_dir):
     config = load_model(tiny_llama_dir).config
     bank = bank_mod.AdapterBank(config, max_slots=2, max_rank=8)
-    gone, kept = (_random_adapter(n, r, m, config, seed=i) for i, (n, (r, m)) in enumerate(list(ADAPTERS.items())[:2]))
+    gone, kept = (_adapter(config, n, r, m, i) for i, (n, (r, m)) in enumerate(list(ADAPTERS.items())[:2]))
     bank.add(gone)
     bank.add(kept)
     engine = LLMEngine(load_model(tiny_llama_dir, adapter_bank=bank), None,

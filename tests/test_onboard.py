@@ -262,6 +262,7 @@ def test_onboarding_under_load_has_no_failed_request(app, reference):
     # the probe walked both replicas (each avoided the ones that had answered), and both agree
     assert len(set(report.probe["replicas"])) == app.args.num_replicas == 2, report.probe
     assert len(set(report.probe["texts"])) == 1, report.probe
+    assert report.probe["base_version"] in traffic.base_versions  # the base users were served on
     assert report.statistics["computed"] == [NEW] and not report.decision["requantize"]
     # email adapts the same modules as rewrite: it joins rewrite's cluster (exactly, k = 8 + 16 <= 32).
     assert report.cluster["cluster"] == "demo-long" and report.cluster["error"] < 1e-4

@@ -29,6 +29,7 @@ from inlaid_ray.lora.cluster_bank import load_cluster_banks, save_cluster_banks
 from inlaid_ray.lora.clustering import ClusterConfig
 from inlaid_ray.lora.compress_jd import JDConfig
 from inlaid_ray.lora.compress_set import compress_adapter_set
+from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model import ModelConfig, encode_chat, load_tokenizer
 from inlaid_ray.model.config import LINEAR_MODULES
 from inlaid_ray.registry import ClusterRecord, TaskRecord
@@ -37,7 +38,6 @@ from inlaid_ray.serve.bootstrap import DEMO_CLUSTERS, adapter_ready, demo_bank_d
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ClusterSpec
 from inlaid_ray.serve.residency import ClusterResidency
 
-from conftest import random_lora_adapter
 
 API_KEY, ADMIN_KEY = "test-demo-key", "test-admin-key"
 MAX_MODEL_LEN = 256
@@ -61,7 +61,8 @@ def _bank_delta(bank: AdapterBank, name: str, layer: int, module: str, d_in: int
 
 def test_residency_mixes_a_compressed_cluster_with_raw_adapters(tmp_path):
     config = ModelConfig.from_hf_dict(LlamaConfig(**TINY).to_dict())
-    adapters = {n: random_lora_adapter(config, n, 4, ("q_proj", "v_proj"), seed) for seed, n in enumerate(["a", "b", "c", "d"])}
+    adapters = {n: random_lora_adapter(config, n, 4, ("q_proj", "v_proj"), seed, scale=0.5)
+                for seed, n in enumerate(["a", "b", "c", "d"])}
     # "a", "b" compressed exactly (k = stacked rank 8); "c" joined the cluster after the bank was built.
     banks = compress_adapter_set([adapters["a"], adapters["b"]], ClusterConfig(jd=JDConfig(rank=8), num_clusters=1),
                                  progress=False).banks

@@ -56,7 +56,7 @@ class ProbeResult:
     status: int
     replicas: list[str]
     texts: list[str]
-    base_version: str
+    base_version: str  # what the replicas answered on (x-inlaid-base-version), "" if not named
     attempts: int
     seconds: float
 
@@ -87,11 +87,12 @@ def probe_task(endpoint: str, admin_key: str | None, task: str, base_version: in
     deadline = start + settings.timeout_s
     replicas: list[str] = []
     texts: list[str] = []
-    attempts = 0
+    attempts, served_base = 0, ""
     with httpx.Client(timeout=settings.request_timeout_s) as client:
         while len(replicas) < settings.max_replicas:
             avoid = {PROBE_AVOID_HEADER: ",".join(replicas)} if replicas else {}
-            replica, text, tries = _answer(client, url, body, headers | avoid, task, base_version, deadline, settings)
+            replica, text, served_base, tries = _answer(client, url, body, headers | avoid, task, base_version,
+                                                        deadline, settings)
             attempts += tries
             if replica in replicas:
                 break
@@ -103,13 +104,13 @@ def probe_task(endpoint: str, admin_key: str | None, task: str, base_version: in
             log.warning("probe %s: stopped after %d replicas (max_replicas)", task, settings.max_replicas)
     if len(set(texts)) > 1:  # greedy on identical weights; differing hardware may still round apart
         log.warning("probe %s: replicas answered differently: %s", task, dict(zip(replicas, texts)))
-    return ProbeResult(200, replicas, texts, "" if base_version is None else str(base_version), attempts,
-                       time.monotonic() - start)
+    return ProbeResult(200, replicas, texts, served_base, attempts, time.monotonic() - start)
 
 
 def _answer(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str], task: str,
-            base_version: int | None, deadline: float, settings: ProbeSettings) -> tuple[str, str, int]:
-    """(replica id, text, attempts) of the first correct answer, retried until `deadline`."""
+            base_version: int | None, deadline: float, settings: ProbeSettings) -> tuple[str, str, str, int]:
+    """(replica id, text, base version served, attempts) of the first correct answer, retried until
+    `deadline`."""
     attempts, last = 0, "no answer"
     while True:
         attempts += 1
@@ -122,7 +123,7 @@ def _answer(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[
             if response.status_code == 200:
                 text = _check_body(response.json(), task)
                 if base_version is None or served_base == str(base_version):
-                    return response.headers.get(REPLICA_HEADER, ""), text, attempts
+                    return response.headers.get(REPLICA_HEADER, ""), text, served_base, attempts
                 last = f"answered on base version {served_base or '?'}, waiting for {base_version}"
             elif response.status_code in _RETRY_STATUSES:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"

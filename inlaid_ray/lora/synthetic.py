@@ -1,5 +1,6 @@
-"""Synthetic LoRA adapters with a known cluster structure, on real model shapes, for testing and
-benchmarking joint compression and clustering (ALGORITHMS 9.4-9.8).
+"""Synthetic LoRA adapters for tests and benchmarks: plain random ones (`random_lora_adapter`), and
+ones with a known cluster structure, on real model shapes, for joint compression and clustering
+(ALGORITHMS 9.4-9.8).
 
 Each planted cluster c owns, per (layer, module), orthonormal subspaces U_c [d_out, s] and
 V_c [d_in, s]. Adapter i of cluster c has B_i = U_c X_i + noise and A_i = Y_i V_c^T + noise with
@@ -12,11 +13,13 @@ folded into B.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from inlaid_ray.lora.adapter import LoRAAdapter, LoRAFactors
 from inlaid_ray.lora.compress_jd import ModuleKey
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
 
@@ -38,6 +41,26 @@ SMOLLM2_135M = ModelConfig(
     eos_token_ids=(2,),
     name_or_path="SmolLM2-135M-Instruct",
 )
+
+
+
+def random_lora_adapter(
+    config: ModelConfig, name: str, rank: int, modules: Iterable[str], seed: int | torch.Generator, *,
+    a_std: float | None = 1.0, b_std: float = 1.0, scale: float = 1.0, layers: Iterable[int] | None = None,
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", base_model: str | None = None,
+) -> LoRAAdapter:
+    """Gaussian factors A ~ N(0, a_std^2) (None: 1 / sqrt(d_in)) and B ~ N(0, b_std^2), drawn in fp32
+    on `device` and cast to `dtype`, on `modules` of `layers` (default every layer); the same seed
+    (or the same state of a passed generator) gives the same adapter."""
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
+    weights = {}
+    for layer in layers if layers is not None else range(config.num_layers):
+        for module in modules:
+            d_out, d_in = config.module_shape(module)
+            a = torch.randn(rank, d_in, generator=gen, device=device) * (a_std if a_std is not None else d_in**-0.5)
+            b = torch.randn(d_out, rank, generator=gen, device=device) * b_std
+            weights[(layer, module)] = LoRAFactors(a.to(dtype), b.to(dtype), scale)
+    return LoRAAdapter(name, base_model, weights)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,8 @@ slows each x in S by y's marginal step cost `w_y = b + d*ctx_y + c*[y's task not
 steps free: y runs them later, slowing whoever shares them then, the `Q` requests below,
 `w_y * Q * m`; and y loses the fixed part `a` of each of the m steps, `a * m` (exchange
 argument on two schedules that differ only in when y runs; `ctx_y` is y's mean context over
-the overlap). When y's adapter
-is not resident its load stalls the step of everyone sharing it, now the |S| requests,
-later the Q. So y joins iff
+the overlap). When y's adapter is not resident its load stalls the step of everyone sharing
+it, now the |S| requests, later the Q. So y joins iff
 
     w_y * (sum_{x in S} min(rem_x, rem_y) - Q * m) + e * (|S| - Q) * [y needs a load]  <=  a * m.
 
