@@ -65,9 +65,15 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from inlaid_ray.demo.run_demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(work_dir=Path(args.work_dir) if args.work_dir else None, num_replicas=args.num_replicas,
-                        policy=args.policy, port=args.port, examples_per_task=args.examples_per_task,
-                        device=args.device, quant_method=args.quant_method), settings)
+    chosen = {k: v for k, v in {"num_replicas": args.num_replicas, "examples_per_task": args.examples_per_task}.items()
+              if v is not None}
+    common = dict(policy=args.policy, port=args.port, device=args.device, quant_method=args.quant_method)
+    if args.smoke:
+        work_dir = Path(args.work_dir) if args.work_dir else settings.cache_dir / "demo-smoke"
+        cfg = DemoConfig.smoke(work_dir=work_dir, **common, **chosen)
+    else:
+        cfg = DemoConfig(work_dir=Path(args.work_dir) if args.work_dir else None, **common, **chosen)
+    run_demo(cfg, settings)
     return 0
 
 
@@ -113,10 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="prepare, quantize (MLGPTQ), compress, serve and send requests, end to end")
     demo.add_argument("--work-dir", help="artifacts (default: <cache>/demo; reused when present)")
-    demo.add_argument("--num-replicas", type=int, default=2)
+    demo.add_argument("--smoke", action="store_true",
+                      help="the same path at a fraction of the cost (256 calibration tokens per task, 1 replica, "
+                           "1 request per task; artifacts under <cache>/demo-smoke); CI runs it")
+    demo.add_argument("--num-replicas", type=int, default=None, help="engine replicas (default 2; --smoke: 1)")
     demo.add_argument("--policy", choices=["fifo", "mlfq", "inlaid"], default="inlaid")
     demo.add_argument("--port", type=int, default=8000)
-    demo.add_argument("--examples-per-task", type=int, default=3, help="eval prompts sent to each task")
+    demo.add_argument("--examples-per-task", type=int, default=None,
+                      help="eval prompts sent to each task (default 3; --smoke: 1)")
     demo.add_argument("--device", default="cpu", help="device for quantization (cpu, cuda)")
     demo.add_argument("--quant-method", default="mlgptq-channel",
                       choices=["mlgptq-channel", "gptq-mixed", "mlgptq", "rtn"],

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import RESULTS, SHAPES, device_info, kernel_paths, model_bytes, timed, use_kernel_ops, write_json  # noqa: E402
@@ -179,7 +179,7 @@ def run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
     b = _Bench(cfg, out, s)
     counts = sorted({len(s.adapter_names) if n == -1 else min(n, len(s.adapter_names)) for n in cfg.adapter_counts})
     quant = cfg.quant and cfg.random
-    b.bar = tqdm(total=(1 + len(counts)) * (2 + quant) * cfg.repeats, desc="bench_engine", unit="run")
+    b.bar = Progress(total=(1 + len(counts)) * (2 + quant) * cfg.repeats, desc="bench_engine", unit="run")
     base_names = b.tasks_for(0)
     ours0 = b.measure("engine base", lambda m, k: engine_run(s.engine, s.prompts[:k], base_names[:k], m))
     hf_by_n = {0: b.measure("hf base", lambda m, k: hf_run(s.hf, s.prompts[:k], None, m, s.pad_id))}

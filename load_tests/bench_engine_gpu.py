@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
@@ -101,7 +101,7 @@ def build_model_and_bank(cfg: GpuBenchConfig) -> tuple[Any, AdapterBank, dict[st
     fill_random_gptq(model, cfg.seed)
     n = max(cfg.adapter_counts)
     bank = AdapterBank(config, max_slots=n, max_rank=cfg.rank, dtype=dtype, device=cfg.device)
-    for i in tqdm(range(n), desc="adapters", unit="adapter"):
+    for i in Progress(range(n), desc="adapters", unit="adapter"):
         bank.add(random_lora_adapter(config, f"task-{i:04d}", cfg.rank, cfg.modules, cfg.seed + i, dtype=dtype,
                                      device=cfg.device, base_model=config.name_or_path or None, **BENCH_LORA_INIT))
     use_kernel_ops(bank, cfg.kernels)
@@ -172,7 +172,7 @@ def run(cfg: GpuBenchConfig, out: Path) -> dict[str, Any]:
     plan += [(p, max(cfg.adapter_counts)) for p in cfg.policies if p != cfg.sweep_policy]
     timeout = cfg.run_timeout_s or 2.0 * (reqs[-1].arrival_s / rate + len(reqs) / cap)
     result["run_timeout_s"] = timeout
-    for policy, n in tqdm(plan, desc="runs", unit="run"):
+    for policy, n in Progress(plan, desc="runs", unit="run"):
         if over():
             result["skipped"].append(f"{policy} x {n} adapters: time budget {cfg.time_budget_s}s spent")
             continue

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.kernels.compressed_lora import CompressedLoRABatch, compressed_lora
 from inlaid_ray.kernels.gptq_gemm import GPTQGemmConfig, gptq_matmul
@@ -174,7 +174,7 @@ def bench_gptq(copy_bw: float, reps: int, partial: Path) -> tuple[list[dict], di
         dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
                  for _ in range(max(2, math.ceil(L2_FLUSH_BYTES / (2 * n * k))))]
         tuned[f"{k}x{n}"] = []
-        for m in tqdm(MS, desc=f"W4A16 {k}x{n}"):
+        for m in Progress(MS, desc=f"W4A16 {k}x{n}"):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             trials = {}
             for cfg in candidates(m):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.config import Settings
 from inlaid_ray.demo.data import load_examples
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     reqs = _requests(tokenizer, args.tasks, args.limit, with_base=False)
     configs = _configs(args.ranks, args.kind, max_rank)
     with tempfile.TemporaryDirectory() as tmp:
-        for label, cfg in tqdm(configs, desc="configurations"):
+        for label, cfg in Progress(configs, desc="configurations"):
             cset = compress_adapter_set(adapters, cfg, progress=False)
             bank_dir = save_cluster_banks(cset.banks, Path(tmp) / label.replace(" ", "_").replace("=", ""))
             engine = build_engine(base, None, compressed=bank_dir, device=args.device,

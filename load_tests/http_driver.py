@@ -291,7 +291,7 @@ def run(cfg: DriverConfig, out_json: Path, out_png: Path) -> dict[str, Any]:
     """The whole run: artifacts, every variant, JSON + PNG (rewritten after each variant)."""
     import ray
     from ray import serve
-    from tqdm import tqdm
+    from inlaid_ray.progress import Progress
 
     from bench_common import write_json
     from inlaid_ray.config import Settings
@@ -319,7 +319,7 @@ def run(cfg: DriverConfig, out_json: Path, out_png: Path) -> dict[str, Any]:
         "quantized_dir": str(quantized_dir) if quantized_dir else None,
         "variants": [],
     }
-    bar = tqdm(total=len(variants) * sum(len(p) for p in plans.values()), desc="http load", unit="req")
+    bar = Progress(total=len(variants) * sum(len(p) for p in plans.values()), desc="http load", unit="req")
     t_run = time.perf_counter()
     port = free_port()
     try:

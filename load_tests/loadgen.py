@@ -377,7 +377,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
-    from tqdm import tqdm
+    from inlaid_ray.progress import Progress
 
     cfg = LoadConfig(rate=args.rate, arrival=args.arrival, cv=args.cv, duration_s=args.duration,
                      max_requests=args.max_requests, drain_timeout_s=args.drain_timeout, seed=args.seed)
@@ -388,7 +388,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         models = args.models.split(",") if args.models else ()
         plan = plan_synthetic(cfg, args.num_tasks, models, args.slo_ttft, args.slo_per_token)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    bar = tqdm(total=len(plan), desc="requests", unit="req")
+    bar = Progress(total=len(plan), desc="requests", unit="req")
     async with make_client(args.url, cfg.request_timeout_s) as client:
         records = await run_plan(client, plan, cfg, headers=headers, on_done=lambda _r: bar.update(1))
     bar.close()

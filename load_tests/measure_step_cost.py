@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.config import Settings
 from inlaid_ray.engine.batch import build_step_batch
@@ -126,7 +126,7 @@ def main() -> None:
     for _ in range(3):
         time_step(model, cache, *warm, args.block_size, device, 1)
     samples, rows = [], []
-    for _ in tqdm(range(args.samples), desc="steps"):
+    for _ in Progress(range(args.samples), desc="steps"):
         requests, slots = make_step(rng, args, args.block_size, args.num_adapters)
         sec = time_step(model, cache, requests, slots, args.block_size, device, args.reps)
         batch_tokens = sum(r.num_tokens - r.num_computed_tokens for r in requests)

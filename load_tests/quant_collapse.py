@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.config import Settings
 from inlaid_ray.demo.data import load_examples
@@ -89,11 +89,11 @@ def localize(swap: SwapModel, q: dict[str, torch.Tensor], tasks: list[str]) -> d
     whole = swap.losses(q, tasks)
     worst = max(whole, key=whole.get)
     kinds = {m: swap.losses({p: w for p, w in q.items() if p.endswith(f".{m}")}, [worst])[worst]
-             for m in tqdm(LINEAR_MODULES, desc="swap module kinds", unit="kind")}
+             for m in Progress(LINEAR_MODULES, desc="swap module kinds", unit="kind")}
     kind = max(kinds, key=kinds.get)
     layers = sorted({int(p.split(".")[2]) for p in q})
     blocks = {layer: swap.losses({hf_prefix(layer, kind): q[hf_prefix(layer, kind)]}, [worst])[worst]
-              for layer in tqdm(layers, desc=f"swap {kind} per block", unit="block")}
+              for layer in Progress(layers, desc=f"swap {kind} per block", unit="block")}
     return {"whole_checkpoint": whole, "worst_task": worst, "fp16": swap.losses({}, [worst])[worst],
             "by_module_kind": kinds, "worst_kind": kind, "by_block": blocks, "worst_block": max(blocks, key=blocks.get)}
 
@@ -122,7 +122,7 @@ def compare_at(swap: SwapModel, store: StatsStore, tasks: list[str], layer: int,
     cands = {"rtn": rtn_quantize(W, grid).Q}
     cands.update({k: gptq_quantize(W, h, grid).Q for k, h in aggregate_variants(store, tasks, layer, module).items()})
     out = {}
-    for name, Q in tqdm(cands.items(), desc=f"aggregates at {prefix}", unit="H"):
+    for name, Q in Progress(cands.items(), desc=f"aggregates at {prefix}", unit="H"):
         dW = (W - Q).double()
         out[name] = {"loss": swap.losses({prefix: Q}, tasks),
                      "objective": {t: float(torch.einsum("oi,ij,oj->", dW, H, dW)) for t, H in zip(tasks, own)}}

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.config import Settings
 from inlaid_ray.demo.paths import demo_adapter_dir, demo_data_path
@@ -87,7 +87,7 @@ class State:
 def phase_quantize(args, base: Path, work: Path, state: State) -> None:
     done = state.section("quantized")
     calib = CalibrationConfig(tokens_per_task=args.calib_tokens, max_seq_len=args.max_seq_len, seed=args.seed)
-    for name, method, bits, with_adapter in tqdm(_configs(args)[1:], desc="quantize configs", unit="cfg"):
+    for name, method, bits, with_adapter in Progress(_configs(args)[1:], desc="quantize configs", unit="cfg"):
         if name in done:
             continue
         cfg = _mlgptq_config(args, method, bits, with_adapter)
@@ -108,7 +108,7 @@ def phase_eval(args, base: Path, work: Path, state: State) -> None:
     done = state.section("eval")
     tokenizer = load_tokenizer(base)
     adapters = {t: demo_adapter_dir(t) for t in args.tasks}
-    for name, *_ in tqdm(_configs(args), desc="evaluate configs", unit="cfg"):
+    for name, *_ in Progress(_configs(args), desc="evaluate configs", unit="cfg"):
         if name in done:
             continue
         path = base if name == "fp16" else work / "ckpt" / name
@@ -129,7 +129,7 @@ def phase_analyze(args, base: Path, work: Path, state: State) -> None:
     dense = load_file(str(base / "model.safetensors"), device=args.device)
     tasks = args.tasks
     objective = state.section("objective")
-    for name, method, bits, with_adapter in tqdm(_configs(args)[1:], desc="objective", unit="cfg"):
+    for name, method, bits, with_adapter in Progress(_configs(args)[1:], desc="objective", unit="cfg"):
         if name in objective or not with_adapter:
             continue
         ckpts = {t: work / "ckpt" / name / t for t in tasks} if method == "gptq-per-task" else \

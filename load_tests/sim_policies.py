@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.sched import make_policy
 from inlaid_ray.sched import metrics as metrics_mod
@@ -148,7 +148,7 @@ def main() -> None:
     if swap:
         ablations.append((swap[0], list(SWAP_ABLATION)))
     total = len(items) * len(loads) * len(POLICIES) + sum(len(labels) for _, labels in ablations) * len(loads)
-    bar = tqdm(total=total, desc="simulations")
+    bar = Progress(total=total, desc="simulations")
     for name, (wl, replica) in items.items():
         cap = capacity(wl, replica, cost)
         sc = {"workload": asdict(wl), "replica": asdict(replica), "capacity_req_per_s": cap, "loads": list(loads),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.demo.data import load_examples
 from inlaid_ray.demo.paths import ADAPTERS_DIR, RESULTS_DIR, demo_adapter_dir
@@ -89,7 +89,7 @@ def hf_generate_fn(
     def generate(prompts: list[Messages], max_tokens: int) -> list[str]:
         outputs: list[str] = []
         label = Path(adapter_dir).name if adapter_dir is not None else "base"
-        for start in tqdm(range(0, len(prompts), batch_size), desc=f"generate {label}", unit="batch", leave=False):
+        for start in Progress(range(0, len(prompts), batch_size), desc=f"generate {label}", unit="batch", leave=False):
             texts = [
                 tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
                 for m in prompts[start : start + batch_size]

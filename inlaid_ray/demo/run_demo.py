@@ -39,14 +39,38 @@ class DemoConfig:
     port: int = 8000
     examples_per_task: int = 3
     device: str = "cpu"
+    calib_tokens_per_task: int | None = None  # None = the smallest task's whole file (equal budgets)
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> "DemoConfig":
+        """The whole path at a fraction of the cost (CI): 256 calibration tokens per task, one
+        replica, one request per task, artifacts apart from the full demo's."""
+        return cls(**{"calib_tokens_per_task": 256, "num_replicas": 1, "examples_per_task": 1} | overrides)
 
 
-def _step(title: str) -> None:
-    print(f"\n== {title}", flush=True)
+class _Steps:
+    """Prints each step's title and records its wall time (closed by the next step or `done`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def start(self, title: str) -> None:
+        self.done()
+        print(f"\n== {title}", flush=True)
+        self._current = (title, time.perf_counter())
+
+    def done(self) -> None:
+        if self._current is not None:
+            title, t0 = self._current
+            self.seconds[title] = round(time.perf_counter() - t0, 1)
+            print(f"-- {self.seconds[title]:.0f} s", flush=True)
+            self._current = None
 
 
 def quantize_demo_base(base_dir: Path, out_dir: Path, cfg: DemoConfig) -> Path:
     """Quantize the base once for all demo tasks (per-task statistics kept for later onboarding)."""
+    from inlaid_ray.quant.calibration import CalibrationConfig
     from inlaid_ray.quant.incremental import TaskSource, quantize_base
     from inlaid_ray.quant.mlgptq import MLGPTQConfig
     from inlaid_ray.quant.quantizer import QuantGrid
@@ -57,7 +81,8 @@ def quantize_demo_base(base_dir: Path, out_dir: Path, cfg: DemoConfig) -> Path:
     sources = [TaskSource(t, demo_adapter_dir(t), demo_data_path(t, "calib")) for t in DEMO_TASKS]
     mlgptq = MLGPTQConfig(method=cfg.quant_method, grid=QuantGrid(bits=cfg.bits, group_size=cfg.group_size),
                           device=cfg.device)
-    report = quantize_base(base_dir, sources, out_dir, mlgptq, stats_dir=out_dir.parent / "task-stats")
+    calib = CalibrationConfig(tokens_per_task=cfg.calib_tokens_per_task)
+    report = quantize_base(base_dir, sources, out_dir, mlgptq, calib, stats_dir=out_dir.parent / "task-stats")
     print(f"{cfg.quant_method} {cfg.bits}-bit g{cfg.group_size} for {report['tasks']}: "
           f"{report['resources']['total']['seconds']:.0f} s -> {out_dir}")
     return out_dir
@@ -97,24 +122,26 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> dict[str, Any]:
 
     work = Path(cfg.work_dir or settings.cache_dir / "demo")
     work.mkdir(parents=True, exist_ok=True)
-    _step("1/4 prepare SmolLM2-135M-Instruct (bundled GGUF -> HF directory)")
+    steps = _Steps()
+    steps.start("1/4 prepare SmolLM2-135M-Instruct (bundled GGUF -> HF directory)")
     base_dir = prepare_smollm2(settings.cache_dir)
     print(base_dir)
-    _step(f"2/4 quantize the base once for all tasks ({cfg.quant_method}, {cfg.bits}-bit)")
+    steps.start(f"2/4 quantize the base once for all tasks ({cfg.quant_method}, {cfg.bits}-bit)")
     quantized = quantize_demo_base(base_dir, work / f"smollm2-{cfg.quant_method}-{cfg.bits}bit", cfg)
-    _step("3/4 compress the demo adapters per cluster and serve them on the quantized base (Ray Serve)")
+    steps.start("3/4 compress the demo adapters per cluster and serve them on the quantized base (Ray Serve)")
     args = AppArgs(model_dir=str(quantized), base_model_id=f"smollm2-{cfg.quant_method}", num_replicas=cfg.num_replicas,
                    policy=cfg.policy, data_dir=str(work / "registry"), artifact_dir=str(work / "artifacts"),
                    adapter_format="jd_bank", bootstrap_demo=True)
     url = run_serve(args, host=cfg.host, port=cfg.port, blocking=False, settings=settings)
     try:
-        _step("4/4 send each task a few eval prompts over HTTP")
+        steps.start("4/4 send each task a few eval prompts over HTTP")
         results = send_demo_requests(url, settings.api_key, cfg.examples_per_task)
+        steps.done()
     finally:
         serve.shutdown()
     summary = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "quantized_base": str(quantized),
                "compressed_banks": str(work / "artifacts" / "demo-banks"),
-               "tasks": results}
+               "step_seconds": steps.seconds, "tasks": results}
     out = work / "demo_summary.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print("\n" + "\n".join(f"{name:10s} {r['metric']} {r['mean']:.2f}" for name, r in results.items()))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.demo.data import load_examples, write_demo_data
 from inlaid_ray.demo.paths import ADAPTERS_DIR, DATA_DIR, RESULTS_DIR, demo_adapter_dir
@@ -188,7 +188,7 @@ def train_adapter(
     tokens = 0
     start = time.perf_counter()
     batches = _batch_order(len(examples), recipe.batch_size, recipe.steps, seed)
-    for batch in (bar := tqdm(batches, desc=f"train {task_name}", unit="step")):
+    for batch in (bar := Progress(batches, desc=f"train {task_name}", unit="step")):
         collated = _collate([examples[i] for i in batch], tokenizer.pad_token_id)
         input_ids, mask, labels = (t.to(settings.device) for t in collated)
         with autocast:

@@ -17,7 +17,7 @@ from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.lora.compress_jd import (
     AdapterFactors,
@@ -127,7 +127,7 @@ def _fit_cluster(
 ) -> Cluster:
     cfg = JDConfig(jd.rank, jd.kind, jd.transform, iters, jd.tol, jd.seed)
     modules = {}
-    for key, st in tqdm(stacks.items(), desc=progress, disable=progress is None, leave=False, unit="module"):
+    for key, st in Progress(stacks.items(), desc=progress, disable=progress is None, leave=False, unit="module"):
         sub = st.select(members)
         if sub.stacked_rank == 0:  # no member adapts this module (rank-0 padding): exact zeros
             modules[key] = _zero_module(sub, jd.kind)
@@ -252,7 +252,7 @@ def _cluster_fixed(
     labels = _reseed_empty(labels, torch.zeros(n, K, dtype=torch.float64), K)
     clusters: list[Cluster] = []
     history, stable, rounds = [], K == 1, 0  # one cluster: nothing to alternate
-    bar = tqdm(total=cfg.max_rounds, desc=f"cluster K={K}", disable=not progress or stable, leave=False)
+    bar = Progress(total=cfg.max_rounds, desc=f"cluster K={K}", disable=not progress or stable, leave=False)
     while not stable and rounds < cfg.max_rounds:
         rounds += 1
         clusters = [
@@ -321,7 +321,7 @@ def cluster_adapters(
         return _cluster_fixed(stacks, config.num_clusters, config, progress)
     top = min(config.max_clusters, n)
     tried: dict[int, Clustering] = {}
-    bar = tqdm(desc="auto K", disable=not progress)
+    bar = Progress(desc="auto K", disable=not progress)
 
     def attempt(K: int) -> bool:
         tried[K] = _cluster_fixed(stacks, K, config, progress)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.config import Settings
 from inlaid_ray.errors import AdapterError
@@ -108,7 +108,7 @@ def run_compress(args: argparse.Namespace, settings: Settings) -> int:
         torch.set_num_threads(args.threads)
     try:
         config = ModelConfig.from_dir(base)
-        adapters = [load_peft_adapter(p, config, name=n) for n, p in tqdm(paths.items(), desc="load adapters")]
+        adapters = [load_peft_adapter(p, config, name=n) for n, p in Progress(paths.items(), desc="load adapters")]
         try:
             cfg = ClusterConfig(
                 jd=JDConfig(rank=args.rank, kind=args.kind, transform=args.transform, max_iters=args.max_iters,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.demo.data import load_examples
 from inlaid_ray.demo.evaluate import GenerateFn, Messages, evaluate_task
@@ -123,7 +123,7 @@ def evaluate_tasks(
     every task in `adapters` (None = the base alone) on this ONE model."""
     bank = attach_adapters(model, {n: a for n, a in adapters.items() if a is not None})
     results: dict[str, dict[str, Any]] = {}
-    for name in tqdm(list(adapters), desc="eval tasks", unit="task", disable=not progress):
+    for name in Progress(list(adapters), desc="eval tasks", unit="task", disable=not progress):
         task = get_task(name)
         slot = bank.slot_of(name) if bank is not None and name in bank else -1
         records = load_examples(name, "eval", data_dir)

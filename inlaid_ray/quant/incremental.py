@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.lora.peft_io import load_peft_adapter
@@ -124,7 +124,7 @@ def compute_missing_stats(
     numbers never depend on which other tasks are present."""
     seed = int(store.settings["calibration"]["seed"])
     todo = [t for t in tasks if not store.has_task(_record(t, seed))]
-    bar = tqdm(total=len(todo) * model.config.num_layers, desc="hessians", unit="layer", disable=not progress)
+    bar = Progress(total=len(todo) * model.config.num_layers, desc="hessians", unit="layer", disable=not progress)
     for task in todo:
         bar.set_postfix_str(task.name)
         bank, slots = make_adapter_bank(model, [task])

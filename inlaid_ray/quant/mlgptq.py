@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.lora.adapter import LoRAAdapter
 from inlaid_ray.lora.bank import AdapterBank
@@ -223,7 +223,7 @@ def collect_task_hessians(
     task: CalibrationTask,
     cfg: MLGPTQConfig,
     on_layer: Callable[[int, LayerHessians], None],
-    progress: tqdm | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """activation_source="fp16": per-layer Hessians of one task from the unquantized base (+ its
     adapter when `cfg.calibrate_with_adapter`), handed to `on_layer(layer, {group: H})` block by
@@ -330,7 +330,7 @@ def quantize_from_hessians(
     """Quantize every layer from the model's (unquantized) weights with `hessians_for(layer)`."""
     packed: PackedLayers = {}
     info: dict[str, dict[str, Any]] = {}
-    for layer in tqdm(range(model.config.num_layers), desc=desc, unit="layer", disable=not progress):
+    for layer in Progress(range(model.config.num_layers), desc=desc, unit="layer", disable=not progress):
         hs = hessians_for(layer) if hessians_for is not None else None
         with gptq_threads(model.device, threads):
             p, i = quantize_layer(model, layer, hs, grid)
@@ -355,7 +355,7 @@ def sequential_quantize(
     with torch.inference_mode():
         acts = [_TaskActivations(model, t, slots.get(t.name, -1), cfg) for t in tasks]
         counts = [a.num_tokens for a in acts]
-        bar = tqdm(total=model.config.num_layers * len(steps), desc="sequential gptq", unit="step",
+        bar = Progress(total=model.config.num_layers * len(steps), desc="sequential gptq", unit="step",
                    disable=not progress)
         for layer in range(model.config.num_layers):
             for step in steps:

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
+from inlaid_ray.progress import Progress
 
 from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.sched.admission import blocks_for, cached_tokens, plan_step, prefill_tokens
@@ -131,7 +131,7 @@ class Simulator:
         steps: list[StepRecord] = []
         used_blocks = processed = generated = 0
         now, idx = (pending[0].arrival_time if pending else 0.0), 0
-        bar = tqdm(total=len(pending), desc=f"sim {policy.name}", disable=not progress, leave=False)
+        bar = Progress(total=len(pending), desc=f"sim {policy.name}", disable=not progress, leave=False)
         while len(finished) < len(pending):
             while idx < len(pending) and pending[idx].arrival_time <= now:
                 job = SimJob.from_spec(pending[idx])

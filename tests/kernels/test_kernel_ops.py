@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from inlaid_ray.kernels import CompressedLoRABatch
+from inlaid_ray.kernels.compressed_lora_batch import CompressedLoRABatch
 from inlaid_ray.kernels.compressed_lora import compressed_lora as compressed_lora_triton
 from inlaid_ray.kernels.ops import compressed_lora, gptq_matmul, lora_shrink_expand
 from inlaid_ray.kernels.reference import (

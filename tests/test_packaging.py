@@ -1,0 +1,120 @@
+"""Install hygiene: every third-party module the package imports is a declared runtime dependency,
+the repository root shadows no installed distribution, and a run from the root imports the real
+third-party packages (transformers' own `kernels` among them) and the same `inlaid_ray.kernels`.
+
+The reference for "who owns a module name" is the installed distributions' metadata
+(`importlib.metadata.packages_distributions`), not a list kept here."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as md
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_ROOTS = (REPO / "inlaid_ray", REPO / "kernels")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(spec: str) -> str:
+    return _canonical(re.split(r"[\s\[<>=!~;@]", spec.strip(), maxsplit=1)[0])
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def runtime_requirements() -> set[str]:
+    return {_requirement_name(r) for r in _pyproject()["project"]["dependencies"]}
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """Absolute imports anywhere in the module (function-local ones included: they run too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name.partition(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def third_party_imports() -> dict[str, list[str]]:
+    """Top-level module name -> the package files importing it (stdlib and inlaid_ray left out)."""
+    found: dict[str, list[str]] = {}
+    for root in PACKAGE_ROOTS:
+        for path in sorted(root.rglob("*.py")):
+            for name in _top_level_imports(path):
+                if name not in sys.stdlib_module_names and name != "inlaid_ray":
+                    found.setdefault(name, []).append(str(path.relative_to(REPO)))
+    return found
+
+
+def test_every_runtime_import_is_a_declared_runtime_dependency():
+    owners = md.packages_distributions()
+    declared = runtime_requirements()
+    missing = []
+    for module, files in sorted(third_party_imports().items()):
+        dists = {_canonical(d) for d in owners.get(module, [])}
+        assert dists, f"no installed distribution provides {module!r} (imported by {files})"
+        if not dists & declared:
+            missing.append(f"{module} (from {sorted(dists)}, imported by {files[:3]})")
+    assert not missing, "imported at run time but not in [project].dependencies: " + "; ".join(missing)
+
+
+def test_dev_extra_holds_only_test_tools():
+    """The dependency check above is what keeps this true; this pins the other direction: a
+    package moved from the runtime list into `dev` would be caught by it, and `dev` adds nothing
+    that the package imports."""
+    dev = {_requirement_name(r) for r in _pyproject()["project"]["optional-dependencies"]["dev"]}
+    owners = md.packages_distributions()
+    imported = {_canonical(d) for m in third_party_imports() for d in owners.get(m, [])}
+    assert not (dev & imported) - runtime_requirements()
+
+
+def test_repository_root_shadows_no_installed_distribution():
+    """A folder with `__init__.py` or a `.py` file at the root is importable whenever the root is on
+    sys.path (pytest, `python -m`, Ray workers started there): none may carry a name that an
+    installed distribution owns."""
+    owners = md.packages_distributions()
+    own = {"inlaid_ray"}
+    importable = {p.stem for p in REPO.glob("*.py")} | {p.parent.name for p in REPO.glob("*/__init__.py")}
+    clashes = {n: owners[n] for n in importable - own if n in owners}
+    assert not clashes, f"repository root shadows installed distributions: {clashes}"
+    assert not (REPO / "kernels" / "__init__.py").exists(), "kernels/ must stay a non-package folder"
+
+
+@pytest.mark.parametrize("statement", [
+    "import transformers.activations",
+    "from transformers import LlamaConfig",
+    "import inlaid_ray.kernels.ops as ops; assert ops.__file__.endswith('ops.py')",
+])
+def test_imports_from_the_repository_root(statement):
+    """As a user types it in the repository root (cwd first on sys.path)."""
+    proc = subprocess.run([sys.executable, "-c", statement], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_installed_kernels_distribution_wins_over_the_kernels_folder():
+    """transformers imports Hugging Face's `kernels`; from the root it must still get that one."""
+    code = ("import importlib.metadata as md, importlib.util as u; spec = u.find_spec('kernels'); "
+            "print(md.version('kernels') if spec and spec.origin else 'absent', spec and spec.origin, "
+            "list(spec.submodule_search_locations or []) if spec else [])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        md.version("kernels")
+    except md.PackageNotFoundError:  # older transformers: only our namespace portion can be found
+        assert str(REPO / "kernels") not in proc.stdout, proc.stdout
+        return
+    version, origin = proc.stdout.split()[:2]
+    assert version == md.version("kernels") and not origin.startswith(str(REPO / "kernels")), proc.stdout
