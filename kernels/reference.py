@@ -153,3 +153,38 @@ def compressed_lora_ref(
         core = sigma[c, batch.token_rows[idx]].float()  # [count, k] or [count, k, k]
         g = h * core if sigma.dim() == 3 else torch.einsum("tji,ti->tj", core, h)
         y[idx] = (y[idx].float() + g @ u[c].float().t()).to(y.dtype)
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One decode query per sequence over its paged K/V: out[s] = softmax(q[s] K_s^T * scale) V_s.
+
+    q: [S, H, D]; key_cache, value_cache: [num_blocks, block_size, KVH, D]; block_tables:
+    [S, max_blocks] (entries past a sequence's blocks are ignored); context_lens: [S], the keys
+    of sequence s are its first context_lens[s] cache positions (the query sits at the last one);
+    `sliding_window` keeps only the last that many keys. Query head h reads KV head
+    h // (H / KVH) (GQA). Returns [S, H, D] in q.dtype; computed in fp32 (fp64 for fp64
+    inputs), one sequence at a time.
+    """
+    num_seqs, num_heads, _ = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    out = torch.empty_like(q)
+    for s, ctx in enumerate(context_lens.tolist()):
+        start = max(0, ctx - sliding_window) if sliding_window is not None else 0
+        pos = torch.arange(start, ctx, device=q.device)
+        blocks = block_tables[s, pos // block_size].long()
+        k = key_cache[blocks, pos % block_size].to(acc)  # [n, KVH, D]
+        v = value_cache[blocks, pos % block_size].to(acc)
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [n, H, D]
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[s].to(acc), k) * scale
+        out[s] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v).to(q.dtype)
+    return out

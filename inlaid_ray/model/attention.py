@@ -1,15 +1,20 @@
 """Causal GQA attention over the paged KV cache for a batch of variable-length sequences.
 
-Reference path (any device): new K/V are scattered into their cache slots, then each
-sequence's context is gathered through its block table into a padded `[S, max_ctx]` view
-and one masked `scaled_dot_product_attention` call serves every sequence, prefill and
-decode alike. The padding plan and mask depend only on the batch, so `AttentionPlan` builds
-them once per forward and every layer reuses them.
+New K/V are scattered into their cache slots first. Then:
+- decode-only steps on CUDA (every sequence adds one token): the Triton paged decode kernel
+  (`kernels/paged_attention.py`) reads K/V through the block tables; no gather, no padding,
+  no mask, and a launch whose shape does not change with the context lengths;
+- otherwise (prefill, mixed steps, CPU): the reference path. Each sequence's context is
+  gathered through its block table into a padded `[S, max_ctx]` view and one masked
+  `scaled_dot_product_attention` call serves every sequence. The padding plan and mask depend
+  only on the batch, so `AttentionPlan` builds them once per forward and every layer reuses them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +23,43 @@ from inlaid_ray.model.forward_batch import ForwardBatch
 from inlaid_ray.model.kv_cache import PagedKVCache
 
 
+# (q [S, H, D], key_cache, value_cache, block_tables [S, nb], context_lens [S], scale, sliding_window) -> [S, H, D]
+DecodeAttentionOp = Callable[..., torch.Tensor]
+
+
+def select_decode_attention(device: torch.device | str, kernels: Literal["auto", "triton", "padded"] = "auto"
+                            ) -> DecodeAttentionOp | None:
+    """The one place the decode attention is chosen: "auto" = the Triton paged kernel on CUDA and
+    the padded reference elsewhere (None); "triton" (CUDA, or CPU under TRITON_INTERPRET=1, for
+    tests); "padded"."""
+    if kernels == "padded" or (kernels == "auto" and torch.device(device).type != "cuda"):
+        return None
+    if kernels in ("auto", "triton"):
+        from inlaid_ray.kernels.paged_attention import paged_decode_attention
+
+        return paged_decode_attention
+    raise ValueError(f"kernels={kernels!r}; expected 'auto', 'triton' or 'padded'")
+
+
 @dataclass
 class AttentionPlan:
-    """Token <-> padded-position maps and the causal/length/window mask of one batch."""
+    """How every layer of one forward attends: the decode kernel, or the padded reference with
+    its token <-> padded-position maps and causal/length/window mask."""
 
-    token_seq: torch.Tensor  # [T] sequence of each token
-    token_local: torch.Tensor  # [T] index among its sequence's new tokens
-    mask: torch.Tensor  # [S, 1, max_q, max_ctx] bool, True = attend
+    token_seq: torch.Tensor | None  # [T] sequence of each token (padded path)
+    token_local: torch.Tensor | None  # [T] index among its sequence's new tokens (padded path)
+    mask: torch.Tensor | None  # [S, 1, max_q, max_ctx] bool, True = attend (padded path)
     max_q: int
     max_ctx: int
+    sliding_window: int | None = None
+    decode_op: DecodeAttentionOp | None = None  # set: a decode-only step through this kernel
 
     @classmethod
-    def build(cls, batch: ForwardBatch, sliding_window: int | None) -> "AttentionPlan":
+    def build(cls, batch: ForwardBatch, sliding_window: int | None,
+              decode_op: DecodeAttentionOp | None = None) -> "AttentionPlan":
+        """`decode_op` is used when every sequence adds exactly one token (host lists: no sync)."""
+        if decode_op is not None and max(batch.query_lens_list) == 1:
+            return cls(None, None, None, 1, max(batch.context_lens_list), sliding_window, decode_op)
         device = batch.positions.device
         num_seqs = batch.num_seqs
         max_q, max_ctx = max(batch.query_lens_list), max(batch.context_lens_list)
@@ -44,7 +74,7 @@ class AttentionPlan:
         if sliding_window is not None:
             mask &= key_pos[None, None, :] > pos_pad[:, :, None] - sliding_window
         mask[:, :, 0] |= pos_pad < 0  # padded query rows attend to one key so softmax stays finite
-        return cls(token_seq, token_local, mask[:, None], max_q, max_ctx)
+        return cls(token_seq, token_local, mask[:, None], max_q, max_ctx, sliding_window)
 
 
 def paged_attention(
@@ -58,6 +88,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] for the new tokens; returns [T, H, D] in q.dtype."""
     kv_cache.write(layer, batch.slot_mapping, k, v)
+    if plan.decode_op is not None:  # one query per sequence, at its last context position
+        return plan.decode_op(q, kv_cache.key_caches[layer], kv_cache.value_caches[layer], batch.block_tables,
+                              batch.context_lens, q.shape[-1] ** -0.5, plan.sliding_window)
     q_pad = q.new_zeros(batch.num_seqs, plan.max_q, q.shape[1], q.shape[2])
     q_pad[plan.token_seq, plan.token_local] = q
     keys = _gather_context(kv_cache.key_caches[layer], batch.block_tables, plan.max_ctx)  # [S, C, KVH, D]
