@@ -10,6 +10,7 @@ Walk-through: token_clusters = [1, -1, 0, 1], token_rows = [5, 0, 2, 3]
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class CompressedLoRABatch:
     offsets: torch.Tensor  # [C_active] int64
     clusters_list: list[int]  # host copies, for the reference and the launch grid
     counts_list: list[int]
+    offsets_list: list[int]
 
     @classmethod
     def from_ids(cls, token_clusters: torch.Tensor, token_rows: torch.Tensor) -> "CompressedLoRABatch":
@@ -45,7 +47,8 @@ class CompressedLoRABatch:
             counts=counts,
             offsets=torch.cumsum(counts, 0) - counts,
             clusters_list=clusters.tolist(),
-            counts_list=counts.tolist(),
+            counts_list=(counts_list := counts.tolist()),
+            offsets_list=[0, *itertools.accumulate(counts_list)][:-1],
         )
 
     @property

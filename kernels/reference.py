@@ -109,7 +109,7 @@ def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> 
     x: [T, d_in]; lora_a: [num_slots, max_rank, d_in]; returns h: [T, max_rank] fp32.
     """
     h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-    for slot, offset, count in zip(batch.slots_list, batch.offsets.tolist(), batch.counts_list):
+    for slot, offset, count in zip(batch.slots_list, batch.offsets_list, batch.counts_list):
         idx = batch.sorted_token_ids[offset : offset + count]
         h[idx] = x[idx].float() @ lora_a[slot].float().t()
     return h
@@ -120,7 +120,7 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batc
 
     y: [T, d_out]; h: [T, max_rank] fp32; lora_b: [num_slots, d_out, max_rank].
     """
-    for slot, offset, count in zip(batch.slots_list, batch.offsets.tolist(), batch.counts_list):
+    for slot, offset, count in zip(batch.slots_list, batch.offsets_list, batch.counts_list):
         idx = batch.sorted_token_ids[offset : offset + count]
         y[idx] = (y[idx].float() + h[idx] @ lora_b[slot].float().t()).to(y.dtype)
 
@@ -147,7 +147,7 @@ def compressed_lora_ref(
     x: [T, d_in]; y: [T, d_out]; v: [C, d_in, k]; u: [C, d_out, k];
     sigma: [C, n, k, k] (JD-Full, g = Sigma h) or [C, n, k] (JD-Diag, g = sigma * h).
     """
-    for c, offset, count in zip(batch.clusters_list, batch.offsets.tolist(), batch.counts_list):
+    for c, offset, count in zip(batch.clusters_list, batch.offsets_list, batch.counts_list):
         idx = batch.sorted_token_ids[offset : offset + count]
         h = x[idx].float() @ v[c].float()  # [count, k]
         core = sigma[c, batch.token_rows[idx]].float()  # [count, k] or [count, k, k]

@@ -31,7 +31,8 @@ from inlaid_ray.engine.request import Request, SamplingParams
 from inlaid_ray.lora import AdapterBank
 from inlaid_ray.errors import ModelLoadError
 from inlaid_ray.lora.synthetic import SMOLLM2_135M, random_lora_adapter
-from inlaid_ray.model import ModelConfig, PagedKVCache, load_model, random_model
+from inlaid_ray.model import ModelConfig, PagedKVCache, random_model
+from inlaid_ray.quant.loading import load_base
 from inlaid_ray.model.prepare import prepare_smollm2
 from inlaid_ray.sched.cost_model import StepSample, fit_cost_model
 
@@ -115,7 +116,7 @@ def main() -> None:
         bank.add(random_lora_adapter(config, f"a{i}", args.rank, ("q_proj", "k_proj", "v_proj", "o_proj"), gen,
                                      a_std=None, b_std=0.01, scale=2.0))
     if model_dir is not None:
-        model = load_model(model_dir, dtype=dtype, device=device, adapter_bank=bank)
+        model = load_base(model_dir, dtype=dtype, device=device, adapter_bank=bank)
     else:
         model = random_model(config, dtype=dtype, device=device, seed=args.seed, adapter_bank=bank)
     num_blocks = -(-args.max_total_context // args.block_size) + args.max_seqs + 8

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,20 +129,26 @@ def test_measure_reports_exactness_time_and_memory(setup, tmp_path):
 def test_resource_meter_sees_torch_allocations():
     """tracemalloc misses torch's allocator; the RSS sampler must see a 256 MiB tensor.
 
-    The tensor lives for 100 sampling intervals before it is freed: a sampler only sees peaks
-    that last while its thread gets scheduled (on a loaded 2-core CI box a few-ms peak can be
-    missed), and quantization phases hold their buffers for seconds.
+    Run in a fresh process: inside the suite the allocator can serve the tensor from pages an
+    earlier test left resident, and RSS then does not grow at all. The tensor lives for 100
+    sampling intervals before it is freed: a sampler only sees peaks that last while its thread
+    gets scheduled, and quantization phases hold their buffers for seconds.
     """
-    from inlaid_ray.quant.measure import ResourceMeter
-
-    meter = ResourceMeter("cpu", interval_s=0.002)
-    with meter.phase("alloc"):
-        x = torch.ones(64 * 2**20)  # 256 MiB, every page written
-        time.sleep(0.2)
-        del x
-    with meter.phase("idle"):
-        pass
-    s = meter.summary()
+    code = (
+        "import json, time, torch\n"
+        "from inlaid_ray.quant.measure import ResourceMeter\n"
+        "meter = ResourceMeter('cpu', interval_s=0.002)\n"
+        "with meter.phase('alloc'):\n"
+        "    x = torch.ones(64 * 2**20)  # 256 MiB, every page written\n"
+        "    time.sleep(0.2)\n"
+        "    del x\n"
+        "with meter.phase('idle'):\n"
+        "    pass\n"
+        "print(json.dumps(meter.summary()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
     assert s["phases"]["alloc"]["rss_growth_mb"] > 200
     assert s["phases"]["idle"]["rss_growth_mb"] < 100
     assert s["total"]["rss_growth_mb"] == s["phases"]["alloc"]["rss_growth_mb"]

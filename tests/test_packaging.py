@@ -118,3 +118,21 @@ def test_installed_kernels_distribution_wins_over_the_kernels_folder():
         return
     version, origin = proc.stdout.split()[:2]
     assert version == md.version("kernels") and not origin.startswith(str(REPO / "kernels")), proc.stdout
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Full dotted names of the absolute imports of a module (function-local ones included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_model_package_knows_no_checkpoint_format():
+    """The serving model imports nothing from quant/: formats swap modules in at load time."""
+    offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports_of(p) if n.startswith("inlaid_ray.quant"))
+                 for p in (REPO / "inlaid_ray" / "model").rglob("*.py")}
+    assert not {k: v for k, v in offenders.items() if v}

@@ -1,4 +1,4 @@
-"""Serving the MLGPTQ checkpoint: `load_model` builds GPTQLinear projections from the GPTQ v1
+"""Serving the MLGPTQ checkpoint: `load_base` builds GPTQLinear projections from the GPTQ v1
 directory, and the engine on that ONE quantized base with every task's adapter produces the same
 greedy tokens as the dense model holding the dequantized weights, on the same inputs."""
 
@@ -14,6 +14,7 @@ from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams
 from inlaid_ray.kernels.reference import gptq_dequantize_ref
 from inlaid_ray.lora import load_peft_adapter
 from inlaid_ray.model import ModelConfig, Transformer, load_model, prefill_logits
+from inlaid_ray.quant.loading import load_base
 from inlaid_ray.quant.gptq_format import load_gptq_checkpoint, split_layers
 from inlaid_ray.quant.gptq_linear import GPTQLinear
 from inlaid_ray.quant.incremental import TaskSource, quantize_base
@@ -69,7 +70,7 @@ def _bank(config, n):
 
 def test_loader_builds_gptq_linears_with_exact_grid_weights(quantized):
     root, base, _ = quantized
-    qmodel = load_model(root / "q")
+    qmodel = load_base(root / "q")
     dense = dequantized_dense_model(root / "q")
     for layer in range(qmodel.config.num_layers):
         for module in ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"):
@@ -81,7 +82,7 @@ def test_loader_builds_gptq_linears_with_exact_grid_weights(quantized):
 
 def test_engine_on_quantized_base_matches_dequantized_dense_model(quantized):
     root, base, sources = quantized
-    qmodel = load_model(root / "q")
+    qmodel = load_base(root / "q")
     dense = dequantized_dense_model(root / "q")
     adapters = [load_peft_adapter(s.adapter_dir, qmodel.config, name=s.name) for s in sources]
     tasks = [None, *(s.name for s in sources)]
@@ -97,7 +98,7 @@ def test_engine_on_quantized_base_matches_dequantized_dense_model(quantized):
 def test_quantized_base_differs_from_fp16_but_stays_close(quantized):
     """Sanity of the served numbers: 4-bit logits move, but far less than the logits' own spread."""
     root, base, _ = quantized
-    lq = torch.cat(prefill_logits(load_model(root / "q"), PROMPTS))
+    lq = torch.cat(prefill_logits(load_base(root / "q"), PROMPTS))
     lf = torch.cat(prefill_logits(load_model(base), PROMPTS))
     assert not torch.equal(lq, lf)
     assert float((lq - lf).pow(2).mean()) < 0.1 * float(lf.var())
@@ -105,7 +106,7 @@ def test_quantized_base_differs_from_fp16_but_stays_close(quantized):
 
 @pytest.mark.slow
 def test_smollm2_quantized_engine_matches_dequantized_dense(smollm2_dir, tmp_path):
-    """Real SmolLM2: RTN 4-bit g64 checkpoint through load_model + engine == the dense model holding
+    """Real SmolLM2: RTN 4-bit g64 checkpoint through load_base + engine == the dense model holding
     the same dequantized weights (taken from the GPTQLinears, checked against the packed tensors)."""
     from inlaid_ray.model import encode_chat, load_tokenizer
 
@@ -113,7 +114,7 @@ def test_smollm2_quantized_engine_matches_dequantized_dense(smollm2_dir, tmp_pat
     quantize_base(smollm2_dir, [], tmp_path / "rtn", cfg, progress=False)
     qc = json.loads((tmp_path / "rtn" / "quantize_config.json").read_text())
     assert (qc["bits"], qc["group_size"], qc["quant_method"], qc["meta"]["method"]) == (4, 64, "gptq", "rtn")
-    qmodel = load_model(tmp_path / "rtn", cache_dequantized=True)
+    qmodel = load_base(tmp_path / "rtn", cache_dequantized=True)
     dense = load_model(smollm2_dir)
     _, _, tensors = load_gptq_checkpoint(tmp_path / "rtn")
     with torch.no_grad():
@@ -140,3 +141,11 @@ def test_task_spec_parsing():
     s = TaskSource.parse("email=/a/b:c:/d/calib.jsonl")
     assert (s.name, s.adapter_dir, s.calibration) == ("email", Path("/a/b:c"), Path("/d/calib.jsonl"))
     assert TaskSource.parse("base=:x.jsonl").adapter_dir is None
+
+
+def test_dense_loader_refuses_a_quantized_checkpoint_with_a_pointer_to_load_base(tmp_path):
+    from inlaid_ray.errors import ModelLoadError
+
+    (tmp_path / "quantize_config.json").write_text('{"bits": 4, "group_size": 64}')
+    with pytest.raises(ModelLoadError, match="load_base"):
+        load_model(tmp_path)

@@ -12,7 +12,8 @@ from inlaid_ray.engine.engine import EngineConfig, LLMEngine
 from inlaid_ray.errors import AdapterError
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, load_peft_adapter
 from inlaid_ray.lora.cluster_bank import ClusterBanks, load_cluster_banks
-from inlaid_ray.model import ModelConfig, load_model, load_tokenizer
+from inlaid_ray.model import ModelConfig, load_tokenizer
+from inlaid_ray.quant.loading import load_base
 from inlaid_ray.sched.policy import SchedulingPolicy
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -101,5 +102,5 @@ def build_engine(
     for i, b in enumerate(banks):
         for cl in b.clusters:
             bank.add_cluster(cl, label=f"bank{i}/cluster{cl.cluster_id}")
-    model = load_model(base_dir, dtype=torch_dtype, device=device, adapter_bank=bank)
+    model = load_base(base_dir, dtype=torch_dtype, device=device, adapter_bank=bank)
     return LLMEngine(model, load_tokenizer(base_dir), engine_config or EngineConfig(), adapter_bank=bank, policy=policy)

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from inlaid_ray.model import ModelConfig, load_model, load_tokenizer
+from inlaid_ray.model import ModelConfig, load_tokenizer
+from inlaid_ray.quant.loading import load_base
 from inlaid_ray.quant.calibration import CalibrationConfig
 from inlaid_ray.quant.incremental import TaskSource, compute_missing_stats, load_tasks, quantize_base
 from inlaid_ray.quant.incremental import hessian_settings
@@ -128,7 +129,7 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
     with meter.phase("load"):
         tokenizer = load_tokenizer(base_dir)
         tasks = load_tasks(sources, tokenizer, model_config, calib_cfg, budget, cfg.dtype)
-        model = load_model(base_dir, cfg.dtype, cfg.device)
+        model = load_base(base_dir, cfg.dtype, cfg.device)
     store = existing
     if store is None:
         store = StatsStore.create(stats_dir, base_fingerprint(base_dir), hessian_settings(cfg, calib_cfg, budget),

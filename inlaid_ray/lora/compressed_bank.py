@@ -81,7 +81,7 @@ def split_lora_batch(batch: LoRABatch, slot_base: int, rows_per_cluster: int) ->
             token_slots=torch.where(ts < slot_base, ts, -1),
             sorted_token_ids=batch.sorted_token_ids[:raw_tokens],
             slots=batch.slots[:n_raw], counts=batch.counts[:n_raw], offsets=batch.offsets[:n_raw],
-            slots_list=slots[:n_raw], counts_list=counts[:n_raw],
+            slots_list=slots[:n_raw], counts_list=counts[:n_raw], offsets_list=batch.offsets_list[:n_raw],
         )
     clusters: list[int] = []
     c_counts: list[int] = []
@@ -103,7 +103,7 @@ def split_lora_batch(batch: LoRABatch, slot_base: int, rows_per_cluster: int) ->
         token_rows=torch.where(compressed, rel % rows_per_cluster, 0),
         sorted_token_ids=batch.sorted_token_ids[raw_tokens:],
         clusters=meta[0], counts=meta[1], offsets=meta[2],
-        clusters_list=clusters, counts_list=c_counts,
+        clusters_list=clusters, counts_list=c_counts, offsets_list=offsets,
     )
     return StepPlan(raw, cbatch, frozenset(slots[:n_raw]), frozenset(clusters))
 

@@ -16,6 +16,7 @@ position 6 (its cache already holds 6 tokens in blocks [7, 2]):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ class LoRABatch:
     offsets: torch.Tensor  # [S_active] int64
     slots_list: list[int]  # the same as `slots`, host side, for the reference path
     counts_list: list[int]
+    offsets_list: list[int]
 
     @classmethod
     def from_token_slots(cls, token_slots: torch.Tensor) -> "LoRABatch":
@@ -53,7 +55,8 @@ class LoRABatch:
             counts=counts,
             offsets=offsets,
             slots_list=slots.tolist(),
-            counts_list=counts.tolist(),
+            counts_list=(counts_list := counts.tolist()),
+            offsets_list=[0, *itertools.accumulate(counts_list)][:-1],
         )
 
     @property

@@ -1,8 +1,9 @@
 """Load a Llama-family HF directory (safetensors, single file or sharded) into `Transformer`.
 
-A directory holding a GPTQ v1 checkpoint (`quantize_config.json`, or `config.json` with a
-`quantization_config` of `quant_method: "gptq"`) is loaded with `GPTQLinear` projections: its
-`prefix.qweight/qzeros/scales/g_idx(/bias)` tensors map to `prefix.base.*`.
+This module knows dense checkpoints only. Quantized formats plug their projection modules in
+at load time (gpt-fast style): `inlaid_ray.quant.loading.load_base` reads a GPTQ checkpoint,
+builds the model with its `GPTQLinear` factory and hands the tensors to `load_weights` here;
+the `prefix.qweight/qzeros/scales/g_idx(/bias)` names map to `prefix.base.*` like dense ones.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from inlaid_ray.model.tokenizer import load_tokenizer  # noqa: F401  (re-exporte
 from inlaid_ray.model.transformer import LinearFactory, Transformer
 
 _PROJ = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+_proj)\.(weight|bias|qweight|qzeros|scales|g_idx)$")
-_GPTQ_CONFIG = "quantize_config.json"
+_QUANT_CONFIG = "quantize_config.json"  # AutoGPTQ's file beside config.json
 
 
 def read_safetensors_dir(model_dir: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -57,16 +58,16 @@ def map_hf_names(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[
     return out
 
 
-def is_gptq_dir(model_dir: str | Path) -> bool:
-    """Whether `model_dir` holds a GPTQ checkpoint (quantize_config.json or a gptq quantization_config)."""
+def quantization_config(model_dir: str | Path) -> dict | None:
+    """The `quantization_config` of `config.json`, or `quantize_config.json` (AutoGPTQ), if any."""
     model_dir = Path(model_dir)
-    if (model_dir / _GPTQ_CONFIG).is_file():
-        return True
+    if (model_dir / _QUANT_CONFIG).is_file():
+        return json.loads((model_dir / _QUANT_CONFIG).read_text())
     try:
         qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
     except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method", "gptq") == "gptq" and "bits" in qc
+        return None
+    return qc if isinstance(qc, dict) else None
 
 
 def load_model(
@@ -75,39 +76,20 @@ def load_model(
     device: torch.device | str = "cpu",
     adapter_bank: object | None = None,
     make_linear: LinearFactory | None = None,
-    cache_dequantized: bool = False,
 ) -> Transformer:
-    """Build the model for `model_dir` on `device` in `dtype` and load its weights.
-
-    GPTQ directories get `GPTQLinear` projections (scales in fp32 for an fp32 model, so the
-    dequantized weights are exactly the quantizer's grid values; fp16 otherwise);
-    `cache_dequantized` keeps their dense weights (speed of a dense model, memory of one).
-    """
+    """Build the model for a dense `model_dir` on `device` in `dtype` and load its weights
+    (`make_linear` swaps the projection modules, which must then accept the stored tensors)."""
     model_dir = Path(model_dir)
-    if is_gptq_dir(model_dir) and make_linear is None:
-        return _load_gptq_model(model_dir, dtype, device, adapter_bank, cache_dequantized)
+    if make_linear is None and quantization_config(model_dir) is not None:
+        raise ModelLoadError(f"{model_dir} holds a quantized checkpoint: load it with "
+                             "inlaid_ray.quant.loading.load_base (the engine builders do)")
     config = ModelConfig.from_dir(model_dir)
     model = Transformer(config, dtype=dtype, device=device, make_linear=make_linear, adapter_bank=adapter_bank)
-    state = map_hf_names(read_safetensors_dir(model_dir, device), config)
-    return _load_state(model, state, model_dir)
+    return load_weights(model, map_hf_names(read_safetensors_dir(model_dir, device), config), model_dir)
 
 
-def _load_gptq_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device | str, adapter_bank: object | None, cache_dequantized: bool
-) -> Transformer:
-    # Imported here: inlaid_ray.quant imports inlaid_ray.model.config (no import cycle at start-up).
-    from inlaid_ray.quant.gptq_format import load_gptq_checkpoint
-    from inlaid_ray.quant.gptq_linear import gptq_linear_factory
-
-    hf_config, qc, tensors = load_gptq_checkpoint(model_dir, device)  # validates every packed layer
-    config = ModelConfig.from_hf_dict(hf_config, name_or_path=str(model_dir))
-    scale_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-    factory = gptq_linear_factory(qc.grid.bits, qc.grid.group_size, scale_dtype, device, cache_dequantized)
-    model = Transformer(config, dtype=dtype, device=device, make_linear=factory, adapter_bank=adapter_bank)
-    return _load_state(model, map_hf_names(tensors, config), model_dir)
-
-
-def _load_state(model: Transformer, state: dict[str, torch.Tensor], model_dir: Path) -> Transformer:
+def load_weights(model: Transformer, state: dict[str, torch.Tensor], model_dir: Path) -> Transformer:
+    """Load `state` (our names) into `model`, refusing missing, unexpected or misshaped tensors."""
     config = model.config
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

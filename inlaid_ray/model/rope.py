@@ -39,18 +39,28 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+class StepRotary:
+    """cos/sin of one step's positions, computed once and applied in every layer."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos, self.sin = cos, sin  # [T, 1, D] fp32
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q/k of shape `[T, heads, head_dim]`."""
+        return _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
+
+
 class RotaryEmbedding(torch.nn.Module):
-    """Applies RoPE to q/k of shape `[T, heads, head_dim]` at given positions."""
+    """Rotary tables: `for_positions(positions)` once per forward, shared by every layer."""
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def for_positions(self, positions: torch.Tensor) -> StepRotary:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]  # [T, 1, D]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return StepRotary(emb.cos()[:, None, :], emb.sin()[:, None, :])  # [T, 1, D]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from inlaid_ray.model.config import ModelConfig
 from inlaid_ray.model.forward_batch import ForwardBatch
 from inlaid_ray.model.kv_cache import PagedKVCache
 from inlaid_ray.model.layers import AdaptedLinear, DenseLinear, LoRAContext, RMSNorm
-from inlaid_ray.model.rope import RotaryEmbedding
+from inlaid_ray.model.rope import RotaryEmbedding, StepRotary
 
 # (layer_idx, module name, d_out, d_in, has_bias) -> base linear module
 LinearFactory = Callable[[int, str, int, int, bool], nn.Module]
@@ -43,7 +43,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         batch: ForwardBatch,
         kv_cache: PagedKVCache,
-        rotary: RotaryEmbedding,
+        rotary: StepRotary,
         lora: LoRAContext | None,
         plan: AttentionPlan,
     ) -> torch.Tensor:
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         q = self.q_proj(x, lora).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x, lora).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, lora).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(q, k, batch.positions)
+        q, k = rotary(q, k)
         out = paged_attention(q, k, v, kv_cache, self.layer_idx, batch, plan)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim), lora)
 
@@ -136,9 +136,10 @@ class Transformer(nn.Module):
                 raise ValueError("batch uses adapter slots but the model has no adapter bank")
             lora = LoRAContext(self.adapter_bank, batch.lora)
         plan = AttentionPlan.build(batch, self.config.sliding_window, self.decode_attention)
+        rotary = self.rotary.for_positions(batch.positions)
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         for layer in self.model.layers:
-            x = layer(x, batch, kv_cache, self.rotary, lora, plan)
+            x = layer(x, batch, kv_cache, rotary, lora, plan)
         if not all_logits:
             x = x[batch.logits_indices]  # [S, hidden]: only last tokens need logits
         return self.lm_head(self.model.norm(x)).float()

@@ -29,10 +29,10 @@ from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams, blocks_fo
 from inlaid_ray.lora.adapter import LoRAAdapter
 from inlaid_ray.lora.bank import AdapterBank
 from inlaid_ray.lora.peft_io import load_peft_adapter
-from inlaid_ray.model.loader import load_model
 from inlaid_ray.model.runner import prefill_logits
 from inlaid_ray.model.tokenizer import encode_chat
 from inlaid_ray.model.transformer import Transformer
+from inlaid_ray.quant.loading import is_gptq_dir, load_base
 
 
 def round_to_fp16(model: Transformer) -> Transformer:
@@ -47,11 +47,9 @@ def round_to_fp16(model: Transformer) -> Transformer:
 def load_eval_model(model_dir: str | Path, device: str = "cpu", fp16_reference: bool = True) -> Transformer:
     """fp32 model for evaluation; GPTQ bases keep a dequantized cache (dense speed), dense bases are
     rounded to fp16 when `fp16_reference`."""
-    from inlaid_ray.model.loader import is_gptq_dir
-
     if is_gptq_dir(model_dir):
-        return load_model(model_dir, torch.float32, device, cache_dequantized=True)
-    model = load_model(model_dir, torch.float32, device)
+        return load_base(model_dir, torch.float32, device, cache_dequantized=True)
+    model = load_base(model_dir, torch.float32, device)
     return round_to_fp16(model) if fp16_reference else model
 
 

@@ -29,7 +29,6 @@ from inlaid_ray.progress import Progress
 from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.lora.peft_io import load_peft_adapter
 from inlaid_ray.model.config import ModelConfig
-from inlaid_ray.model.loader import load_model
 from inlaid_ray.model.tokenizer import load_tokenizer
 from inlaid_ray.model.transformer import Transformer
 from inlaid_ray.quant.calibration import (
@@ -40,6 +39,7 @@ from inlaid_ray.quant.calibration import (
     resolve_budget,
 )
 from inlaid_ray.quant.gptq_format import QuantizeConfig, save_gptq_checkpoint
+from inlaid_ray.quant.loading import load_base
 from inlaid_ray.quant.measure import ResourceMeter
 from inlaid_ray.quant.mlgptq import (
     CalibrationTask,
@@ -203,7 +203,7 @@ def quantize_base(
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
     check_grid_fits(ModelConfig.from_dir(base_dir), cfg.grid)
     with meter.phase("load"):
-        model = load_model(base_dir, cfg.dtype, cfg.device)
+        model = load_base(base_dir, cfg.dtype, cfg.device)
         tokenizer = load_tokenizer(base_dir) if sources else None
     report: dict[str, Any] = {"method": cfg.method, "out_dirs": {}, "computed_tasks": [], "layers": {}}
     if cfg.method == "rtn":
@@ -265,7 +265,7 @@ def _quantize_sequential(base_dir: Path, model: Transformer, tokenizer: Any, sou
     groups = [[t] for t in tasks] if cfg.method == "gptq-per-task" else [list(tasks)]
     for group in groups:
         if model is None:  # the sequential pass overwrote the weights: start again from the fp16 base
-            model = load_model(base_dir, cfg.dtype, cfg.device)
+            model = load_base(base_dir, cfg.dtype, cfg.device)
         with meter.phase("forward_hessian_quantize"):
             packed, info = sequential_quantize(model, sorted(group, key=lambda t: t.name), cfg, progress)
         key = group[0].name if cfg.method == "gptq-per-task" else "shared"

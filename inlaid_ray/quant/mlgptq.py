@@ -153,6 +153,7 @@ class _Chunk:
         device = model.device
         self.batch = build_prefill_batch(lens, block_size, [slot] * len(lens) if slot >= 0 else None, device)
         self.plan = AttentionPlan.build(self.batch, model.config.sliding_window)
+        self.rotary = model.rotary.for_positions(self.batch.positions)
         self.cache = _one_layer_cache(model, lens, block_size)
         self.x = model.model.embed_tokens(torch.tensor(ids, dtype=torch.int64, device=device))  # [T, hidden]
 
@@ -186,7 +187,7 @@ class _TaskActivations:
         block = model.model.layers[layer]
         for c in self.chunks:
             lora = LoRAContext(bank, c.batch.lora) if bank is not None and c.batch.lora is not None else None
-            y = block(c.x, c.batch, c.cache, model.rotary, lora, c.plan)
+            y = block(c.x, c.batch, c.cache, c.rotary, lora, c.plan)
             if update:
                 c.x = y
 

@@ -3,18 +3,14 @@ asyncio front. No Ray here: the replica deployment calls an injectable factory w
 signature (`build_engine` by default), as Ray Serve LLM injects its engine class.
 
 A base directory holding a GPTQ checkpoint (`quantize_config.json`, e.g. the MLGPTQ 4-bit
-base) loads with `GPTQLinear` projections through `inlaid_ray.model.load_model`, like a dense
-one. Where no fused GPTQ kernel serves the device and dtype (CPU; fp32 on CUDA) the reference
-would unpack every weight on every forward (seconds per step for SmolLM2 on a CPU core), so by
-default those projections cache their dequantized weights: dense speed and dense memory, with
-the 4-bit model's outputs. Adapters come as raw PEFT directories (`load_cluster_adapter`) or as
+base) loads with `GPTQLinear` projections through `inlaid_ray.quant.loading.load_base`, like a
+dense one, under its one dequantized-weight cache policy. Adapters come as raw PEFT directories (`load_cluster_adapter`) or as
 compressed cluster banks (`load_bank`, `ClusterSpec.format == "jd_bank"`); the bank reserves
 `max_compressed_clusters` cluster slots for the latter.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +23,8 @@ from inlaid_ray.engine.builder import parse_dtype
 from inlaid_ray.errors import AdapterError
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, load_peft_adapter
 from inlaid_ray.lora.cluster_bank import ClusterBanks, load_cluster_banks
-from inlaid_ray.kernels.reference import gptq_matmul_ref
-from inlaid_ray.model import ModelConfig, load_model, load_tokenizer
-from inlaid_ray.model.loader import is_gptq_dir
-from inlaid_ray.quant.gptq_linear import select_gptq_matmul
+from inlaid_ray.model import ModelConfig, load_tokenizer
+from inlaid_ray.quant.loading import load_base
 from inlaid_ray.serve.replica_protocol import AdapterEntry
 
 log = logging.getLogger(__name__)
@@ -76,26 +70,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return parse_dtype(dtype)
-
-
-def load_base(model_dir: str | Path, dtype: torch.dtype, device: torch.device, bank: Any | None,
-              gptq_cache_dequantized: bool | None = None) -> Any:
-    """The base model: a HF safetensors directory, or a GPTQ checkpoint (GPTQLinear projections)."""
-    model_dir = Path(model_dir)
-    if not is_gptq_dir(model_dir):
-        return load_model(model_dir, dtype=dtype, device=device, adapter_bank=bank)
-    if gptq_cache_dequantized is None:
-        gptq_cache_dequantized = select_gptq_matmul(device, _gptq_bits(model_dir), dtype) is gptq_matmul_ref
-    log.info("GPTQ base %s on %s (%s): %s", model_dir, device, dtype,
-             "dequantized-weight cache (no fused kernel here)" if gptq_cache_dequantized else "fused GPTQ kernel")
-    return load_model(model_dir, dtype=dtype, device=device, adapter_bank=bank, cache_dequantized=gptq_cache_dequantized)
-
-
-def _gptq_bits(model_dir: Path) -> int:
-    qc_file = model_dir / "quantize_config.json"
-    qc = json.loads(qc_file.read_text()) if qc_file.is_file() else \
-        json.loads((model_dir / "config.json").read_text()).get("quantization_config", {})
-    return int(qc["bits"])
 
 
 def resolve_adapter_path(uri: str, artifact_dir: str | Path) -> Path:

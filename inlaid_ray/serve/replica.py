@@ -37,11 +37,11 @@ from inlaid_ray.serve.engine_builder import (
     ReplicaSpec,
     build_engine,
     load_bank,
-    load_base,
     load_cluster_adapter,
     resolve_device,
     resolve_dtype,
 )
+from inlaid_ray.quant.loading import load_base
 from inlaid_ray.serve.http_errors import error_chunk
 from inlaid_ray.serve.imports import import_object
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ReplicaRequest, merge_outputs
