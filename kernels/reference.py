@@ -21,6 +21,7 @@ import torch
 
 from inlaid_ray.kernels.compressed_lora_batch import CompressedLoRABatch
 from inlaid_ray.model.forward_batch import LoRABatch
+from inlaid_ray.model.layers import cast
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -128,9 +129,23 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batc
 def lora_shrink_expand_ref(
     y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch
 ) -> None:
-    """y[t] += lora_b[s] @ (lora_a[s] @ x[t]) with s = batch.token_slots[t] >= 0; y in place."""
-    if batch.num_active_slots:
-        lora_expand_ref(y, lora_shrink_ref(x, lora_a, batch), lora_b, batch)
+    """y[t] += lora_b[s] @ (lora_a[s] @ x[t]) with s = batch.token_slots[t] >= 0; y in place.
+
+    The same arithmetic as `lora_expand_ref(y, lora_shrink_ref(x, ...), ...)` (fp32 h, fp32 sum,
+    one rounding to y's dtype), with one gather and one scatter for all slots: segments are
+    contiguous slices of the slot-sorted tokens (this is the CPU serving path, where every
+    dispatched op is host time)."""
+    if not batch.num_active_slots:
+        return
+    f32 = torch.float32
+    ids = batch.sorted_token_ids
+    xs = cast(x.index_select(0, ids), f32)  # [T_lora, d_in], grouped by slot
+    deltas = [
+        (xs[offset : offset + count] @ cast(lora_a[slot], f32).t()) @ cast(lora_b[slot], f32).t()
+        for slot, offset, count in zip(batch.slots_list, batch.offsets_list, batch.counts_list)
+    ]
+    delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+    y.index_copy_(0, ids, cast(cast(y.index_select(0, ids), f32) + delta, y.dtype))
 
 
 def compressed_lora_ref(

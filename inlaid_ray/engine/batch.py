@@ -52,7 +52,6 @@ def build_step_batch(
     def tensor(xs: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.int64).to(device, non_blocking=True)
 
-    slots_t = tensor(token_slots)
     batch = ForwardBatch(
         positions=tensor(positions),
         query_start=tensor(query_start),
@@ -62,6 +61,6 @@ def build_step_batch(
         logits_indices=tensor([q - 1 for q in query_start[1:]]),
         query_lens_list=[b - a for a, b in zip(query_start[:-1], query_start[1:])],
         context_lens_list=context_lens,
-        lora=LoRABatch.from_token_slots(slots_t) if with_lora else None,
+        lora=LoRABatch.from_host_slots(token_slots, device) if with_lora else None,
     )
     return tensor(input_ids), batch

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from inlaid_ray.model.forward_batch import ForwardBatch
 from inlaid_ray.model.kv_cache import PagedKVCache
+from inlaid_ray.model.layers import cast
 
 
 # (q [S, H, D], key_cache, value_cache, block_tables [S, nb], context_lens [S], scale, sliding_window) -> [S, H, D]
@@ -97,8 +98,8 @@ def paged_attention(
     values = _gather_context(kv_cache.value_caches[layer], batch.block_tables, plan.max_ctx)
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2),  # [S, H, max_q, D]
-        keys.transpose(1, 2).to(q.dtype),  # [S, KVH, C, D]
-        values.transpose(1, 2).to(q.dtype),
+        cast(keys.transpose(1, 2), q.dtype),  # [S, KVH, C, D]
+        cast(values.transpose(1, 2), q.dtype),
         attn_mask=plan.mask,
         enable_gqa=True,  # each KV head serves num_heads / num_kv_heads query heads
     )  # [S, H, max_q, D]

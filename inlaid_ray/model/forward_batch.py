@@ -59,6 +59,27 @@ class LoRABatch:
             offsets_list=[0, *itertools.accumulate(counts_list)][:-1],
         )
 
+    @classmethod
+    def from_host_slots(cls, token_slots: list[int], device: torch.device | str) -> "LoRABatch":
+        """The same grouping computed from the host list the engine already has: no device sync
+        (`from_token_slots` reads the grouping back with `.tolist()`), one host-to-device copy."""
+        sorted_ids = sorted((t for t, s in enumerate(token_slots) if s >= 0), key=token_slots.__getitem__)
+        slots: list[int] = []
+        counts: list[int] = []
+        for t in sorted_ids:
+            if slots and slots[-1] == token_slots[t]:
+                counts[-1] += 1
+            else:
+                slots.append(token_slots[t])
+                counts.append(1)
+        offsets = [0, *itertools.accumulate(counts)][:-1]
+        n, k = len(token_slots), len(slots)
+        flat = torch.tensor([*token_slots, *sorted_ids, *slots, *counts, *offsets], dtype=torch.int64)
+        flat = flat.to(device, non_blocking=True)
+        parts = torch.split(flat, [n, len(sorted_ids), k, k, k])
+        return cls(token_slots=parts[0], sorted_token_ids=parts[1], slots=parts[2], counts=parts[3],
+                   offsets=parts[4], slots_list=slots, counts_list=counts, offsets_list=offsets)
+
     @property
     def num_active_slots(self) -> int:
         return len(self.slots_list)

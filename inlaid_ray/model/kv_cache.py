@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from inlaid_ray.model.config import ModelConfig
+from inlaid_ray.model.layers import cast
 
 
 class PagedKVCache:
@@ -36,5 +37,5 @@ class PagedKVCache:
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values `[T, num_kv_heads, head_dim]` at flat slots `block*block_size+offset`."""
         kc, vc = self.key_caches[layer], self.value_caches[layer]
-        kc.view(-1, *kc.shape[2:])[slot_mapping] = k.to(kc.dtype)
-        vc.view(-1, *vc.shape[2:])[slot_mapping] = v.to(vc.dtype)
+        kc.view(-1, *kc.shape[2:])[slot_mapping] = cast(k, kc.dtype)
+        vc.view(-1, *vc.shape[2:])[slot_mapping] = cast(v, vc.dtype)

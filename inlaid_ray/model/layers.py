@@ -17,6 +17,11 @@ from torch import nn
 from inlaid_ray.model.forward_batch import LoRABatch
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, without dispatching a no-op conversion (each dispatch is host time per step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32 as HF Llama does."""
 
@@ -26,9 +31,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = cast(x, torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * cast(x32, x.dtype)
 
 
 class DenseLinear(nn.Module):

@@ -8,6 +8,7 @@ import torch
 
 from inlaid_ray.errors import ModelLoadError
 from inlaid_ray.model.config import ModelConfig
+from inlaid_ray.model.layers import cast
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -64,7 +65,7 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x32 = x.float()
+    x32 = cast(x, torch.float32)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    return cast(x32 * cos + rotated * sin, x.dtype)
