@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -59,6 +60,11 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from inlaid_ray.serve.launcher import run_from_cli
 
+    if args.demo:  # the CLI is the one place that knows the demo: it hands serving a manifest
+        from inlaid_ray.demo.manifest import DEMO_API_KEY, DEMO_MANIFEST
+
+        args.seed_manifest = str(DEMO_MANIFEST)
+        settings = dataclasses.replace(settings, api_key=settings.api_key or DEMO_API_KEY)
     return run_from_cli(args, settings)
 
 

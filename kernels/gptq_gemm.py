@@ -1,5 +1,5 @@
-"""W4A16 GEMM (also 2- and 8-bit weights) on the GPTQ v1 checkpoint layout (ALGORITHMS.md
-section 3), following Marlin's recipe (PERFORMANCE.md "How to get there"): every packed int32 is
+"""W4A16 GEMM (also 2- and 8-bit weights) on the GPTQ v1 checkpoint layout (docs/algorithms.md
+section 3), following Marlin's recipe (docs/performance.md "How to get there"): every packed int32 is
 read from memory once, unpacked and scaled in registers, and accumulated in fp32.
 
 Each tile of BLOCK_K input channels is BLOCK_W = BLOCK_K / PACK packed rows (PACK = 32 / bits

@@ -2,7 +2,7 @@
 the Triton kernels are tested against, and the path used where Triton is unavailable.
 
 Layouts:
-- GPTQ (AutoGPTQ/GPTQModel "gptq" v1 checkpoint format, ALGORITHMS.md section 3): b-bit codes
+- GPTQ (AutoGPTQ/GPTQModel "gptq" v1 checkpoint format, docs/algorithms.md section 3): b-bit codes
   form a little-endian bit stream along the packed dim, 32 codes per b int32 words (for
   b in {2, 4, 8}: 32/b codes per word, code j of a word at bit b*j). `qweight` packs along the
   input dim, `qzeros` along the output dim and stores `zero - 1`.
@@ -158,7 +158,7 @@ def compressed_lora_ref(
 ) -> None:
     """y[t] += U_c (Sigma_c[row] (V_c^T x[t])) for tokens with a cluster c >= 0; y modified in place.
 
-    Compress then Serve (ALGORITHMS.md 9.10); scaling and norms live inside Sigma.
+    Compress then Serve (docs/algorithms.md 9.10); scaling and norms live inside Sigma.
     x: [T, d_in]; y: [T, d_out]; v: [C, d_in, k]; u: [C, d_out, k];
     sigma: [C, n, k, k] (JD-Full, g = Sigma h) or [C, n, k] (JD-Diag, g = sigma * h).
     """

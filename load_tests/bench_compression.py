@@ -1,4 +1,4 @@
-"""Scale evidence for Compress then Serve on CPU (ALGORITHMS 9.4-9.9): cluster and jointly compress
+"""Scale evidence for Compress then Serve on CPU (docs/algorithms.md 9.4-9.9): cluster and jointly compress
 1000 synthetic rank-8 adapters on SmolLM2-135M shapes with a planted cluster structure.
 
 Reports time, peak memory, per-adapter errors (and their ratio to the error on the planted bases),

@@ -14,7 +14,7 @@ of a request is a multiple (2x, 5x, 10x) of its isolated latency from the same c
 definition of `inlaid_ray/sched/metrics.py`). Reported per run: generated tokens/s (every token
 sampled / run wall time: the service rate of the overloaded replica), output tokens/s of finished
 requests, mean/p99 latency (= JCT), TTFT, SLO attainment, distinct tasks per step; and the
-1000-vs-1 adapter ratio of generated tokens/s (target >= 0.9, PERFORMANCE.md). A run is cut
+1000-vs-1 adapter ratio of generated tokens/s (target >= 0.9, docs/performance.md). A run is cut
 (remaining requests cancelled, failing their SLO) after `run_timeout_s`.
 
 Memory: the bank holds [layers, slots, rank, d_in] + [layers, slots, d_out, rank] per adapted

@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton kernels (PERFORMANCE.md targets), run on an H100:
+"""GPU benchmark of the Triton kernels (docs/performance.md targets), run on an H100:
 
 1. W4A16 GEMM (GPTQ v1, group 128) for Llama-7B/13B layer shapes and M in 1..256: tunes the
    launch config per (shape, M) over a candidate grid, checks the winner against a dense fp32

@@ -6,7 +6,7 @@ against the raw adapters and the base model run through the same engine.
 
 All requests of a configuration go through the engine in ONE mixed batch (every task plus, for
 the raw run, base-only requests), greedy, fp32, CPU. Reported per configuration and task: the
-primary metric, normalized performance (score - base) / (raw - base) (ALGORITHMS 9.11),
+primary metric, normalized performance (score - base) / (raw - base) (docs/algorithms.md 9.11),
 agreement (% of predictions identical to the raw adapter's), the adapter's relative squared
 reconstruction error (mean over the modules it adapts) and the bank's size.
 

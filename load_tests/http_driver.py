@@ -126,6 +126,7 @@ def compression_unsupported_reason() -> str | None:
     """None when the serve path can load compressed (JD) cluster banks, else why not."""
     from typing import get_args, get_type_hints
 
+    from inlaid_ray.demo.manifest import DEMO_MANIFEST
     from inlaid_ray.serve.app import AppArgs
     from inlaid_ray.serve.replica_protocol import ClusterSpec
 
@@ -165,7 +166,7 @@ def app_args(cfg: DriverConfig, variant: Variant, model_dir: Path, data_dir: Pat
 
     fields: dict[str, Any] = dict(
         model_dir=str(model_dir), base_model_id=BASE_MODEL_ID, data_dir=str(data_dir), namespace="httpload",
-        api_key=API_KEY, bootstrap_demo=True, num_replicas=cfg.num_replicas, num_cpus_per_replica=1,
+        api_key=API_KEY, seed_manifest=str(DEMO_MANIFEST), num_replicas=cfg.num_replicas, num_cpus_per_replica=1,
         torch_threads=cfg.torch_threads, dtype="float32", device="cpu", policy=variant.policy,
         max_model_len=cfg.max_model_len, max_num_batched_tokens=max(1024, cfg.max_model_len),
         max_num_seqs=cfg.max_num_seqs, num_kv_blocks=cfg.num_kv_blocks, max_clusters_per_replica=2,

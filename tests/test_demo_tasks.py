@@ -346,3 +346,21 @@ def test_adapter_score_reproduces_with_transformers_peft(smollm2_dir) -> None:
     assert result["metrics"][get_task(name).primary_metric] == pytest.approx(
         statistics.fmean(stored), abs=1 / limit + 1e-9
     )
+
+
+def test_committed_demo_manifest_is_what_the_demo_builds():
+    """inlaid_ray/demo/manifest.json is generated (`python -m inlaid_ray.demo.manifest`), not edited."""
+    import json
+
+    from inlaid_ray.demo.manifest import DEMO_MANIFEST, build_demo_manifest
+
+    assert json.loads(DEMO_MANIFEST.read_text()) == build_demo_manifest(DEMO_MANIFEST.parent)
+
+
+def test_demo_manifest_loads_with_every_task_ready():
+    from inlaid_ray.demo.manifest import DEMO_CLUSTERS, DEMO_MANIFEST
+    from inlaid_ray.serve.seed import SeedManifest, adapter_ready
+
+    manifest = SeedManifest.load(DEMO_MANIFEST)
+    assert manifest.clusters == DEMO_CLUSTERS
+    assert all(adapter_ready(t.adapter_dir) and t.calibration.is_file() for t in manifest.tasks.values())

@@ -1,4 +1,4 @@
-"""GPTQ on one linear layer (ALGORITHMS.md 2.3): beats RTN on its calibration distribution,
+"""GPTQ on one linear layer (docs/algorithms.md 2.3): beats RTN on its calibration distribution,
 satisfies the OBS identity tr((W-Q) H (W-Q)^T) = sum err^2, reduces to RTN when H is diagonal,
 has the documented g_idx semantics, and rejects bad inputs with clear errors."""
 

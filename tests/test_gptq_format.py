@@ -1,4 +1,4 @@
-"""GPTQ v1 format (ALGORITHMS.md section 3): packing round-trips exactly through the kernel
+"""GPTQ v1 format (docs/algorithms.md section 3): packing round-trips exactly through the kernel
 references, the v1 zero convention, and checkpoint save/load of a whole (tiny) model."""
 
 from __future__ import annotations

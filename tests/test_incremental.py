@@ -1,4 +1,4 @@
-"""Incremental MLGPTQ (ALGORITHMS.md 6.3): adding tasks to a statistics store computes only the new
+"""Incremental MLGPTQ (docs/algorithms.md 6.3): adding tasks to a statistics store computes only the new
 tasks' Hessians and gives a checkpoint bit-identical to a full run over all tasks; the store
 refuses another base or other settings, and a changed adapter rebuilds the running max."""
 

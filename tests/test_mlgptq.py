@@ -1,4 +1,4 @@
-"""MLGPTQ through the model (ALGORITHMS.md 5.2-5.5) on a tiny random Llama with PEFT adapters:
+"""MLGPTQ through the model (docs/algorithms.md 5.2-5.5) on a tiny random Llama with PEFT adapters:
 per-task Hessians equal those of transformers + peft with the task's adapter, the aggregate is
 the element-wise max of the per-task statistics and does not depend on task order, GPTQ-mixed is
 GPTQ on the union of the data, per-task checkpoints are single-task runs, every GPTQ variant beats
@@ -164,7 +164,7 @@ def test_quantized_weights_use_the_max_aggregate(setup, full_run):
 
 def test_gptq_mixed_is_gptq_on_the_union_of_the_data(setup):
     """Without adapters, the token-weighted mean of per-task Hessians equals the Hessian of one
-    task holding every task's sequences (GPTQ_tweaked, ALGORITHMS.md 5.1)."""
+    task holding every task's sequences (GPTQ_tweaked, docs/algorithms.md 5.1)."""
     root, base, sources = setup
     model, tasks = _tasks(base, sources)
     cfg = dataclasses.replace(CFG, calibrate_with_adapter=False)

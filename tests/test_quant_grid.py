@@ -1,4 +1,4 @@
-"""QuantGrid: validation of settings and the min-max grid of ALGORITHMS.md 2.4, checked against
+"""QuantGrid: validation of settings and the min-max grid of docs/algorithms.md 2.4, checked against
 a line-by-line transcription of the IST-DASLab `Quantizer.find_params` (plus fp16 scales)."""
 
 from __future__ import annotations

@@ -349,8 +349,9 @@ def test_api_keys_store_only_hashes(registry, server):
     with pytest.raises(ValueError, match="'ghost' does not exist"):
         registry.add_api_key("ghost", "sk-ghost")
     assert registry.revoke_api_key("sk-acme-secret") and registry.tenant_for_key("sk-acme-secret") is None
-    registry.bootstrap_keys("demo", admin_key="let-me-in")
-    registry.bootstrap_keys("demo", admin_key="let-me-in")  # idempotent
+    registry.bootstrap_keys("demo", admin_key="let-me-in", tenant="demo")
+    registry.bootstrap_keys("demo", admin_key="let-me-in", tenant="demo")  # idempotent
+    registry.bootstrap_keys(None)  # no user key configured: no tenant is created
     assert registry.tenant_for_key("demo") == "demo" and registry.is_admin_key("let-me-in")
     assert [t.name for t in registry.list_tenants()] == ["acme", "admin", "demo", "root"]
 

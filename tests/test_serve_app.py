@@ -31,7 +31,8 @@ from inlaid_ray.model import ModelConfig, encode_chat, encode_text, load_tokeniz
 from inlaid_ray.registry import TaskRecord, TaskRegistry, connect_redis
 from inlaid_ray.config import Settings
 from inlaid_ray.serve.app import AppArgs
-from inlaid_ray.serve.bootstrap import DEMO_CLUSTERS, adapter_ready
+from inlaid_ray.demo.manifest import DEMO_CLUSTERS, write_demo_manifest
+from inlaid_ray.serve.seed import adapter_ready
 from inlaid_ray.serve.engine_builder import ReplicaSpec, build_engine, load_cluster_adapter
 from inlaid_ray.serve.launcher import free_port, run_serve
 from inlaid_ray.serve.replica_protocol import AdapterEntry
@@ -43,12 +44,14 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 API_KEY, ADMIN_KEY = "test-demo-key", "test-admin-key"
 MAX_MODEL_LEN = 384
+BODY_LIMIT = 64 * 1024
 POLL = 400  # bounded polls (x 50 ms) for background updates; never a timing assertion
 # Small engine sizes for two CPU replicas on a shared 2-core machine.
 OVERRIDES = dict(
     num_replicas=2, num_cpus_per_replica=1, torch_threads=1, dtype="float32",
     device="cpu", max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=1024, max_num_seqs=32, num_kv_blocks=320,
     max_clusters_per_replica=1, max_adapters_per_replica=4, auth_cache_s=0.0, namespace="t" + uuid.uuid4().hex[:8],
+    max_request_bytes=BODY_LIMIT,
 )
 
 
@@ -112,7 +115,8 @@ def served(smollm2_dir, adapters_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("serve-registry")
     config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
     args = AppArgs.model_validate(dict(config["applications"][0]["args"]) | OVERRIDES | dict(
-        model_dir=str(smollm2_dir), data_dir=str(data_dir), demo_adapters_dir=str(adapters_dir)))
+        model_dir=str(smollm2_dir), data_dir=str(data_dir),
+        seed_manifest=str(write_demo_manifest(data_dir / "manifest.json", adapters_dir))))
     settings = Settings(cache_dir=tmp_path_factory.mktemp("serve-cache"), api_key=API_KEY, admin_key=ADMIN_KEY)
     client = connect_redis(None, data_dir)
     try:
@@ -276,9 +280,12 @@ def test_tenancy(served, adapters_dir):
     assert acme_models[1:] == ["rival-task"]
     assert "rival-task" not in [m["id"] for m in served.get("/v1/models").json()["data"]]
 
-    err = _error(_complete(served, "rival-task"), 403)
-    assert err["code"] == "model_access_denied" and "acme" not in err["message"]
-    assert _error(_complete(served, "sentiment", acme_key), 403)["code"] == "model_access_denied"
+    # Another tenant's task answers exactly like a missing one: nothing confirms that it exists.
+    missing = _error(_complete(served, "no-such-task"), 404)
+    err = _error(_complete(served, "rival-task"), 404)
+    assert err == {**missing, "message": missing["message"].replace("no-such-task", "rival-task")}
+    assert "acme" not in err["message"]
+    assert _error(_complete(served, "sentiment", acme_key), 404)["code"] == "model_not_found"
     response = _complete(served, "rival-task", acme_key)  # the owner may (a task with no cluster)
     assert response.status_code == 200, response.text
     # Its solo cluster evicted that replica's demo cluster (LRU of 1): only its adapter is left.
@@ -320,6 +327,48 @@ def test_bad_input_answers_4xx_and_keeps_serving(served):
     assert _error(served.get("/v1/nothing-here"), 404)
     after = served.post("/v1/completions", ok)
     assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def _errors_counted(served: Served) -> dict[str, float]:
+    """inlaid_request_errors_total by status, read from /metrics."""
+    counts: dict[str, float] = {}
+    for line in served.get("/metrics").text.splitlines():
+        if line.startswith("inlaid_request_errors_total{"):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = counts.get(status, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_hostile_bodies_get_openai_errors_and_are_counted(served):
+    before = _errors_counted(served)
+    ok = dict(model="sentiment", prompt="Hi", max_tokens=2)
+    padded = json.dumps(ok | {"junk": "x" * BODY_LIMIT})  # an unknown field would be a 400: size comes first
+    assert _error(served.post("/v1/completions", padded), 413)["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        yield json.dumps(ok)[:-1].encode() + b', "prompt2": "'
+        for _ in range(BODY_LIMIT // 4096 + 2):
+            yield b"y" * 4096
+        yield b'"}'
+
+    streamed = httpx.post(served.url + "/v1/completions", content=chunks(), timeout=60,
+                          headers=served.headers(API_KEY) | {"Content-Type": "application/json"})
+    assert _error(streamed, 413)["code"] == "request_too_large"
+    deep = "[" * 20_000 + "]" * 20_000  # past the JSON parser's recursion: not a 500
+    assert _error(served.post("/v1/completions", deep), 400)["code"] == "too_deep"
+    nested = json.dumps(ok | {"prompt": json.loads("[" * 70 + "1" + "]" * 70)})  # under the parser's limit
+    assert _error(served.post("/v1/completions", nested), 400)["code"] == "too_deep"
+    lone = served.post("/v1/completions", '{"model": "sentiment", "prompt": "a\\ud800b", "max_tokens": 2}')
+    err = _error(lone, 400)
+    assert err["code"] == "invalid_unicode" and err["param"] == "prompt"
+    chat = served.post("/v1/chat/completions", '{"model": "sentiment", "messages": [{"role": "user", "content": "\\udfff"}]}')
+    assert _error(chat, 400)["param"] == "messages[0].content"
+    pair = served.post("/v1/completions", '{"model": "sentiment", "prompt": "ok \\ud83d\\ude00", "max_tokens": 2}')
+    assert pair.status_code == 200, pair.text  # an escaped surrogate PAIR is valid Unicode
+    after = _errors_counted(served)
+    assert after.get("413", 0) - before.get("413", 0) == 2
+    assert after.get("400", 0) - before.get("400", 0) == 4
+    assert served.get("/health").status_code == 200
 
 
 def test_client_disconnect_aborts_the_generation(served):

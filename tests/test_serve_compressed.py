@@ -34,7 +34,8 @@ from inlaid_ray.model import ModelConfig, encode_chat, load_tokenizer
 from inlaid_ray.model.config import LINEAR_MODULES
 from inlaid_ray.registry import ClusterRecord, TaskRecord
 from inlaid_ray.serve.app import AppArgs
-from inlaid_ray.serve.bootstrap import DEMO_CLUSTERS, adapter_ready, demo_bank_dir, demo_banks_root
+from inlaid_ray.demo.manifest import DEMO_CLUSTERS, DEMO_MANIFEST
+from inlaid_ray.serve.seed import adapter_ready, cluster_bank_dir, cluster_banks_root
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ClusterSpec
 from inlaid_ray.serve.residency import ClusterResidency
 
@@ -145,7 +146,7 @@ def test_app_serves_demo_clusters_compressed(smollm2_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("registry")
     cache = tmp_path_factory.mktemp("cache")
     args = AppArgs(
-        model_dir=str(smollm2_dir), data_dir=str(data_dir), bootstrap_demo=True, adapter_format="jd_bank",
+        model_dir=str(smollm2_dir), data_dir=str(data_dir), seed_manifest=str(DEMO_MANIFEST), adapter_format="jd_bank",
         num_replicas=1, num_cpus_per_replica=1, torch_threads=1, dtype="float32", device="cpu",
         max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=512, max_num_seqs=8, num_kv_blocks=64,
         max_clusters_per_replica=2, max_adapters_per_replica=4, predictor="task_quantile",
@@ -176,7 +177,7 @@ def test_app_serves_demo_clusters_compressed(smollm2_dir, tmp_path_factory):
         client.close()
     threads = torch.get_num_threads()
     try:
-        bank_dirs = [demo_bank_dir(demo_banks_root(cache / "artifacts"), c) for c in DEMO_CLUSTERS]
+        bank_dirs = [cluster_bank_dir(cluster_banks_root(cache / "artifacts"), c) for c in DEMO_CLUSTERS]
         engine = build_engine(smollm2_dir, compressed=bank_dirs, dtype="float32", device="cpu",
                               engine_config=EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=512))
         assert all(engine.adapter_bank.cluster_of(t) is not None for t in tasks)

@@ -1,6 +1,6 @@
 """Serve pieces that need no Ray cluster: the deploy YAML and the app builder, response assembly
 (SSE shape, usage, errors after the stream started), AppArgs validation, and the idempotent
-demo bootstrap against a real embedded redis-server."""
+registry seeding from a manifest against a real embedded redis-server."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from inlaid_ray.registry import TaskRecord, TaskRegistry, connect_redis
 from inlaid_ray.serve.app import AppArgs, build_app
-from inlaid_ray.serve.bootstrap import DEMO_CLUSTERS, DEMO_TENANT, DemoBootstrap, bootstrap_demo
+from inlaid_ray.demo.manifest import DEMO_CLUSTERS, DEMO_TENANT, write_demo_manifest
+from inlaid_ray.serve.seed import RegistrySeed, seed_registry
 from inlaid_ray.serve.http_errors import OpenAIHTTPError
 from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.responses import DONE, ResponseContext, StreamTracker, collect, next_chunk, sse_events
@@ -38,7 +39,7 @@ def test_deploy_yaml_is_a_valid_serve_config_and_builds(smollm2_dir):
     assert set(app.args) <= set(AppArgs.model_fields)
     built = build_app(app.args | {"model_dir": str(smollm2_dir)})
     assert isinstance(built, Application)
-    assert args.num_replicas == 2 and args.bootstrap_demo
+    assert args.num_replicas == 2 and args.seed_manifest is None  # starts with no task
 
 
 def test_every_app_arg_has_a_default_and_a_description():
@@ -153,11 +154,11 @@ def test_error_before_the_first_token_raises_http_error_and_collect_builds_the_b
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
 
 
-# ----------------------------------------------------------------------------- bootstrap
+# ----------------------------------------------------------------------------- registry seeding
 
 
 def _fake_adapters(root: Path) -> Path:
-    """Adapter directories as bootstrap reads them (config + weights file bytes)."""
+    """Adapter directories as seeding reads them (config + weights file bytes)."""
     for names in DEMO_CLUSTERS.values():
         for name in names:
             d = root / name
@@ -169,17 +170,18 @@ def _fake_adapters(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def redis_client(tmp_path_factory):
-    client = connect_redis(None, tmp_path_factory.mktemp("bootstrap-redis"))
+    client = connect_redis(None, tmp_path_factory.mktemp("seed-redis"))
     yield client
     client.close()
 
 
-def test_bootstrap_is_idempotent_and_follows_adapter_changes(redis_client, tmp_path):
+def test_seeding_is_idempotent_and_follows_adapter_changes(redis_client, tmp_path):
     registry = TaskRegistry(redis_client, namespace="b" + uuid.uuid4().hex[:8])
     adapters = _fake_adapters(tmp_path / "adapters")
     (adapters / "email" / "adapter_model.safetensors").unlink()  # not trained yet
-    boot = DemoBootstrap(api_key="k-demo", admin_key="k-admin", adapters_dir=str(adapters), base_model="base")
-    first = bootstrap_demo(registry, boot)
+    manifest = write_demo_manifest(tmp_path / "manifest.json", adapters)
+    boot = RegistrySeed(api_key="k-demo", admin_key="k-admin", manifest=str(manifest), base_model="base")
+    first = seed_registry(registry, boot)
     expected = sorted(n for names in DEMO_CLUSTERS.values() for n in names if n != "email")
     assert first == expected
     assert registry.tenant_for_key("k-demo") == DEMO_TENANT and registry.is_admin_key("k-admin")
@@ -189,18 +191,56 @@ def test_bootstrap_is_idempotent_and_follows_adapter_changes(redis_client, tmp_p
         assert all(registry.get_task(n).cluster == cluster and registry.get_task(n).status == "live"
                    for n in record.members)
     revision = registry.revision()
-    assert bootstrap_demo(registry, boot) == first and registry.revision() == revision  # a restart changes nothing
+    assert seed_registry(registry, boot) == first and registry.revision() == revision  # a restart changes nothing
 
     (adapters / "sentiment" / "adapter_model.safetensors").write_bytes(b"retrained")
     (adapters / "email" / "adapter_model.safetensors").write_bytes(b"trained at last")
-    bootstrap_demo(registry, boot)
+    seed_registry(registry, boot)
     assert registry.get_task("sentiment").version == 2 and registry.get_task("extract").version == 1
     assert "email" in registry.get_cluster("demo-long").members
 
 
-def test_bootstrap_leaves_another_tenants_task_alone(redis_client, tmp_path):
+def test_seeding_leaves_another_tenants_task_alone(redis_client, tmp_path):
     registry = TaskRegistry(redis_client, namespace="b" + uuid.uuid4().hex[:8])
     registry.upsert_task(TaskRecord(name="extract", tenant="acme", adapter_uri="/elsewhere", status="live"))
-    names = bootstrap_demo(registry, DemoBootstrap(api_key="k-demo", adapters_dir=str(_fake_adapters(tmp_path / "a"))))
+    manifest = write_demo_manifest(tmp_path / "manifest.json", _fake_adapters(tmp_path / "a"))
+    names = seed_registry(registry, RegistrySeed(api_key="k-demo", manifest=str(manifest)))
     assert "extract" not in names
     assert registry.get_task("extract").tenant == "acme" and registry.get_task("extract").adapter_uri == "/elsewhere"
+
+
+def _depth(value) -> int:
+    """Nesting depth of a JSON value, counted the plain recursive way (the reference)."""
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("depth", [1, 5, 31, 32, 33, 64])
+def test_json_depth_limit_matches_recursive_depth(depth):
+    from inlaid_ray.serve.request_body import check_json_value
+
+    value = json.loads('{"a": ' * (depth - 1) + "[1]" + "}" * (depth - 1))
+    assert _depth(value) == depth
+    if depth <= 32:
+        check_json_value(value, max_depth=32)
+    else:
+        with pytest.raises(OpenAIHTTPError) as err:
+            check_json_value(value, max_depth=32)
+        assert err.value.status == 400 and err.value.code == "too_deep"
+
+
+def test_json_strings_must_be_valid_unicode_keys_included():
+    from inlaid_ray.serve.request_body import check_json_value
+
+    good = json.loads('{"prompt": "ok \\ud83d\\ude00", "x": ["\\u00e9"]}')  # a surrogate pair is one code point
+    assert good["prompt"].encode("utf-8")  # the reference: Python's own UTF-8 codec accepts it
+    check_json_value(good, max_depth=8)
+    for raw, param in [('{"prompt": "a\\ud800"}', "prompt"), ('{"m": [{"c": "\\udfff"}]}', "m[0].c"),
+                       ('{"\\ud800": 1}', None)]:
+        value = json.loads(raw)
+        with pytest.raises(OpenAIHTTPError) as err:
+            check_json_value(value, max_depth=8)
+        assert err.value.code == "invalid_unicode" and err.value.param == param

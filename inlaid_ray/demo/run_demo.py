@@ -1,7 +1,7 @@
 """`inlaid-ray demo`: the whole path on one machine. Prepare SmolLM2, quantize it once for the
 four demo tasks (4-bit, shared base), serve it over the OpenAI API (Ray Serve, embedded Redis)
 with the demo adapters compressed per cluster (shared U, V and a small Sigma per adapter, built
-by the app's bootstrap: `adapter_format="jd_bank"`), send each task a few eval prompts over
+by the app's registry seeding from the demo manifest: `adapter_format="jd_bank"`), send each task a few eval prompts over
 HTTP, score the answers and write a JSON summary.
 
 Each artifact is reused when present, so a second run only serves and sends requests.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import httpx
 
 from inlaid_ray.config import Settings
 from inlaid_ray.demo.data import load_examples
+from inlaid_ray.demo.manifest import DEMO_API_KEY, DEMO_MANIFEST
 from inlaid_ray.demo.paths import demo_adapter_dir, demo_data_path
 from inlaid_ray.demo.tasks import DEMO_TASKS, get_task
 
@@ -129,9 +130,10 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> dict[str, Any]:
     steps.start(f"2/4 quantize the base once for all tasks ({cfg.quant_method}, {cfg.bits}-bit)")
     quantized = quantize_demo_base(base_dir, work / f"smollm2-{cfg.quant_method}-{cfg.bits}bit", cfg)
     steps.start("3/4 compress the demo adapters per cluster and serve them on the quantized base (Ray Serve)")
+    settings = replace(settings, api_key=settings.api_key or DEMO_API_KEY)
     args = AppArgs(model_dir=str(quantized), base_model_id=f"smollm2-{cfg.quant_method}", num_replicas=cfg.num_replicas,
                    policy=cfg.policy, data_dir=str(work / "registry"), artifact_dir=str(work / "artifacts"),
-                   adapter_format="jd_bank", bootstrap_demo=True)
+                   adapter_format="jd_bank", seed_manifest=str(DEMO_MANIFEST))
     url = run_serve(args, host=cfg.host, port=cfg.port, blocking=False, settings=settings)
     try:
         steps.start("4/4 send each task a few eval prompts over HTTP")
@@ -140,7 +142,7 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> dict[str, Any]:
     finally:
         serve.shutdown()
     summary = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "quantized_base": str(quantized),
-               "compressed_banks": str(work / "artifacts" / "demo-banks"),
+               "compressed_banks": str(work / "artifacts" / "seed-banks"),
                "step_seconds": steps.seconds, "tasks": results}
     out = work / "demo_summary.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")

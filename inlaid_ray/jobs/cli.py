@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from inlaid_ray.config import Settings
@@ -31,6 +34,7 @@ _ONBOARD_FLAGS: dict[str, tuple[type | None, str]] = {
     "tokens-per-task": (int, "calibration tokens per task when the statistics store is created (512)"),
     "group-size": (int, "GPTQ group size (default: largest of 128/64/32 dividing the input dims)"),
     "max-rank": (int, "largest adapter rank the replicas hold (16)"),
+    "max-delta-ratio": (float, "largest norm of an adapter's update relative to its base weight (1.0)"),
     "error-budget": (float, "max relative error of a compressed cluster member (0.2)"),
     "probe-timeout-s": (float, "how long the probe may retry, base swaps included (300)"),
     "num-gpus": (float, "GPUs per Ray task (default: 1 when the cluster has a GPU)"),
@@ -57,7 +61,8 @@ def add_onboard_parser(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", type=kind, default=None, help=text)
     p.add_argument("--no-ray", action="store_true", help="run the statistics / quantization steps in this process")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--report", help="also write the JSON report to this file")
+    p.add_argument("--report", help="also write the JSON report to this file (on failure: default "
+                                     "<cache>/reports/onboard-TASK-TIME.json, named on stderr)")
     p.set_defaults(func=run_onboard)
     return p
 
@@ -93,16 +98,27 @@ def run_onboard(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         report = onboard_task(args.task, args.tenant, args.adapter, args.calib, _options(args), settings=settings)
-        code = 0
-    except OnboardingFailed as exc:
-        report, code = exc.report, 1
-        print(f"error: {exc}", file=sys.stderr)
+    except OnboardingFailed as exc:  # rolled back; the report says what was done and undone
+        path = _write_report(exc.report.to_dict(), args.report or _default_report_path(args.task, settings))
+        print(f"error: {exc} (report: {path})", file=sys.stderr)
+        return 2 if exc.step == "validate" else 1  # 2: the user's input was refused, nothing changed
     data = report.to_dict()
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+        _write_report(data, args.report)
     print(json.dumps(data, indent=2, default=str))
-    return code
+    return 0
+
+
+def _default_report_path(task: str, settings: Settings) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", task)[:64]  # the name may be what was refused
+    return settings.cache_dir / "reports" / f"onboard-{safe}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+
+
+def _write_report(data: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
 
 
 # ---------------------------------------------------------------------------------- tasks

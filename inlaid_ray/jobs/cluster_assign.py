@@ -1,5 +1,5 @@
 """Step 4 of onboarding: join the new adapter to a registry cluster, or create one, as a row of
-that cluster's jointly compressed bank (Compress then Serve; ALGORITHMS.md 9.6, 9.8-9.9).
+that cluster's jointly compressed bank (Compress then Serve; docs/algorithms.md 9.6, 9.8-9.9).
 
 Candidates are the registry clusters with live members whose adapters adapt exactly the same
 (layer, module) set as the new one (a joint basis is per module). For each: project the new
@@ -38,7 +38,7 @@ MemberLoader = Callable[[TaskRecord], LoRAAdapter]
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """Joint compression of a cluster (ALGORITHMS 9.4-9.5) and the join rule."""
+    """Joint compression of a cluster (docs/algorithms.md 9.4-9.5) and the join rule."""
 
     rank: int = 32  # shared rank k per module (capped by the members' stacked rank)
     kind: str = "full"  # "full" k x k cores or "diag"

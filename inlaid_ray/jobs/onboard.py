@@ -1,4 +1,4 @@
-"""Dynamic task onboarding (ARCHITECTURE.md "onboarding job"; LoRA-Inlaid's dynamic task
+"""Dynamic task onboarding (docs/architecture.md "onboarding job"; LoRA-Inlaid's dynamic task
 addition): `onboard_task` and `inlaid-ray onboard`, meant to run as `ray job submit -- inlaid-ray
 onboard --task NAME --tenant T --adapter DIR --calib FILE`.
 
@@ -52,7 +52,7 @@ from inlaid_ray.lora.cluster_bank import save_cluster_banks
 from inlaid_ray.lora.peft_io import CONFIG_NAME, WEIGHTS_NAME
 from inlaid_ray.model import ModelConfig, load_tokenizer
 from inlaid_ray.registry import BaseVersion, ClusterRecord, Snapshot, TaskRecord, TaskRegistry, connect_redis
-from inlaid_ray.registry.records import check_name
+from inlaid_ray.registry.records import check_name, check_task_name
 from inlaid_ray.registry.rollout import (
     Staged,
     activate_onboarding,
@@ -157,17 +157,17 @@ def onboard_task(task: str, tenant: str, adapter: str | Path, calib: str | Path,
     OnboardingFailed after rolling back. `fault(step)` runs after every step (crash injection)."""
     opts = options or OnboardOptions()
     res = resolve(opts, settings or Settings.from_env())
-    check_name("task", task)
-    check_name("tenant", tenant)
     report = OnboardReport(task, tenant)
     steps = _Steps(report, fault)
     try:
         with steps("validate"):
+            check_task_name(task, reserved=(Path(res.base_dir).name,))
+            check_name("tenant", tenant)
             if opts.endpoint and not res.admin_key:
                 raise InvalidRequest(f"probing {opts.endpoint} needs an admin API key (--admin-key or "
                                      "INLAID_ADMIN_KEY); pass --endpoint none to go live without a probe")
             model_config = ModelConfig.from_dir(res.base_dir)
-            lora = validate_adapter(adapter, model_config, res.limits, name=task)
+            lora = validate_adapter(adapter, model_config, res.limits, name=task, base_dir=res.base_dir)
             calib_check = validate_calibration(calib, load_tokenizer(res.base_dir), opts.min_calib_tokens)
     except Exception as exc:
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -176,6 +176,10 @@ def onboard_task(task: str, tenant: str, adapter: str | Path, calib: str | Path,
     client = connect_redis(res.redis_url, res.data_dir)
     try:
         registry = TaskRegistry(client, opts.namespace)
+        if registry.get_tenant(tenant) is None:
+            report.status, report.error = "failed", f"InvalidRequest: the tenant {tenant!r} does not exist"
+            raise OnboardingFailed(f"onboarding of task {task!r} failed validation, nothing was changed: the tenant "
+                                   f"{tenant!r} does not exist (create it: POST /v1/admin/tenants)", "validate", report)
         store = ArtifactStore(res.artifact_dir)
         with store.lock():
             return _run(task, tenant, Path(adapter), Path(calib_check.path), lora, model_config, opts, res,

@@ -37,6 +37,7 @@ class OnboardOptions(BaseModel):
     probe_max_tokens: int = Field(4, ge=1, description="tokens the probe generates")
     # --- validation limits
     max_rank: int = Field(16, ge=1, description="largest adapter rank replicas hold (AppArgs.max_lora_rank)")
+    max_delta_ratio: float = Field(1.0, gt=0, description="largest ||scale*B A||_F / ||W||_F of an adapted projection")
     max_adapter_mb: float = Field(512.0, gt=0, description="largest adapter_model.safetensors accepted")
     min_calib_tokens: int = Field(32, ge=1, description="fewest calibration tokens accepted")
     # --- quantization
@@ -103,7 +104,8 @@ def resolve(opts: OnboardOptions, settings: Settings) -> Resolved:
         redis_url=opts.redis_url or settings.redis_url,
         data_dir=Path(opts.data_dir or settings.cache_dir / "registry"),
         admin_key=opts.admin_key or settings.admin_key,
-        limits=AdapterLimits(max_rank=opts.max_rank, max_file_mb=opts.max_adapter_mb),
+        limits=AdapterLimits(max_rank=opts.max_rank, max_file_mb=opts.max_adapter_mb,
+                             max_delta_ratio=opts.max_delta_ratio),
         quant=QuantSettings(bits=opts.bits, group_size=opts.group_size, tokens_per_task=opts.tokens_per_task,
                             max_seq_len=opts.calib_max_seq_len),
         cluster=ClusterSettings(rank=opts.cluster_rank, kind=opts.cluster_kind, error_budget=opts.error_budget),

@@ -1,5 +1,5 @@
 """Steps 2-3 of onboarding: the new task's MLGPTQ statistics and the re-quantization decision
-(LoRA-Inlaid section 3; ALGORITHMS.md 6.3; MLGPTQ-channel and GPTQ-mixed re-quantize from the
+(LoRA-Inlaid section 3; docs/algorithms.md 6.3; MLGPTQ-channel and GPTQ-mixed re-quantize from the
 same stored statistics with their own aggregate). No Ray here: `onboard.py` runs these functions
 as Ray tasks (on a GPU when the cluster has one).
 

@@ -1,5 +1,5 @@
 """In-memory LoRA adapter: per-(layer, projection) factors `A [r, d_in]`, `B [d_out, r]` and the
-scaling `s`, so a projection computes `y = W x + s * B (A x)` (ALGORITHMS.md section 1).
+scaling `s`, so a projection computes `y = W x + s * B (A x)` (docs/algorithms.md section 1).
 Kept unfolded (as PEFT stores it) so loads round-trip exactly; the bank folds `s` into B.
 """
 

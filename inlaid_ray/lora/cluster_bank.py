@@ -1,4 +1,4 @@
-"""On-disk cluster banks of jointly compressed adapters (Compress then Serve; ALGORITHMS 9.9, 10).
+"""On-disk cluster banks of jointly compressed adapters (Compress then Serve; docs/algorithms.md 9.9, 10).
 
 A bank directory holds one safetensors file per cluster and an `index.json`:
 
@@ -128,7 +128,7 @@ class ClusterBanks:
 def to_peft_factors(cluster: ClusterBank, row: int) -> dict[ModuleKey, tuple[Tensor, Tensor]]:
     """An equivalent rank-k_c LoRA of one member: A = V^T [k, d_in], B = U Sigma_row [d_out, k].
 
-    Scaling is 1: when written as PEFT, set r = lora_alpha = k (ALGORITHMS 4 and 11.10).
+    Scaling is 1: when written as PEFT, set r = lora_alpha = k (docs/algorithms.md 4 and 11.10).
     """
     if not 0 <= row < len(cluster.members):
         raise ValueError(f"row {row} outside cluster {cluster.cluster_id} of {len(cluster.members)} members")

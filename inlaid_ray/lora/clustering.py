@@ -1,4 +1,4 @@
-"""Whole-adapter clustering for joint compression (Compress then Serve; ALGORITHMS 9.8).
+"""Whole-adapter clustering for joint compression (Compress then Serve; docs/algorithms.md 9.8).
 
 k-means-style alternation where the "centroid" of a cluster is its joint basis: seed K clusters
 by k-means++ on a cheap subspace signature, then repeat {fit JD per cluster, warm-started;
@@ -307,7 +307,7 @@ def cluster_adapters(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> Clustering:
-    """Cluster whole adapters and compress each cluster jointly (ALGORITHMS 9.8).
+    """Cluster whole adapters and compress each cluster jointly (docs/algorithms.md 9.8).
 
     With num_clusters="auto", K doubles from 1 until the budget holds, then bisects down to the
     smallest passing K (assumes error falls with K, which holds up to k-means local optima);

@@ -1,5 +1,5 @@
 """`inlaid-ray compress`: cluster and jointly compress PEFT adapters into a cluster bank
-(Compress then Serve, ALGORITHMS.md 9; library code in `inlaid_ray.lora.compress_set`), then
+(Compress then Serve, docs/algorithms.md 9; library code in `inlaid_ray.lora.compress_set`), then
 print the bytes raw vs compressed and each adapter's reconstruction error.
 
 Wiring (in inlaid_ray/cli.py `build_parser`): `add_compress_parser(sub)`; it sets

@@ -1,5 +1,5 @@
 """Joint compression of many LoRA updates of one module into shared bases (Compress then Serve,
-Brüel-Gabrielsson et al. 2025; ALGORITHMS.md 9.2-9.5).
+Brüel-Gabrielsson et al. 2025; docs/algorithms.md 9.2-9.5).
 
 n adapters' updates `B_i A_i` (scaling folded into B_i) are approximated as `U Sigma_i V^T` with a
 shared `U [d_out, k]`, `V [d_in, k]` and a per-adapter core: a full `k x k` matrix ("JD-Full",
@@ -44,7 +44,7 @@ from inlaid_ray.lora.compress_jd_factors import (  # noqa: F401  (re-exported: t
 
 @dataclass(frozen=True)
 class JDConfig:
-    """Settings of one joint compression (ALGORITHMS 9.4/9.5)."""
+    """Settings of one joint compression (docs/algorithms.md 9.4/9.5)."""
 
     rank: int = 32  # shared rank k of U and V
     kind: Kind = "full"  # "full": Sigma_i is k x k; "diag": Sigma_i is a k-vector

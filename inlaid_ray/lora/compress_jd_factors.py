@@ -1,4 +1,4 @@
-"""Stacked LoRA factors and the factor-only algebra of joint compression (ALGORITHMS 9.6, 9.7).
+"""Stacked LoRA factors and the factor-only algebra of joint compression (docs/algorithms.md 9.6, 9.7).
 
 One module's n adapters (A_i [r_i, d_in], B_i [d_out, r_i], scaling folded into B) are padded to a
 common rank and stacked so that every product is one batched GEMM. On a fixed basis U [d_out, k],

@@ -1,5 +1,5 @@
 """Compress a set of loaded LoRA adapters into cluster banks end to end (Compress then Serve,
-ALGORITHMS.md 9.2-9.8): fold each adapter's scaling into B, align the module sets, cluster and
+docs/algorithms.md 9.2-9.8): fold each adapter's scaling into B, align the module sets, cluster and
 compress jointly (`cluster_adapters`), and package the result as `ClusterBanks`.
 
 Module sets: joint compression needs every adapter on the same (layer, module) set. Adapters

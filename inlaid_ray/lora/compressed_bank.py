@@ -1,4 +1,4 @@
-"""Compressed adapters resident in a live `AdapterBank` (Compress then Serve, ALGORITHMS.md 9.10):
+"""Compressed adapters resident in a live `AdapterBank` (Compress then Serve, docs/algorithms.md 9.10):
 clusters of adapters that share bases U_c, V_c and differ by a core Sigma_i, served as
 y += U_c (Sigma_i (V_c^T x)) per token by `inlaid_ray.kernels.ops.compressed_lora`.
 

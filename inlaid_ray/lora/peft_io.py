@@ -1,4 +1,4 @@
-"""Read and write LoRA adapters in the PEFT directory format (ALGORITHMS.md section 4).
+"""Read and write LoRA adapters in the PEFT directory format (docs/algorithms.md section 4).
 
 A PEFT LoRA directory holds `adapter_config.json` and `adapter_model.safetensors` with tensors
 `base_model.model.model.layers.{l}.self_attn.q_proj.lora_A.weight [r, d_in]` and
@@ -84,6 +84,11 @@ def load_peft_adapter(
     return adapter
 
 
+def base_weight_name(layer: int, module: str) -> str:
+    """The Hugging Face name of the dense weight that (layer, module) adapts."""
+    return f"model.layers.{layer}.{_BLOCK_OF[module]}.{module}.weight"
+
+
 def save_peft_adapter(adapter: LoRAAdapter, path: str | Path) -> str:
     """Write `adapter` as a standard PEFT directory with its scaling folded into lora_B
     (lora_alpha = r per module, so PEFT applies scale 1); returns the file's sha256."""
@@ -92,7 +97,7 @@ def save_peft_adapter(adapter: LoRAAdapter, path: str | Path) -> str:
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for (layer, module), f in sorted(adapter.weights.items()):
-        key = f"model.layers.{layer}.{_BLOCK_OF[module]}.{module}"
+        key = base_weight_name(layer, module).removesuffix(".weight")
         tensors[f"base_model.model.{key}.lora_A.weight"] = f.a.detach().cpu().contiguous()
         b = (f.b.detach().cpu().float() * f.scale).to(f.b.dtype)
         if not bool(torch.isfinite(b).all()):

@@ -1,6 +1,6 @@
 """Synthetic LoRA adapters for tests and benchmarks: plain random ones (`random_lora_adapter`), and
 ones with a known cluster structure, on real model shapes, for joint compression and clustering
-(ALGORITHMS 9.4-9.8).
+(docs/algorithms.md 9.4-9.8).
 
 Each planted cluster c owns, per (layer, module), orthonormal subspaces U_c [d_out, s] and
 V_c [d_in, s]. Adapter i of cluster c has B_i = U_c X_i + noise and A_i = Y_i V_c^T + noise with

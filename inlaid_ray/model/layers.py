@@ -2,7 +2,7 @@
 
 Every projection is an `AdaptedLinear`: a base linear (dense here; GPTQ-packed in
 `inlaid_ray.quant.gptq_linear`) plus the multi-LoRA term from the adapter bank. Neither
-knows the other's storage (STYLE rule 11).
+knows the other's storage (docs/style.md rule 11).
 """
 
 from __future__ import annotations

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
+
+# The roles the served chat template renders (the OpenAI request schema and calibration files).
+ChatRole = Literal["system", "user", "assistant"]
+CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:

@@ -1,5 +1,5 @@
 """Calibration data for (ML)GPTQ: JSONL files, one record a line, tokenized and sampled to a
-per-task token budget (ALGORITHMS.md 5.4 point 2: every task's Hessian is normalised by its real
+per-task token budget (docs/algorithms.md 5.4 point 2: every task's Hessian is normalised by its real
 token count, and by default every task gets the same number of tokens, so no task dominates the
 max by sheer volume).
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from inlaid_ray.errors import InvalidRequest
+from inlaid_ray.model.tokenizer import CHAT_ROLES
 
 log = logging.getLogger(__name__)
 RECORD_SHAPES = ('{"messages": [...]}', '{"prompt": ..., "completion": ...}', '{"text": ...}')
@@ -112,6 +113,9 @@ def _record_shape(record: dict[str, Any], where: str) -> str:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
         ):
             raise InvalidRequest(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+        roles = sorted({m["role"] for m in msgs} - set(CHAT_ROLES))
+        if roles:
+            raise InvalidRequest(f"{where}: roles {roles} are not among the chat template's {list(CHAT_ROLES)}")
         return "messages"
     if "prompt" in record or "completion" in record:
         p, c = record.get("prompt"), record.get("completion")

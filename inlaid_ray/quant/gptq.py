@@ -1,4 +1,4 @@
-"""GPTQ on one linear layer: blockwise OBS error feedback over input columns (ALGORITHMS.md 2.3,
+"""GPTQ on one linear layer: blockwise OBS error feedback over input columns (docs/algorithms.md 2.3,
 following IST-DASLab `gptq.py::fasterquant` and AutoGPTQ's scale/zero/g_idx outputs), plus the
 non-PSD handling MLGPTQ's max-aggregated Hessians need (5.4: escalate damping, then eigen-clip).
 
@@ -66,7 +66,7 @@ def _try_inverse_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor | None
 
 
 def inverse_hessian_factor(H: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, float, bool]:
-    """(Hinv upper factor, damp_percent used, eigen-clipped?) for fp32 H (ALGORITHMS.md 2.3 step
+    """(Hinv upper factor, damp_percent used, eigen-clipped?) for fp32 H (docs/algorithms.md 2.3 step
     6-7 and 5.4): standard damping; on failure double damp_percent up to `grid.damp_max`; then
     clip eigenvalues of H at a small positive floor and apply the standard damping again."""
     percdamp = grid.damp_percent
@@ -99,7 +99,7 @@ def inverse_hessian_factor(H: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tens
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: QuantGrid) -> GPTQResult:
-    """Quantize W [d_out, d_in] against the input Hessian H [d_in, d_in] (ALGORITHMS.md 2.3).
+    """Quantize W [d_out, d_in] against the input Hessian H [d_in, d_in] (docs/algorithms.md 2.3).
 
     Runs on W.device in fp32; H may be non-PSD (max-aggregated). Neither input is modified.
     """

@@ -1,5 +1,5 @@
 """The GPTQ v1 checkpoint format (AutoGPTQ / GPTQModel `checkpoint_format: "gptq"`,
-ALGORITHMS.md section 3): packing a `GPTQResult` into `qweight/qzeros/scales/g_idx(/bias)`,
+docs/algorithms.md section 3): packing a `GPTQResult` into `qweight/qzeros/scales/g_idx(/bias)`,
 validating such tensors, and saving / loading a whole quantized model directory
 (`model.safetensors`, `quantize_config.json`, `config.json["quantization_config"]`, tokenizer).
 

@@ -1,6 +1,6 @@
 """`GPTQLinear`: a GPTQ v1-packed projection, drop-in for the model's pluggable base linear
 (`inlaid_ray.model.layers.DenseLinear`): `forward(x [T, d_in]) -> [T, d_out]`, `in_features`,
-`out_features`. The LoRA term is added by `AdaptedLinear` around it (STYLE rule 11).
+`out_features`. The LoRA term is added by `AdaptedLinear` around it (docs/style.md rule 11).
 
 The matmul is chosen in one place, `select_gptq_matmul`: the fused Triton W4A16 kernel
 (`kernels.ops.gptq_matmul`) for fp16/bf16 activations on CUDA at 2/4/8 bits, else the PyTorch
@@ -47,7 +47,7 @@ def select_gptq_matmul(device: torch.device, bits: int = 4, dtype: torch.dtype =
 
 
 class GPTQLinear(nn.Module):
-    """y = x @ W^T (+ bias) with W stored as GPTQ v1 tensors (ALGORITHMS.md section 3).
+    """y = x @ W^T (+ bias) with W stored as GPTQ v1 tensors (docs/algorithms.md section 3).
 
     qweight int32 [d_in*b/32, d_out]; qzeros int32 [n_groups, d_out*b/32]; scales [n_groups, d_out]
     (fp16 in checkpoints); g_idx int32 [d_in]; bias [d_out] or None. Output in x.dtype, fp32

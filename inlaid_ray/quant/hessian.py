@@ -1,6 +1,6 @@
 """Layer-input Hessians `H = 2 X X^T / N` for GPTQ, and their aggregation across tasks.
 
-`HessianAccumulator` is GPTQ's `add_batch` (ALGORITHMS.md 2.2) fed by a forward pre-hook on a
+`HessianAccumulator` is GPTQ's `add_batch` (docs/algorithms.md 2.2) fed by a forward pre-hook on a
 linear layer, with one change MLGPTQ needs (5.4 item 2, 11 item 3): the running average counts
 REAL tokens (padding masked out), not sequences, so Hessians of tasks with different prompt
 lengths are on the same scale. `max_aggregate_hessians` is MLGPTQ's element-wise max over tasks

@@ -1,5 +1,5 @@
 """Quantize a base for a set of tasks, computing only the statistics a `StatsStore` lacks
-(LoRA-Inlaid section 3, ALGORITHMS.md 6.3-6.4 "offline incremental").
+(LoRA-Inlaid section 3, docs/algorithms.md 6.3-6.4 "offline incremental").
 
 `quantize_base` is the one entry point (CLI, load tests, onboarding job): with
 activation_source="fp16" it (1) computes the per-task Hessians of tasks not yet in the store

@@ -1,4 +1,4 @@
-"""MLGPTQ model-level driver (LoRA-Inlaid section 3; ALGORITHMS.md 5.5): each task's calibration
+"""MLGPTQ model-level driver (LoRA-Inlaid section 3; docs/algorithms.md 5.5): each task's calibration
 sequences run through the base WITH that task's LoRA adapter, a Hessian is accumulated per task
 for every Linear input group of every block, the per-task Hessians are aggregated (element-wise
 max for MLGPTQ, token-weighted mean for GPTQ-mixed, none for GPTQ-per-task) and GPTQ quantizes
@@ -60,7 +60,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "mlp_out": ("down_proj",),
 }
 GROUP_OF: dict[str, str] = {m: g for g, ms in GROUPS.items() for m in ms}
-# AutoGPTQ's true_sequential order for Llama blocks (ALGORITHMS.md 2.5).
+# AutoGPTQ's true_sequential order for Llama blocks (docs/algorithms.md 2.5).
 SEQUENTIAL_STEPS: tuple[tuple[str, ...], ...] = (("attn_in",), ("attn_out",), ("mlp_in",), ("mlp_out",))
 LayerHessians = dict[str, torch.Tensor]  # group -> H [d_in, d_in] fp32
 PackedLayers = dict[str, dict[str, torch.Tensor]]  # HF prefix -> GPTQ v1 tensors

@@ -1,5 +1,5 @@
 """The GPTQ quantization grid: asymmetric/symmetric min-max uniform quantizer per output row
-(or per group of input columns), as in the IST-DASLab `quant.py` (ALGORITHMS.md section 2.4).
+(or per group of input columns), as in the IST-DASLab `quant.py` (docs/algorithms.md section 2.4).
 
 `QuantGrid` is the frozen config shared by GPTQ, RTN and the checkpoint writer;
 `QuantGrid.find_params` computes (scale, zero) of one row block; `quantize_codes` / `quantize`
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-SCALE_DTYPE = torch.float16  # the GPTQ v1 format stores scales in fp16 (ALGORITHMS.md section 3)
+SCALE_DTYPE = torch.float16  # the GPTQ v1 format stores scales in fp16 (docs/algorithms.md section 3)
 _MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a scale must never round to 0
 
 
 @dataclass(frozen=True)
 class QuantGrid:
-    """GPTQ settings (AutoGPTQ `BaseQuantizeConfig` names); our defaults follow ALGORITHMS.md 5.5."""
+    """GPTQ settings (AutoGPTQ `BaseQuantizeConfig` names); our defaults follow docs/algorithms.md 5.5."""
 
     bits: int = 4  # code width; one of SUPPORTED_BITS
     group_size: int = 128  # input columns sharing one (scale, zero); -1 = the whole row
@@ -85,5 +85,5 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Grid value of x: `scale * (code - zero)` (ALGORITHMS.md 2.4), fp32."""
+    """Grid value of x: `scale * (code - zero)` (docs/algorithms.md 2.4), fp32."""
     return scale * (quantize_codes(x, scale, zero, maxq) - zero)

@@ -1,4 +1,4 @@
-"""On-disk store of MLGPTQ per-task statistics (ALGORITHMS.md 6.2), so that adding a task
+"""On-disk store of MLGPTQ per-task statistics (docs/algorithms.md 6.2), so that adding a task
 computes only that task's Hessians and re-quantizes from the fp16 base (6.3).
 
 Layout (safetensors only, one file per block, fp32 so that nothing is lost):

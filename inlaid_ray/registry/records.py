@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypeVar, get_args
 
+from inlaid_ray.errors import InvalidRequest
+
 TaskStatus = Literal["onboarding", "live", "failed", "retired"]
 TASK_STATUSES: tuple[str, ...] = get_args(TaskStatus)
 # Statuses a task can leave for `retired`; `retired` itself is terminal for retire().
@@ -21,9 +23,22 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def check_name(kind: str, value: str) -> str:
-    """Return `value` if it is a valid task/tenant/cluster name, else raise ValueError."""
+    """Return `value` if it is a valid task/tenant/cluster name, else raise InvalidRequest (a ValueError)."""
     if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ValueError(f"invalid {kind} name {value!r}: use 1-128 of [A-Za-z0-9._-], starting alphanumeric")
+        raise InvalidRequest(f"invalid {kind} name {value!r}: use 1-128 of [A-Za-z0-9._-], starting alphanumeric")
+    return value
+
+
+# Task names a request's `model` field must never resolve to: words of the API's own routes.
+RESERVED_TASK_NAMES = frozenset({"admin", "default", "health", "metrics", "models", "v1"})
+
+
+def check_task_name(value: str, reserved: tuple[str, ...] = ()) -> str:
+    """`check_name` for a task, also refusing RESERVED_TASK_NAMES and `reserved` (the served base
+    model id: a task of that name would never be reachable), compared case-insensitively."""
+    check_name("task", value)
+    if value.lower() in RESERVED_TASK_NAMES | {r.lower() for r in reserved}:
+        raise InvalidRequest(f"the task name {value!r} is reserved (the base model id or a word of the API)")
     return value
 
 

@@ -1,4 +1,4 @@
-"""Onboarding rollout transactions beside `TaskRegistry.begin_onboarding` (ARCHITECTURE.md,
+"""Onboarding rollout transactions beside `TaskRegistry.begin_onboarding` (docs/architecture.md,
 onboarding steps 6-7): *stage* a task (its cluster membership, the new cluster bank version and
 an optional new base version are written in ONE transaction while the task stays `onboarding`,
 so only an admin probe can reach it), then *activate* it (`onboarding -> live`, `task_added`),

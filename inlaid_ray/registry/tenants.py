@@ -93,12 +93,13 @@ class TenantKeysMixin:
         principal = self.principal_for_key(key)
         return principal is not None and principal.admin
 
-    def bootstrap_keys(self, api_key: str, admin_key: str | None = None, tenant: str = "demo",
+    def bootstrap_keys(self, api_key: str | None, admin_key: str | None = None, tenant: str = "default",
                        admin_tenant: str = "admin") -> None:
-        """Idempotently create the default tenant with `api_key` and, if given, the admin
-        tenant with `admin_key` (values from Settings.api_key / Settings.admin_key)."""
-        self.add_tenant(tenant)
-        self.add_api_key(tenant, api_key, label="bootstrap")
+        """Idempotently create, for each key given, `tenant` with `api_key` and the admin tenant
+        with `admin_key` (values from Settings.api_key / Settings.admin_key)."""
+        if api_key:
+            self.add_tenant(tenant)
+            self.add_api_key(tenant, api_key, label="bootstrap")
         if admin_key:
             self.add_tenant(admin_tenant, admin=True)
             self.add_api_key(admin_tenant, admin_key, label="bootstrap")

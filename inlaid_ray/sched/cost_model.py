@@ -25,7 +25,7 @@ import numpy as np
 class StepCostModel:
     """Linear step-time model; the defaults are an H100 / Llama-2-7B 4-bit estimate.
 
-    a = 1.7 ms base (PERFORMANCE.md bound: 3.9 GB of 4-bit weights at ~3 TB/s is 1.3 ms, the
+    a = 1.7 ms base (docs/performance.md bound: 3.9 GB of 4-bit weights at ~3 TB/s is 1.3 ms, the
     engine target is 1.3x that) + 0.944 ms of multi-LoRA kernels present in any step with an
     adapter, and c = 17.6 us per distinct adapter: both fitted (`lora_terms_from_kernel_bench`)
     on the H100 SGMV measurement load_tests/results/kernels_h100.json (4096 x 4096 layer,
@@ -41,7 +41,8 @@ class StepCostModel:
     d_s_per_kv_token: float = 1.75e-7
     e_s_per_adapter_load: float = 1.3e-3
     source: str = (
-        "default: Llama-2-7B shape, 4-bit GPTQ, H100; PERFORMANCE.md bounds, LoRA terms fitted on kernels_h100.json"
+        "default: Llama-2-7B shape, 4-bit GPTQ, H100; docs/performance.md bounds, "
+        "LoRA terms fitted on kernels_h100.json"
     )
 
     def step_time(self, batch_tokens: int, distinct_adapters: int, kv_tokens: int, adapter_loads: int = 0) -> float:

@@ -1,4 +1,4 @@
-"""Serving metrics of a simulated run, with every definition explicit (ALGORITHMS.md 8 and
+"""Serving metrics of a simulated run, with every definition explicit (docs/algorithms.md 8 and
 item 20 of section 11):
 
 - e2e latency = JCT = finish time - arrival time (s); mean and p99.

@@ -1,4 +1,4 @@
-"""Synthetic multi-task serving workloads for the simulator (ALGORITHMS.md 8, reproduction
+"""Synthetic multi-task serving workloads for the simulator (docs/algorithms.md 8, reproduction
 protocol): 1..1000 tasks whose prompt/output lengths follow per-task log-normal laws shaped
 like LoRA-Inlaid's Fig.3 kinds (translation, table summary, text summary, code generation),
 Poisson or bursty gamma arrivals, uniform or Zipf task popularity, and a predicted output

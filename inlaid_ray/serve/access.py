@@ -4,8 +4,8 @@ API keys map to tenants through the registry (stored hashed); a successful looku
 for `cache_s` seconds (so revoking a key takes effect within that time), failures are never
 cached (a key created a moment ago works at once). Task lookups read the registry watcher's
 local cache, never Redis. Tenancy: a tenant sees and uses only its own live tasks; an admin
-uses every task. Another tenant's live task answers 403 without naming its owner or cluster,
-and a task that is not live answers 404 like a missing one.
+uses every task. Another tenant's task, and a task that is not live, answer 404 exactly like a
+missing one (a 403 would confirm that the name exists).
 """
 
 from __future__ import annotations
@@ -62,15 +62,13 @@ def _bearer(authorization: str | None) -> str:
 
 
 def resolve_model(model: str, caller: Caller, watcher: RegistryWatcher, base_model_id: str) -> TaskRecord | None:
-    """The live task `model` names (None for the base model), or a 404/403 OpenAIHTTPError."""
+    """The live task `model` names (None for the base model), or a 404 OpenAIHTTPError."""
     if model == base_model_id:
         return None
     task = watcher.get_task(model)
-    if task is None or task.status != "live":
+    if task is None or task.status != "live" or not caller.may_use(task):
         detail = f" (status {task.status})" if task is not None and caller.may_use(task) else ""
         raise OpenAIHTTPError(404, f"the model {model!r} does not exist{detail}", code="model_not_found", param="model")
-    if not caller.may_use(task):
-        raise OpenAIHTTPError(403, f"you do not have access to the model {model!r}", code="model_access_denied", param="model")
     return task
 
 

@@ -1,6 +1,6 @@
 """The one Serve application builder (`inlaid_ray.serve.app:build_app`) behind
 deploy/serve_config.yaml, `serve run`, `inlaid-ray serve` and the KubeRay RayService
-(STYLE rule 17): typed `AppArgs` -> Router (ingress) bound to the EngineReplica deployment
+(docs/style.md rule 17): typed `AppArgs` -> Router (ingress) bound to the EngineReplica deployment
 with the cluster-affinity request router.
 
 Unset fields fall back to the process settings (`inlaid_ray.config.Settings`: INLAID_CACHE_DIR,
@@ -22,11 +22,11 @@ from inlaid_ray.config import Settings
 from inlaid_ray.engine import EngineConfig
 from inlaid_ray.model import ModelConfig
 from inlaid_ray.model.prepare import prepare_smollm2
-from inlaid_ray.serve.bootstrap import DemoBootstrap, demo_banks_root
 from inlaid_ray.serve.engine_builder import ReplicaSpec
 from inlaid_ray.serve.length_prediction import default_predictor
 from inlaid_ray.serve.replica import EngineReplica
 from inlaid_ray.serve.router import Router, RouterSpec
+from inlaid_ray.serve.seed import RegistrySeed, cluster_banks_root
 
 REQUEST_ROUTER_PATH = "inlaid_ray.serve.request_router:ClusterAffinityRouter"
 
@@ -46,13 +46,16 @@ class AppArgs(BaseModel):
     namespace: str = Field("inlaid", description="registry key namespace")
     registry_refresh_s: float = Field(30.0, gt=0, description="full registry snapshot period of the router's cache")
     # --- tenants
-    bootstrap_demo: bool = Field(False, description="register the demo tenant, its key and the demo tasks at start")
-    api_key: str | None = Field(None, description="demo tenant's API key for the bootstrap; None = $INLAID_API_KEY")
-    admin_key: str | None = Field(None, description="admin tenant's API key for the bootstrap; None = $INLAID_ADMIN_KEY")
-    demo_adapters_dir: str | None = Field(None, description="demo adapters root; None = the committed adapters")
+    seed_manifest: str | None = Field(
+        None, description="JSON manifest of tasks and clusters registered live at start (inlaid_ray/serve/seed.py); "
+                          "None = start with no task (`inlaid-ray serve --demo` passes the demo's)")
+    api_key: str | None = Field(None, description="API key of the manifest's tenant (or 'default'); None = $INLAID_API_KEY")
+    admin_key: str | None = Field(None, description="admin tenant's API key; None = $INLAID_ADMIN_KEY")
     adapter_format: Literal["peft", "jd_bank"] = Field(
-        "peft", description="how the bootstrap registers the demo clusters: raw PEFT, or a compressed bank built once")
+        "peft", description="how the manifest's clusters are served: raw PEFT, or a compressed bank built once")
     auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is trusted before re-checking")
+    max_request_bytes: int = Field(2 << 20, ge=1024, description="largest request body accepted; larger ones get 413")
+    max_json_depth: int = Field(64, ge=4, description="deepest JSON nesting accepted in a request body (400 beyond)")
     # --- routing and prediction
     predictor: str = Field(default_factory=default_predictor,
                            description="length predictor: task_quantile | minilm | module:factory; default minilm if installed")
@@ -131,6 +134,14 @@ def resolve_max_model_len(args: AppArgs, model_config: ModelConfig) -> int:
     return min(model_config.max_position_embeddings, args.max_num_batched_tokens)
 
 
+def registry_seed(args: AppArgs, settings: Settings, model_dir: Path, artifact_dir: str | Path,
+                  base_model_id: str) -> RegistrySeed:
+    """What the registry is seeded with at start: keys, and the manifest's tasks if one is given."""
+    return RegistrySeed(api_key=args.api_key or settings.api_key, admin_key=args.admin_key or settings.admin_key,
+                        manifest=args.seed_manifest, base_model=base_model_id, adapter_format=args.adapter_format,
+                        model_dir=str(model_dir), banks_dir=str(cluster_banks_root(artifact_dir)))
+
+
 def registry_location(args: AppArgs, settings: Settings) -> tuple[str | None, str]:
     """(redis URL or None for embedded, embedded data directory)."""
     return args.redis_url or settings.redis_url, args.data_dir or str(settings.cache_dir / "registry")
@@ -163,16 +174,12 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
         max_cluster_size=args.max_cluster_size,
     )
     base_model_id = args.base_model_id or model_dir.name
-    bootstrap = None
-    if args.bootstrap_demo:
-        bootstrap = DemoBootstrap(api_key=args.api_key or settings.api_key, admin_key=args.admin_key or settings.admin_key,
-                                  adapters_dir=args.demo_adapters_dir, base_model=base_model_id,
-                                  adapter_format=args.adapter_format, model_dir=str(model_dir),
-                                  banks_dir=str(demo_banks_root(artifact_dir)))
+    seed = registry_seed(args, settings, model_dir, artifact_dir, base_model_id)
     router_spec = RouterSpec(
         model_dir=str(model_dir), base_model_id=base_model_id, max_model_len=max_model_len, redis_url=redis_url,
         data_dir=data_dir, namespace=args.namespace, predictor=args.predictor, default_slo_s=args.default_slo_s,
-        auth_cache_s=args.auth_cache_s, registry_refresh_s=args.registry_refresh_s, bootstrap=bootstrap,
+        auth_cache_s=args.auth_cache_s, registry_refresh_s=args.registry_refresh_s, seed=seed,
+        max_request_bytes=args.max_request_bytes, max_json_depth=args.max_json_depth,
     )
     replicas = EngineReplica.options(
         num_replicas=args.num_replicas,

@@ -13,6 +13,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--model-dir", help="base model directory (default: the bundled SmolLM2)")
+    seed = parser.add_mutually_exclusive_group()
+    seed.add_argument("--demo", action="store_true",
+                      help="seed the demo tenant and its four tasks (key: $INLAID_API_KEY, else 'demo')")
+    seed.add_argument("--seed-manifest", help="JSON manifest of tasks registered live at start (default: none)")
     parser.add_argument("--num-replicas", type=int, default=2, help="engine replicas (default 2)")
     parser.add_argument("--num-gpus-per-replica", type=float, default=0, help="GPUs per replica (default 0 = CPU)")
     parser.add_argument("--num-cpus-per-replica", type=float, default=1, help="CPUs per replica (default 1)")
@@ -38,7 +42,8 @@ def app_fields_from_cli(ns: argparse.Namespace) -> dict[str, Any]:
         "model_dir": ns.model_dir, "num_replicas": ns.num_replicas, "num_gpus_per_replica": ns.num_gpus_per_replica,
         "num_cpus_per_replica": ns.num_cpus_per_replica, "policy": ns.policy, "step_cost_model": ns.step_cost_model,
         "max_clusters_per_replica": ns.max_clusters_per_replica, "max_model_len": ns.max_model_len,
-        "num_kv_blocks": ns.num_kv_blocks or None, "dtype": ns.dtype, "device": ns.device, "bootstrap_demo": True,
+        "num_kv_blocks": ns.num_kv_blocks or None, "dtype": ns.dtype, "device": ns.device,
+        "seed_manifest": ns.seed_manifest,
     }
     if ns.predictor is not None:  # else AppArgs' default (the learned predictor when installed)
         fields["predictor"] = ns.predictor

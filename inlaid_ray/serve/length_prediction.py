@@ -4,7 +4,7 @@ injectable (AppArgs.predictor): a name of this module or an import path to a fac
 - "task_quantile" (default, no model): the running median of the task's recent output lengths,
   else the task's prior (registry `extra["expected_output_tokens"]`), else a default.
 - "minilm": `inlaid_ray.sched.predictor.LengthPredictor` (MiniLM embeddings + per-task ridge on
-  log length, ALGORITHMS.md 7.2), trained online from finished requests; tasks it has seen
+  log length, docs/algorithms.md 7.2), trained online from finished requests; tasks it has seen
   fewer than `min_task_history` times use the prior like the fallback.
 Predictions are clamped to [1, max_tokens] (`bounded_prediction`), since no request outruns its
 budget; a prediction that fails or is not finite counts as max_tokens, so it never fails a request.

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from inlaid_ray.model.tokenizer import ChatRole
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -111,7 +113,7 @@ class CompletionRequest(_SamplingFields):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: ChatRole
     content: str
 
     @field_validator("content", mode="before")

@@ -1,4 +1,4 @@
-"""The replica deployment: a thin Ray Serve shell over an injectable engine (STYLE rule 15).
+"""The replica deployment: a thin Ray Serve shell over an injectable engine (docs/style.md rule 15).
 
 Each replica builds its engine with a factory (`engine_builder.build_engine` unless an import
 path is given), multiplexes adapter *clusters* with `serve.multiplexed` (the multiplexed model

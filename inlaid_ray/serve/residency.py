@@ -1,5 +1,5 @@
 """Which adapter clusters a replica holds and when it may let go of them (the multiplex pattern
-of Ray Serve's `serve.multiplexed`, STYLE rule 18); its base versions are `base_residency.py`'s.
+of Ray Serve's `serve.multiplexed`, docs/style.md rule 18); its base versions are `base_residency.py`'s.
 
 Adapter clusters. Ray Serve's multiplexer owns the LRU over cluster ids: on a miss it evicts the
 least recently used cluster (calling the evicted object's `__del__`) and then calls our load.

@@ -1,9 +1,9 @@
 """The ingress deployment: OpenAI-compatible HTTP API over the engine replicas (FastAPI through
-`serve.ingress`, STYLE rule 16).
+`serve.ingress`, docs/style.md rule 16).
 
 Per request: authenticate the API key (tenant), parse and validate the JSON body (400 with the
 OpenAI error body, never FastAPI's 422), resolve `model` to the base model or a live task the
-tenant may use (404 / 403), apply the chat template and tokenize, enforce max_model_len,
+tenant may use (404 otherwise), apply the chat template and tokenize, enforce max_model_len,
 predict the output length, then call `EngineReplica.generate` with the task's cluster as the
 multiplexed model id so `ClusterAffinityRouter` can prefer replicas holding it. The first
 chunk is awaited before answering, so failures up to the first token are real HTTP errors and
@@ -26,7 +26,6 @@ it, so the next request through this router already gets 404); its requests in f
 # route signatures and need real (not string) annotations such as `Request`.
 import asyncio
 import functools
-import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,15 +53,16 @@ from inlaid_ray.registry import (
     show_task,
 )
 from inlaid_ray.serve.access import Authenticator, Caller, cluster_spec_for, resolve_model, visible_tasks
-from inlaid_ray.serve.bootstrap import DemoBootstrap, bootstrap_demo
 from inlaid_ray.serve.http_errors import OpenAIHTTPError, from_validation_error
 from inlaid_ray.serve.length_prediction import bounded_prediction, make_predictor
 from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, new_id
 from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_completion
 from inlaid_ray.serve.replica_protocol import ReplicaRequest
+from inlaid_ray.serve.request_body import read_json_body
 from inlaid_ray.serve.base_residency import BaseRef
 from inlaid_ray.serve.responses import ResponseContext, StreamTracker, collect, next_chunk, sse_events
+from inlaid_ray.serve.seed import RegistrySeed, seed_registry
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,9 @@ class RouterSpec:
     default_slo_s: float | None = None
     auth_cache_s: float = 5.0
     registry_refresh_s: float = 30.0
-    bootstrap: DemoBootstrap | None = None
+    seed: RegistrySeed | None = None
+    max_request_bytes: int = 2 << 20
+    max_json_depth: int = 64
 
 
 def _log_observe_failure(done: Future) -> None:
@@ -120,14 +122,6 @@ def _probe_avoid(caller: Caller, request: Request) -> tuple[str, ...]:
     if not (caller.admin and request.headers.get(PROBE_HEADER) == "1"):
         return ()
     return tuple(r.strip() for r in request.headers.get(PROBE_AVOID_HEADER, "").split(",") if r.strip())
-
-
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OpenAIHTTPError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 def _validate(model: type[CompletionRequest] | type[ChatCompletionRequest], body: Any) -> Any:
@@ -151,14 +145,16 @@ class Router:
         self._vocab_size = ModelConfig.from_dir(spec.model_dir).vocab_size
         self._redis = connect_redis(spec.redis_url, spec.data_dir)
         self._registry = TaskRegistry(self._redis, spec.namespace)
-        if spec.bootstrap is not None:
-            tasks = bootstrap_demo(self._registry, spec.bootstrap)
-            log.info("demo bootstrap: tasks %s live for tenant demo", tasks)
+        if spec.seed is not None:
+            tasks = seed_registry(self._registry, spec.seed)
+            log.info("registry seeded: tasks %s live", tasks)
         self._watcher = RegistryWatcher(self._registry, refresh_interval_s=spec.registry_refresh_s).start()
         self._auth = Authenticator(self._registry, spec.auth_cache_s)
         self._predictor = make_predictor(spec.predictor)
         # One worker: a blocking predictor (MiniLM) is neither thread-safe nor allowed on the loop.
         self._predict_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inlaid-predictor")
+        # Tokenizing a long prompt takes seconds: never on the event loop (/health must answer meanwhile).
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inlaid-tokenizer")
         self._metrics = ServeMetrics()
         self._replica_stats: dict[str, dict[str, Any]] = {}
         self._replicas_ready = False
@@ -251,7 +247,7 @@ class Router:
     async def admin_add_tenant(self, request: Request) -> dict[str, Any]:
         """Body {"tenant": name}: create the tenant (if new) and return a fresh API key for it."""
         await self._admin(request)
-        body = await _json_body(request)
+        body = await self._json_body(request)
         name = body.get("tenant") if isinstance(body, dict) else None
         if not isinstance(name, str):
             raise OpenAIHTTPError(400, "body must be {\"tenant\": \"<name>\"}", param="tenant")
@@ -270,6 +266,9 @@ class Router:
         return {"object": "list", "data": [self._replica_stats[r] for r in sorted(self._replica_stats)]}
 
     # ---- generation ------------------------------------------------------------------------
+
+    async def _json_body(self, request: Request) -> Any:
+        return await read_json_body(request, self._spec.max_request_bytes, self._spec.max_json_depth)
 
     async def _caller(self, request: Request) -> Caller:
         try:
@@ -295,12 +294,16 @@ class Router:
     async def _generate(self, request: Request, kind: Literal["completion", "chat"]) -> Response:
         try:
             caller = await self._auth.authenticate(request.headers.get("authorization"))
-            req = _validate(CompletionRequest if kind == "completion" else ChatCompletionRequest, await _json_body(request))
+            req = _validate(CompletionRequest if kind == "completion" else ChatCompletionRequest,
+                            await self._json_body(request))
             task = self._resolve(req.model, caller, request)
+            loop = asyncio.get_running_loop()
             if kind == "completion":
-                prepared = prepare_completion(req, self._tokenizer, self._vocab_size, self._spec.max_model_len)
+                prepared = await loop.run_in_executor(self._tokenize_pool, prepare_completion, req, self._tokenizer,
+                                                      self._vocab_size, self._spec.max_model_len)
             else:
-                prepared = prepare_chat(req, self._tokenizer, self._spec.max_model_len)
+                prepared = await loop.run_in_executor(self._tokenize_pool, prepare_chat, req, self._tokenizer,
+                                                      self._spec.max_model_len)
             ctx = await self._context(kind, req, task, prepared)
             cluster = cluster_spec_for(task, self._watcher) if task is not None else None
             replica_req = ReplicaRequest(ctx.request_id, prepared.prompt_token_ids, prepared.params,

@@ -1,10 +1,10 @@
-"""LoRA-Inlaid's multi-task scheduler (ALGORITHMS.md 7.2): shortest predicted remaining work
+"""LoRA-Inlaid's multi-task scheduler (docs/algorithms.md 7.2): shortest predicted remaining work
 first, task grouping, and aging so no request falls behind past a bound.
 
 Per request: predicted output length `L` (from the length predictor at arrival, else the
 task's recent median, else a default) and generated tokens `g`. Remaining work
 `rem = max(min(L, max_tokens) - g, 1)`. When `g >= L` the prediction was too short:
-`L <- g + max(16, 0.25 L)` (item 17 of ALGORITHMS.md section 11), so estimates are
+`L <- g + max(16, 0.25 L)` (item 17 of docs/algorithms.md section 11), so estimates are
 refreshed as tokens are generated.
 
 Default step (`batching="marginal_cost"`, `grouping="cost"`): rank every request, running

@@ -1,4 +1,4 @@
-"""Skip-join multi-level feedback queue, as FastServe (ALGORITHMS.md 7.3), the length-agnostic
+"""Skip-join multi-level feedback queue, as FastServe (docs/algorithms.md 7.3), the length-agnostic
 preemptive baseline.
 
 K queues with quanta doubling per level (`q_k = base_quantum * 2**k`). Service is counted in
