@@ -12,7 +12,8 @@ from inlaid_ray.config import Settings
 from inlaid_ray.errors import InlaidError
 from inlaid_ray.jobs.cli import add_onboard_parser, add_tasks_parser
 from inlaid_ray.lora.compress_cli import add_compress_parser
-from inlaid_ray.quant.cli import add_eval_parser, add_quantize_parser
+from inlaid_ray.demo.eval_cli import add_eval_parser
+from inlaid_ray.quant.cli import add_quantize_parser
 from inlaid_ray.serve.cli_args import add_cli_arguments as add_serve_arguments
 
 

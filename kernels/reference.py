@@ -126,25 +126,45 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batc
         y[idx] = (y[idx].float() + h[idx] @ lora_b[slot].float().t()).to(y.dtype)
 
 
+# The reference op gathers each token's factors when that moves at most this many elements per
+# adapter segment it saves (a segment costs ~6 dispatched ops; on the 2-core CPU of
+# load_tests/bench_host_overhead.py the gather halved the step's LoRA cost at 8 tokens x 8
+# adapters and broke even at 64 x 8); otherwise, e.g. a long prefill, it loops over segments.
+GATHER_ELEMENTS_PER_SEGMENT = 1 << 15
+
+
 def lora_shrink_expand_ref(
     y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch
 ) -> None:
     """y[t] += lora_b[s] @ (lora_a[s] @ x[t]) with s = batch.token_slots[t] >= 0; y in place.
 
     The same arithmetic as `lora_expand_ref(y, lora_shrink_ref(x, ...), ...)` (fp32 h, fp32 sum,
-    one rounding to y's dtype), with one gather and one scatter for all slots: segments are
-    contiguous slices of the slot-sorted tokens (this is the CPU serving path, where every
-    dispatched op is host time)."""
+    one rounding to y's dtype), with one gather and one scatter of the activations for all slots.
+    This is the CPU serving path, where every dispatched op is host time, so the number of ops
+    should not grow with the number of distinct adapters: with several adapters each token gets
+    its own slot's factors (punica's BGMV: gathered factors, a fixed op count for any mix)
+    unless the gather is large for the segments it saves (GATHER_ELEMENTS_PER_SEGMENT); one
+    adapter, or a long prefill, loops over the adapter segments (contiguous slices of the
+    slot-sorted tokens)."""
     if not batch.num_active_slots:
         return
     f32 = torch.float32
     ids = batch.sorted_token_ids
     xs = cast(x.index_select(0, ids), f32)  # [T_lora, d_in], grouped by slot
-    deltas = [
-        (xs[offset : offset + count] @ cast(lora_a[slot], f32).t()) @ cast(lora_b[slot], f32).t()
-        for slot, offset, count in zip(batch.slots_list, batch.offsets_list, batch.counts_list)
-    ]
-    delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+    n, rank = xs.shape[0], lora_a.shape[1]
+    segments = batch.num_active_slots
+    if segments > 1 and n * rank * (lora_a.shape[2] + lora_b.shape[1]) <= GATHER_ELEMENTS_PER_SEGMENT * segments:
+        a = cast(lora_a.index_select(0, batch.sorted_slots), f32)  # [T_lora, R, d_in]
+        b = cast(lora_b.index_select(0, batch.sorted_slots), f32)  # [T_lora, d_out, R]
+        # Broadcast products, not bmm: the CPU's bmm runs one small GEMV per token.
+        h = (a * xs.unsqueeze(1)).sum(2)  # [T_lora, R]
+        delta = (b * h.unsqueeze(1)).sum(2)  # [T_lora, d_out]
+    else:
+        deltas = [
+            (xs[offset : offset + count] @ cast(lora_a[slot], f32).t()) @ cast(lora_b[slot], f32).t()
+            for slot, offset, count in zip(batch.slots_list, batch.offsets_list, batch.counts_list)
+        ]
+        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
     y.index_copy_(0, ids, cast(cast(y.index_select(0, ids), f32) + delta, y.dtype))
 
 

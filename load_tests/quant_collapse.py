@@ -38,7 +38,7 @@ from inlaid_ray.model.config import LINEAR_MODULES
 from inlaid_ray.model.prepare import prepare_smollm2
 from inlaid_ray.model.tokenizer import load_tokenizer
 from inlaid_ray.quant.calibration import CalibrationConfig
-from inlaid_ray.quant.evaluation import attach_adapters, completion_loss, load_eval_model
+from inlaid_ray.demo.quality import attach_adapters, completion_loss, load_eval_model
 from inlaid_ray.quant.gptq import gptq_quantize, rtn_quantize
 from inlaid_ray.quant.gptq_format import load_gptq_checkpoint, split_layers
 from inlaid_ray.quant.incremental import TaskSource, quantize_base

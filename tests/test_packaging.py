@@ -136,3 +136,13 @@ def test_model_package_knows_no_checkpoint_format():
     offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports_of(p) if n.startswith("inlaid_ray.quant"))
                  for p in (REPO / "inlaid_ray" / "model").rglob("*.py")}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_only_the_cli_imports_the_demo():
+    """demo/ (fixtures, adapters, manifest, driver) is imported by nothing but the CLI: serving,
+    jobs and the math know no demo task."""
+    package = REPO / "inlaid_ray"
+    allowed = {package / "cli.py"}
+    offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports_of(p) if n.startswith("inlaid_ray.demo"))
+                 for p in package.rglob("*.py") if p not in allowed and (package / "demo") not in p.parents}
+    assert not {k: v for k, v in offenders.items() if v}

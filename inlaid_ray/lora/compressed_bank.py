@@ -79,7 +79,7 @@ def split_lora_batch(batch: LoRABatch, slot_base: int, rows_per_cluster: int) ->
     if n_raw:
         raw = LoRABatch(
             token_slots=torch.where(ts < slot_base, ts, -1),
-            sorted_token_ids=batch.sorted_token_ids[:raw_tokens],
+            sorted_token_ids=batch.sorted_token_ids[:raw_tokens], sorted_slots=batch.sorted_slots[:raw_tokens],
             slots=batch.slots[:n_raw], counts=batch.counts[:n_raw], offsets=batch.offsets[:n_raw],
             slots_list=slots[:n_raw], counts_list=counts[:n_raw], offsets_list=batch.offsets_list[:n_raw],
         )

@@ -32,6 +32,7 @@ class LoRABatch:
 
     token_slots: torch.Tensor  # [T] int64, -1 = no adapter
     sorted_token_ids: torch.Tensor  # [T_lora] int64, token indices grouped by slot
+    sorted_slots: torch.Tensor  # [T_lora] int64, the slot of each of those tokens
     slots: torch.Tensor  # [S_active] int64, distinct slots in this step (ascending)
     counts: torch.Tensor  # [S_active] int64
     offsets: torch.Tensor  # [S_active] int64
@@ -51,6 +52,7 @@ class LoRABatch:
         return cls(
             token_slots=token_slots,
             sorted_token_ids=sorted_token_ids,
+            sorted_slots=token_slots[sorted_token_ids],
             slots=slots,
             counts=counts,
             offsets=offsets,
@@ -73,12 +75,13 @@ class LoRABatch:
                 slots.append(token_slots[t])
                 counts.append(1)
         offsets = [0, *itertools.accumulate(counts)][:-1]
-        n, k = len(token_slots), len(slots)
-        flat = torch.tensor([*token_slots, *sorted_ids, *slots, *counts, *offsets], dtype=torch.int64)
+        n, k, m = len(token_slots), len(slots), len(sorted_ids)
+        sorted_slots = [token_slots[t] for t in sorted_ids]
+        flat = torch.tensor([*token_slots, *sorted_ids, *sorted_slots, *slots, *counts, *offsets], dtype=torch.int64)
         flat = flat.to(device, non_blocking=True)
-        parts = torch.split(flat, [n, len(sorted_ids), k, k, k])
-        return cls(token_slots=parts[0], sorted_token_ids=parts[1], slots=parts[2], counts=parts[3],
-                   offsets=parts[4], slots_list=slots, counts_list=counts, offsets_list=offsets)
+        parts = torch.split(flat, [n, m, m, k, k, k])
+        return cls(token_slots=parts[0], sorted_token_ids=parts[1], sorted_slots=parts[2], slots=parts[3],
+                   counts=parts[4], offsets=parts[5], slots_list=slots, counts_list=counts, offsets_list=offsets)
 
     @property
     def num_active_slots(self) -> int:

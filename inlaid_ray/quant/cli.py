@@ -1,8 +1,7 @@
-"""`inlaid-ray quantize` and `inlaid-ray eval`: argparse sub-commands over
-`inlaid_ray.quant.incremental.quantize_base` and `inlaid_ray.quant.evaluation.evaluate_dir`.
+"""`inlaid-ray quantize`: the argparse sub-command over `inlaid_ray.quant.incremental.quantize_base`.
 
-Wiring (in inlaid_ray/cli.py `build_parser`): `add_quantize_parser(sub)` and `add_eval_parser(sub)`;
-each sets `func(args, settings) -> int` like the other sub-commands.
+Wiring (in inlaid_ray/cli.py `build_parser`): `add_quantize_parser(sub)`; it sets
+`func(args, settings) -> int` like the other sub-commands.
 """
 
 from __future__ import annotations
@@ -21,13 +20,13 @@ from inlaid_ray.quant.quantizer import SUPPORTED_BITS
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _resolve_device(name: str) -> str:
+def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
 
-def _base_dir(args: argparse.Namespace, settings: Settings) -> Path:
+def base_dir_from_args(args: argparse.Namespace, settings: Settings) -> Path:
     if args.base:
         return Path(args.base)
     from inlaid_ray.model.prepare import prepare_smollm2
@@ -91,10 +90,10 @@ def run_quantize(args: argparse.Namespace, settings: Settings) -> int:
                      true_sequential=not args.no_true_sequential)
     cfg = MLGPTQConfig(method=args.method, grid=grid, activation_source=args.activation_source,
                        calibrate_with_adapter=not args.no_adapter_calibration, batch_tokens=args.batch_tokens,
-                       device=_resolve_device(args.device), dtype=_DTYPES[args.dtype])
+                       device=resolve_device(args.device), dtype=_DTYPES[args.dtype])
     calib = CalibrationConfig(tokens_per_task=args.tokens_per_task, max_seq_len=args.max_seq_len, seed=args.seed)
     sources = [TaskSource.parse(s) for s in [*args.task, *args.add_task]]
-    report = quantize_base(_base_dir(args, settings), sources, args.out, cfg, calib, args.stats_dir, args.overwrite)
+    report = quantize_base(base_dir_from_args(args, settings), sources, args.out, cfg, calib, args.stats_dir, args.overwrite)
     res = report["resources"]["total"]
     print(f"{args.method} {args.bits}-bit g{args.group_size}: tasks {report['tasks']} "
           f"(statistics computed for {report['computed_tasks']}) -> {', '.join(report['out_dirs'].values())}")
@@ -102,56 +101,4 @@ def run_quantize(args: argparse.Namespace, settings: Settings) -> int:
           + (f", CUDA peak {res['cuda_peak_mb']:.0f} MiB" if "cuda_peak_mb" in res else ""))
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return 0
-
-
-def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`inlaid-ray eval --base DIR [--quantized DIR] --task NAME[=ADAPTER_DIR] ...`."""
-    p = subparsers.add_parser(
-        "eval", help="demo-task metric and eval loss of the base and/or quantized bases with the task adapters",
-        description="Greedy generations through the engine (all adapters in one bank on one base) scored with each "
-                    "demo task's own metric, plus the teacher-forced eval loss, on the task's eval split.")
-    p.add_argument("--base", help="unquantized model directory (default: the converted SmolLM2)")
-    p.add_argument("--quantized", action="append", default=[], metavar="DIR",
-                   help="GPTQ checkpoint (or gptq-per-task output directory); repeatable")
-    p.add_argument("--no-base", action="store_true", help="evaluate only the --quantized models")
-    p.add_argument("--task", action="append", default=[], metavar="NAME[=ADAPTER_DIR]",
-                   help="demo task (adapter default: the committed demo adapter; NAME= for none); default: all")
-    p.add_argument("--limit", type=int, help="generation examples per task (default: the whole eval split)")
-    p.add_argument("--loss-limit", type=int, help="eval-loss examples per task (default: the whole eval split)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--json", help="write the results (with predictions) to this file")
-    p.set_defaults(func=run_eval)
-    return p
-
-
-def _parse_eval_tasks(specs: list[str]) -> dict[str, Path | None]:
-    from inlaid_ray.demo.paths import demo_adapter_dir
-    from inlaid_ray.demo.tasks import DEMO_TASKS
-
-    out: dict[str, Path | None] = {}
-    for spec in specs or list(DEMO_TASKS):
-        name, sep, adapter = spec.partition("=")
-        out[name] = (Path(adapter) if adapter else None) if sep else demo_adapter_dir(name)
-    return out
-
-
-def run_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from inlaid_ray.model.tokenizer import load_tokenizer
-    from inlaid_ray.quant.evaluation import evaluate_dir, format_table
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base = _base_dir(args, settings)
-    tasks = _parse_eval_tasks(args.task)
-    tokenizer = load_tokenizer(base)
-    models = ([] if args.no_base else [("base", base)]) + [(str(q), Path(q)) for q in args.quantized]
-    if not models:
-        raise SystemExit("nothing to evaluate: --no-base without --quantized")
-    device = _resolve_device(args.device)
-    results = {name: evaluate_dir(path, tokenizer, tasks, args.limit, args.loss_limit, device) for name, path in models}
-    print(format_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0

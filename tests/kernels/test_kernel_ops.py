@@ -108,3 +108,26 @@ def test_cuda_tensors_use_triton_and_fail_loudly(device):
     compressed_lora(y1, x, v, u, sigma, cbatch)
     compressed_lora_triton(y2, x, v, u, sigma, cbatch)
     torch.testing.assert_close(y1, y2, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("gather_limit", [0, 1 << 22], ids=["segments", "per-token-gather"])
+@pytest.mark.parametrize("token_slots", [[3, -1, 0, 3, 1], [2, 2, -1, 2], [-1, -1], [0, 1, 2, 3, 3, 2, 1, 0]])
+def test_reference_lora_paths_equal_a_float64_per_token_loop(monkeypatch, dtype, gather_limit, token_slots):
+    from inlaid_ray.kernels import reference
+
+    monkeypatch.setattr(reference, "GATHER_ELEMENTS_PER_SEGMENT", gather_limit)
+    gen = torch.Generator().manual_seed(len(token_slots))
+    a = (torch.randn(4, 8, 64, generator=gen) / 8).to(dtype)
+    b = (torch.randn(4, 32, 8, generator=gen) / 3).to(dtype)
+    x = torch.randn(len(token_slots), 64, generator=gen).to(dtype)
+    y0 = torch.randn(len(token_slots), 32, generator=gen).to(dtype)
+    expected = y0.double().clone()
+    for t, s in enumerate(token_slots):  # the definition, token by token, in float64
+        if s >= 0:
+            expected[t] += b[s].double() @ (a[s].double() @ x[t].double())
+    for batch in (LoRABatch.from_token_slots(torch.tensor(token_slots)), LoRABatch.from_host_slots(token_slots, "cpu")):
+        y = y0.clone()
+        reference.lora_shrink_expand_ref(y, x, a, b, batch)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
