@@ -10,7 +10,7 @@ from pathlib import Path
 
 from inlaid_ray.config import Settings
 from inlaid_ray.errors import InlaidError
-from inlaid_ray.jobs.cli import add_onboard_parser, add_tasks_parser
+from inlaid_ray.jobs.cli import add_keys_parser, add_onboard_parser, add_tasks_parser
 from inlaid_ray.lora.compress_cli import add_compress_parser
 from inlaid_ray.demo.eval_cli import add_eval_parser
 from inlaid_ray.quant.cli import add_quantize_parser
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress_parser(sub)
     add_onboard_parser(sub)
     add_tasks_parser(sub)
+    add_keys_parser(sub)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible Ray Serve app (router + engine replicas)")
     add_serve_arguments(serve)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The checks still owed to a CUDA machine (issues #6 and #9), in the order they matter. A device
-# call runs at most 10 minutes (30 minutes of device time per session), so give each part its
-# own call; `all` is for a machine without that limit:
+# The checks still owed to a CUDA machine (the engine issue #15: paged decode attention under a
+# CUDA graph, the W4A16 / SGMV kernels, the engine step profile and benchmark), in the order they
+# matter. A device call runs at most 10 minutes and a session has 15 minutes of device time, so
+# the first call should be `tests` (it includes tests/kernels/test_paged_attention.py's graph
+# replay), then `profile` or `engine`; `all` is for a machine without those limits:
 #     bash load_tests/gpu_pending.sh tests|kernels|ncu|profile|engine|all
 # Writes everything under $OUT (default out/gpu), which the device tool brings back; copy the
 # JSON files into load_tests/results/ and record the figures in the README and on the issues.

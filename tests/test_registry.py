@@ -350,9 +350,17 @@ def test_api_keys_store_only_hashes(registry, server):
         registry.add_api_key("ghost", "sk-ghost")
     assert registry.revoke_api_key("sk-acme-secret") and registry.tenant_for_key("sk-acme-secret") is None
     registry.bootstrap_keys("demo", admin_key="let-me-in", tenant="demo")
-    registry.bootstrap_keys("demo", admin_key="let-me-in", tenant="demo")  # idempotent
-    registry.bootstrap_keys(None)  # no user key configured: no tenant is created
+    assert registry.bootstrap_keys("demo", admin_key="let-me-in", tenant="demo") == []  # idempotent
     assert registry.tenant_for_key("demo") == "demo" and registry.is_admin_key("let-me-in")
+    assert [t.name for t in registry.list_tenants()] == ["acme", "admin", "demo", "root"]
+    # A restart with other configured keys: the old ones stop working, API-added keys stay.
+    revoked = registry.bootstrap_keys("demo-2", admin_key="rotated-admin", tenant="demo")
+    assert sorted(revoked) == sorted(hashlib.sha256(k).hexdigest() for k in (b"demo", b"let-me-in"))
+    assert registry.tenant_for_key("demo") is None and not registry.is_admin_key("let-me-in")
+    assert registry.tenant_for_key("demo-2") == "demo" and registry.is_admin_key("rotated-admin")
+    assert registry.is_admin_key("sk-root-secret")
+    registry.bootstrap_keys(None)  # nothing configured: no configured key works, no tenant is created
+    assert registry.tenant_for_key("demo-2") is None and not registry.is_admin_key("rotated-admin")
     assert [t.name for t in registry.list_tenants()] == ["acme", "admin", "demo", "root"]
 
 

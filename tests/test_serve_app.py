@@ -294,6 +294,16 @@ def test_tenancy(served, adapters_dir):
     assert holder["loaded_clusters"] == ["task:rival-task"] and holder["adapters_resident"] == 1
     assert _complete(served, "rival-task", ADMIN_KEY).status_code == 200  # admin uses every task
 
+    # Key rotation through the admin API: a new key works at once, a revoked one stops.
+    created = served.post("/v1/admin/keys", {"tenant": "acme"}, ADMIN_KEY).json()
+    assert _complete(served, "rival-task", created["api_key"]).status_code == 200
+    listed = served.get("/v1/admin/keys?tenant=acme", ADMIN_KEY).json()["data"]
+    assert created["key_hash"] in [k["key_hash"] for k in listed] and created["api_key"] not in str(listed)
+    assert httpx.delete(served.url + f"/v1/admin/keys/{created['key_hash']}", headers=served.headers(ADMIN_KEY),
+                        timeout=60).status_code == 200
+    assert _error(_complete(served, "rival-task", created["api_key"]), 401)["code"] == "invalid_api_key"
+    assert _error(served.post("/v1/admin/keys", {"tenant": "ghost"}, ADMIN_KEY), 404)["param"] == "tenant"
+    assert _error(served.get("/v1/admin/keys", acme_key), 403)["code"] == "admin_required"
     assert _error(_complete(served, "sentiment", "not-a-key"), 401)["code"] == "invalid_api_key"
     assert _error(_complete(served, "sentiment", None), 401)["code"] == "invalid_api_key"
     assert _error(served.get("/v1/models", "not-a-key"), 401)["code"] == "invalid_api_key"
@@ -327,6 +337,48 @@ def test_bad_input_answers_4xx_and_keeps_serving(served):
     assert _error(served.get("/v1/nothing-here"), 404)
     after = served.post("/v1/completions", ok)
     assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_openai_client_models_aliases_and_parameters(served):
+    """Through the official `openai` client: models.retrieve, the `base:adapter` alias, every
+    parameter this server does not implement refused with a 400 naming it (never ignored), and
+    max_completion_tokens winning over max_tokens."""
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    base = Path(served.args.model_dir).name
+    assert client.models.retrieve("sentiment").id == "sentiment"
+    assert client.models.retrieve(base).parent is None
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-task")
+    alias = client.completions.create(model=f"{base}:sentiment", prompt="Great film!", max_tokens=2, temperature=0)
+    direct = client.completions.create(model="sentiment", prompt="Great film!", max_tokens=2, temperature=0)
+    assert alias.choices[0].text == direct.choices[0].text
+    messages = [{"role": "user", "content": "Great film! Positive or negative?"}]
+    chat = client.chat.completions.create(model="sentiment", messages=messages, max_tokens=1,
+                                          max_completion_tokens=3, temperature=0)
+    assert chat.usage.completion_tokens <= 3 and chat.choices[0].finish_reason in ("stop", "length")
+    refused_chat = {"response_format": {"type": "json_object"}, "logit_bias": {"42": -100},
+                    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                    "tool_choice": "required", "top_logprobs": 2}
+    for name, value in refused_chat.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="sentiment", messages=messages, max_tokens=2, **{name: value})
+        assert err.value.body["param"] == name and err.value.body["code"] == "unsupported_parameter", name
+    refused_completion = {"echo": True, "best_of": 2, "suffix": "!"}
+    vllm_extras = {"repetition_penalty": 1.2, "min_tokens": 2, "stop_token_ids": [2]}
+    for name, value in (refused_completion | vllm_extras).items():
+        kwargs = {name: value} if name in refused_completion else {"extra_body": {name: value}}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="sentiment", prompt="Hi", max_tokens=2, **kwargs)
+        assert err.value.body["param"] == name, name
+    with pytest.raises(openai.BadRequestError) as err:  # a field nobody defines: refused by name too
+        client.completions.create(model="sentiment", prompt="Hi", max_tokens=2, extra_body={"temprature": 0.5})
+    assert err.value.body["param"] == "temprature"
+    # "off" values of the same parameters are accepted: clients that send defaults keep working.
+    ok = client.completions.create(model="sentiment", prompt="Hi", max_tokens=2, echo=False, best_of=1,
+                                   extra_body={"repetition_penalty": 1.0, "stop_token_ids": []})
+    assert ok.choices[0].finish_reason in ("stop", "length")
 
 
 def _errors_counted(served: Served) -> dict[str, float]:
@@ -428,3 +480,24 @@ def test_200_concurrent_requests_over_several_tasks(served):
     sent = Counter(model for model, _ in results)
     after = _metric_counts(served.get("/metrics", None).text, "inlaid_requests_total")
     assert {m: after[m] - before[m] for m in models} == {m: float(sent[m]) for m in models}
+
+
+def test_a_killed_replica_fails_no_request_that_had_not_started(served):
+    """Last in this module: it kills one of the two engine replicas. Requests sent right after the
+    kill, before Serve has noticed, reach the dead actor; each is re-sent to a live replica and
+    answered. Ray's error text (actor id, pid, address) reaches no client."""
+    import ray
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "EngineReplica" in a["name"]]
+    assert len(replicas) == 2, replicas
+    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+    ray.kill(victim, no_restart=True)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=served.url, timeout=300) as client:
+            body = dict(model="sentiment", prompt="Great film!", max_tokens=2)
+            return await asyncio.gather(*(client.post("/v1/completions", json=body, headers=served.headers())
+                                          for _ in range(8)))
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]

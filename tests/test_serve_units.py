@@ -244,3 +244,23 @@ def test_json_strings_must_be_valid_unicode_keys_included():
         with pytest.raises(OpenAIHTTPError) as err:
             check_json_value(value, max_depth=8)
         assert err.value.code == "invalid_unicode" and err.value.param == param
+
+
+def test_replica_failures_are_503_with_retry_after_and_no_internals():
+    """Ray's own exception objects, as a dead or restarting replica raises them (their text carries
+    actor ids, pids and node addresses): a retryable 503 whose body names none of that."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError
+
+    from inlaid_ray.serve.http_errors import REPLICA_UNAVAILABLE, from_exception
+
+    internals = "actor_id=6aa36be9c78c77746a7a0043 pid=4077 ip=192.0.2.2"
+    for exc in (ActorDiedError(), ActorUnavailableError(internals, None), BackPressureError(num_queued_requests=3,
+                                                                                              max_queued_requests=2)):
+        err = from_exception(exc)
+        assert err.status == 503 and err.code == REPLICA_UNAVAILABLE and err.headers() == {"Retry-After": "1"}
+        assert "192.0.2.2" not in json.dumps(err.body()) and "pid" not in json.dumps(err.body())
+        assert OpenAIHTTPError.from_chunk(err.to_chunk()) == err  # the replica-to-router form keeps it
+    other = from_exception(RuntimeError(internals))
+    assert other.status == 500 and other.headers() is None
+    assert "192.0.2.2" not in other.message and other.message.startswith("internal error (reference ")

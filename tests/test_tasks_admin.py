@@ -12,8 +12,8 @@ import uuid
 import pytest
 
 from inlaid_ray.config import Settings
-from inlaid_ray.errors import TaskNotFound
-from inlaid_ray.jobs.cli import _options, add_onboard_parser, add_tasks_parser
+from inlaid_ray.errors import InvalidRequest, TaskNotFound
+from inlaid_ray.jobs.cli import _options, add_keys_parser, add_onboard_parser, add_tasks_parser
 from inlaid_ray.jobs.onboard_args import OnboardOptions
 from inlaid_ray.registry import ClusterRecord, TaskRecord, TaskRegistry, connect_redis
 
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_onboard_parser(sub)
     add_tasks_parser(sub)
+    add_keys_parser(sub)
     return parser
 
 
@@ -88,3 +89,23 @@ def test_onboard_flags_map_to_options():
                                   tokens_per_task=256)
     with pytest.raises(ValueError, match="requantize"):
         _options(_parser().parse_args(base + ["--requantize", "sometimes"]))
+
+
+def test_keys_create_list_revoke(server, capsys, tmp_path):
+    client, data_dir = server
+    ns = "t" + uuid.uuid4().hex[:8]
+    reg = TaskRegistry(client, ns)
+    reg.add_tenant("acme")
+    settings = Settings(cache_dir=tmp_path)
+    common = ["keys", "--data-dir", str(data_dir), "--namespace", ns]
+    created = json.loads(_run(common + ["create", "--tenant", "acme"], capsys, settings))
+    assert reg.tenant_for_key(created["api_key"]) == "acme"  # the registry, read back, knows the new key
+    listed = json.loads(_run(common + ["list"], capsys, settings))
+    assert listed == [{"key_hash": created["key_hash"], "tenant": "acme", "admin": False, "label": "cli"}]
+    assert created["api_key"] not in json.dumps(listed)
+    assert _run(common + ["revoke", created["key_hash"]], capsys, settings).strip() == f"revoked {created['key_hash']}"
+    assert reg.tenant_for_key(created["api_key"]) is None
+    with pytest.raises(InvalidRequest, match="no API key has the hash"):
+        _run(common + ["revoke", created["key_hash"]], capsys, settings)
+    with pytest.raises(InvalidRequest, match="'ghost' does not exist"):
+        _run(common + ["create", "--tenant", "ghost"], capsys, settings)

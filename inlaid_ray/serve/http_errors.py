@@ -8,14 +8,26 @@ failures: they yield an error chunk built by `error_chunk`, which carries the sa
 
 from __future__ import annotations
 
+import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from inlaid_ray.engine import EngineShutdown
 from inlaid_ray.errors import AdapterError, InvalidRequest, ModelLoadError, NoFreeSlot, TaskNotFound
 from inlaid_ray.serve.openai_protocol import error_body
+
+log = logging.getLogger(__name__)
+
+REPLICA_UNAVAILABLE = "replica_unavailable"  # the code of a retryable replica failure
+RETRY_AFTER_S = 1  # what 503s tell clients (Retry-After): a replica restarts in seconds
+# Ray's errors for a replica that died, is restarting or sheds load. Their messages carry actor
+# ids, pids and node addresses, which never reach a client.
+_REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
 
 # OpenAI's SDK maps statuses to exception classes (400 BadRequest, 401 Authentication,
 # 403 PermissionDenied, 404 NotFound, 5xx InternalServer); `type` is informational.
@@ -31,11 +43,15 @@ class OpenAIHTTPError(Exception):
     code: str | None = None
     param: str | None = None
     err_type: str | None = None
+    retry_after_s: int | None = None  # sent as Retry-After (503s)
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
         if self.err_type is None:
             self.err_type = _TYPE_OF_STATUS.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
 
     def body(self) -> dict[str, Any]:
         assert self.err_type is not None
@@ -44,12 +60,13 @@ class OpenAIHTTPError(Exception):
     def to_chunk(self) -> dict[str, Any]:
         """The replica-to-router form (see `error_chunk`)."""
         return {"error": {"status": self.status, "message": self.message, "type": self.err_type,
-                          "code": self.code, "param": self.param}}
+                          "code": self.code, "param": self.param, "retry_after_s": self.retry_after_s}}
 
     @classmethod
     def from_chunk(cls, chunk: dict[str, Any]) -> "OpenAIHTTPError":
         e = chunk["error"]
-        return cls(int(e["status"]), str(e["message"]), e.get("code"), e.get("param"), e.get("type"))
+        return cls(int(e["status"]), str(e["message"]), e.get("code"), e.get("param"), e.get("type"),
+                   e.get("retry_after_s"))
 
 
 def from_exception(exc: BaseException) -> OpenAIHTTPError:
@@ -65,9 +82,14 @@ def from_exception(exc: BaseException) -> OpenAIHTTPError:
     if isinstance(exc, (AdapterError, ModelLoadError)):
         return OpenAIHTTPError(500, str(exc), code="adapter_error", err_type="server_error")
     if isinstance(exc, EngineShutdown):
-        return OpenAIHTTPError(503, str(exc), code="engine_shutdown", err_type="server_error")
-    return OpenAIHTTPError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error",
-                           err_type="server_error")
+        return OpenAIHTTPError(503, str(exc), code="engine_shutdown", err_type="server_error", retry_after_s=RETRY_AFTER_S)
+    if isinstance(exc, _REPLICA_GONE):
+        log.warning("engine replica unavailable: %r", exc)
+        return OpenAIHTTPError(503, "the engine replica serving this request is unavailable; retry shortly",
+                               code=REPLICA_UNAVAILABLE, err_type="server_error", retry_after_s=RETRY_AFTER_S)
+    reference = uuid.uuid4().hex[:12]  # the client quotes it; the log has the details
+    log.error("internal error %s", reference, exc_info=exc)
+    return OpenAIHTTPError(500, f"internal error (reference {reference})", code="internal_error", err_type="server_error")
 
 
 def error_chunk(exc: BaseException) -> dict[str, Any]:

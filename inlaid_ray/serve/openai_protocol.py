@@ -14,14 +14,50 @@ from inlaid_ray.model.tokenizer import ChatRole
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+# OpenAI / vLLM request fields this server does not implement, with the values that mean "off".
+# Sent with any other value they are refused with a 400 naming them, never ignored; a field that
+# is neither here nor a declared field is refused too (extra="forbid").
+UNSUPPORTED_FIELDS: dict[str, tuple[object, ...]] = {
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "logit_bias": (None, {}),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "repetition_penalty": (None, 1, 1.0),
+    "min_tokens": (None, 0),
+    "stop_token_ids": (None, []),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+}
+# Informational fields that change nothing in a completion: accepted as they are.
+INFORMATIONAL_FIELDS = ("metadata", "store", "service_tier")
+
+
+def unsupported_field(body: dict) -> str | None:
+    """The first UNSUPPORTED_FIELDS entry `body` sets to something other than "off", if any."""
+    for name, off in UNSUPPORTED_FIELDS.items():
+        if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in off):
+            return name
+    return None
 
 
 class _SamplingFields(BaseModel):
     """Fields shared by both endpoints; ranges follow the OpenAI API (top_k as in vLLM)."""
 
-    # Clients send many optional OpenAI fields we do not act on; ignore rather than reject them.
-    model_config = ConfigDict(extra="ignore")
+    # A parameter is honoured or refused by name: unknown fields are an error, not ignored.
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="task name, or the base model id for no adapter")
     max_tokens: int | None = Field(default=None, description="tokens to generate (default 16 / chat: rest of context)")
@@ -38,6 +74,9 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+    metadata: dict[str, str] | None = None  # INFORMATIONAL_FIELDS
+    store: bool | None = None
+    service_tier: str | None = None
     return_token_ids: bool = Field(default=False, description="vLLM extension: add prompt_token_ids and token_ids")
 
     @field_validator("temperature")
@@ -112,7 +151,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: ChatRole
     content: str
 
@@ -134,7 +173,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _max_completion_tokens(self) -> "ChatCompletionRequest":
-        if self.max_tokens is None and self.max_completion_tokens is not None:
+        # OpenAI's current name wins over the deprecated max_tokens when both are sent.
+        if self.max_completion_tokens is not None:
             if self.max_completion_tokens < 1:
                 raise ValueError(f"max_completion_tokens must be >= 1, got {self.max_completion_tokens}")
             self.max_tokens = self.max_completion_tokens

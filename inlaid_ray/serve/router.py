@@ -53,10 +53,16 @@ from inlaid_ray.registry import (
     show_task,
 )
 from inlaid_ray.serve.access import Authenticator, Caller, cluster_spec_for, resolve_model, visible_tasks
-from inlaid_ray.serve.http_errors import OpenAIHTTPError, from_validation_error
+from inlaid_ray.serve.http_errors import REPLICA_UNAVAILABLE, OpenAIHTTPError, from_validation_error
 from inlaid_ray.serve.length_prediction import bounded_prediction, make_predictor
 from inlaid_ray.serve.metrics import ServeMetrics
-from inlaid_ray.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, new_id
+from inlaid_ray.serve.openai_protocol import (
+    UNSUPPORTED_FIELDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    new_id,
+    unsupported_field,
+)
 from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_completion
 from inlaid_ray.serve.replica_protocol import ReplicaRequest
 from inlaid_ray.serve.request_body import read_json_body
@@ -72,13 +78,14 @@ PROBE_HEADER = "x-inlaid-probe"  # admin only: lets the onboarding job use a sta
 PROBE_AVOID_HEADER = "x-inlaid-probe-avoid"  # admin probe only: replica ids that already answered it
 RETIRE_WAIT_S = 5.0  # how long the retire route waits for this router's cache to apply the retirement
 HEALTH_PROBE_S = 5.0  # how long /health waits for an engine replica's first answer
+REPLICA_RETRIES = 2  # re-sends of a request whose replica failed before it streamed anything
 
 api = FastAPI(title="inlaid-ray", description="OpenAI-compatible multi-LoRA serving", docs_url=None, redoc_url=None)
 
 
 @api.exception_handler(OpenAIHTTPError)
 async def _openai_error(request: Request, exc: OpenAIHTTPError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 @api.exception_handler(RequestValidationError)
@@ -127,6 +134,11 @@ def _probe_avoid(caller: Caller, request: Request) -> tuple[str, ...]:
 def _validate(model: type[CompletionRequest] | type[ChatCompletionRequest], body: Any) -> Any:
     if not isinstance(body, dict):
         raise OpenAIHTTPError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    name = unsupported_field(body)
+    if name is not None:
+        raise OpenAIHTTPError(400, f"{name} is not supported by this server; leave it unset or at its default",
+                              code="unsupported_parameter", param=name)
+    body = {k: v for k, v in body.items() if k not in UNSUPPORTED_FIELDS}  # what is left of them is "off"
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -189,12 +201,21 @@ class Router:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         caller = await self._caller(request)
-        base = self._spec.base_model_id
-        data = [{"id": base, "object": "model", "created": 0, "owned_by": "inlaid-ray", "root": base, "parent": None}]
-        for task in visible_tasks(caller, self._watcher):
-            data.append({"id": task.name, "object": "model", "created": int(task.created_at),
-                         "owned_by": task.tenant, "root": base, "parent": base})
+        data = [self._model_entry(None)] + [self._model_entry(t) for t in visible_tasks(caller, self._watcher)]
         return {"object": "list", "data": data}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> dict[str, Any]:
+        """One model (the SDK's models.retrieve); 404 exactly as a request naming it would get."""
+        caller = await self._caller(request)
+        return self._model_entry(resolve_model(model_id, caller, self._watcher, self._spec.base_model_id))
+
+    def _model_entry(self, task: TaskRecord | None) -> dict[str, Any]:
+        base = self._spec.base_model_id
+        if task is None:
+            return {"id": base, "object": "model", "created": 0, "owned_by": "inlaid-ray", "root": base, "parent": None}
+        return {"id": task.name, "object": "model", "created": int(task.created_at), "owned_by": task.tenant,
+                "root": base, "parent": base}
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -246,11 +267,7 @@ class Router:
     @api.post("/v1/admin/tenants")
     async def admin_add_tenant(self, request: Request) -> dict[str, Any]:
         """Body {"tenant": name}: create the tenant (if new) and return a fresh API key for it."""
-        await self._admin(request)
-        body = await self._json_body(request)
-        name = body.get("tenant") if isinstance(body, dict) else None
-        if not isinstance(name, str):
-            raise OpenAIHTTPError(400, "body must be {\"tenant\": \"<name>\"}", param="tenant")
+        name = await self._admin_tenant_body(request)
         key = new_api_key()
         try:
             await asyncio.to_thread(self._registry.add_tenant, name)
@@ -258,6 +275,42 @@ class Router:
         except ValueError as exc:
             raise OpenAIHTTPError(400, str(exc), param="tenant") from None
         return {"tenant": name, "api_key": key}
+
+    @api.get("/v1/admin/keys")
+    async def admin_keys(self, request: Request) -> dict[str, Any]:
+        """Registered keys by hash, tenant and label (?tenant= filters); never the keys."""
+        await self._admin(request)
+        rows = await asyncio.to_thread(self._registry.list_api_keys, request.query_params.get("tenant"))
+        return {"object": "list", "data": rows}
+
+    @api.post("/v1/admin/keys")
+    async def admin_create_key(self, request: Request) -> dict[str, Any]:
+        """Body {"tenant": name}: a new API key for an existing tenant (rotation: create, then revoke
+        the old one); the key is shown once."""
+        name = await self._admin_tenant_body(request)
+        key = new_api_key()
+        try:
+            digest = await asyncio.to_thread(self._registry.add_api_key, name, key, "admin-api")
+        except ValueError as exc:
+            raise OpenAIHTTPError(404 if "does not exist" in str(exc) else 400, str(exc), param="tenant") from None
+        return {"tenant": name, "api_key": key, "key_hash": digest}
+
+    @api.delete("/v1/admin/keys/{key_hash}")
+    async def admin_revoke_key(self, key_hash: str, request: Request) -> dict[str, Any]:
+        """Revoke a key by its hash; it stops working within auth_cache_s."""
+        await self._admin(request)
+        if not await asyncio.to_thread(self._registry.revoke_key_hash, key_hash):
+            raise OpenAIHTTPError(404, "no API key has this hash", code="key_not_found", param="key_hash")
+        return {"key_hash": key_hash, "revoked": True}
+
+    async def _admin_tenant_body(self, request: Request) -> str:
+        """The tenant named by an admin request's body {"tenant": name}."""
+        await self._admin(request)
+        body = await self._json_body(request)
+        name = body.get("tenant") if isinstance(body, dict) else None
+        if not isinstance(name, str):
+            raise OpenAIHTTPError(400, "body must be {\"tenant\": \"<name>\"}", param="tenant")
+        return name
 
     @api.get("/v1/admin/replicas")
     async def admin_replicas(self, request: Request) -> dict[str, Any]:
@@ -309,14 +362,23 @@ class Router:
             replica_req = ReplicaRequest(ctx.request_id, prepared.prompt_token_ids, prepared.params,
                                          task.name if task else None, cluster, ctx.predicted_len,
                                          _probe_avoid(caller, request))
-            base = self._watcher.base_version
             handle = self._replica.options(stream=True, multiplexed_model_id=cluster.cluster_id if cluster else "")
-            stream = handle.generate.remote(replica_req, BaseRef(base.version, base.uri) if base is not None else None)
-            try:
-                first = await next_chunk(stream)
-            except BaseException:
-                stream.cancel()
-                raise
+            for attempt in range(1 + REPLICA_RETRIES):
+                base = self._watcher.base_version
+                stream = handle.generate.remote(replica_req, BaseRef(base.version, base.uri) if base is not None else None)
+                try:
+                    first = await next_chunk(stream)
+                    break
+                except OpenAIHTTPError as err:
+                    stream.cancel()
+                    # Nothing has streamed yet: a replica that died (or is restarting) costs the
+                    # client nothing; Serve routes the retry to a live replica.
+                    if err.code != REPLICA_UNAVAILABLE or attempt == REPLICA_RETRIES:
+                        raise
+                    log.warning("request %s: replica unavailable before its first token, retrying", ctx.request_id)
+                except BaseException:
+                    stream.cancel()
+                    raise
         except OpenAIHTTPError as err:
             self._metrics.errors.labels(str(err.status)).inc()
             raise
