@@ -85,7 +85,9 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inlaid-ray", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="inlaid-ray", description="Serve one base LLM with many LoRA adapters (tasks): quantize the base once for all "
+        "tasks (MLGPTQ), compress adapters per cluster, serve an OpenAI-compatible API on Ray Serve, onboard tasks live.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -52,6 +52,7 @@ from loadgen import CHAT_PATH, LoadConfig, PlannedRequest, TaskLoad, make_client
 RESULTS = Path(__file__).resolve().parent / "results"
 APP_NAME = "inlaid"  # launcher.APP_NAME
 API_KEY = "http-load-test"
+ADMIN_KEY = "http-load-admin"  # /metrics answers the admin key only
 BASE_MODEL_ID = "SmolLM2-135M-Instruct"  # one API name for the fp32 and the 4-bit base
 
 
@@ -166,7 +167,8 @@ def app_args(cfg: DriverConfig, variant: Variant, model_dir: Path, data_dir: Pat
 
     fields: dict[str, Any] = dict(
         model_dir=str(model_dir), base_model_id=BASE_MODEL_ID, data_dir=str(data_dir), namespace="httpload",
-        api_key=API_KEY, seed_manifest=str(DEMO_MANIFEST), num_replicas=cfg.num_replicas, num_cpus_per_replica=1,
+        api_key=API_KEY, admin_key=ADMIN_KEY, seed_manifest=str(DEMO_MANIFEST), num_replicas=cfg.num_replicas,
+        num_cpus_per_replica=1,
         torch_threads=cfg.torch_threads, dtype="float32", device="cpu", policy=variant.policy,
         max_model_len=cfg.max_model_len, max_num_batched_tokens=max(1024, cfg.max_model_len),
         max_num_seqs=cfg.max_num_seqs, num_kv_blocks=cfg.num_kv_blocks, max_clusters_per_replica=2,
@@ -195,7 +197,7 @@ async def _poll_stats(handle: Any, samples: list[dict[str, Any]], period_s: floa
 
 
 async def _scrape(client: httpx.AsyncClient) -> dict[str, tuple[float, float]]:
-    response = await client.get("/metrics")
+    response = await client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     response.raise_for_status()
     return histogram_totals(response.text)
 
@@ -300,7 +302,7 @@ def run(cfg: DriverConfig, out_json: Path, out_png: Path) -> dict[str, Any]:
     from inlaid_ray.model.prepare import prepare_smollm2
     from inlaid_ray.serve.launcher import free_port
 
-    settings = dataclasses.replace(Settings.from_env(), api_key=API_KEY)
+    settings = dataclasses.replace(Settings.from_env(), api_key=API_KEY, admin_key=ADMIN_KEY)
     work = Path(cfg.work_dir) if cfg.work_dir else settings.cache_dir / "http_load"
     base_dir = prepare_smollm2(settings.cache_dir)
     tasks = list(cfg.tasks or DEMO_TASKS)

@@ -304,6 +304,9 @@ def test_tenancy(served, adapters_dir):
     assert _error(_complete(served, "rival-task", created["api_key"]), 401)["code"] == "invalid_api_key"
     assert _error(served.post("/v1/admin/keys", {"tenant": "ghost"}, ADMIN_KEY), 404)["param"] == "tenant"
     assert _error(served.get("/v1/admin/keys", acme_key), 403)["code"] == "admin_required"
+    # /metrics names every tenant's tasks: admin key only.
+    assert _error(served.get("/metrics", None), 401)["code"] == "invalid_api_key"
+    assert _error(served.get("/metrics", acme_key), 403)["code"] == "admin_required"
     assert _error(_complete(served, "sentiment", "not-a-key"), 401)["code"] == "invalid_api_key"
     assert _error(_complete(served, "sentiment", None), 401)["code"] == "invalid_api_key"
     assert _error(served.get("/v1/models", "not-a-key"), 401)["code"] == "invalid_api_key"
@@ -384,7 +387,7 @@ def test_openai_client_models_aliases_and_parameters(served):
 def _errors_counted(served: Served) -> dict[str, float]:
     """inlaid_request_errors_total by status, read from /metrics."""
     counts: dict[str, float] = {}
-    for line in served.get("/metrics").text.splitlines():
+    for line in served.get("/metrics", ADMIN_KEY).text.splitlines():
         if line.startswith("inlaid_request_errors_total{"):
             status = line.split('status="', 1)[1].split('"', 1)[0]
             counts[status] = counts.get(status, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -457,7 +460,7 @@ def _metric_counts(text: str, name: str) -> Counter:
 def test_200_concurrent_requests_over_several_tasks(served):
     base = Path(served.args.model_dir).name
     models = [base, *DEMO_TASKS]
-    before = _metric_counts(served.get("/metrics", None).text, "inlaid_requests_total")
+    before = _metric_counts(served.get("/metrics", ADMIN_KEY).text, "inlaid_requests_total")
 
     async def one(client: httpx.AsyncClient, i: int) -> tuple[str, dict]:
         model = models[i % len(models)]
@@ -478,7 +481,7 @@ def test_200_concurrent_requests_over_several_tasks(served):
     results = asyncio.run(main())
     assert all(choice["finish_reason"] in ("stop", "length") for _, choice in results)
     sent = Counter(model for model, _ in results)
-    after = _metric_counts(served.get("/metrics", None).text, "inlaid_requests_total")
+    after = _metric_counts(served.get("/metrics", ADMIN_KEY).text, "inlaid_requests_total")
     assert {m: after[m] - before[m] for m in models} == {m: float(sent[m]) for m in models}
 
 

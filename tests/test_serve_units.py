@@ -264,3 +264,14 @@ def test_replica_failures_are_503_with_retry_after_and_no_internals():
     other = from_exception(RuntimeError(internals))
     assert other.status == 500 and other.headers() is None
     assert "192.0.2.2" not in other.message and other.message.startswith("internal error (reference ")
+
+
+@pytest.mark.parametrize("argv,why", [(["--arg", "foo=1"], "foo: Extra inputs are not permitted"),
+                                      (["--arg", "nope"], "expected KEY=VALUE"),
+                                      (["--arg", "num_replicas=0"], "num_replicas")])
+def test_serve_cli_user_errors_are_one_line_and_exit_2(capsys, argv, why):
+    from inlaid_ray.cli import main
+
+    assert main(["serve", *argv]) == 2  # before Ray, Redis or the model are touched
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and why in err[0], err

@@ -56,6 +56,9 @@ class AppArgs(BaseModel):
     auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is trusted before re-checking")
     max_request_bytes: int = Field(2 << 20, ge=1024, description="largest request body accepted; larger ones get 413")
     max_json_depth: int = Field(64, ge=4, description="deepest JSON nesting accepted in a request body (400 beyond)")
+    metrics_need_admin_key: bool = Field(
+        True, description="/metrics answers only the admin key (its series name tasks and tenants); false = open, "
+                          "for a scrape network only operators reach")
     # --- routing and prediction
     predictor: str = Field(default_factory=default_predictor,
                            description="length predictor: task_quantile | minilm | module:factory; default minilm if installed")
@@ -180,6 +183,7 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
         data_dir=data_dir, namespace=args.namespace, predictor=args.predictor, default_slo_s=args.default_slo_s,
         auth_cache_s=args.auth_cache_s, registry_refresh_s=args.registry_refresh_s, seed=seed,
         max_request_bytes=args.max_request_bytes, max_json_depth=args.max_json_depth,
+        metrics_need_admin_key=args.metrics_need_admin_key,
     )
     replicas = EngineReplica.options(
         num_replicas=args.num_replicas,

@@ -7,6 +7,8 @@ import argparse
 import json
 from typing import Any
 
+from inlaid_ray.errors import InvalidRequest
+
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `serve` subcommand's flags to `parser`."""
@@ -28,8 +30,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
     parser.add_argument("--num-kv-blocks", type=int, default=1024,
                         help="KV blocks of 16 tokens per replica (default 1024, sized for CPU; 0 = from free memory)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="weights and activations (default auto: bfloat16 on a GPU, float32 on CPU)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="replica device (default auto: cuda when --num-gpus-per-replica > 0)")
+    parser.add_argument("--api-key", help="the user key (default: $INLAID_API_KEY); stored hashed")
+    parser.add_argument("--admin-key", help="the admin key (default: $INLAID_ADMIN_KEY); stored hashed")
     parser.add_argument("--predictor", default=None,
                         help="length predictor: task_quantile | minilm | module:factory (default minilm if installed)")
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
@@ -43,14 +49,14 @@ def app_fields_from_cli(ns: argparse.Namespace) -> dict[str, Any]:
         "num_cpus_per_replica": ns.num_cpus_per_replica, "policy": ns.policy, "step_cost_model": ns.step_cost_model,
         "max_clusters_per_replica": ns.max_clusters_per_replica, "max_model_len": ns.max_model_len,
         "num_kv_blocks": ns.num_kv_blocks or None, "dtype": ns.dtype, "device": ns.device,
-        "seed_manifest": ns.seed_manifest,
+        "seed_manifest": ns.seed_manifest, "api_key": ns.api_key, "admin_key": ns.admin_key,
     }
     if ns.predictor is not None:  # else AppArgs' default (the learned predictor when installed)
         fields["predictor"] = ns.predictor
     for item in ns.arg:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--arg {item!r}: expected KEY=VALUE")
+            raise InvalidRequest(f"--arg {item!r}: expected KEY=VALUE")
         try:
             fields[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

@@ -14,8 +14,10 @@ import time
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from inlaid_ray.config import Settings
+from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.registry import TaskRegistry, connect_redis
 from inlaid_ray.serve.app import AppArgs, bind_app, registry_location, registry_seed, resolve_model_dir
 from inlaid_ray.serve.cli_args import app_fields_from_cli
@@ -102,6 +104,11 @@ def run_serve(
 
 def run_from_cli(ns: argparse.Namespace, settings: Settings) -> int:
     """Entry point of `inlaid-ray serve` (flags from `cli_args.add_cli_arguments`)."""
-    args = AppArgs.model_validate(app_fields_from_cli(ns))
+    try:
+        args = AppArgs.model_validate(app_fields_from_cli(ns))
+    except ValidationError as exc:  # a user error: one line (the CLI prints it and exits 2)
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidRequest(f"inlaid-ray serve: {where}: {first.get('msg')}" if where else str(first.get("msg"))) from None
     run_serve(args, host=ns.host, port=ns.port, blocking=True, settings=settings)
     return 0

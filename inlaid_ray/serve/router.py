@@ -117,6 +117,7 @@ class RouterSpec:
     seed: RegistrySeed | None = None
     max_request_bytes: int = 2 << 20
     max_json_depth: int = 64
+    metrics_need_admin_key: bool = True
 
 
 def _log_observe_failure(done: Future) -> None:
@@ -195,7 +196,11 @@ class Router:
         return {"status": "ok", "registry_revision": self._watcher.revision}
 
     @api.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus exposition; admin key only by default, since series are labelled with task
+        names (scrape with `authorization: {credentials: <admin key>}`)."""
+        if self._spec.metrics_need_admin_key:
+            await self._admin(request)
         return Response(self._metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")
