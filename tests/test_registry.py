@@ -359,9 +359,12 @@ def test_api_keys_store_only_hashes(registry, server):
     assert registry.tenant_for_key("demo") is None and not registry.is_admin_key("let-me-in")
     assert registry.tenant_for_key("demo-2") == "demo" and registry.is_admin_key("rotated-admin")
     assert registry.is_admin_key("sk-root-secret")
-    registry.bootstrap_keys(None)  # nothing configured: no configured key works, no tenant is created
-    assert registry.tenant_for_key("demo-2") is None and not registry.is_admin_key("rotated-admin")
+    assert registry.bootstrap_keys(None) == []  # nothing configured (no environment): nothing revoked
+    assert registry.tenant_for_key("demo-2") == "demo" and registry.is_admin_key("rotated-admin")
     assert [t.name for t in registry.list_tenants()] == ["acme", "admin", "demo", "root"]
+    # The same configured key for another tenant (`serve` then `serve --demo`): it moves.
+    assert registry.bootstrap_keys("demo-2", tenant="default") == []
+    assert registry.tenant_for_key("demo-2") == "default" and registry.is_admin_key("rotated-admin")
 
 
 def test_subscription_reports_a_silent_reconnect(registry, server):

@@ -358,6 +358,8 @@ def test_openai_client_models_aliases_and_parameters(served):
     direct = client.completions.create(model="sentiment", prompt="Great film!", max_tokens=2, temperature=0)
     assert alias.choices[0].text == direct.choices[0].text
     messages = [{"role": "user", "content": "Great film! Positive or negative?"}]
+    named = client.chat.completions.create(model="sentiment", messages=[{**messages[0], "name": "ann"}], max_tokens=1)
+    assert named.choices[0].finish_reason in ("stop", "length")  # `name` is informational, accepted
     chat = client.chat.completions.create(model="sentiment", messages=messages, max_tokens=1,
                                           max_completion_tokens=3, temperature=0)
     assert chat.usage.completion_tokens <= 3 and chat.choices[0].finish_reason in ("stop", "length")
@@ -418,11 +420,15 @@ def test_hostile_bodies_get_openai_errors_and_are_counted(served):
     assert err["code"] == "invalid_unicode" and err["param"] == "prompt"
     chat = served.post("/v1/chat/completions", '{"model": "sentiment", "messages": [{"role": "user", "content": "\\udfff"}]}')
     assert _error(chat, 400)["param"] == "messages[0].content"
+    key = served.post("/v1/completions", '{"model": "sentiment", "prompt": "x", "\\ud800": "\\ud800"}')
+    assert _error(key, 400)["code"] == "invalid_unicode"  # a lone surrogate in a KEY: still JSON-encodable
+    huge_int = served.post("/v1/completions", '{"model": "sentiment", "prompt": "x", "max_tokens": ' + "9" * 5000 + "}")
+    assert _error(huge_int, 400)["code"] == "invalid_json"  # past Python's int digit limit: not a 500
     pair = served.post("/v1/completions", '{"model": "sentiment", "prompt": "ok \\ud83d\\ude00", "max_tokens": 2}')
     assert pair.status_code == 200, pair.text  # an escaped surrogate PAIR is valid Unicode
     after = _errors_counted(served)
     assert after.get("413", 0) - before.get("413", 0) == 2
-    assert after.get("400", 0) - before.get("400", 0) == 4
+    assert after.get("400", 0) - before.get("400", 0) == 6
     assert served.get("/health").status_code == 200
 
 

@@ -255,8 +255,9 @@ def test_replica_failures_are_503_with_retry_after_and_no_internals():
     from inlaid_ray.serve.http_errors import REPLICA_UNAVAILABLE, from_exception
 
     internals = "actor_id=6aa36be9c78c77746a7a0043 pid=4077 ip=192.0.2.2"
-    for exc in (ActorDiedError(), ActorUnavailableError(internals, None), BackPressureError(num_queued_requests=3,
-                                                                                              max_queued_requests=2)):
+    shed = from_exception(BackPressureError(num_queued_requests=3, max_queued_requests=2))
+    assert shed.status == 503 and shed.code == "overloaded" and shed.headers() == {"Retry-After": "1"}
+    for exc in (ActorDiedError(), ActorUnavailableError(internals, None)):
         err = from_exception(exc)
         assert err.status == 503 and err.code == REPLICA_UNAVAILABLE and err.headers() == {"Retry-After": "1"}
         assert "192.0.2.2" not in json.dumps(err.body()) and "pid" not in json.dumps(err.body())

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from inlaid_ray.config import Settings
+from inlaid_ray.errors import AdapterError, InvalidRequest
 
 _ONBOARD_FLAGS: dict[str, tuple[type | None, str]] = {
     # flag -> (type, help); every value left unset takes OnboardOptions' default
@@ -101,9 +102,13 @@ def run_onboard(args: argparse.Namespace, settings: Settings) -> int:
     try:
         report = onboard_task(args.task, args.tenant, args.adapter, args.calib, _options(args), settings=settings)
     except OnboardingFailed as exc:  # rolled back; the report says what was done and undone
-        path = _write_report(exc.report.to_dict(), args.report or _default_report_path(args.task, settings))
-        print(f"error: {exc} (report: {path})", file=sys.stderr)
-        return 2 if exc.step == "validate" else 1  # 2: the user's input was refused, nothing changed
+        try:
+            where = f"report: {_write_report(exc.report.to_dict(), args.report or _default_report_path(args.task, settings))}"
+        except OSError as write_error:
+            where = f"the report could not be written: {write_error}"
+        print(f"error: {exc} ({where})", file=sys.stderr)
+        # 2: the user's input was refused (nothing changed); 1: the job itself failed.
+        return 2 if exc.step == "validate" and isinstance(exc.__cause__, (InvalidRequest, AdapterError)) else 1
     data = report.to_dict()
     if args.report:
         _write_report(data, args.report)
@@ -201,7 +206,6 @@ def add_keys_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_keys(args: argparse.Namespace, settings: Settings) -> int:
-    from inlaid_ray.errors import InvalidRequest
     from inlaid_ray.registry.tenants import new_api_key
 
     with _open_registry(args, settings) as registry:

@@ -161,7 +161,7 @@ def onboard_task(task: str, tenant: str, adapter: str | Path, calib: str | Path,
     steps = _Steps(report, fault)
     try:
         with steps("validate"):
-            check_task_name(task, reserved=(Path(res.base_dir).name,))
+            check_task_name(task, reserved=(res.base_model_id, Path(res.base_dir).name))
             check_name("tenant", tenant)
             if opts.endpoint and not res.admin_key:
                 raise InvalidRequest(f"probing {opts.endpoint} needs an admin API key (--admin-key or "
@@ -177,9 +177,10 @@ def onboard_task(task: str, tenant: str, adapter: str | Path, calib: str | Path,
     try:
         registry = TaskRegistry(client, opts.namespace)
         if registry.get_tenant(tenant) is None:
-            report.status, report.error = "failed", f"InvalidRequest: the tenant {tenant!r} does not exist"
-            raise OnboardingFailed(f"onboarding of task {task!r} failed validation, nothing was changed: the tenant "
-                                   f"{tenant!r} does not exist (create it: POST /v1/admin/tenants)", "validate", report)
+            missing = InvalidRequest(f"the tenant {tenant!r} does not exist (create it: POST /v1/admin/tenants)")
+            report.status, report.error = "failed", f"InvalidRequest: {missing}"
+            raise OnboardingFailed(f"onboarding of task {task!r} failed validation, nothing was changed: {missing}",
+                                   "validate", report) from missing
         store = ArtifactStore(res.artifact_dir)
         with store.lock():
             return _run(task, tenant, Path(adapter), Path(calib_check.path), lora, model_config, opts, res,

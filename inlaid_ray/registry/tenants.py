@@ -111,20 +111,26 @@ class TenantKeysMixin:
 
     def bootstrap_keys(self, api_key: str | None, admin_key: str | None = None, tenant: str = "default",
                        admin_tenant: str = "admin") -> list[str]:
-        """Make the registry's configured keys exactly these (values from Settings.api_key /
-        Settings.admin_key): create `tenant` with `api_key` and the admin tenant with `admin_key`,
-        and revoke every earlier configured key that is no longer configured, so that a key taken
-        out of the configuration stops working at the next start. Keys added through the admin API
-        or the CLI are left alone. Returns the revoked keys' hashes."""
-        if api_key:
-            self.add_tenant(tenant)
-            self.add_api_key(tenant, api_key, label=CONFIGURED_KEY_LABEL)
-        if admin_key:
-            self.add_tenant(admin_tenant, admin=True)
-            self.add_api_key(admin_tenant, admin_key, label=CONFIGURED_KEY_LABEL)
-        keep = {hash_api_key(k) for k in (api_key, admin_key) if k}
-        stale = [text(digest) for digest, raw in self.client.hgetall(self._api_keys_key).items()
-                 if text(digest) not in keep and from_json(Principal, text(raw)).label == CONFIGURED_KEY_LABEL]
+        """Install the configured keys (Settings.api_key / Settings.admin_key): `tenant` with
+        `api_key`, the admin tenant with `admin_key`. A configured key replaces the earlier
+        configured key of its kind (user or admin), which stops working, so that rotating a key
+        in the configuration takes effect at the next start; a kind left unconfigured keeps
+        what it had (a process started without the environment must not lock everyone out).
+        Keys added through the admin API or the CLI are never touched. Returns the revoked
+        keys' hashes."""
+        stale: list[str] = []
+        for key, owner, admin in ((api_key, tenant, False), (admin_key, admin_tenant, True)):
+            if not key:
+                continue
+            self.add_tenant(owner, admin=admin)
+            digest = hash_api_key(key)
+            current = self.principal_for_key(key)
+            if current is not None and current.label == CONFIGURED_KEY_LABEL and current.tenant != owner:
+                self.client.hdel(self._api_keys_key, digest)  # the same configured key, now another tenant's
+            self.add_api_key(owner, key, label=CONFIGURED_KEY_LABEL)
+            for row in self.list_api_keys():
+                if row["label"] == CONFIGURED_KEY_LABEL and row["admin"] == admin and row["key_hash"] != digest:
+                    stale.append(str(row["key_hash"]))
         if stale:
             self.client.hdel(self._api_keys_key, *stale)
         return stale

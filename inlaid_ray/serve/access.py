@@ -65,9 +65,8 @@ def resolve_model(model: str, caller: Caller, watcher: RegistryWatcher, base_mod
     """The live task `model` names (None for the base model), or a 404 OpenAIHTTPError."""
     if model == base_model_id:
         return None
-    base, sep, adapter = model.partition(":")
-    if sep and base == base_model_id:  # "base:adapter", Ray Serve LLM's form (task names hold no ':')
-        model = adapter
+    if model.startswith(base_model_id + ":"):  # "base:adapter", Ray Serve LLM's form (task names hold no ':')
+        model = model[len(base_model_id) + 1:]
     task = watcher.get_task(model)
     if task is None or task.status != "live" or not caller.may_use(task):
         detail = f" (status {task.status})" if task is not None and caller.may_use(task) else ""

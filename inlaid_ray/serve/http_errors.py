@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 
 REPLICA_UNAVAILABLE = "replica_unavailable"  # the code of a retryable replica failure
 RETRY_AFTER_S = 1  # what 503s tell clients (Retry-After): a replica restarts in seconds
-# Ray's errors for a replica that died, is restarting or sheds load. Their messages carry actor
+# Ray's errors for a replica that died or is restarting. Their messages carry actor
 # ids, pids and node addresses, which never reach a client.
-_REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
+_REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 # OpenAI's SDK maps statuses to exception classes (400 BadRequest, 401 Authentication,
 # 403 PermissionDenied, 404 NotFound, 5xx InternalServer); `type` is informational.
@@ -83,6 +83,9 @@ def from_exception(exc: BaseException) -> OpenAIHTTPError:
         return OpenAIHTTPError(500, str(exc), code="adapter_error", err_type="server_error")
     if isinstance(exc, EngineShutdown):
         return OpenAIHTTPError(503, str(exc), code="engine_shutdown", err_type="server_error", retry_after_s=RETRY_AFTER_S)
+    if isinstance(exc, BackPressureError):  # load shedding: retrying at once would add load
+        return OpenAIHTTPError(503, "the service is overloaded; retry shortly", code="overloaded",
+                               err_type="server_error", retry_after_s=RETRY_AFTER_S)
     if isinstance(exc, _REPLICA_GONE):
         log.warning("engine replica unavailable: %r", exc)
         return OpenAIHTTPError(503, "the engine replica serving this request is unavailable; retry shortly",

@@ -154,6 +154,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: ChatRole
     content: str
+    name: str | None = None  # OpenAI's participant name: informational, the chat template has no slot for it
 
     @field_validator("content", mode="before")
     @classmethod

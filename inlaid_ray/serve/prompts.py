@@ -47,7 +47,7 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, vocab_size: int, 
 def prepare_chat(req: ChatCompletionRequest, tokenizer: Any, max_model_len: int) -> PreparedPrompt:
     """Apply the chat template and build the sampling params (default: rest of the context)."""
     try:
-        ids = encode_chat(tokenizer, [m.model_dump() for m in req.messages])
+        ids = encode_chat(tokenizer, [m.model_dump(include={"role", "content"}) for m in req.messages])
     except ValueError as exc:
         raise OpenAIHTTPError(400, str(exc), param="messages") from exc
     users = [m.content for m in req.messages if m.role == "user"]

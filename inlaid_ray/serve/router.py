@@ -79,6 +79,7 @@ PROBE_AVOID_HEADER = "x-inlaid-probe-avoid"  # admin probe only: replica ids tha
 RETIRE_WAIT_S = 5.0  # how long the retire route waits for this router's cache to apply the retirement
 HEALTH_PROBE_S = 5.0  # how long /health waits for an engine replica's first answer
 REPLICA_RETRIES = 2  # re-sends of a request whose replica failed before it streamed anything
+REPLICA_RETRY_BACKOFF_S = 0.2  # times the attempt number: a restarting replica is not hammered
 
 api = FastAPI(title="inlaid-ray", description="OpenAI-compatible multi-LoRA serving", docs_url=None, redoc_url=None)
 
@@ -377,10 +378,12 @@ class Router:
                 except OpenAIHTTPError as err:
                     stream.cancel()
                     # Nothing has streamed yet: a replica that died (or is restarting) costs the
-                    # client nothing; Serve routes the retry to a live replica.
+                    # client nothing; Serve routes the retry to a live replica. (A replica that was
+                    # only unreachable may still finish the first copy: the client gets one answer.)
                     if err.code != REPLICA_UNAVAILABLE or attempt == REPLICA_RETRIES:
                         raise
                     log.warning("request %s: replica unavailable before its first token, retrying", ctx.request_id)
+                    await asyncio.sleep(REPLICA_RETRY_BACKOFF_S * (attempt + 1))
                 except BaseException:
                     stream.cancel()
                     raise
