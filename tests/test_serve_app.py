@@ -360,9 +360,9 @@ def test_openai_client_models_aliases_and_parameters(served):
     messages = [{"role": "user", "content": "Great film! Positive or negative?"}]
     named = client.chat.completions.create(model="sentiment", messages=[{**messages[0], "name": "ann"}], max_tokens=1)
     assert named.choices[0].finish_reason in ("stop", "length")  # `name` is informational, accepted
-    chat = client.chat.completions.create(model="sentiment", messages=messages, max_tokens=1,
-                                          max_completion_tokens=3, temperature=0)
-    assert chat.usage.completion_tokens <= 3 and chat.choices[0].finish_reason in ("stop", "length")
+    both = client.chat.completions.create(model="email", messages=messages, max_tokens=8, max_completion_tokens=2,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert both.usage.completion_tokens == 2 and both.choices[0].finish_reason == "length"  # not max_tokens' 8
     refused_chat = {"response_format": {"type": "json_object"}, "logit_bias": {"42": -100},
                     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
                     "tool_choice": "required", "top_logprobs": 2}

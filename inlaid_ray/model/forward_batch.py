@@ -32,7 +32,7 @@ class LoRABatch:
 
     token_slots: torch.Tensor  # [T] int64, -1 = no adapter
     sorted_token_ids: torch.Tensor  # [T_lora] int64, token indices grouped by slot
-    sorted_slots: torch.Tensor  # [T_lora] int64, the slot of each of those tokens
+    sorted_slots: torch.Tensor  # [T_lora] int64, the slot of each of those tokens (once per step, not per projection)
     slots: torch.Tensor  # [S_active] int64, distinct slots in this step (ascending)
     counts: torch.Tensor  # [S_active] int64
     offsets: torch.Tensor  # [S_active] int64

@@ -126,7 +126,7 @@ class TenantKeysMixin:
             digest = hash_api_key(key)
             current = self.principal_for_key(key)
             if current is not None and current.label == CONFIGURED_KEY_LABEL and current.tenant != owner:
-                self.client.hdel(self._api_keys_key, digest)  # the same configured key, now another tenant's
+                self.revoke_key_hash(digest)  # the same configured key, now another tenant's
             self.add_api_key(owner, key, label=CONFIGURED_KEY_LABEL)
             for row in self.list_api_keys():
                 if row["label"] == CONFIGURED_KEY_LABEL and row["admin"] == admin and row["key_hash"] != digest:

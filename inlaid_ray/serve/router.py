@@ -294,11 +294,10 @@ class Router:
         """Body {"tenant": name}: a new API key for an existing tenant (rotation: create, then revoke
         the old one); the key is shown once."""
         name = await self._admin_tenant_body(request)
+        if await asyncio.to_thread(self._registry.get_tenant, name) is None:
+            raise OpenAIHTTPError(404, f"the tenant {name!r} does not exist", code="tenant_not_found", param="tenant")
         key = new_api_key()
-        try:
-            digest = await asyncio.to_thread(self._registry.add_api_key, name, key, "admin-api")
-        except ValueError as exc:
-            raise OpenAIHTTPError(404 if "does not exist" in str(exc) else 400, str(exc), param="tenant") from None
+        digest = await asyncio.to_thread(self._registry.add_api_key, name, key, "admin-api")
         return {"tenant": name, "api_key": key, "key_hash": digest}
 
     @api.delete("/v1/admin/keys/{key_hash}")
