@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from inlaid_ray.engine.builder import BankCapacity, make_bank
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, LoRAFactors, save_peft_adapter
 from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model import ModelConfig
@@ -122,11 +123,9 @@ def adapters_from_peft_model(peft_model: nn.Module, names: Iterable[str]) -> lis
 def build_bank(
     config: ModelConfig, adapters: list[LoRAAdapter], dtype: torch.dtype, device: torch.device | str, max_rank: int
 ) -> AdapterBank:
-    """A bank with exactly one slot per adapter, filled through the bank's own `add`."""
-    bank = AdapterBank(config, max_slots=max(1, len(adapters)), max_rank=max_rank, dtype=dtype, device=device)
-    for adapter in adapters:
-        bank.add(adapter)
-    return bank
+    """A bank with exactly one slot per adapter, built by the engine builder's `make_bank`."""
+    capacity = BankCapacity(max_adapters=max(1, len(adapters)), max_rank=max_rank)
+    return make_bank(config, dtype, torch.device(device), capacity, adapters)
 
 
 # ------------------------------------------------------------------------------ 4-bit weights

@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams
-from inlaid_ray.lora import AdapterBank
+from inlaid_ray.engine.builder import BankCapacity, make_bank
 from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model import LINEAR_MODULES, ModelConfig, random_model
 from inlaid_ray.progress import Progress
@@ -120,9 +120,8 @@ def engine_stepper(batch: int, adapters: int, steps: int):
     """An engine past its prefill with `batch` requests over `adapters` distinct adapters."""
     bank = None
     if adapters:
-        bank = AdapterBank(SHAPE, max_slots=adapters, max_rank=8)
-        for i in range(adapters):
-            bank.add(random_lora_adapter(SHAPE, f"task-{i}", 8, LINEAR_MODULES, seed=i, b_std=0.01))
+        loaded = [random_lora_adapter(SHAPE, f"task-{i}", 8, LINEAR_MODULES, seed=i, b_std=0.01) for i in range(adapters)]
+        bank = make_bank(SHAPE, torch.float32, torch.device("cpu"), BankCapacity(adapters, 8), loaded)
     model = random_model(SHAPE, dtype=torch.float32, seed=0)
     max_len = PROMPT_TOKENS + 3 * steps + 8
     cfg = EngineConfig(block_size=16, num_kv_blocks=batch * (max_len // 16 + 2), max_model_len=max_len,

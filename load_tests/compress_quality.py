@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "threads": args.threads, "configs": {},
     }
     reqs = _requests(tokenizer, args.tasks, args.limit, with_base=True)
-    engine = build_engine(base, dirs, device=args.device, engine_config=_engine_config(reqs, args.max_seqs))
+    engine = build_engine(base, dirs, dtype="float32", device=args.device, engine_config=_engine_config(reqs, args.max_seqs))
     preds, seconds = _run(engine, tokenizer, reqs)
     raw = _score(reqs, preds, served_base=False)
     summary["base"] = _score(reqs, preds, served_base=True)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, cfg in Progress(configs, desc="configurations"):
             cset = compress_adapter_set(adapters, cfg, progress=False)
             bank_dir = save_cluster_banks(cset.banks, Path(tmp) / label.replace(" ", "_").replace("=", ""))
-            engine = build_engine(base, None, compressed=bank_dir, device=args.device,
+            engine = build_engine(base, None, compressed=bank_dir, dtype="float32", device=args.device,
                                   engine_config=_engine_config(reqs, args.max_seqs))
             preds, seconds = _run(engine, tokenizer, reqs)
             del engine

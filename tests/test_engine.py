@@ -13,6 +13,7 @@ import torch
 
 from conftest import write_tiny_hf_model
 from inlaid_ray.engine import EngineConfig, LLMEngine, RequestStatus, SamplingParams, blocks_for
+from inlaid_ray.engine.limits import ContextLengthExceeded
 from inlaid_ray.errors import InvalidRequest, TaskNotFound
 from inlaid_ray.model import load_model, prefill_logits
 from inlaid_ray.sched import FifoPolicy, StepBudget
@@ -178,7 +179,7 @@ def test_stop_token_ids_eos_and_length(model, tmp_path):
     [
         (dict(prompt_token_ids=[1, 2], task="nope"), TaskNotFound, "'nope'"),
         (dict(prompt_token_ids=[]), InvalidRequest, "empty"),
-        (dict(prompt_token_ids=[1] * 64), InvalidRequest, "64 tokens; max_model_len=64"),
+        (dict(prompt_token_ids=[1] * 64), ContextLengthExceeded, "maximum context length is 64 tokens.*prompt has 64 tokens"),
         (dict(prompt_token_ids=[1, 160]), InvalidRequest, r"\[160\]"),
         (dict(prompt_token_ids=[1], params=SamplingParams(temperature=-0.5)), InvalidRequest, "-0.5"),
         (dict(prompt_token_ids=[1], params=SamplingParams(temperature=math.nan)), InvalidRequest, "nan"),

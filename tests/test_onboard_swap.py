@@ -1,5 +1,5 @@
 """Replica hot-swap of the base between engine steps (serve/residency.py `BaseResidency` with the
-replica's `engine_on_base`), on two tiny random Llamas of the same shape and one shared adapter
+replica's `engine_for_base`), on two tiny random Llamas of the same shape and one shared adapter
 bank: a request in flight when the new base arrives finishes on the weights it started with, new
 requests run on the new base, the old engine shuts down once drained, a rolled-back version swaps
 back at once, and a base that cannot load changes nothing. References: each base's own engine
@@ -15,7 +15,7 @@ from inlaid_ray.engine import EngineConfig, SamplingParams
 from inlaid_ray.lora import AdapterBank
 from inlaid_ray.model import ModelConfig
 from inlaid_ray.serve.engine_builder import ReplicaSpec
-from inlaid_ray.serve.replica import engine_on_base
+from inlaid_ray.serve.replica import engine_for_base
 from inlaid_ray.serve.base_residency import BaseRef, BaseResidency
 from test_mlgptq_setup import write_tiny_base
 
@@ -39,7 +39,7 @@ def _spec(model_dir) -> ReplicaSpec:
 
 def _reference(model_dir, params: SamplingParams) -> list[int]:
     cfg = ModelConfig.from_dir(model_dir)
-    engine = engine_on_base(str(model_dir), _spec(model_dir), AdapterBank(cfg, 2, 4), cfg).engine
+    engine = engine_for_base(str(model_dir), _spec(model_dir), AdapterBank(cfg, 2, 4), cfg).engine
     return list(engine.generate([PROMPT], params)[0].token_ids)
 
 
@@ -68,9 +68,9 @@ def test_swap_keeps_requests_on_their_base_and_drains_the_old_engine(bases):
 
         async def load(ref: BaseRef):
             loads.append(ref.uri)
-            return await asyncio.to_thread(engine_on_base, ref.uri, spec, bank, cfg)
+            return await asyncio.to_thread(engine_for_base, ref.uri, spec, bank, cfg)
 
-        res = BaseResidency(engine_on_base(str(a), spec, bank, cfg), str(a), load)
+        res = BaseResidency(engine_for_base(str(a), spec, bank, cfg), str(a), load)
         old = res.acquire()
         stream = old.engine.generate(PROMPT, LONG)
         first = await stream.__anext__()  # the long request is running on base a
@@ -121,4 +121,4 @@ def test_a_base_of_another_shape_is_refused(bases, tmp_path):
     other = write_tiny_base(tmp_path / "wide", seed=2, hidden_size=96, intermediate_size=128)
     cfg = ModelConfig.from_dir(a)
     with pytest.raises(ValueError, match="hidden_size"):
-        engine_on_base(str(other), _spec(a), AdapterBank(cfg, 2, 4), cfg)
+        engine_for_base(str(other), _spec(a), AdapterBank(cfg, 2, 4), cfg)

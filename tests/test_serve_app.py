@@ -330,7 +330,7 @@ def test_bad_input_answers_4xx_and_keeps_serving(served):
     chat_long = served.post("/v1/chat/completions", dict(model="sentiment", messages=[
         {"role": "user", "content": "word " * MAX_MODEL_LEN}]))
     assert _error(chat_long, 400)["code"] == "context_length_exceeded"
-    for field, value in [("temperature", -1), ("top_p", 0), ("n", 2), ("top_k", 0), ("max_tokens", 0)]:
+    for field, value in [("temperature", -1), ("top_p", 0), ("n", 0), ("n", 17), ("top_k", 0), ("max_tokens", 0)]:
         assert _error(served.post("/v1/completions", ok | {field: value}), 400)["param"] == field
     huge = _error(served.post("/v1/completions", ok | {"max_tokens": 10**9}), 400)
     assert huge["code"] == "context_length_exceeded" and huge["param"] == "max_tokens"
@@ -363,20 +363,36 @@ def test_openai_client_models_aliases_and_parameters(served):
     both = client.chat.completions.create(model="email", messages=messages, max_tokens=8, max_completion_tokens=2,
                                           temperature=0, extra_body={"ignore_eos": True})
     assert both.usage.completion_tokens == 2 and both.choices[0].finish_reason == "length"  # not max_tokens' 8
-    refused_chat = {"response_format": {"type": "json_object"}, "logit_bias": {"42": -100},
+    refused_chat = {"response_format": {"type": "json_object"},
                     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-                    "tool_choice": "required", "top_logprobs": 2}
+                    "tool_choice": "required"}
     for name, value in refused_chat.items():
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="sentiment", messages=messages, max_tokens=2, **{name: value})
         assert err.value.body["param"] == name and err.value.body["code"] == "unsupported_parameter", name
-    refused_completion = {"echo": True, "best_of": 2, "suffix": "!"}
-    vllm_extras = {"repetition_penalty": 1.2, "min_tokens": 2, "stop_token_ids": [2]}
-    for name, value in (refused_completion | vllm_extras).items():
-        kwargs = {name: value} if name in refused_completion else {"extra_body": {name: value}}
+    refused_completion = {"suffix": "!"}
+    for name, value in refused_completion.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="sentiment", prompt="Hi", max_tokens=2, **{name: value})
+        assert err.value.body["param"] == name, name
+    bad_values = [("logit_bias", {"49999999": 1.0}), ("logit_bias", {"3": 101}), ("stop_token_ids", [10**9]),
+                  ("min_tokens", 3), ("presence_penalty", 2.5), ("repetition_penalty", 0), ("logprobs", 21)]
+    for name, value in bad_values:  # honoured parameters with values out of range: 400 naming them
+        kwargs = {"extra_body": {name: value}} if name in ("stop_token_ids", "min_tokens", "repetition_penalty") \
+            else {name: value}
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="sentiment", prompt="Hi", max_tokens=2, **kwargs)
-        assert err.value.body["param"] == name, name
+        assert err.value.body["param"] == name, (name, value, err.value.body)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="sentiment", prompt="Hi", max_tokens=2, echo=True, logprobs=1)
+    assert err.value.body["param"] == "echo"
+    for kwargs in (dict(n=3, best_of=2), dict(best_of=2, stream=True)):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="sentiment", prompt="Hi", max_tokens=2, **kwargs)
+        assert err.value.body["param"] == "best_of", kwargs
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="sentiment", messages=messages, max_tokens=2, top_logprobs=2)
+    assert err.value.body["param"] == "top_logprobs"
     with pytest.raises(openai.BadRequestError) as err:  # a field nobody defines: refused by name too
         client.completions.create(model="sentiment", prompt="Hi", max_tokens=2, extra_body={"temprature": 0.5})
     assert err.value.body["param"] == "temprature"
@@ -384,6 +400,96 @@ def test_openai_client_models_aliases_and_parameters(served):
     ok = client.completions.create(model="sentiment", prompt="Hi", max_tokens=2, echo=False, best_of=1,
                                    extra_body={"repetition_penalty": 1.0, "stop_token_ids": []})
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_client_sampling_parameters_equal_the_engine(served, reference):
+    """Penalties, logit_bias, min_tokens, stop_token_ids, logprobs and echo through the official
+    client, streamed and not, equal the engine run in this process with the same parameters (the
+    engine's processors are checked against transformers in test_engine_logits.py)."""
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    messages = [{"role": "user", "content": "Great film, loved every minute. Positive or negative?"}]
+    chat_ids = encode_chat(served.tokenizer, messages)
+    prompt = "The sea, the sea, the sea"
+    text_ids = encode_text(served.tokenizer, prompt)
+    base = Path(served.args.model_dir).name
+    plain = reference.run(text_ids, SamplingParams(max_tokens=16, ignore_eos=True), None)
+    banned = plain.token_ids[0]
+    cases = [  # (task, api kwargs, engine params): penalties and bias on the base, min_tokens and stops on a task
+        (None, dict(presence_penalty=1.5, frequency_penalty=0.5, extra_body={"repetition_penalty": 1.3}),
+         dict(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)),
+        (None, dict(logit_bias={str(banned): -100, "13": 4.0}), dict(logit_bias=((13, 4.0), (banned, -100.0)))),
+    ]
+    for task, kwargs, engine_kwargs in cases:
+        for stream in (False, True):
+            got = client.completions.create(model=task or base, prompt=prompt, max_tokens=16, temperature=0,
+                                            stream=stream, **kwargs | {"extra_body": kwargs.get("extra_body", {})
+                                                                       | {"ignore_eos": True, "return_token_ids": True}})
+            tokens = [t for c in (got if stream else [got]) for ch in c.choices for t in ch.model_extra["token_ids"]]
+            want = reference.run(text_ids, SamplingParams(max_tokens=16, ignore_eos=True, **engine_kwargs), None)
+            assert tokens == list(want.token_ids) and tokens != list(plain.token_ids), kwargs
+    # min_tokens keeps a one-word answer going past its end-of-turn; stop_token_ids ends it early.
+    short = reference.run(chat_ids, SamplingParams(max_tokens=12), "sentiment")
+    assert short.finish_reason == "stop" and len(short.token_ids) < 6
+    longer = client.chat.completions.create(model="sentiment", messages=messages, max_tokens=12, temperature=0,
+                                            extra_body={"min_tokens": 6})
+    want = reference.run(chat_ids, SamplingParams(max_tokens=12, min_tokens=6), "sentiment")
+    assert longer.usage.completion_tokens == len(want.token_ids) >= 6
+    assert longer.choices[0].message.content == want.text
+    stop_id = short.token_ids[0]
+    stopped = client.chat.completions.create(model="sentiment", messages=messages, max_tokens=12, temperature=0,
+                                             extra_body={"stop_token_ids": [stop_id]})
+    assert stopped.usage.completion_tokens == 1 and stopped.choices[0].finish_reason == "stop"
+    # logprobs: chat (non-streamed and streamed) and completions carry the engine's values in OpenAI's shapes.
+    want = reference.run(chat_ids, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=3), "sentiment")
+    chat = client.chat.completions.create(model="sentiment", messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    streamed = client.chat.completions.create(model="sentiment", messages=messages, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True,
+                                              extra_body={"ignore_eos": True})
+    streamed_items = [item for c in streamed for ch in c.choices if ch.logprobs for item in ch.logprobs.content]
+    for items in (chat.choices[0].logprobs.content, streamed_items):
+        assert [i.token for i in items] == [served.tokenizer.decode([lp.token_id]) for lp in want.logprobs]
+        for item, lp in zip(items, want.logprobs):
+            assert item.logprob == pytest.approx(lp.logprob, abs=1e-4) and item.bytes == list(item.token.encode())
+            assert [(t.token, round(t.logprob, 4)) for t in item.top_logprobs] == \
+                [(served.tokenizer.decode([a]), round(v, 4)) for a, v in lp.top]
+    completion = client.completions.create(model="sentiment", prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
+                                           extra_body={"ignore_eos": True})
+    lp = completion.choices[0].logprobs
+    assert "".join(lp.tokens) == completion.choices[0].text and len(lp.tokens) == 5
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v, abs=1e-6)  # greedy: the top token
+               for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    # n: one engine request per choice, seeds moving on by one (vLLM's rule), streamed and not.
+    sampled = dict(temperature=1.0, top_p=0.95, seed=5)
+    want = [reference.run(chat_ids, SamplingParams(max_tokens=8, seed=5 + i, temperature=1.0, top_p=0.95), "email")
+            for i in range(3)]
+    many = client.chat.completions.create(model="email", messages=messages, max_tokens=8, n=3, **sampled)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert [c.message.content for c in many.choices] == [w.text for w in want]
+    assert many.usage.completion_tokens == sum(len(w.token_ids) for w in want)
+    texts = ["", "", ""]
+    for chunk in client.chat.completions.create(model="email", messages=messages, max_tokens=8, n=3, stream=True,
+                                                **sampled):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [w.text for w in want]
+    # best_of: the candidate with the highest cumulative log-probability wins.
+    candidates = [reference.run(text_ids, SamplingParams(max_tokens=6, seed=11 + i, temperature=1.0, logprobs=0),
+                                "extract") for i in range(3)]
+    best = max(candidates, key=lambda c: sum(lp.logprob for lp in c.logprobs))
+    chosen = client.completions.create(model="extract", prompt=prompt, max_tokens=6, temperature=1.0, seed=11,
+                                       best_of=3)
+    assert len(chosen.choices) == 1 and chosen.choices[0].text == best.text and chosen.choices[0].logprobs is None
+    assert chosen.usage.completion_tokens == sum(len(c.token_ids) for c in candidates)
+    # echo: the prompt comes back before the completion, streamed and not.
+    echoed = client.completions.create(model="sentiment", prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    events = client.completions.create(model="sentiment", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                       stream=True)
+    assert echoed.choices[0].text.startswith(prompt) and len(echoed.choices[0].text) > len(prompt)
+    assert "".join(e.choices[0].text for e in events) == echoed.choices[0].text
 
 
 def _errors_counted(served: Served) -> dict[str, float]:

@@ -22,7 +22,7 @@ from transformers import LlamaConfig
 
 from inlaid_ray.config import Settings
 from inlaid_ray.demo import DEMO_TASKS, demo_adapter_dir
-from inlaid_ray.engine import EngineConfig, SamplingParams
+from inlaid_ray.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from inlaid_ray.engine.builder import build_engine
 from inlaid_ray.lora import AdapterBank, LoRAAdapter
 from inlaid_ray.lora.cluster_bank import load_cluster_banks, save_cluster_banks
@@ -32,6 +32,7 @@ from inlaid_ray.lora.compress_set import compress_adapter_set
 from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model import ModelConfig, encode_chat, load_tokenizer
 from inlaid_ray.model.config import LINEAR_MODULES
+from inlaid_ray.model.loader import random_model
 from inlaid_ray.registry import ClusterRecord, TaskRecord
 from inlaid_ray.serve.app import AppArgs
 from inlaid_ray.demo.manifest import DEMO_CLUSTERS, DEMO_MANIFEST
@@ -83,7 +84,14 @@ def test_residency_mixes_a_compressed_cluster_with_raw_adapters(tmp_path):
     raw = ClusterSpec("raw", 1, (AdapterEntry("d", "d"),))
 
     async def scenario():
-        residency = ClusterResidency(bank, load_adapter, drain_timeout_s=0.1, load_bank=load_bank)
+        model = random_model(config, torch.float32, adapter_bank=bank)
+        engine = AsyncLLMEngine(LLMEngine(model, None, EngineConfig(num_kv_blocks=8, max_model_len=64), adapter_bank=bank))
+        try:
+            await residency_scenario(ClusterResidency(engine, load_adapter, drain_timeout_s=0.1, load_bank=load_bank))
+        finally:
+            await engine.shutdown()
+
+    async def residency_scenario(residency: ClusterResidency):
         unloaded = []
         token = await residency.load(jd, lambda cid, gen: unloaded.append(cid))
         await residency.load(raw, lambda cid, gen: None)
@@ -98,6 +106,7 @@ def test_residency_mixes_a_compressed_cluster_with_raw_adapters(tmp_path):
                         else torch.zeros_like(got)
                     torch.testing.assert_close(got, want, atol=1e-4 * max(1.0, want.abs().max().item()), rtol=0)
         residency.evict("jd", token.generation)
+        await residency.settled()
         assert sorted(bank.names) == ["d"] and len(bank.compressed.used_clusters()) == 0
         token = await residency.load(jd, lambda cid, gen: None)  # the freed cluster slot is reused
         assert bank.cluster_of("a") is not None

@@ -1,18 +1,22 @@
-"""ClusterResidency on a real (tiny) AdapterBank: clusters load their adapters, Ray-style LRU
-eviction frees slots only after the last request using an adapter ends, a reload during the
+"""ClusterResidency on a real (tiny) AdapterBank owned by a real engine (the residency submits
+adapter commands, the engine applies them between steps): clusters load their adapters, Ray-style
+LRU eviction frees slots only after the last request using an adapter ends, a reload during the
 drain reuses the slot, version bumps replace in place, a cluster that cannot fit fails with
 NoFreeSlot, and a failed load leaves the bank as it was."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
 
+from inlaid_ray.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from inlaid_ray.errors import AdapterError, NoFreeSlot
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, LoRAFactors
 from inlaid_ray.model import ModelConfig
+from inlaid_ray.model.loader import random_model
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ClusterSpec
 from inlaid_ray.serve.residency import ClusterResidency
 
@@ -47,104 +51,116 @@ def _spec(cid: str, *tasks: str, version: int = 1) -> ClusterSpec:
     return ClusterSpec(cid, 1, tuple(AdapterEntry(t, f"/x/{t}", version) for t in tasks))
 
 
-def _setup(slots: int = 4):
+@contextlib.asynccontextmanager
+async def _setup(slots: int = 4):
     bank = AdapterBank(CFG, max_slots=slots, max_rank=4)
+    engine = AsyncLLMEngine(LLMEngine(random_model(CFG, torch.float32, adapter_bank=bank), None,
+                                      EngineConfig(num_kv_blocks=8, max_model_len=64), adapter_bank=bank))
     loader = _Loader()
     unloads: list[tuple[str, int]] = []
-    return bank, loader, ClusterResidency(bank, loader, drain_timeout_s=5.0), unloads.append
+    try:
+        yield bank, loader, ClusterResidency(engine, loader, drain_timeout_s=5.0), unloads.append
+    finally:
+        await engine.shutdown()
 
 
 def test_load_acquire_and_deferred_eviction():
     async def main():
-        bank, loader, res, on_unload = _setup(slots=4)
-        token_a = await res.load(_spec("A", "t1", "t2"), on_unload)
-        assert sorted(bank.names) == ["t1", "t2"] and res.resident_clusters == ["A"]
-        lease = await res.acquire(token_a, AdapterEntry("t1", "/x/t1", 1))
-        assert lease is not None and res.in_flight("t1") == 1
-        # Ray evicts A (LRU) while t1 is running: t2 leaves now, t1 when its request ends.
-        res.evict("A", token_a.generation)
-        assert res.resident_clusters == [] and bank.names == ["t1"]
-        assert await res.acquire(token_a, AdapterEntry("t1", "/x/t1", 1)) is None  # stale token
-        lease.release()
-        lease.release()  # idempotent
-        assert bank.names == [] and res.in_flight("t1") == 0
+        async with _setup(slots=4) as (bank, loader, res, on_unload):
+            token_a = await res.load(_spec("A", "t1", "t2"), on_unload)
+            assert sorted(bank.names) == ["t1", "t2"] and res.resident_clusters == ["A"]
+            lease = await res.acquire(token_a, AdapterEntry("t1", "/x/t1", 1))
+            assert lease is not None and res.in_flight("t1") == 1
+            # Ray evicts A (LRU) while t1 is running: t2 leaves now, t1 when its request ends.
+            res.evict("A", token_a.generation)
+            await res.settled()
+            assert res.resident_clusters == [] and bank.names == ["t1"]
+            assert await res.acquire(token_a, AdapterEntry("t1", "/x/t1", 1)) is None  # stale token
+            lease.release()
+            lease.release()  # idempotent
+            await res.settled()
+            assert bank.names == [] and res.in_flight("t1") == 0
 
     asyncio.run(main())
 
 
 def test_reload_during_drain_keeps_the_slot_and_skips_the_read():
     async def main():
-        bank, loader, res, on_unload = _setup(slots=4)
-        token = await res.load(_spec("A", "t1"), on_unload)
-        lease = await res.acquire(token, AdapterEntry("t1", "/x/t1", 1))
-        slot = bank.slot_of("t1")
-        res.evict("A", token.generation)
-        token2 = await res.load(_spec("A", "t1"), on_unload)
-        assert token2.generation != token.generation
-        assert bank.slot_of("t1") == slot and loader.loaded == [("t1", 1)]
-        lease.release()
-        assert bank.names == ["t1"]  # owned again by the reloaded cluster
-        res.evict("A", token.generation)  # a stale eviction (old token collected late) is ignored
-        assert res.resident_clusters == ["A"]
+        async with _setup(slots=4) as (bank, loader, res, on_unload):
+            token = await res.load(_spec("A", "t1"), on_unload)
+            lease = await res.acquire(token, AdapterEntry("t1", "/x/t1", 1))
+            slot = bank.slot_of("t1")
+            res.evict("A", token.generation)
+            token2 = await res.load(_spec("A", "t1"), on_unload)
+            assert token2.generation != token.generation
+            assert bank.slot_of("t1") == slot and loader.loaded == [("t1", 1)]
+            lease.release()
+            await res.settled()
+            assert bank.names == ["t1"]  # owned again by the reloaded cluster
+            res.evict("A", token.generation)  # a stale eviction (old token collected late) is ignored
+            assert res.resident_clusters == ["A"]
 
     asyncio.run(main())
 
 
 def test_load_waits_for_draining_adapters_then_succeeds():
     async def main():
-        bank, loader, res, on_unload = _setup(slots=2)
-        token_a = await res.load(_spec("A", "t1", "t2"), on_unload)
-        lease = await res.acquire(token_a, AdapterEntry("t2", "/x/t2", 1))
-        res.evict("A", token_a.generation)
-        assert bank.names == ["t2"]  # t1 freed at once, t2 still in use
-        load_b = asyncio.ensure_future(res.load(_spec("B", "t3", "t4"), on_unload))
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert not load_b.done() and res.loading_clusters == ["B"]
-        lease.release()
-        token_b = await load_b
-        assert sorted(bank.names) == ["t3", "t4"] and res.resident_clusters == ["B"] and token_b.cluster_id == "B"
+        async with _setup(slots=2) as (bank, loader, res, on_unload):
+            token_a = await res.load(_spec("A", "t1", "t2"), on_unload)
+            lease = await res.acquire(token_a, AdapterEntry("t2", "/x/t2", 1))
+            res.evict("A", token_a.generation)
+            await res.settled()
+            assert bank.names == ["t2"]  # t1 freed at once, t2 still in use
+            load_b = asyncio.ensure_future(res.load(_spec("B", "t3", "t4"), on_unload))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not load_b.done() and res.loading_clusters == ["B"]
+            lease.release()
+            token_b = await load_b
+            assert sorted(bank.names) == ["t3", "t4"] and res.resident_clusters == ["B"] and token_b.cluster_id == "B"
 
     asyncio.run(main())
 
 
 def test_cluster_larger_than_bank_and_busy_bank_fail_with_no_free_slot():
     async def main():
-        bank, loader, res, on_unload = _setup(slots=2)
-        with pytest.raises(NoFreeSlot, match="needs 3 adapter slots"):
-            await res.load(_spec("big", "t1", "t2", "t3"), on_unload)
-        await res.load(_spec("A", "t1", "t2"), on_unload)  # resident, nothing draining
-        with pytest.raises(NoFreeSlot, match="free adapter slots"):
-            await res.load(_spec("B", "t3"), on_unload)
-        assert sorted(bank.names) == ["t1", "t2"]
+        async with _setup(slots=2) as (bank, loader, res, on_unload):
+            with pytest.raises(NoFreeSlot, match="needs 3 adapter slots"):
+                await res.load(_spec("big", "t1", "t2", "t3"), on_unload)
+            await res.load(_spec("A", "t1", "t2"), on_unload)  # resident, nothing draining
+            with pytest.raises(NoFreeSlot, match="free adapter slots"):
+                await res.load(_spec("B", "t3"), on_unload)
+            assert sorted(bank.names) == ["t1", "t2"]
 
     asyncio.run(main())
 
 
 def test_failed_load_leaves_bank_unchanged():
     async def main():
-        bank, loader, res, on_unload = _setup(slots=4)
-        await res.load(_spec("A", "t1"), on_unload)
-        loader.fail.add("t3")
-        with pytest.raises(AdapterError):
-            await res.load(_spec("B", "t1", "t2", "t3"), on_unload)
-        assert bank.names == ["t1"] and res.resident_clusters == ["A"]
+        async with _setup(slots=4) as (bank, loader, res, on_unload):
+            await res.load(_spec("A", "t1"), on_unload)
+            loader.fail.add("t3")
+            with pytest.raises(AdapterError):
+                await res.load(_spec("B", "t1", "t2", "t3"), on_unload)
+            await res.settled()
+            assert bank.names == ["t1"] and res.resident_clusters == ["A"]
 
     asyncio.run(main())
 
 
 def test_new_member_and_new_version_load_on_acquire():
     async def main():
-        bank, loader, res, on_unload = _setup(slots=4)
-        token = await res.load(_spec("A", "t1"), on_unload)
-        lease = await res.acquire(token, AdapterEntry("t9", "/x/t9", 1))  # joined after the load
-        assert lease is not None and "t9" in bank
-        slot = bank.slot_of("t1")
-        lease2 = await res.acquire(token, AdapterEntry("t1", "/x/t1", 2))  # re-onboarded
-        assert bank.slot_of("t1") == slot and bank.content_hash("t1") == "t1-v2"
-        assert loader.loaded == [("t1", 1), ("t9", 1), ("t1", 2)]
-        lease.release(), lease2.release()
-        res.evict("A", token.generation)  # the late member goes with its cluster
-        assert bank.names == []
+        async with _setup(slots=4) as (bank, loader, res, on_unload):
+            token = await res.load(_spec("A", "t1"), on_unload)
+            lease = await res.acquire(token, AdapterEntry("t9", "/x/t9", 1))  # joined after the load
+            assert lease is not None and "t9" in bank
+            slot = bank.slot_of("t1")
+            lease2 = await res.acquire(token, AdapterEntry("t1", "/x/t1", 2))  # re-onboarded
+            assert bank.slot_of("t1") == slot and bank.content_hash("t1") == "t1-v2"
+            assert loader.loaded == [("t1", 1), ("t9", 1), ("t1", 2)]
+            lease.release(), lease2.release()
+            res.evict("A", token.generation)  # the late member goes with its cluster
+            await res.settled()
+            assert bank.names == []
 
     asyncio.run(main())

@@ -13,7 +13,8 @@ import torch
 from inlaid_ray.config import Settings
 from inlaid_ray.demo.paths import demo_adapter_dir
 from inlaid_ray.demo.tasks import DEMO_TASKS
-from inlaid_ray.quant.cli import base_dir_from_args, resolve_device
+from inlaid_ray.devices import resolve_device
+from inlaid_ray.quant.cli import base_dir_from_args
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -57,7 +58,7 @@ def run_eval(args: argparse.Namespace, settings: Settings) -> int:
     models = ([] if args.no_base else [("base", base)]) + [(str(q), Path(q)) for q in args.quantized]
     if not models:
         raise SystemExit("nothing to evaluate: --no-base without --quantized")
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     results = {name: evaluate_dir(path, tokenizer, tasks, args.limit, args.loss_limit, device) for name, path in models}
     print(format_table(results))
     if args.json:

@@ -26,6 +26,7 @@ from inlaid_ray.demo.evaluate import GenerateFn, Messages, evaluate_task
 from inlaid_ray.demo.tasks import get_task
 from inlaid_ray.demo.train import tokenize_example
 from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams, blocks_for
+from inlaid_ray.engine.builder import BankCapacity, make_bank
 from inlaid_ray.lora.adapter import LoRAAdapter
 from inlaid_ray.lora.bank import AdapterBank
 from inlaid_ray.lora.peft_io import load_peft_adapter
@@ -58,10 +59,9 @@ def attach_adapters(model: Transformer, adapters: Mapping[str, LoRAAdapter]) -> 
     if not adapters:
         model.adapter_bank = None
         return None
-    bank = AdapterBank(model.config, max_slots=len(adapters), max_rank=max(a.max_rank for a in adapters.values()),
-                       dtype=model.dtype, device=model.device)
-    for name, adapter in adapters.items():
-        bank.add(dataclasses.replace(adapter, name=name))
+    capacity = BankCapacity(max_adapters=len(adapters), max_rank=max(a.max_rank for a in adapters.values()))
+    named = [dataclasses.replace(adapter, name=name) for name, adapter in adapters.items()]
+    bank = make_bank(model.config, model.dtype, model.device, capacity, named)
     model.adapter_bank = bank
     return bank
 

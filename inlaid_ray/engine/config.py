@@ -56,3 +56,5 @@ class EngineStats:
     last_step_num_seqs: int
     last_step_num_tokens: int
     last_step_num_adapters: int  # distinct adapters (tasks) in the last step
+    num_adapters_resident: int = 0  # in the adapter bank, raw and compressed
+    num_adapters_compressed: int = 0

@@ -21,11 +21,14 @@ from typing import Any
 
 import torch
 
+from inlaid_ray.engine.adapters import AdapterCommand, apply_adapter_command
 from inlaid_ray.engine.batch import build_step_batch
 from inlaid_ray.engine.block_allocator import BlockAllocator, blocks_for
 from inlaid_ray.engine.config import EngineConfig, EngineStats
 from inlaid_ray.engine.detokenizer import IncrementalDetokenizer
-from inlaid_ray.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams
+from inlaid_ray.engine.limits import check_prompt, resolve_max_model_len
+from inlaid_ray.engine.logits_processors import adjust_logits, token_logprobs
+from inlaid_ray.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
 from inlaid_ray.engine.sampling import GREEDY_EPS, sample
 from inlaid_ray.engine.scheduler import Scheduler, SchedulerLimits
 from inlaid_ray.errors import InvalidRequest, TaskNotFound
@@ -55,7 +58,8 @@ class LLMEngine:
         self.adapter_bank = self._attach_bank(model, adapter_bank)
         self.device = torch.device(config.device) if config.device else model.device
         self.dtype = config.dtype or model.dtype
-        self.max_model_len = self._resolve_max_model_len()
+        self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config.max_position_embeddings,
+                                                   config.max_num_batched_tokens)
         num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         min_blocks = blocks_for(self.max_model_len, config.block_size)
         if num_blocks < min_blocks:
@@ -99,14 +103,12 @@ class LLMEngine:
             raise InvalidRequest(f"the prompt must be a sequence of integer token ids: {exc}") from exc
         if not prompt:
             raise InvalidRequest("the prompt is empty; at least one token is needed")
-        if len(prompt) > self.max_model_len - 1:
-            raise InvalidRequest(
-                f"the prompt has {len(prompt)} tokens; max_model_len={self.max_model_len} "
-                f"allows at most {self.max_model_len - 1} so one token can be generated"
-            )
-        bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})")
+        check_prompt(prompt, self.model_config.vocab_size, self.max_model_len)
+        vocab = self.model_config.vocab_size
+        out_of_vocab = [t for t, _ in params.logit_bias if t >= vocab] + [t for t in params.stop_token_ids if t >= vocab]
+        if out_of_vocab:
+            raise InvalidRequest(f"token ids {out_of_vocab[:5]} in logit_bias / stop_token_ids are outside the "
+                                 f"vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise InvalidRequest(f"stop strings {params.stop!r} need a tokenizer; this engine has none")
         self._slot_of(task)  # unknown task -> TaskNotFound now, not in the middle of a step
@@ -171,6 +173,14 @@ class LLMEngine:
     def get_request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
 
+    # ----------------------------------------------------------------- adapters
+    def apply_adapter_command(self, command: AdapterCommand) -> int | None:
+        """Load or evict an adapter between steps (engine/adapters.py); the slot a load used."""
+        if self.adapter_bank is None:
+            raise TaskNotFound("this engine serves the base model only; it has no adapter bank")
+        in_use = frozenset(r.task for r in self._requests.values() if r.task is not None)
+        return apply_adapter_command(self.adapter_bank, command, in_use)
+
     # ----------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, sample one token per scheduled request; their deltas."""
@@ -191,11 +201,13 @@ class LLMEngine:
                 scheduled, slots, self.config.block_size, self.device, with_lora=self.adapter_bank is not None
             )
             logits = self.model(input_ids, batch, self.kv_cache)  # [S, vocab] fp32
-        tokens = sample(logits, [r.params for r in scheduled], [r.generator for r in scheduled])
+        adjusted = adjust_logits(logits, scheduled, self.eos_token_ids)
+        tokens = sample(adjusted, [r.params for r in scheduled], [r.generator for r in scheduled])
+        logprobs = token_logprobs(logits, tokens, scheduled)
         self._num_steps += 1
         self._last_step = (len(scheduled), batch.num_tokens, len({r.task for r in scheduled if r.task is not None}))
         now = self.clock()
-        return outputs + [self._append_token(req, tok, now) for req, tok in zip(scheduled, tokens)]
+        return outputs + [self._append_token(req, tok, lp, now) for req, tok, lp in zip(scheduled, tokens, logprobs)]
 
     def _resolve_slots(
         self, scheduled: list[Request], outputs: list[RequestOutput], now: float
@@ -212,7 +224,7 @@ class LLMEngine:
                 outputs.append(self._output(req, "", ()))
         return kept, slots
 
-    def _append_token(self, req: Request, token: int, now: float) -> RequestOutput:
+    def _append_token(self, req: Request, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
         """Record a sampled token, detokenize, and finish the request if it should stop."""
         req.num_computed_tokens = req.num_tokens
         req.output_token_ids.append(token)
@@ -231,7 +243,7 @@ class LLMEngine:
                 reason = "stop"
         if reason is not None:
             self._finish(req, reason, now)
-        return self._output(req, delta, (token,))
+        return self._output(req, delta, (token,), (logprob,) if logprob is not None else ())
 
     def _finish(self, req: Request, reason: FinishReason, now: float) -> None:
         req.status = RequestStatus.FINISHED
@@ -242,7 +254,8 @@ class LLMEngine:
         self._num_finished += 1
         self.policy.on_finished(req, now)
 
-    def _output(self, req: Request, delta: str, token_ids: tuple[int, ...]) -> RequestOutput:
+    def _output(self, req: Request, delta: str, token_ids: tuple[int, ...],
+                logprobs: tuple[TokenLogprob, ...] = ()) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
             text=delta,
@@ -254,6 +267,7 @@ class LLMEngine:
             task=req.task,
             arrival_time=req.arrival_time,
             first_scheduled_time=req.first_scheduled_time,
+            logprobs=logprobs,
         )
 
     # ----------------------------------------------------------------- convenience
@@ -276,6 +290,7 @@ class LLMEngine:
         for req in reqs:
             self.add(req)
         texts: dict[str, list[str]] = {r.request_id: [] for r in reqs}
+        logprobs: dict[str, list[TokenLogprob]] = {r.request_id: [] for r in reqs}
         done: dict[str, RequestOutput] = {}
         while len(done) < n:
             outputs = self.step()
@@ -284,6 +299,7 @@ class LLMEngine:
             for out in outputs:
                 if out.request_id in texts:
                     texts[out.request_id].append(out.text)
+                    logprobs[out.request_id].extend(out.logprobs)
                     if out.finished:
                         done[out.request_id] = out
         results = []
@@ -301,12 +317,14 @@ class LLMEngine:
                     task=req.task,
                     arrival_time=req.arrival_time,
                     first_scheduled_time=req.first_scheduled_time,
+                    logprobs=tuple(logprobs[req.request_id]),
                 )
             )
         return results
 
     def stats(self) -> EngineStats:
         seqs, tokens, adapters = self._last_step
+        view = self.adapter_bank.view if self.adapter_bank is not None else None
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_paused=self.scheduler.num_paused,
@@ -320,6 +338,8 @@ class LLMEngine:
             last_step_num_seqs=seqs,
             last_step_num_tokens=tokens,
             last_step_num_adapters=adapters,
+            num_adapters_resident=len(view.raw) + len(view.compressed) if view is not None else 0,
+            num_adapters_compressed=len(view.compressed) if view is not None else 0,
         )
 
     # ----------------------------------------------------------------- set-up helpers
@@ -346,19 +366,6 @@ class LLMEngine:
         elif model_bank is not adapter_bank:
             raise ValueError("the engine and the model were given different adapter banks")
         return adapter_bank
-
-    def _resolve_max_model_len(self) -> int:
-        cfg, limit = self.config, self.model_config.max_position_embeddings
-        if cfg.max_model_len is None:
-            return min(limit, cfg.max_num_batched_tokens)
-        if cfg.max_model_len > limit:
-            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings={limit}")
-        if cfg.max_model_len > cfg.max_num_batched_tokens:
-            raise ValueError(
-                f"max_model_len={cfg.max_model_len} > max_num_batched_tokens={cfg.max_num_batched_tokens}: "
-                "prompts are prefilled in one chunk, so a step must fit the longest sequence"
-            )
-        return cfg.max_model_len
 
     def _blocks_from_memory(self) -> int:
         cfg = self.config

@@ -13,6 +13,7 @@ import torch
 from inlaid_ray.errors import InvalidRequest
 
 FinishReason = Literal["stop", "length", "abort"]
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,22 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, excluded from the returned text
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation like EOS
     ignore_eos: bool = False  # keep generating past the model's EOS tokens
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many output tokens
+    presence_penalty: float = 0.0  # OpenAI: minus this for every token already generated, [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output, [-2, 2]
+    repetition_penalty: float = 1.0  # HF/vLLM: logits of prompt and output tokens / this (> 0) if positive, * if not
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to its logit
+    logprobs: int | None = None  # None: off; k >= 0: the sampled token's log-probability and the k most likely
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any logits processor (engine/logits_processors.py) applies."""
+        return bool(self.min_tokens or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.logit_bias)
 
     def validate(self, max_model_len: int) -> None:
         """Raise InvalidRequest naming the offending value (limits are those of the model)."""
@@ -59,6 +72,22 @@ class SamplingParams:
             _is_int(i) and i >= 0 for i in self.stop_token_ids
         ):
             raise InvalidRequest(f"stop_token_ids must be a tuple of token ids >= 0, got {self.stop_token_ids!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(f"min_tokens must be an integer in [0, max_tokens={n}], got {self.min_tokens!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:  # NaN fails too
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {v!r}")
+        r = self.repetition_penalty
+        if not isinstance(r, (int, float)) or not (0.0 < r < math.inf):
+            raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {r!r}")
+        if not isinstance(self.logit_bias, tuple) or not all(
+            isinstance(pair, tuple) and len(pair) == 2 and _is_int(pair[0]) and pair[0] >= 0
+            and isinstance(pair[1], (int, float)) and -100.0 <= pair[1] <= 100.0 for pair in self.logit_bias
+        ):
+            raise InvalidRequest(f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {self.logit_bias!r}")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequest(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
 
 def _is_int(x: Any) -> bool:
@@ -122,6 +151,16 @@ class Request:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (raw logits, before penalties, bias and
+    temperature, as vLLM reports by default) and the `SamplingParams.logprobs` most likely tokens."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request: a delta while streaming.
 
@@ -139,6 +178,7 @@ class RequestOutput:
     task: str | None = None
     arrival_time: float | None = None  # engine clock
     first_scheduled_time: float | None = None  # engine clock; None while it has not run yet
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `token_ids` when requested
 
     @property
     def queue_time_s(self) -> float | None:

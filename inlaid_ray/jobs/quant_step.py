@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from inlaid_ray.devices import parse_dtype, resolve_device
 from inlaid_ray.model import ModelConfig, load_tokenizer
 from inlaid_ray.quant.loading import load_base
 from inlaid_ray.quant.calibration import CalibrationConfig
@@ -35,7 +36,6 @@ from inlaid_ray.quant.quantizer import QuantGrid
 from inlaid_ray.quant.stats_store import StatsStore, base_fingerprint
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -81,32 +81,26 @@ class StatsResult:
         return sum(len(g) for g in self.changed.values())
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def configs(settings: QuantSettings, model_config: ModelConfig,
             store: StatsStore | None) -> tuple[MLGPTQConfig, CalibrationConfig, int]:
     """(MLGPTQ config, calibration config, per-task token budget): the store's own if it exists."""
     grid = settings.grid(model_config)
     if store is None:
         cfg = MLGPTQConfig(method=settings.method, grid=grid, batch_tokens=settings.batch_tokens,  # type: ignore[arg-type]
-                           device=resolve_device(settings.device),
-                           dtype=_DTYPES[settings.dtype], gptq_threads=settings.gptq_threads)
+                           device=str(resolve_device(settings.device)),
+                           dtype=parse_dtype(settings.dtype), gptq_threads=settings.gptq_threads)
         calib = CalibrationConfig(tokens_per_task=settings.tokens_per_task, max_seq_len=settings.max_seq_len,
                                   seed=settings.seed)
         return cfg, calib, settings.tokens_per_task
     s, c = store.settings, store.settings["calibration"]
-    device = resolve_device(settings.device)
+    device = str(resolve_device(settings.device))
     if torch.device(device).type != s["device_type"]:
         log.warning("statistics store %s was built on %s; computing on %s too (its Hessians depend on it)",
                     store.root, s["device_type"], s["device_type"])
         device = s["device_type"]
     cfg = MLGPTQConfig(method=settings.method, grid=grid,  # type: ignore[arg-type]
                        calibrate_with_adapter=s["calibrate_with_adapter"], batch_tokens=s["batch_tokens"],
-                       block_size=s["block_size"], device=device, dtype=_DTYPES[s["dtype"]],
+                       block_size=s["block_size"], device=device, dtype=parse_dtype(s["dtype"]),
                        gptq_threads=settings.gptq_threads)
     calib = CalibrationConfig(tokens_per_task=c["tokens_per_task"], max_seq_len=c["max_seq_len"],
                               max_sequences=c["max_sequences"], seed=c["seed"])

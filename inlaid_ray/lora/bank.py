@@ -29,12 +29,16 @@ cluster's bases (`cluster_basis`) into a free row; `remove_cluster(cluster_slot)
 Atomicity: every add validates, converts and pads everything before its first write, so a
 failing add leaves the bank untouched; writes and bookkeeping happen under `lock`, which the
 engine holds for a whole forward step, so a step sees an adapter's old or new version, never a mix.
+In serving, only the engine writes (`engine/adapters.py` commands, applied between steps in its
+thread); other threads read `view`, an immutable snapshot replaced at the end of every write.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -71,6 +75,31 @@ def select_lora_op(device: torch.device, kernels: Kernels = "auto") -> LoRAOp:
 
         return lora_shrink_expand
     raise ValueError(f"kernels={kernels!r}; expected 'auto', 'reference' or 'triton'")
+
+
+@dataclass(frozen=True)
+class BankView:
+    """What a bank holds, as of its last completed write (safe to read from any thread)."""
+
+    max_slots: int
+    free_slots: int
+    raw: frozenset[str]
+    compressed: Mapping[str, tuple[int, int]]  # name -> (cluster slot, row)
+    clusters: Mapping[int, tuple[str, ...]]  # used cluster slot -> members in row order
+    max_clusters: int
+    max_cluster_size: int
+    max_cluster_rank: int
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.raw or name in self.compressed
+
+    def cluster_of(self, name: str) -> tuple[int, int] | None:
+        """(cluster slot, row) of a compressed adapter; None when raw or absent."""
+        return self.compressed.get(name)
+
+    @property
+    def free_clusters(self) -> int:
+        return self.max_clusters - len(self.clusters)
 
 
 class AdapterBank:
@@ -114,6 +143,7 @@ class AdapterBank:
         self._compressed_hashes: dict[str, str] = {}
         # The last step's split, rebuilt when the batch object or the bank changes (one per step).
         self._plan: tuple[LoRABatch, int, StepPlan] | None = None
+        self.view = self._snapshot()
 
     # ------------------------------------------------------------------ residency
 
@@ -146,7 +176,7 @@ class AdapterBank:
             self.ranks[slot] = adapter.max_rank
             if adapter.name in self.compressed.location:
                 self._drop_compressed(adapter.name)
-            self.generation += 1
+            self._changed()
         return slot
 
     def add_cluster(self, cluster: ClusterBank, *, label: str = "", content_hash: str = "") -> int:
@@ -165,7 +195,7 @@ class AdapterBank:
             self.compressed.write_cluster(c, staged)
             for name in staged.members:
                 self._compressed_hashes[name] = content_hash
-            self.generation += 1
+            self._changed()
         return c
 
     def add_to_cluster(self, name: str, cluster_slot: int, cores: Mapping[ModuleKey, torch.Tensor],
@@ -185,7 +215,7 @@ class AdapterBank:
                     self._drop_compressed(name)
             self.compressed.write_row(cluster_slot, row, name, staged)
             self._compressed_hashes[name] = content_hash
-            self.generation += 1
+            self._changed()
             return self.compressed.slot(name)
 
     def remove_cluster(self, cluster_slot: int) -> list[str]:
@@ -194,7 +224,7 @@ class AdapterBank:
             names = self.compressed.remove_cluster(cluster_slot)
             for name in names:
                 self._compressed_hashes.pop(name, None)
-            self.generation += 1
+            self._changed()
         return names
 
     def remove(self, name: str) -> None:
@@ -206,7 +236,7 @@ class AdapterBank:
             else:
                 self.slot_of(name)  # TaskNotFound with the resident names
                 self._drop_raw(name)
-            self.generation += 1
+            self._changed()
 
     def slot_of(self, name: str) -> int:
         """The slot id a step's tokens use for `name`: < max_slots raw, else compressed."""
@@ -307,6 +337,24 @@ class AdapterBank:
         }
 
     # ------------------------------------------------------------------ internals
+
+    def _changed(self) -> None:
+        """After a write (under the lock): bump the generation, publish a new view."""
+        self.generation += 1
+        self.view = self._snapshot()
+
+    def _snapshot(self) -> BankView:
+        store = self.compressed
+        return BankView(
+            max_slots=self.max_slots,
+            free_slots=self.free_slots,
+            raw=frozenset(self._slot_of),
+            compressed=MappingProxyType(dict(store.location)),
+            clusters=MappingProxyType({c: tuple(self.cluster_members(c)) for c in store.used_clusters()}),
+            max_clusters=store.max_clusters,
+            max_cluster_size=store.max_size,
+            max_cluster_rank=store.max_rank,
+        )
 
     def _stage(self, adapter: LoRAAdapter) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """Padded, scale-folded bank-dtype copies of every factor, checked for overflow."""

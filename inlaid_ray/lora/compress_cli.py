@@ -18,9 +18,9 @@ import torch
 from inlaid_ray.progress import Progress
 
 from inlaid_ray.config import Settings
+from inlaid_ray.devices import DTYPES, parse_dtype, resolve_device
 from inlaid_ray.errors import AdapterError
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _clusters_arg(value: str) -> int | str:
@@ -59,7 +59,7 @@ def add_compress_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--missing-modules", default="zero", choices=["zero", "error"],
                    help="adapters with different target modules: zero update where missing, or refuse")
     p.add_argument("--device", default="auto", help="compute device: auto (cuda if available), cpu, cuda, ...")
-    p.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="storage dtype of the bank")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="storage dtype of the bank")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on shared CPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", help="also write the size and error report as JSON")
@@ -102,7 +102,7 @@ def run_compress(args: argparse.Namespace, settings: Settings) -> int:
         raise SystemExit(f"{out} exists; pass --overwrite to replace it")
     paths = _parse_adapters(args.adapters)
     base = Path(args.base) if args.base else prepare_smollm2(settings.cache_dir)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = str(resolve_device(args.device))
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +117,7 @@ def run_compress(args: argparse.Namespace, settings: Settings) -> int:
                 max_clusters=args.max_clusters, seed=args.seed,
             )
             cset = compress_adapter_set(adapters, cfg, missing_modules=args.missing_modules, device=device,
-                                        storage_dtype=_DTYPES[args.dtype])
+                                        storage_dtype=parse_dtype(args.dtype))
         except AdapterError:
             raise
         except ValueError as exc:  # bad rank / cluster count / module sets: a user error, one line

@@ -14,16 +14,10 @@ from typing import Any
 import torch
 
 from inlaid_ray.config import Settings
+from inlaid_ray.devices import DTYPES, parse_dtype, resolve_device
 from inlaid_ray.quant.mlgptq import METHODS
 from inlaid_ray.quant.quantizer import SUPPORTED_BITS
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def base_dir_from_args(args: argparse.Namespace, settings: Settings) -> Path:
@@ -66,7 +60,7 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--batch-tokens", type=int, default=2048, help="tokens per calibration forward")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="calibration forward / master weight dtype")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="calibration forward / master weight dtype")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--report", help="write the run report (tasks, timings, peak memory, per-layer GPTQ loss) as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -90,7 +84,7 @@ def run_quantize(args: argparse.Namespace, settings: Settings) -> int:
                      true_sequential=not args.no_true_sequential)
     cfg = MLGPTQConfig(method=args.method, grid=grid, activation_source=args.activation_source,
                        calibrate_with_adapter=not args.no_adapter_calibration, batch_tokens=args.batch_tokens,
-                       device=resolve_device(args.device), dtype=_DTYPES[args.dtype])
+                       device=str(resolve_device(args.device)), dtype=parse_dtype(args.dtype))
     calib = CalibrationConfig(tokens_per_task=args.tokens_per_task, max_seq_len=args.max_seq_len, seed=args.seed)
     sources = [TaskSource.parse(s) for s in [*args.task, *args.add_task]]
     report = quantize_base(base_dir_from_args(args, settings), sources, args.out, cfg, calib, args.stats_dir, args.overwrite)

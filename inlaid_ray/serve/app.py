@@ -19,7 +19,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from inlaid_ray.config import Settings
-from inlaid_ray.engine import EngineConfig
+from inlaid_ray.engine import EngineConfig, limits
 from inlaid_ray.model import ModelConfig
 from inlaid_ray.model.prepare import prepare_smollm2
 from inlaid_ray.serve.engine_builder import ReplicaSpec
@@ -128,13 +128,9 @@ def resolve_model_dir(args: AppArgs, settings: Settings) -> Path:
 
 
 def resolve_max_model_len(args: AppArgs, model_config: ModelConfig) -> int:
-    """The same rule the engine applies (so router and replicas agree on the limit)."""
-    if args.max_model_len is not None:
-        if args.max_model_len > model_config.max_position_embeddings:
-            raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's max_position_embeddings="
-                             f"{model_config.max_position_embeddings}")
-        return args.max_model_len
-    return min(model_config.max_position_embeddings, args.max_num_batched_tokens)
+    """The engine's rule (engine/limits.py), so router and replicas agree on the limit."""
+    return limits.resolve_max_model_len(args.max_model_len, model_config.max_position_embeddings,
+                                        args.max_num_batched_tokens)
 
 
 def registry_seed(args: AppArgs, settings: Settings, model_dir: Path, artifact_dir: str | Path,

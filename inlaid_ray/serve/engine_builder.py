@@ -1,5 +1,5 @@
-"""Build a replica's engine from a `ReplicaSpec`: base model, adapter bank, `LLMEngine` and its
-asyncio front. No Ray here: the replica deployment calls an injectable factory with this
+"""Build a replica's engine from a `ReplicaSpec` through the one engine builder (`engine.builder`):
+base model, adapter bank, `LLMEngine` and its asyncio front. No Ray here: the replica deployment calls an injectable factory with this
 signature (`build_engine` by default), as Ray Serve LLM injects its engine class.
 
 A base directory holding a GPTQ checkpoint (`quantize_config.json`, e.g. the MLGPTQ 4-bit
@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from inlaid_ray.engine import AsyncLLMEngine, EngineConfig, LLMEngine
-from inlaid_ray.engine.builder import parse_dtype
+from inlaid_ray.devices import resolve_device, resolve_dtype
+from inlaid_ray.engine import AsyncLLMEngine, EngineConfig
+from inlaid_ray.engine.builder import BankCapacity, engine_on_base, make_bank
 from inlaid_ray.errors import AdapterError
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, load_peft_adapter
 from inlaid_ray.lora.cluster_bank import ClusterBanks, load_cluster_banks
-from inlaid_ray.model import ModelConfig, load_tokenizer
-from inlaid_ray.quant.loading import load_base
+from inlaid_ray.model import ModelConfig
 from inlaid_ray.serve.replica_protocol import AdapterEntry
 
 log = logging.getLogger(__name__)
@@ -57,19 +57,6 @@ class EngineBundle:
     engine: AsyncLLMEngine
     bank: AdapterBank | None
     model_config: ModelConfig
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA, float32 elsewhere; other names as `engine.builder.parse_dtype`."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return parse_dtype(dtype)
 
 
 def resolve_adapter_path(uri: str, artifact_dir: str | Path) -> Path:
@@ -105,17 +92,17 @@ def load_bank(uri: str, model_config: ModelConfig, dtype: torch.dtype, device: t
 
 
 def build_engine(spec: ReplicaSpec) -> EngineBundle:
-    """Default engine factory: base + adapter bank + continuous-batching engine."""
+    """Default engine factory: the one engine builder (`engine.builder`) with the spec's bank size."""
     torch.set_num_threads(max(1, spec.torch_threads))
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     model_config = ModelConfig.from_dir(spec.model_dir)
-    bank = AdapterBank(model_config, spec.max_adapters, spec.max_lora_rank, dtype=dtype, device=device,
-                       max_clusters=spec.max_compressed_clusters, max_cluster_rank=spec.max_cluster_rank,
-                       max_cluster_size=spec.max_cluster_size)
-    model = load_base(spec.model_dir, dtype, device, bank, spec.gptq_cache_dequantized)
-    tokenizer = load_tokenizer(spec.model_dir)
-    engine = LLMEngine(model, tokenizer, spec.engine, adapter_bank=bank)
+    capacity = BankCapacity(max_adapters=spec.max_adapters, max_rank=spec.max_lora_rank,
+                            max_clusters=spec.max_compressed_clusters, max_cluster_rank=spec.max_cluster_rank,
+                            max_cluster_size=spec.max_cluster_size)
+    bank = make_bank(model_config, dtype, device, capacity)
+    engine = engine_on_base(spec.model_dir, bank, spec.engine, dtype=dtype, device=device,
+                            gptq_cache_dequantized=spec.gptq_cache_dequantized)
     log.info("engine ready: %s on %s (%s), %d KV blocks, max_model_len %d",
              spec.model_dir, device, dtype, engine.allocator.num_blocks, engine.max_model_len)
     return EngineBundle(AsyncLLMEngine(engine), bank, model_config)

@@ -8,8 +8,9 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from inlaid_ray.engine.request import MAX_LOGPROBS
 from inlaid_ray.model.tokenizer import ChatRole
 
 
@@ -28,19 +29,13 @@ UNSUPPORTED_FIELDS: dict[str, tuple[object, ...]] = {
     "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "logit_bias": (None, {}),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
-    "best_of": (None, 1),
     "suffix": (None, ""),
-    "repetition_penalty": (None, 1, 1.0),
-    "min_tokens": (None, 0),
-    "stop_token_ids": (None, []),
     "guided_json": (None,),
     "guided_regex": (None,),
     "guided_choice": (None,),
     "guided_grammar": (None,),
 }
+MAX_CHOICES = 16  # most choices (n, best_of) per request; each is one engine request
 # Informational fields that change nothing in a completion: accepted as they are.
 INFORMATIONAL_FIELDS = ("metadata", "store", "service_tier")
 
@@ -64,15 +59,18 @@ class _SamplingFields(BaseModel):
     temperature: float = Field(default=1.0, description="0 = greedy; OpenAI range [0, 2]")
     top_p: float = Field(default=1.0, description="nucleus sampling mass, (0, 1]")
     top_k: int = Field(default=-1, description="-1 = off (vLLM extension)")
-    n: int = Field(default=1, description="only 1 is supported")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="choices to generate (each an engine request)")
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    logprobs: int | bool | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI presence penalty")
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI frequency penalty")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, description="vLLM extension: HF-style repetition penalty")
+    logit_bias: dict[str, float] | None = Field(default=None, description="token id -> bias in [-100, 100]")
+    min_tokens: int = Field(default=0, ge=0, description="vLLM extension: no EOS / stop_token_ids before this many tokens")
+    stop_token_ids: list[int] | None = Field(default=None, description="vLLM extension: token ids that end generation")
     user: str | None = None
     metadata: dict[str, str] | None = None  # INFORMATIONAL_FIELDS
     store: bool | None = None
@@ -107,13 +105,6 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"max_tokens must be >= 1, got {v}")
         return v
 
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got n={v}")
-        return v
-
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
@@ -122,21 +113,67 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"stop takes up to 4 non-empty strings, got {stops!r}")
         return stops
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> "_SamplingFields":
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
-        if self.presence_penalty != 0.0 or self.frequency_penalty != 0.0:
-            raise ValueError("presence_penalty and frequency_penalty are not supported (must be 0)")
-        return self
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(t < 0 for t in v):
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {v}")
+        return v
 
     @property
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(t), float(b)) for t, b in (self.logit_bias or {}).items()))
+
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] = Field(description="text, or token ids")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                 description="log-probabilities of the sampled tokens and this many alternatives")
+    echo: bool = Field(default=False, description="return the prompt before the completion")
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES,
+                                description="candidates generated; the n with the highest log-probability are returned")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v < info.data.get("n", 1):
+            raise ValueError(f"best_of={v} must be >= n={info.data.get('n', 1)}")
+        if v is not None and v > 1 and info.data.get("stream"):
+            raise ValueError("best_of > 1 cannot be streamed (the best candidates are known only at the end)")
+        return v
+
+    @property
+    def num_candidates(self) -> int:
+        """Engine requests per API request: best_of when set, else n."""
+        return self.best_of or self.n
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("logprobs") is not None:
+            raise ValueError("echo with logprobs needs the prompt's log-probabilities, which this server does not "
+                             "compute; send echo or logprobs, not both")
+        return v
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """Alternatives per token the engine reports (None: no log-probabilities)."""
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -171,6 +208,25 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = Field(default=False, description="log-probabilities of the sampled tokens")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                     description="alternatives per token (needs logprobs=true)")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs=true")
+        return v
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """Alternatives per token the engine reports (None: no log-probabilities)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def num_candidates(self) -> int:
+        return self.n
 
     @model_validator(mode="after")
     def _max_completion_tokens(self) -> "ChatCompletionRequest":

@@ -1,18 +1,19 @@
 """OpenAI request -> prompt token ids + engine SamplingParams, with the context-length rules.
 
-Limits (max_model_len = prompt + output tokens of one sequence): a prompt of more than
-max_model_len - 1 tokens is rejected (`context_length_exceeded`, param prompt/messages); an
-explicit max_tokens that does not fit after the prompt is rejected the same way (param
-max_tokens). Without max_tokens, completions generate OpenAI's default 16 tokens (fewer if the
+Limits are engine/limits.py's, shared with the engine: a prompt of more than max_model_len - 1
+tokens is rejected (`context_length_exceeded`, param prompt/messages); an explicit max_tokens
+that does not fit after the prompt is rejected the same way (param max_tokens). Without max_tokens, completions generate OpenAI's default 16 tokens (fewer if the
 context is nearly full) and chat generates up to the end of the context.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from inlaid_ray.engine import SamplingParams
+from inlaid_ray.engine.limits import ContextLengthExceeded, check_fits, check_prompt
 from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.model import encode_chat, encode_text
 from inlaid_ray.serve.http_errors import OpenAIHTTPError
@@ -36,15 +37,25 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, vocab_size: int, 
             raise OpenAIHTTPError(400, "the prompt encodes to zero tokens", param="prompt")
     else:
         ids = list(req.prompt)
-        bad = [t for t in ids if not 0 <= t < vocab_size][:5]
-        if bad:
-            raise OpenAIHTTPError(400, f"prompt token ids {bad} are outside the vocabulary [0, {vocab_size})", param="prompt")
-        text = tokenizer.decode(ids)
+        text = ""  # decoded below, once the ids are known to be in the vocabulary
+    _check(lambda: check_prompt(ids, vocab_size, max_model_len), "prompt")
+    text = text or tokenizer.decode(ids)
     default = min(DEFAULT_COMPLETION_TOKENS, max(1, max_model_len - len(ids)))
-    return PreparedPrompt(tuple(ids), text, sampling_params(req, len(ids), max_model_len, default, "prompt"))
+    return PreparedPrompt(tuple(ids), text, sampling_params(req, len(ids), vocab_size, max_model_len, default, "prompt"))
 
 
-def prepare_chat(req: ChatCompletionRequest, tokenizer: Any, max_model_len: int) -> PreparedPrompt:
+def _check(rule: Callable[[], None], prompt_param: str) -> None:
+    """Run a shared limit rule (engine/limits.py); its error as OpenAI's 400, naming the parameter."""
+    try:
+        rule()
+    except ContextLengthExceeded as exc:
+        param = prompt_param if exc.param == "prompt" else exc.param
+        raise OpenAIHTTPError(400, str(exc), code="context_length_exceeded", param=param) from exc
+    except InvalidRequest as exc:
+        raise OpenAIHTTPError(400, str(exc), param=prompt_param) from exc
+
+
+def prepare_chat(req: ChatCompletionRequest, tokenizer: Any, vocab_size: int, max_model_len: int) -> PreparedPrompt:
     """Apply the chat template and build the sampling params (default: rest of the context)."""
     try:
         ids = encode_chat(tokenizer, [m.model_dump(include={"role", "content"}) for m in req.messages])
@@ -52,24 +63,21 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer: Any, max_model_len: int)
         raise OpenAIHTTPError(400, str(exc), param="messages") from exc
     users = [m.content for m in req.messages if m.role == "user"]
     text = users[-1] if users else req.messages[-1].content
+    _check(lambda: check_prompt(ids, vocab_size, max_model_len), "messages")
     default = max(1, max_model_len - len(ids))
-    return PreparedPrompt(tuple(ids), text, sampling_params(req, len(ids), max_model_len, default, "messages"))
+    return PreparedPrompt(tuple(ids), text, sampling_params(req, len(ids), vocab_size, max_model_len, default, "messages"))
 
 
-def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_model_len: int,
-                    default_max_tokens: int, prompt_param: str) -> SamplingParams:
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: int, vocab_size: int,
+                    max_model_len: int, default_max_tokens: int, prompt_param: str) -> SamplingParams:
     """Engine params for `req`; 400 when the prompt or max_tokens do not fit in max_model_len."""
-    if prompt_len > max_model_len - 1:
-        raise OpenAIHTTPError(
-            400, f"This model's maximum context length is {max_model_len} tokens. However, your {prompt_param} has "
-            f"{prompt_len} tokens, which leaves no room for a completion.",
-            code="context_length_exceeded", param=prompt_param)
     max_tokens = req.max_tokens if req.max_tokens is not None else default_max_tokens
-    if prompt_len + max_tokens > max_model_len:
-        raise OpenAIHTTPError(
-            400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}, {max_tokens} for the completion).",
-            code="context_length_exceeded", param="max_tokens")
+    _check(lambda: check_fits(prompt_len, max_tokens, max_model_len), prompt_param)
+    for param, ids in (("logit_bias", [t for t, _ in req.logit_bias_pairs]), ("stop_token_ids", req.stop_token_ids or [])):
+        outside = [t for t in ids if t >= vocab_size]
+        if outside:
+            raise OpenAIHTTPError(400, f"token ids {outside[:5]} are outside the vocabulary [0, {vocab_size})",
+                                  param=param)
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -77,10 +85,18 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: 
         top_k=req.top_k,
         seed=req.seed,
         stop=tuple(req.stop or ()),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logit_bias=req.logit_bias_pairs,
+        logprobs=req.engine_logprobs,
     )
     try:
         params.validate(max_model_len)
     except InvalidRequest as exc:
-        raise OpenAIHTTPError(400, str(exc)) from exc
+        param = next((f for f in ("min_tokens", "max_tokens") if str(exc).startswith(f)), None)
+        raise OpenAIHTTPError(400, str(exc), param=param) from exc
     return params

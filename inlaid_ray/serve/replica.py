@@ -29,19 +29,14 @@ from typing import Any
 
 from ray import serve
 
-from inlaid_ray.engine import AsyncLLMEngine, LLMEngine
+from inlaid_ray.engine import AsyncLLMEngine
+from inlaid_ray.engine.adapters import AdapterCommand
 from inlaid_ray.errors import InvalidRequest, ModelLoadError, NoFreeSlot, TaskNotFound
-from inlaid_ray.model import ModelConfig, load_tokenizer
-from inlaid_ray.serve.engine_builder import (
-    EngineBundle,
-    ReplicaSpec,
-    build_engine,
-    load_bank,
-    load_cluster_adapter,
-    resolve_device,
-    resolve_dtype,
-)
-from inlaid_ray.quant.loading import load_base
+from inlaid_ray.lora.bank import BankView
+from inlaid_ray.model import ModelConfig
+from inlaid_ray.devices import resolve_device, resolve_dtype
+from inlaid_ray.engine.builder import engine_on_base
+from inlaid_ray.serve.engine_builder import EngineBundle, ReplicaSpec, build_engine, load_bank, load_cluster_adapter
 from inlaid_ray.serve.http_errors import error_chunk
 from inlaid_ray.serve.imports import import_object
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ReplicaRequest, merge_outputs
@@ -52,7 +47,6 @@ log = logging.getLogger(__name__)
 
 _END = object()  # the pump's end-of-stream marker
 _ACQUIRE_ATTEMPTS = 3  # a cluster evicted between load and lease is loaded again, this often
-_STATS_ATTEMPTS = 5  # reads of the engines' counters that may race a step before the last good stats are used
 # Fields that must agree between two bases sharing one adapter bank and one tokenizer.
 _SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim")
@@ -71,7 +65,7 @@ class _InFlight:
         return prefill + max(self.predicted_len - self.generated, 1.0)
 
 
-def engine_on_base(uri: str, spec: ReplicaSpec, bank: Any, model_config: ModelConfig) -> AsyncLLMEngine:
+def engine_for_base(uri: str, spec: ReplicaSpec, bank: Any, model_config: ModelConfig) -> AsyncLLMEngine:
     """A ready engine on the base at `uri` sharing `bank` (blocking: call it off the event loop)."""
     new = ModelConfig.from_dir(uri)
     diff = {f: (getattr(model_config, f), getattr(new, f)) for f in _SHAPE_FIELDS
@@ -81,8 +75,22 @@ def engine_on_base(uri: str, spec: ReplicaSpec, bank: Any, model_config: ModelCo
                              f"(field: (serving, new)) {diff}")
     device = resolve_device(spec.device)
     dtype = bank.dtype if bank is not None else resolve_dtype(spec.dtype, device)
-    model = load_base(uri, dtype, device, bank, spec.gptq_cache_dequantized)  # dense or GPTQ, as at start-up
-    return AsyncLLMEngine(LLMEngine(model, load_tokenizer(uri), spec.engine, adapter_bank=bank))
+    return AsyncLLMEngine(engine_on_base(uri, bank, spec.engine, dtype=dtype, device=device,
+                                         gptq_cache_dequantized=spec.gptq_cache_dequantized))
+
+
+class _CurrentEngine:
+    """The adapter host of a replica's residency: its current engine (all engines share one bank)."""
+
+    def __init__(self, bases: BaseResidency) -> None:
+        self._bases = bases
+
+    @property
+    def adapter_view(self) -> BankView:
+        return self._bases.current.engine.adapter_view
+
+    def submit_adapter_command(self, command: AdapterCommand) -> asyncio.Future[int | None]:
+        return self._bases.current.engine.submit_adapter_command(command)
 
 
 def _replica_id() -> str:
@@ -108,10 +116,9 @@ class EngineReplica:
         self._replica_id = _replica_id()
         self._inflight: dict[str, _InFlight] = {}
         self._specs: dict[str, Any] = {}  # cluster id -> latest ClusterSpec seen (read by the loader)
-        self._last_stats: dict[str, Any] = {"replica": self._replica_id}
         self._num_cancelled = 0  # streams the consumer left before they finished (client went away)
         self._residency = None if self._bank is None else \
-            ClusterResidency(self._bank, self._read_adapter, spec.drain_timeout_s, self._read_bank)
+            ClusterResidency(_CurrentEngine(self._bases), self._read_adapter, spec.drain_timeout_s, self._read_bank)
         # Decorated here, not on the class, so that the LRU bound comes from the spec.
         self._load_cluster = serve.multiplexed(max_num_models_per_replica=spec.max_clusters)(self._make_cluster_loader())
 
@@ -128,17 +135,7 @@ class EngineReplica:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        """Routing stats (advisory): never fails a request. The engines' counters are read while a
-        step may be changing them in the engine's worker thread, so a read that races retries."""
-        for _ in range(_STATS_ATTEMPTS):
-            try:
-                self._last_stats = self._read_stats()
-                break
-            except RuntimeError as exc:  # "dictionary changed size during iteration" in the scheduler
-                log.debug("replica %s: stats read raced an engine step (%s); retrying", self._replica_id, exc)
-        return {**self._last_stats, "ts": time.time()}
-
-    def _read_stats(self) -> dict[str, Any]:
+        """Routing stats (advisory), from the snapshots each engine took after its last step."""
         bases = self._bases
         s = bases.current.engine.stats()
         others = [slot.engine.stats() for slot in bases.draining]
@@ -160,8 +157,8 @@ class EngineReplica:
             "distinct_adapters_last_step": s.last_step_num_adapters,
             "predicted_outstanding_tokens": sum(f.outstanding for f in self._inflight.values()),
             "in_flight": len(self._inflight),
-            "adapters_resident": len(self._bank) if self._bank is not None else 0,
-            "adapters_compressed": len(self._bank.compressed.location) if self._bank is not None else 0,
+            "adapters_resident": s.num_adapters_resident,
+            "adapters_compressed": s.num_adapters_compressed,
             "cancelled": self._num_cancelled,
             "cluster_loads": residency.num_loads if residency else 0,
             "cluster_evictions": residency.num_evictions if residency else 0,
@@ -283,7 +280,7 @@ class EngineReplica:
     async def _load_base(self, ref: BaseRef) -> AsyncLLMEngine:
         log.info("replica %s: loading base version %d from %s beside %s", self._replica_id, ref.version, ref.uri,
                  self._bases.current.uri)
-        return await asyncio.to_thread(engine_on_base, ref.uri, self._spec, self._bank, self._model_config)
+        return await asyncio.to_thread(engine_for_base, ref.uri, self._spec, self._bank, self._model_config)
 
     async def _read_bank(self, uri: str) -> Any:
         assert self._bank is not None

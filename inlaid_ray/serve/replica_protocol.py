@@ -91,4 +91,6 @@ def merge_outputs(outputs: Sequence[RequestOutput]) -> dict[str, Any]:
         "num_prompt_tokens": last.num_prompt_tokens,
         "num_completion_tokens": last.num_completion_tokens,
         "queue_time_s": last.queue_time_s,  # arrival at the engine -> first step (None until it ran)
+        # one [token id, logprob, [[alternative id, logprob], ...]] per token, when requested
+        "logprobs": [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for o in outputs for lp in o.logprobs],
     }

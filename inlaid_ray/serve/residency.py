@@ -23,10 +23,11 @@ names another bank, is reloaded on its next request: the whole cluster from the 
 cluster slot is taken before the old one empties), or that member alone raw (exact).
 
 All methods run on one asyncio loop; loads are serialised by one lock with a re-check after
-acquiring it. Bank writes touch only slots no scheduled request uses (a new adapter gets a free
-slot, a freed slot has no user), so they may overlap an engine step; a new *version* of a
-resident adapter replaces its slot in place and takes effect from the next step on (the bank's
-lock spans a whole step, so a step never sees half an adapter).
+acquiring it. The residency never writes the bank: it submits adapter commands to the engine
+(`engine/adapters.py`), which applies them between steps in its worker thread, and it reads the
+bank's published `BankView`. A new *version* of a resident adapter replaces its slot in place and
+takes effect from the next step on. Evictions are queued in order with loads, so an adapter
+evicted and then wanted again is evicted first and loaded after.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from inlaid_ray.engine.adapters import AdapterHost, AdapterInUse, EvictAdapter, LoadAdapter, LoadCluster
 from inlaid_ray.errors import NoFreeSlot, TaskNotFound
+from inlaid_ray.lora.bank import BankView
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ClusterSpec
 
 log = logging.getLogger(__name__)
+
+_EVICT_RETRY_S = 0.05  # an eviction refused because a request was still finishing is tried again after this
 
 # (entry) -> LoRAAdapter named entry.task; runs off the loop (file I/O, tensor conversion)
 AdapterLoader = Callable[[AdapterEntry], Awaitable[Any]]
@@ -106,15 +111,16 @@ class Lease:
 class ClusterResidency:
     """Adapter residency of one replica's bank, keyed by cluster (see module docstring)."""
 
-    def __init__(self, bank: Any, load_adapter: AdapterLoader, drain_timeout_s: float = 120.0,
+    def __init__(self, host: AdapterHost, load_adapter: AdapterLoader, drain_timeout_s: float = 120.0,
                  load_bank: BankLoader | None = None) -> None:
-        self.bank = bank
+        self._host = host
         self._load_adapter = load_adapter
         self._load_bank = load_bank  # None: "jd_bank" clusters load raw
         self.drain_timeout_s = drain_timeout_s
         self._clusters: dict[str, _Cluster] = {}
         self._adapters: dict[str, _AdapterState] = {}
         self._loading: set[str] = set()
+        self._evicting: dict[str, asyncio.Future[Any]] = {}  # evictions submitted, not yet applied
         self._lock = asyncio.Lock()
         self._freed = asyncio.Event()
         self._generations = itertools.count(1)
@@ -142,6 +148,15 @@ class ClusterResidency:
     def in_flight(self, task: str) -> int:
         state = self._adapters.get(task)
         return state.in_flight if state else 0
+
+    @property
+    def view(self) -> BankView:
+        return self._host.adapter_view
+
+    async def settled(self) -> None:
+        """Wait until every eviction submitted so far has been applied (or failed)."""
+        while self._evicting:
+            await asyncio.gather(*self._evicting.values(), return_exceptions=True)
 
     def is_current(self, token: ClusterToken) -> bool:
         cluster = self._clusters.get(token.cluster_id)
@@ -237,16 +252,18 @@ class ClusterResidency:
             clusters = clusters[:room]
         in_bank = {name for cl in clusters for name in cl.members}
         raw = [e for e in todo if e.task not in in_bank]
-        # A compressed resident replaced by raw needs a raw slot too.
-        new_slots = sum(1 for e in raw if e.task not in self.bank or self.bank.cluster_of(e.task) is not None)
+        # A compressed resident (or one being evicted) replaced by raw needs a raw slot too.
+        view = self.view
+        new_slots = sum(1 for e in raw if e.task not in view.raw or e.task in self._evicting)
         await self._wait_for_capacity(new_slots, len(clusters), cid)
+        submit = self._host.submit_adapter_command
         for cl in clusters:
-            self.bank.add_cluster(cl, label=f"{cid}/{cl.cluster_id}")  # members resident elsewhere are replaced
+            await submit(LoadCluster(cl, f"{cid}/{cl.cluster_id}"))  # members resident elsewhere are replaced
             for entry in (e for e in candidates if e.task in cl.members):
                 self._own(cid, entry, bank_uri)
         for entry in raw:
             adapter = await self._load_adapter(entry)
-            self.bank.add(adapter)  # same name: replaced in place; else a free slot
+            await submit(LoadAdapter(adapter))  # same name: replaced in place; else a free slot
             self._own(cid, entry, "")
 
     def _own(self, cid: str, entry: AdapterEntry, bank_uri: str) -> None:
@@ -257,8 +274,8 @@ class ClusterResidency:
     async def _compressed_plan(self, cid: str, bank_uri: str, todo: list[AdapterEntry]) -> list[Any]:
         """The bank clusters of `bank_uri` to load compressed: those whose members are all in `todo`
         and that fit the bank's cluster capacity; [] (all raw) when the bank cannot be used."""
-        store = self.bank.compressed
-        if self._load_bank is None or store.max_clusters == 0:
+        view = self.view
+        if self._load_bank is None or view.max_clusters == 0:
             return []
         try:
             banks = await self._load_bank(bank_uri)
@@ -270,18 +287,17 @@ class ClusterResidency:
         for cl in banks.clusters:
             if not cl.members or not set(cl.members) <= wanted:
                 continue  # unlisted (retired) or already resident members: the listed ones load raw
-            too_big = len(cl.members) > store.max_size or max(cl.ranks.values(), default=0) > store.max_rank
-            if too_big:
+            rank = max(cl.ranks.values(), default=0)
+            if len(cl.members) > view.max_cluster_size or rank > view.max_cluster_rank:
                 log.warning("cluster %s: bank %s cluster %d (%d members, rank %d) exceeds the bank's cluster "
                             "capacity (size %d, rank %d); loading it raw", cid, bank_uri, cl.cluster_id,
-                            len(cl.members), max(cl.ranks.values()), store.max_size, store.max_rank)
+                            len(cl.members), rank, view.max_cluster_size, view.max_cluster_rank)
                 continue
             chosen.append(cl)
-        return chosen[:store.max_clusters]
+        return chosen[:view.max_clusters]
 
     def _free_clusters(self) -> int:
-        store = self.bank.compressed
-        return store.max_clusters - len(store.used_clusters())
+        return self.view.free_clusters
 
     def _draining_clusters(self) -> int:
         """Used cluster slots that no resident cluster owns a row of (they free as requests end)."""
@@ -289,23 +305,23 @@ class ClusterResidency:
             state = self._adapters.get(name)
             return state is not None and bool(state.owners)
 
-        return sum(1 for c in self.bank.compressed.used_clusters()
-                   if not any(owned(n) for n in self.bank.cluster_members(c)))
+        return sum(1 for members in self.view.clusters.values() if not any(owned(n) for n in members))
 
     async def _wait_for_capacity(self, needed: int, clusters: int, cid: str) -> None:
         """Wait until `needed` raw slots and `clusters` compressed cluster slots are free."""
-        if needed > self.bank.max_slots:
+        view = self.view
+        if needed > view.max_slots:
             raise NoFreeSlot(f"cluster {cid!r} needs {needed} adapter slots but the bank has "
-                             f"{self.bank.max_slots}; raise max_adapters_per_replica")
+                             f"{view.max_slots}; raise max_adapters_per_replica")
         deadline = time.monotonic() + self.drain_timeout_s
-        while self.bank.free_slots < needed or self._free_clusters() < clusters:
-            draining = [t for t, s in self._adapters.items() if not s.owners]
+        while (view := self.view).free_slots < needed or view.free_clusters < clusters:
+            draining = [t for t, s in self._adapters.items() if not s.owners] + list(self._evicting)
             remaining = deadline - time.monotonic()
             if not draining or remaining <= 0:
                 raise NoFreeSlot(
                     f"cluster {cid!r} needs {needed} free adapter slots and {clusters} cluster slots, "
-                    f"{self.bank.free_slots} free of {self.bank.max_slots} and {self._free_clusters()} of "
-                    f"{self.bank.compressed.max_clusters}; resident clusters {self.resident_clusters}, "
+                    f"{view.free_slots} free of {view.max_slots} and {view.free_clusters} of "
+                    f"{view.max_clusters}; resident clusters {self.resident_clusters}, "
                     f"adapters draining {sorted(draining)}"
                 )
             self._freed.clear()
@@ -331,11 +347,27 @@ class ClusterResidency:
         if state.owners or state.in_flight:
             return
         del self._adapters[task]
-        try:
-            self.bank.remove(task)
-        except TaskNotFound:  # a failed load never reached the bank
-            pass
+        self._submit_eviction(task)
+
+    def _submit_eviction(self, task: str) -> None:
+        future = self._host.submit_adapter_command(EvictAdapter(task))  # queued now: ordered before later loads
+        self._evicting[task] = future
+        future.add_done_callback(lambda f: self._evicted(task, f))
+
+    def _evicted(self, task: str, future: asyncio.Future[Any]) -> None:
+        if self._evicting.get(task) is future:
+            del self._evicting[task]
+        exc = future.exception() if not future.cancelled() else None
+        if isinstance(exc, AdapterInUse) and task not in self._adapters:
+            # A request of the engine still held it (its abort was not applied yet): try after a step.
+            asyncio.get_running_loop().call_later(_EVICT_RETRY_S, self._retry_eviction, task)
+        elif exc is not None and not isinstance(exc, TaskNotFound):  # TaskNotFound: a failed load never reached it
+            log.warning("eviction of adapter %r failed: %s", task, exc)
         self._freed.set()
+
+    def _retry_eviction(self, task: str) -> None:
+        if task not in self._adapters and task not in self._evicting:  # not wanted again meanwhile
+            self._submit_eviction(task)
 
 
 # ---- base versions ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ tokens, finish reason, SLO, predicted-vs-actual length).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -37,6 +38,30 @@ class ResponseContext:
     include_usage: bool
     return_token_ids: bool
     arrival: float = field(default_factory=time.perf_counter)
+    token_text: Callable[[int], str] | None = None  # set when the client asked for logprobs
+    echo_text: str = ""  # completions with echo: the prompt, sent before the completion
+
+
+def logprobs_object(ctx: ResponseContext, entries: list[list[Any]], text_offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's `logprobs` of one choice for `entries` ([token id, logprob, [[id, logprob], ...]] per
+    token, replica_protocol.merge_outputs): chat's `{"content": [...]}` or completions' parallel lists."""
+    if ctx.token_text is None:
+        return None
+    text = ctx.token_text
+    if ctx.kind == "chat":
+        def item(token_id: int, logprob: float) -> dict[str, Any]:
+            s = text(token_id)
+            return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [item(t, lp) | {"top_logprobs": [item(a, alp) for a, alp in top]}
+                            for t, lp, top in entries]}
+    tokens = [text(t) for t, _, _ in entries]
+    offsets = []
+    for s in tokens:
+        offsets.append(text_offset)
+        text_offset += len(s)
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{text(a): alp for a, alp in top} for _, _, top in entries], "text_offset": offsets}
 
 
 class StreamTracker:
@@ -48,6 +73,7 @@ class StreamTracker:
         self.replica: str | None = None
         self.text_parts: list[str] = []
         self.token_ids: list[int] = []
+        self.logprobs: list[list[Any]] = []
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.stats: dict[str, Any] | None = None
@@ -71,6 +97,7 @@ class StreamTracker:
             self._last_token_at = now
         self.text_parts.append(chunk.get("text", ""))
         self.token_ids.extend(tokens)
+        self.logprobs.extend(chunk.get("logprobs") or ())
         self.completion_tokens = chunk.get("num_completion_tokens", self.completion_tokens)
         self.finish_reason = chunk.get("finish_reason") or self.finish_reason
         if chunk.get("queue_time_s") is not None:
@@ -127,20 +154,56 @@ async def next_chunk(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
     return chunk
 
 
-async def collect(first: dict[str, Any], stream: AsyncIterator[dict[str, Any]], tracker: StreamTracker) -> dict[str, Any]:
-    """Drain the stream and build the non-streaming OpenAI body."""
-    chunk = first
+@dataclass
+class Choice:
+    """One choice of a response: the replica stream generating it, its first chunk, its tracker."""
+
+    first: dict[str, Any]
+    stream: AsyncIterator[dict[str, Any]]
+    tracker: StreamTracker
+
+
+async def _drain(choice: Choice) -> None:
+    chunk = choice.first
     while True:
-        tracker.add(chunk)
+        choice.tracker.add(chunk)
         if chunk.get("finish_reason"):
-            break
-        chunk = await next_chunk(stream)
-    ctx = tracker.ctx
+            return
+        chunk = await next_chunk(choice.stream)
+
+
+def _cumulative_logprob(choice: Choice) -> float:
+    return sum(lp for _, lp, _ in choice.tracker.logprobs)
+
+
+def _usage(ctx: ResponseContext, choices: list[Choice]) -> Usage:
+    """Prompt tokens once; completion tokens of every candidate generated (best_of ones included)."""
+    n, generated = len(ctx.prompt_token_ids), sum(c.tracker.completion_tokens for c in choices)
+    return Usage(prompt_tokens=n, completion_tokens=generated, total_tokens=n + generated)
+
+
+def _choice_body(ctx: ResponseContext, index: int, tracker: StreamTracker) -> dict[str, Any]:
+    if ctx.kind == "completion":
+        body = {"index": index, "text": ctx.echo_text + tracker.text}
+    else:
+        body = {"index": index, "message": {"role": "assistant", "content": tracker.text}}
+    body |= {"logprobs": logprobs_object(ctx, tracker.logprobs), "finish_reason": tracker.finish_reason}
+    if ctx.return_token_ids:
+        body["token_ids"] = list(tracker.token_ids)
+    return body
+
+
+async def collect(choices: list[Choice], n: int) -> dict[str, Any]:
+    """Drain every choice and build the non-streaming OpenAI body: all of them, or the `n` with
+    the highest cumulative log-probability when more candidates were generated (best_of)."""
+    await asyncio.gather(*(_drain(c) for c in choices))
+    ctx = choices[0].tracker.ctx
+    kept = choices if len(choices) == n else sorted(choices, key=_cumulative_logprob, reverse=True)[:n]
     build = completion_body if ctx.kind == "completion" else chat_body
-    body = build(ctx.request_id, ctx.model, tracker.text, tracker.finish_reason, tracker.usage)
+    body = build(ctx.request_id, ctx.model, "", None, _usage(ctx, choices))
+    body["choices"] = [_choice_body(ctx, i, c.tracker) for i, c in enumerate(kept)]
     if ctx.return_token_ids:
         body["prompt_token_ids"] = list(ctx.prompt_token_ids)
-        body["choices"][0]["token_ids"] = list(tracker.token_ids)
     return body
 
 
@@ -148,49 +211,101 @@ def _event(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _delta_event(ctx: ResponseContext, text: str, token_ids: list[int] | None, finish_reason: str | None) -> str:
+def _delta(ctx: ResponseContext, index: int, text: str, token_ids: list[int] | None, finish_reason: str | None,
+           logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if ctx.kind == "completion":
         obj = completion_body(ctx.request_id, ctx.model, text, finish_reason, None)
     else:
         obj = chat_chunk(ctx.request_id, ctx.model, {"content": text} if text or token_ids else {}, finish_reason)
+    obj["choices"][0] |= {"index": index, "logprobs": logprobs}
     if token_ids is not None:
         obj["choices"][0]["token_ids"] = token_ids
     if ctx.include_usage:
         obj["usage"] = None
-    return _event(obj)
+    return obj
 
 
-async def sse_events(first: dict[str, Any], stream: AsyncIterator[dict[str, Any]], tracker: StreamTracker) -> AsyncIterator[str]:
-    """SSE events of a started stream; a failure becomes an error event (the status is already 200)."""
+async def _choice_chunks(index: int, choice: Choice) -> AsyncIterator[dict[str, Any]]:
+    """The stream chunks of one choice: (chat) its role, (echo) the prompt, the deltas, the finish."""
+    tracker = choice.tracker
     ctx = tracker.ctx
     want_ids = ctx.return_token_ids
+    if ctx.kind == "chat":
+        role = chat_chunk(ctx.request_id, ctx.model, {"role": "assistant", "content": ""}, None)
+        role["choices"][0]["index"] = index
+        if want_ids:
+            role["prompt_token_ids"] = list(ctx.prompt_token_ids)
+        yield role | ({"usage": None} if ctx.include_usage else {})
+    elif ctx.echo_text:
+        yield _delta(ctx, index, ctx.echo_text, None, None)
+    chunk, offset = choice.first, 0
+    while True:
+        tracker.add(chunk)
+        text, ids, reason = chunk.get("text", ""), list(chunk.get("token_ids", ())), chunk.get("finish_reason")
+        final_here = ctx.kind == "completion" and reason is not None
+        entries = chunk.get("logprobs") or []
+        logprobs = logprobs_object(ctx, entries, offset) if entries else None
+        if text or (want_ids and ids) or final_here or logprobs is not None:
+            yield _delta(ctx, index, text, ids if want_ids else None, reason if final_here else None, logprobs)
+            if logprobs is not None and ctx.kind == "completion":
+                offset += sum(len(t) for t in logprobs["tokens"])
+        if reason is not None:
+            break
+        chunk = await next_chunk(choice.stream)
+    if ctx.kind == "chat":
+        yield _delta(ctx, index, "", None, tracker.finish_reason)
+
+
+async def _merged(sources: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
+    """Items of several async iterators in arrival order; the first failure is raised."""
+    if len(sources) == 1:
+        async for item in sources[0]:
+            yield item
+        return
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    end = object()
+
+    async def pump(source: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for item in source:
+                queue.put_nowait(item)
+            queue.put_nowait(end)
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.get_running_loop().create_task(pump(src)) for src in sources]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is end:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def sse_events(choices: list[Choice]) -> AsyncIterator[str]:
+    """SSE events of started choices (index order within a choice, interleaved across choices); a
+    failure becomes an error event (the status is already 200)."""
+    ctx = choices[0].tracker.ctx
     failed = False
     try:
-        if ctx.kind == "chat":
-            role = chat_chunk(ctx.request_id, ctx.model, {"role": "assistant", "content": ""}, None)
-            if want_ids:
-                role["prompt_token_ids"] = list(ctx.prompt_token_ids)
-            yield _event(role | ({"usage": None} if ctx.include_usage else {}))
-        chunk = first
-        while True:
-            tracker.add(chunk)
-            text, ids, reason = chunk.get("text", ""), list(chunk.get("token_ids", ())), chunk.get("finish_reason")
-            final_here = ctx.kind == "completion" and reason is not None
-            if text or (want_ids and ids) or final_here:
-                yield _delta_event(ctx, text, ids if want_ids else None, reason if final_here else None)
-            if reason is not None:
-                break
-            chunk = await next_chunk(stream)
-        if ctx.kind == "chat":
-            yield _delta_event(ctx, "", None, tracker.finish_reason)
+        async for obj in _merged([_choice_chunks(i, c) for i, c in enumerate(choices)]):
+            yield _event(obj)
         if ctx.include_usage:
-            obj = "text_completion" if ctx.kind == "completion" else "chat.completion.chunk"
-            yield _event(usage_chunk(ctx.request_id, ctx.model, obj, tracker.usage))
+            obj_name = "text_completion" if ctx.kind == "completion" else "chat.completion.chunk"
+            yield _event(usage_chunk(ctx.request_id, ctx.model, obj_name, _usage(ctx, choices)))
     except Exception as exc:  # noqa: BLE001 - after the 200 went out, errors travel as values
         failed = True
         err = from_exception(exc)
-        tracker.metrics.errors.labels(str(err.status)).inc()
+        choices[0].tracker.metrics.errors.labels(str(err.status)).inc()
         yield _event(err.body() | {"status": err.status})
     finally:
-        tracker.finish(failed=failed)
+        for choice in choices:
+            choice.tracker.finish(failed=failed)
     yield DONE

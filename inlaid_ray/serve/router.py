@@ -25,6 +25,7 @@ it, so the next request through this router already gets 404); its requests in f
 # No `from __future__ import annotations` here: Serve's FastAPI class-based views rebuild the
 # route signatures and need real (not string) annotations such as `Request`.
 import asyncio
+import dataclasses
 import functools
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inlaid_ray.engine import SamplingParams
 from inlaid_ray.model import ModelConfig, load_tokenizer
 from inlaid_ray.errors import TaskNotFound
 from inlaid_ray.registry import (
@@ -67,7 +69,7 @@ from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_compl
 from inlaid_ray.serve.replica_protocol import ReplicaRequest
 from inlaid_ray.serve.request_body import read_json_body
 from inlaid_ray.serve.base_residency import BaseRef
-from inlaid_ray.serve.responses import ResponseContext, StreamTracker, collect, next_chunk, sse_events
+from inlaid_ray.serve.responses import Choice, ResponseContext, StreamTracker, collect, next_chunk, sse_events
 from inlaid_ray.serve.seed import RegistrySeed, seed_registry
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,17 @@ def _probe_avoid(caller: Caller, request: Request) -> tuple[str, ...]:
     if not (caller.admin and request.headers.get(PROBE_HEADER) == "1"):
         return ()
     return tuple(r.strip() for r in request.headers.get(PROBE_AVOID_HEADER, "").split(",") if r.strip())
+
+
+def _candidates(request_id: str, params: SamplingParams, count: int, n: int) -> list[tuple[str, SamplingParams]]:
+    """(replica request id, params) of each candidate: a seed moves on by one per candidate (as in
+    vLLM); candidates beyond `n` (best_of) need log-probabilities to be ranked."""
+    if count == 1:
+        return [(request_id, params)]
+    if count > n and params.logprobs is None:
+        params = dataclasses.replace(params, logprobs=0)
+    return [(f"{request_id}-{i}", params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
+            for i in range(count)]
 
 
 def _validate(model: type[CompletionRequest] | type[ChatCompletionRequest], body: Any) -> Any:
@@ -361,60 +374,76 @@ class Router:
                                                       self._vocab_size, self._spec.max_model_len)
             else:
                 prepared = await loop.run_in_executor(self._tokenize_pool, prepare_chat, req, self._tokenizer,
-                                                      self._spec.max_model_len)
+                                                      self._vocab_size, self._spec.max_model_len)
             ctx = await self._context(kind, req, task, prepared)
             cluster = cluster_spec_for(task, self._watcher) if task is not None else None
-            replica_req = ReplicaRequest(ctx.request_id, prepared.prompt_token_ids, prepared.params,
-                                         task.name if task else None, cluster, ctx.predicted_len,
-                                         _probe_avoid(caller, request))
             handle = self._replica.options(stream=True, multiplexed_model_id=cluster.cluster_id if cluster else "")
-            for attempt in range(1 + REPLICA_RETRIES):
-                base = self._watcher.base_version
-                stream = handle.generate.remote(replica_req, BaseRef(base.version, base.uri) if base is not None else None)
-                try:
-                    first = await next_chunk(stream)
-                    break
-                except OpenAIHTTPError as err:
-                    stream.cancel()
-                    # Nothing has streamed yet: a replica that died (or is restarting) costs the
-                    # client nothing; Serve routes the retry to a live replica. (A replica that was
-                    # only unreachable may still finish the first copy: the client gets one answer.)
-                    if err.code != REPLICA_UNAVAILABLE or attempt == REPLICA_RETRIES:
-                        raise
-                    log.warning("request %s: replica unavailable before its first token, retrying", ctx.request_id)
-                    await asyncio.sleep(REPLICA_RETRY_BACKOFF_S * (attempt + 1))
-                except BaseException:
-                    stream.cancel()
-                    raise
+            replica_reqs = [
+                ReplicaRequest(rid, prepared.prompt_token_ids, params, task.name if task else None, cluster,
+                               ctx.predicted_len, _probe_avoid(caller, request))
+                for rid, params in _candidates(ctx.request_id, prepared.params, req.num_candidates, req.n)
+            ]
+            opened = await asyncio.gather(*(self._open(handle, r) for r in replica_reqs), return_exceptions=True)
+            failure = next((o for o in opened if isinstance(o, BaseException)), None)
+            if failure is not None:
+                for o in opened:
+                    if not isinstance(o, BaseException):
+                        o[0].cancel()
+                raise failure
         except OpenAIHTTPError as err:
             self._metrics.errors.labels(str(err.status)).inc()
             raise
-        tracker = StreamTracker(ctx, self._metrics, self._on_finished)
+        choices = [Choice(first, stream, StreamTracker(ctx, self._metrics, self._on_finished)) for stream, first in opened]
+        first = choices[0].first
         headers = {REPLICA_HEADER: str(first.get("replica", ""))}
         if first.get("base_version") is not None:
             headers[BASE_VERSION_HEADER] = str(first["base_version"])
         if req.stream:
-            return StreamingResponse(self._sse(first, stream, tracker), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(self._sse(choices), media_type="text/event-stream", headers=headers)
         try:
-            body = await collect(first, stream, tracker)
+            body = await collect(choices, req.n)
         except BaseException as exc:
-            tracker.finish(failed=True)
-            stream.cancel()
+            for choice in choices:
+                choice.tracker.finish(failed=True)
+                choice.stream.cancel()
             if isinstance(exc, OpenAIHTTPError):
                 self._metrics.errors.labels(str(exc.status)).inc()
             raise
-        tracker.finish()
+        for choice in choices:
+            choice.tracker.finish()
         return JSONResponse(body, headers=headers)
 
-    async def _sse(self, first: dict[str, Any], stream: Any, tracker: StreamTracker):
+    async def _open(self, handle: Any, replica_req: ReplicaRequest) -> tuple[Any, dict[str, Any]]:
+        """Start one generation on a replica: (its stream, its first chunk), re-sent while nothing has streamed."""
+        for attempt in range(1 + REPLICA_RETRIES):
+            base = self._watcher.base_version
+            stream = handle.generate.remote(replica_req, BaseRef(base.version, base.uri) if base is not None else None)
+            try:
+                return stream, await next_chunk(stream)
+            except OpenAIHTTPError as err:
+                stream.cancel()
+                # Nothing has streamed yet: a replica that died (or is restarting) costs the
+                # client nothing; Serve routes the retry to a live replica. (A replica that was
+                # only unreachable may still finish the first copy: the client gets one answer.)
+                if err.code != REPLICA_UNAVAILABLE or attempt == REPLICA_RETRIES:
+                    raise
+                log.warning("request %s: replica unavailable before its first token, retrying", replica_req.request_id)
+                await asyncio.sleep(REPLICA_RETRY_BACKOFF_S * (attempt + 1))
+            except BaseException:
+                stream.cancel()
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _sse(self, choices: list[Choice]):
         finished = False
         try:
-            async for event in sse_events(first, stream, tracker):
+            async for event in sse_events(choices):
                 yield event
             finished = True
         finally:
-            if not finished:  # the client went away: stop the generation on the replica
-                stream.cancel()
+            if not finished:  # the client went away: stop the generations on the replicas
+                for choice in choices:
+                    choice.stream.cancel()
 
     async def _context(self, kind: Literal["completion", "chat"], req: Any, task: TaskRecord | None,
                        prepared: PreparedPrompt) -> ResponseContext:
@@ -433,7 +462,13 @@ class Router:
             prompt_text=prepared.prompt_text, prompt_token_ids=prepared.prompt_token_ids, predicted_len=predicted,
             slo_s=extra.get("slo_s", self._spec.default_slo_s), include_usage=req.include_usage_in_stream,
             return_token_ids=req.return_token_ids,
+            token_text=self._token_text if req.engine_logprobs is not None else None,
+            echo_text=prepared.prompt_text if isinstance(req, CompletionRequest) and req.echo else "",
         )
+
+    def _token_text(self, token_id: int) -> str:
+        """One token's text as OpenAI's logprobs show it."""
+        return self._tokenizer.decode([token_id])
 
     def _on_finished(self, ctx: ResponseContext, tracker: StreamTracker) -> None:
         if tracker.stats is not None and tracker.replica:
