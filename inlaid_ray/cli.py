@@ -11,7 +11,7 @@ from pathlib import Path
 from inlaid_ray.config import Settings
 from inlaid_ray.errors import InlaidError
 from inlaid_ray.jobs.cli import add_keys_parser, add_onboard_parser, add_tasks_parser
-from inlaid_ray.lora.compress_cli import add_compress_parser
+from inlaid_ray.compress.cli import add_compress_parser
 from inlaid_ray.demo.eval_cli import add_eval_parser
 from inlaid_ray.quant.cli import add_quantize_parser
 from inlaid_ray.serve.cli_args import add_cli_arguments as add_serve_arguments
@@ -84,6 +84,32 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+_BENCHMARKS = {
+    "load": "HTTP load generator against a running server (Poisson / bursty arrivals, JSON summary)",
+    "http": "start the Serve app per variant (policy x quantization x compression) and load it (JSON + PNG)",
+    "step-cost": "measure engine steps on this device and fit the step-cost model policies read (JSON + PNG)",
+}
+
+
+def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    """Each benchmark parses its own flags (`inlaid-ray bench NAME --help`)."""
+    argv = list(args.bench_args)
+    if args.benchmark == "load":
+        from inlaid_ray.bench.loadgen import main as load_main
+        from inlaid_ray.demo.load_driver import demo_mix
+
+        load_main(argv, demo_mix=demo_mix)  # the CLI is the one place that hands the demo to the tools
+    elif args.benchmark == "http":
+        from inlaid_ray.demo.load_driver import main as http_main
+
+        http_main(argv)
+    else:
+        from inlaid_ray.bench.step_cost import main as step_cost_main
+
+        step_cost_main(argv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inlaid-ray", description="Serve one base LLM with many LoRA adapters (tasks): quantize the base once for all "
@@ -122,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_onboard_parser(sub)
     add_tasks_parser(sub)
     add_keys_parser(sub)
+
+    bench = sub.add_parser("bench", help="benchmarks: " + "; ".join(f"{k}: {v}" for k, v in _BENCHMARKS.items()))
+    bench.add_argument("benchmark", choices=list(_BENCHMARKS), help="which benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="its own flags (NAME --help lists them)")
+    bench.set_defaults(func=_cmd_bench)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible Ray Serve app (router + engine replicas)")
     add_serve_arguments(serve)

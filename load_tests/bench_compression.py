@@ -27,17 +27,17 @@ import torch
 
 from inlaid_ray.lora.cluster_bank import (
     bank_size_report,
-    banks_from_clustering,
     load_cluster_banks,
     save_cluster_banks,
 )
-from inlaid_ray.lora.clustering import (
+from inlaid_ray.compress.adapter_set import banks_from_clustering
+from inlaid_ray.compress.clustering import (
     ClusterConfig,
     adjusted_rand_index,
     assign_new_adapter,
     cluster_adapters,
 )
-from inlaid_ray.lora.compress_jd import JDConfig, fit_stacked, project_factors, stack_factors
+from inlaid_ray.compress.jd import JDConfig, fit_stacked, project_factors, stack_factors
 from inlaid_ray.lora.synthetic import SMOLLM2_135M, SyntheticAdapters, SyntheticSpec, make_synthetic_adapters
 from inlaid_ray.lora.synthetic import raw_lora_params
 from inlaid_ray.model.config import ModelConfig

@@ -1,7 +1,7 @@
 """Engine-level load test on a GPU (issue 9, item 3): a Llama-2-7B-shaped model with random 4-bit
 GPTQ codes (group 128, fp16 activations), 1..1000 synthetic rank-16 adapters resident in one
 bank, a Poisson (or gamma) workload with the paper's length profiles
-(`inlaid_ray.sched.workload`), and the scheduling policies fifo / mlfq / inlaid. No Ray, no HTTP:
+(`inlaid_ray.bench.workload`), and the scheduling policies fifo / mlfq / inlaid. No Ray, no HTTP:
 the engine is driven directly, in real time, by `engine_load.drive`.
 
 Same load everywhere: the workload (arrival times, prompt and output lengths, prompts, predicted
@@ -11,7 +11,7 @@ lengths) is drawn once for the largest adapter count; with N adapters request r 
 The rate is `load` x the replica's capacity estimated from a calibration (prefill cost per token,
 decode step time at full batch) so the run is overloaded by the same factor on any GPU; the SLO
 of a request is a multiple (2x, 5x, 10x) of its isolated latency from the same calibration (the
-definition of `inlaid_ray/sched/metrics.py`). Reported per run: generated tokens/s (every token
+definition of `inlaid_ray/bench/sim_metrics.py`). Reported per run: generated tokens/s (every token
 sampled / run wall time: the service rate of the overloaded replica), output tokens/s of finished
 requests, mean/p99 latency (= JCT), TTFT, SLO attainment, distinct tasks per step; and the
 1000-vs-1 adapter ratio of generated tokens/s (target >= 0.9, docs/performance.md). A run is cut
@@ -48,14 +48,14 @@ from bench_common import (  # noqa: E402
     use_kernel_ops, write_json,
 )
 from engine_load import calibrate, capacity_req_per_s, drive, make_workload  # noqa: E402
-from load_stats import summarize  # noqa: E402
+from inlaid_ray.bench.load_stats import summarize  # noqa: E402
 
 from inlaid_ray.engine import EngineConfig, LLMEngine  # noqa: E402
 from inlaid_ray.lora import AdapterBank  # noqa: E402
 from inlaid_ray.lora.synthetic import random_lora_adapter  # noqa: E402
 from inlaid_ray.model import PagedKVCache, random_model  # noqa: E402
 from inlaid_ray.sched import make_policy  # noqa: E402
-from inlaid_ray.sched.workload import WorkloadConfig  # noqa: E402
+from inlaid_ray.bench.workload import WorkloadConfig  # noqa: E402
 
 SLO_MULTIPLES = (2.0, 5.0, 10.0)  # of the isolated latency
 
@@ -151,7 +151,7 @@ def run(cfg: GpuBenchConfig, out: Path) -> dict[str, Any]:
         "device": device_info(cfg.device), "config": asdict(cfg), **info,
         "adapters": f"random rank-{cfg.rank} adapters on {list(cfg.modules)} of all {model.config.num_layers} layers "
                     "(q,v = PEFT's default LoRA targets for Llama; all seven linears x 1000 would need ~80 GB)",
-        "definitions": "load_tests/load_stats.py (latency from arrival; SLO = k x isolated latency of the request)",
+        "definitions": "inlaid_ray/bench/load_stats.py (latency from arrival; SLO = k x isolated latency of the request)",
         "runs": [], "skipped": [],
     }
     engine = make_engine(model, bank, cfg, cfg.sweep_policy)

@@ -34,9 +34,9 @@ from inlaid_ray.demo.tasks import DEMO_TASKS, get_task
 from inlaid_ray.engine import EngineConfig, SamplingParams, blocks_for
 from inlaid_ray.engine.builder import build_engine
 from inlaid_ray.lora.cluster_bank import bank_size_report, save_cluster_banks
-from inlaid_ray.lora.clustering import ClusterConfig
-from inlaid_ray.lora.compress_jd import JDConfig
-from inlaid_ray.lora.compress_set import compress_adapter_set
+from inlaid_ray.compress.clustering import ClusterConfig
+from inlaid_ray.compress.jd import JDConfig
+from inlaid_ray.compress.adapter_set import compress_adapter_set
 from inlaid_ray.lora.peft_io import load_peft_adapter
 from inlaid_ray.model import ModelConfig, encode_chat, load_tokenizer
 from inlaid_ray.model.prepare import prepare_smollm2

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from load_stats import RequestRecord
+from inlaid_ray.bench.load_stats import RequestRecord
 from inlaid_ray.engine import LLMEngine, SamplingParams
-from inlaid_ray.sched.workload import WorkloadConfig, generate_workload
+from inlaid_ray.bench.workload import WorkloadConfig, generate_workload
 
 
 def _timed_generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, task: str) -> float:

@@ -32,7 +32,6 @@ from inlaid_ray.config import Settings
 from inlaid_ray.demo.data import load_examples
 from inlaid_ray.demo.paths import demo_adapter_dir, demo_data_path
 from inlaid_ray.demo.tasks import DEMO_TASKS
-from inlaid_ray.kernels.reference import gptq_dequantize_ref
 from inlaid_ray.lora.peft_io import load_peft_adapter
 from inlaid_ray.model.config import LINEAR_MODULES
 from inlaid_ray.model.prepare import prepare_smollm2
@@ -40,10 +39,10 @@ from inlaid_ray.model.tokenizer import load_tokenizer
 from inlaid_ray.quant.calibration import CalibrationConfig
 from inlaid_ray.demo.quality import attach_adapters, completion_loss, load_eval_model
 from inlaid_ray.quant.gptq import gptq_quantize, rtn_quantize
-from inlaid_ray.quant.gptq_format import load_gptq_checkpoint, split_layers
 from inlaid_ray.quant.incremental import TaskSource, quantize_base
-from inlaid_ray.quant.mlgptq import GROUP_OF, MLGPTQConfig, aggregate_hessians, hf_prefix
+from inlaid_ray.quant.mlgptq import GROUP_OF, MLGPTQConfig, hf_prefix
 from inlaid_ray.quant.quantizer import QuantGrid
+from inlaid_ray.quant.diagnostics import aggregate_variants, dequantized, min_eig_over_mean_diag
 from inlaid_ray.quant.stats_store import StatsStore
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,12 +76,6 @@ class SwapModel:
                 self.weight(p).copy_(w)
 
 
-def dequantized(ckpt: Path, bits: int) -> dict[str, torch.Tensor]:
-    _, _, tensors = load_gptq_checkpoint(ckpt, "cpu")
-    return {p: gptq_dequantize_ref(t["qweight"], t["qzeros"], t["scales"].float(), t["g_idx"], bits).float()
-            for p, t in split_layers(tensors).items()}
-
-
 def localize(swap: SwapModel, q: dict[str, torch.Tensor], tasks: list[str]) -> dict[str, Any]:
     """Worst task over the whole checkpoint; its loss with one module kind, then one block of the
     worst kind, quantized."""
@@ -96,21 +89,6 @@ def localize(swap: SwapModel, q: dict[str, torch.Tensor], tasks: list[str]) -> d
               for layer in Progress(layers, desc=f"swap {kind} per block", unit="block")}
     return {"whole_checkpoint": whole, "worst_task": worst, "fp16": swap.losses({}, [worst])[worst],
             "by_module_kind": kinds, "worst_kind": kind, "by_block": blocks, "worst_block": max(blocks, key=blocks.get)}
-
-
-def min_eig_over_mean_diag(h: torch.Tensor) -> tuple[float, int]:
-    ev = torch.linalg.eigvalsh(h.double())
-    return float(ev.min() / h.diagonal().double().mean()), int((ev < 0).sum())
-
-
-def aggregate_variants(store: StatsStore, tasks: list[str], layer: int, module: str) -> dict[str, torch.Tensor]:
-    parts = [store.task_layer(t, layer)[GROUP_OF[module]] for t in tasks]
-    counts = [store.tasks[t].num_tokens for t in tasks]
-    elementwise = aggregate_hessians("mlgptq", parts, counts)
-    shift = -float(torch.linalg.eigvalsh(elementwise.double()).min()) * 1.01
-    return {"mix": aggregate_hessians("gptq-mixed", parts, counts), "elementwise max (eig-clipped)": elementwise,
-            "elementwise max shifted to PSD": elementwise + shift * torch.eye(len(elementwise)),
-            "channel max": aggregate_hessians("mlgptq-channel", parts, counts)}
 
 
 def compare_at(swap: SwapModel, store: StatsStore, tasks: list[str], layer: int, module: str,

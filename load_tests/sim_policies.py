@@ -5,7 +5,7 @@ prediction, SRTF, and the paper's hard task cap) on the first and the adapter-sw
 
 Rates are multiples of the replica's capacity, measured first as FIFO's throughput (req/s)
 on the same workload at a rate far above saturation. Every definition (latency, JCT, SLO)
-is in inlaid_ray/sched/metrics.py and is copied into the JSON. The inlaid policy is given
+is in inlaid_ray/bench/sim_metrics.py and is copied into the JSON. The inlaid policy is given
 the replica's step-cost model and adapter slots (what a deployment configures it with).
 
     python load_tests/sim_policies.py [--quick] [--requests N] [--cost load_tests/results/cost_model_cpu.json]
@@ -26,11 +26,11 @@ from pathlib import Path
 from inlaid_ray.progress import Progress
 
 from inlaid_ray.sched import make_policy
-from inlaid_ray.sched import metrics as metrics_mod
+from inlaid_ray.bench import sim_metrics as metrics_mod
 from inlaid_ray.sched.cost_model import StepCostModel
-from inlaid_ray.sched.metrics import summarize
-from inlaid_ray.sched.simulator import ReplicaConfig, Simulator
-from inlaid_ray.sched.workload import WorkloadConfig, generate_workload
+from inlaid_ray.bench.sim_metrics import summarize
+from inlaid_ray.bench.simulator import ReplicaConfig, Simulator
+from inlaid_ray.bench.workload import WorkloadConfig, generate_workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOADS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0)

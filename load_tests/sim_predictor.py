@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from inlaid_ray.sched.predictor import LengthPredictor, SentenceEncoder, length_metrics, per_task_baseline
-from inlaid_ray.sched.synthetic_tasks import make_records
+from inlaid_ray.bench.synthetic_tasks import make_records
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEMO_TASKS = ("sentiment", "extract", "rewrite", "email")

@@ -14,7 +14,6 @@ from inlaid_ray.lora.cluster_bank import (
     INDEX_FILE,
     add_adapter,
     bank_size_report,
-    banks_from_clustering,
     load_cluster_banks,
     module_key_name,
     parse_module_key,
@@ -22,8 +21,9 @@ from inlaid_ray.lora.cluster_bank import (
     stack_for_serving,
     to_peft_factors,
 )
-from inlaid_ray.lora.clustering import ClusterConfig, assign_new_adapter, cluster_adapters
-from inlaid_ray.lora.compress_jd import JDConfig
+from inlaid_ray.compress.adapter_set import banks_from_clustering
+from inlaid_ray.compress.clustering import ClusterConfig, assign_new_adapter, cluster_adapters
+from inlaid_ray.compress.jd import JDConfig
 from inlaid_ray.lora.synthetic import SyntheticSpec, make_synthetic_adapters, raw_lora_params
 from inlaid_ray.model.config import ModelConfig
 

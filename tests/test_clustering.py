@@ -7,13 +7,13 @@ import itertools
 import pytest
 import torch
 
-from inlaid_ray.lora.clustering import (
+from inlaid_ray.compress.clustering import (
     ClusterConfig,
     adjusted_rand_index,
     assign_new_adapter,
     cluster_adapters,
 )
-from inlaid_ray.lora.compress_jd import JDConfig, reconstruction_errors
+from inlaid_ray.compress.jd import JDConfig, reconstruction_errors
 from inlaid_ray.lora.synthetic import SyntheticSpec, make_synthetic_adapters
 from inlaid_ray.model.config import ModelConfig
 

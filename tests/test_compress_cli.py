@@ -1,4 +1,4 @@
-"""`inlaid-ray compress` (inlaid_ray.lora.compress_cli): PEFT adapters with different ranks and
+"""`inlaid-ray compress` (inlaid_ray.compress.cli): PEFT adapters with different ranks and
 target modules become a loadable cluster bank whose reconstructions have exactly the errors
 the command reports, zero where an adapter adapts nothing, with the byte counts of the bank;
 bad inputs stop with one clear error."""
@@ -14,7 +14,7 @@ from inlaid_ray.config import Settings
 from inlaid_ray.errors import AdapterError
 from inlaid_ray.lora import LoRAAdapter, save_peft_adapter
 from inlaid_ray.lora.cluster_bank import bank_size_report, load_cluster_banks
-from inlaid_ray.lora.compress_cli import add_compress_parser
+from inlaid_ray.compress.cli import add_compress_parser
 from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inlaid_ray.lora.compress_jd import (
+from inlaid_ray.compress.jd import (
     JDConfig,
     compress_adapters,
     compress_module,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inlaid_ray.lora.compress_jd import JDConfig, compress_module, project_factors
+from inlaid_ray.compress.jd import JDConfig, compress_module, project_factors
 from inlaid_ray.lora.synthetic import SMOLLM2_135M, SyntheticSpec, make_synthetic_adapters, raw_lora_params
 from inlaid_ray.model.config import ModelConfig
 

@@ -15,9 +15,9 @@ from inlaid_ray.engine.builder import build_engine
 from inlaid_ray.errors import AdapterError, NoFreeSlot, TaskNotFound
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, load_peft_adapter
 from inlaid_ray.lora.cluster_bank import ClusterBank, save_cluster_banks
-from inlaid_ray.lora.clustering import ClusterConfig
-from inlaid_ray.lora.compress_jd import JDConfig, project_onto_basis
-from inlaid_ray.lora.compress_set import compress_adapter_set
+from inlaid_ray.compress.clustering import ClusterConfig
+from inlaid_ray.compress.jd import JDConfig, project_onto_basis
+from inlaid_ray.compress.adapter_set import compress_adapter_set
 from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model import load_model, prefill_logits
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig

@@ -258,7 +258,7 @@ def test_stats_and_config_validation(model):
 
 
 def test_engine_gives_cost_aware_policies_the_replicas_step_cost_model(model, tmp_path):
-    """EngineConfig.step_cost_model (a measure_step_cost.py JSON) reaches the inlaid policy's
+    """EngineConfig.step_cost_model (an inlaid-ray bench step-cost JSON) reaches the inlaid policy's
     batch shaping; policies that do not price steps are built as usual."""
     fitted = StepCostModel(a_s=0.25, b_s_per_token=0.012, c_s_per_adapter=0.034, d_s_per_kv_token=4.8e-4,
                            e_s_per_adapter_load=0.0, source="fitted on this CPU")

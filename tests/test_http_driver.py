@@ -1,25 +1,22 @@
-"""The HTTP load driver's pure parts (load_tests/http_driver.py, http_report.py) on fake results:
+"""The HTTP load driver's pure parts (inlaid_ray.demo.load_driver, inlaid_ray.bench.http_report) on fake results:
 variant expansion, the same seeded plan for every rate, engine-sample and Prometheus-delta
 statistics, and the result table / inlaid-vs-baseline ratios against `load_stats.summarize` of
 the same records. No server, no timing."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load_tests"))
 
-from http_driver import DriverConfig, build_plans, capped_demo_mix  # noqa: E402
-from http_report import (  # noqa: E402
+from inlaid_ray.demo.load_driver import DriverConfig, build_plans, demo_mix
+from inlaid_ray.bench.http_report import (
     Variant, expand_variants, histogram_delta, histogram_totals, policy_comparison, result_rows,
     summarize_engine_samples,
 )
-from load_stats import RequestRecord, summarize  # noqa: E402
+from inlaid_ray.bench.load_stats import RequestRecord, summarize
 
-from inlaid_ray.serve.metrics import ServeMetrics  # noqa: E402
+from inlaid_ray.serve.metrics import ServeMetrics
 
 
 def test_expand_variants_is_the_product_grouped_by_base():
@@ -34,7 +31,7 @@ def test_expand_variants_is_the_product_grouped_by_base():
 
 def test_every_rate_gets_the_same_task_and_prompt_sequence_time_scaled():
     cfg = DriverConfig(rates=(0.5, 2.0), duration_s=1e6, max_requests=12, max_tokens=16)
-    mix = capped_demo_mix(("sentiment", "email"), cfg.max_tokens, cfg.slo_ttft_s, cfg.slo_per_token_s)
+    mix = demo_mix(cfg.slo_ttft_s, cfg.slo_per_token_s, ("sentiment", "email"), cfg.max_tokens)
     assert all(t.max_tokens <= 16 for t in mix)
     assert all(t.slo_s <= cfg.slo_ttft_s + cfg.slo_per_token_s * 16 for t in mix)
     plans = build_plans(cfg, mix)

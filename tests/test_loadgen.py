@@ -1,4 +1,4 @@
-"""The HTTP load generator (load_tests/loadgen.py) on a fake clock against an in-process ASGI app
+"""The HTTP load generator (inlaid_ray/bench/loadgen.py) on a fake clock against an in-process ASGI app
 that streams OpenAI-style SSE: arrival-process statistics, bounds, SSE parsing into records,
 refusal of non-loopback targets, and the summary maths against a reference computed here."""
 
@@ -9,8 +9,6 @@ import json
 import math
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +20,9 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load_tests"))
-import loadgen  # noqa: E402
-from load_stats import RequestRecord, summarize, summarize_by_task  # noqa: E402
+from inlaid_ray.bench import loadgen  # noqa: E402
+from inlaid_ray.bench.load_stats import RequestRecord, summarize, summarize_by_task  # noqa: E402
+from inlaid_ray.demo.load_driver import demo_mix  # noqa: E402
 
 
 class FakeClock:
@@ -258,7 +256,7 @@ def test_run_plan_refuses_a_client_aimed_elsewhere():
 def test_synthetic_plan_uses_paper_profiles():
     cfg = loadgen.LoadConfig(rate=5.0, duration_s=1e9, max_requests=400, seed=2)
     plan = loadgen.plan_synthetic(cfg, num_tasks=4, models=("m0", "m1"), max_prompt_tokens=4096, max_output_tokens=4096)
-    from inlaid_ray.sched.workload import PAPER_PROFILES
+    from inlaid_ray.bench.workload import PAPER_PROFILES
 
     assert len(plan) == 400 and {p.body["model"] for p in plan} == {"m0", "m1"}
     for k, prof in enumerate(PAPER_PROFILES):  # task-000k is of kind k
@@ -274,7 +272,7 @@ def test_synthetic_plan_uses_paper_profiles():
 def test_demo_mix_uses_eval_prompts_and_length_ordered_slos():
     from inlaid_ray.demo import DEMO_TASKS, load_examples
 
-    mix = loadgen.demo_mix(slo_ttft_s=1.0, slo_per_token_s=0.1)
+    mix = demo_mix(slo_ttft_s=1.0, slo_per_token_s=0.1)
     assert [t.name for t in mix] == list(DEMO_TASKS)
     for t in mix:
         records = load_examples(t.name, "eval")

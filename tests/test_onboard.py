@@ -39,7 +39,7 @@ from inlaid_ray.serve.app import AppArgs
 from inlaid_ray.serve.engine_builder import ReplicaSpec, build_engine, load_cluster_adapter
 from inlaid_ray.serve.launcher import free_port, run_serve
 from inlaid_ray.serve.replica_protocol import AdapterEntry
-from inlaid_ray.serve.router import BASE_VERSION_HEADER, REPLICA_HEADER
+from inlaid_ray.serve.router import BASE_VERSION_HEADER
 
 
 pytestmark = pytest.mark.slow

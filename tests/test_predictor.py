@@ -16,7 +16,7 @@ from inlaid_ray.sched.predictor import (
     length_metrics,
     per_task_baseline,
 )
-from inlaid_ray.sched.synthetic_tasks import make_records
+from inlaid_ray.bench.synthetic_tasks import make_records
 
 DEMO_TASKS = ("sentiment", "extract", "rewrite", "email")
 

@@ -6,8 +6,6 @@ dequantized checkpoint is a grid reconstruction of the base (at most 2^bits leve
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +20,7 @@ from inlaid_ray.quant.quantizer import QuantGrid
 from inlaid_ray.quant.stats_store import StatsStore
 from test_mlgptq_setup import GROUP_SIZE, make_task_sources, write_tiny_base
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load_tests"))
-from quant_collapse import aggregate_variants, dequantized, min_eig_over_mean_diag  # noqa: E402
+from inlaid_ray.quant.diagnostics import aggregate_variants, dequantized, min_eig_over_mean_diag
 
 BITS = 4
 # rank-deficient tiny-model Hessians have eigenvalues of float32 noise, ~1e-7 of the mean diagonal

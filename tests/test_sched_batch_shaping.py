@@ -15,8 +15,8 @@ from inlaid_ray.sched import FifoPolicy, InlaidPolicy, StepBudget, make_policy, 
 from inlaid_ray.sched.admission import blocks_for, prefill_tokens
 from inlaid_ray.sched.cost_model import StepCostModel
 from inlaid_ray.sched.policies.batch_shaping import AdapterResidency
-from inlaid_ray.sched.simulator import ReplicaConfig, SimJob, Simulator
-from inlaid_ray.sched.workload import RequestSpec
+from inlaid_ray.bench.simulator import ReplicaConfig, SimJob, Simulator
+from inlaid_ray.bench.workload import RequestSpec
 
 # attention reads dominate a step: long-context requests are worth deferring behind short ones
 ATTENTION_HEAVY = StepCostModel(a_s=1e-3, b_s_per_token=0.0, c_s_per_adapter=0.0, d_s_per_kv_token=1e-5, e_s_per_adapter_load=0.0)

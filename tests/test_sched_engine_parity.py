@@ -14,7 +14,7 @@ from inlaid_ray.engine.block_allocator import BlockAllocator, blocks_for
 from inlaid_ray.engine.request import Request, RequestStatus, SamplingParams
 from inlaid_ray.engine.scheduler import Scheduler, SchedulerLimits
 from inlaid_ray.sched import StepBudget, make_policy, plan_step
-from inlaid_ray.sched.simulator import SimJob
+from inlaid_ray.bench.simulator import SimJob
 
 BLOCK = 4
 

@@ -14,7 +14,7 @@ import pytest
 from inlaid_ray.sched import FifoPolicy, InlaidPolicy, MlfqPolicy, StepBudget, make_policy, plan_step
 from inlaid_ray.sched.admission import held_blocks
 from inlaid_ray.sched.policies import InlaidConfig, MlfqConfig
-from inlaid_ray.sched.simulator import SimJob
+from inlaid_ray.bench.simulator import SimJob
 
 # the paper's variant: hard cap of beta tasks per step, work-conserving admission order, fixed bound
 PAPER = {"batching": "all", "grouping": "hard_cap", "starvation_latency_multiple": 0.0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inlaid_ray.sched.workload import PAPER_PROFILES, WorkloadConfig, generate_workload
+from inlaid_ray.bench.workload import PAPER_PROFILES, WorkloadConfig, generate_workload
 
 
 @pytest.mark.parametrize("arrival,cv", [("poisson", 1.0), ("gamma", 2.0), ("gamma", 8.0)])

@@ -26,9 +26,9 @@ from inlaid_ray.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingP
 from inlaid_ray.engine.builder import build_engine
 from inlaid_ray.lora import AdapterBank, LoRAAdapter
 from inlaid_ray.lora.cluster_bank import load_cluster_banks, save_cluster_banks
-from inlaid_ray.lora.clustering import ClusterConfig
-from inlaid_ray.lora.compress_jd import JDConfig
-from inlaid_ray.lora.compress_set import compress_adapter_set
+from inlaid_ray.compress.clustering import ClusterConfig
+from inlaid_ray.compress.jd import JDConfig
+from inlaid_ray.compress.adapter_set import compress_adapter_set
 from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model import ModelConfig, encode_chat, load_tokenizer
 from inlaid_ray.model.config import LINEAR_MODULES

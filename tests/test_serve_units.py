@@ -19,7 +19,7 @@ from inlaid_ray.demo.manifest import DEMO_CLUSTERS, DEMO_TENANT, write_demo_mani
 from inlaid_ray.serve.seed import RegistrySeed, seed_registry
 from inlaid_ray.serve.http_errors import OpenAIHTTPError
 from inlaid_ray.serve.metrics import ServeMetrics
-from inlaid_ray.serve.responses import DONE, ResponseContext, StreamTracker, collect, next_chunk, sse_events
+from inlaid_ray.serve.responses import Choice, DONE, ResponseContext, StreamTracker, collect, next_chunk, sse_events
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,11 +94,13 @@ def _chunk(text: str, ids: list[int], n: int, finish: str | None = None) -> dict
 CHUNKS = [_chunk("Hel", [1], 1), _chunk("lo", [2, 3], 3), _chunk("!", [4], 4, "stop")]
 
 
-def _run_sse(ctx: ResponseContext, chunks: list[dict], metrics: ServeMetrics) -> list[str]:
+def _run_sse(ctx: ResponseContext, chunks: list[dict], metrics: ServeMetrics, choices: int = 1) -> list[str]:
     async def main():
-        stream = _stream(chunks)
-        first = await next_chunk(stream)
-        return [e async for e in sse_events(first, stream, StreamTracker(ctx, metrics))]
+        opened = []
+        for _ in range(choices):
+            stream = _stream(chunks)
+            opened.append(Choice(await next_chunk(stream), stream, StreamTracker(ctx, metrics)))
+        return [e async for e in sse_events(opened)]
 
     return asyncio.run(main())
 
@@ -146,12 +148,42 @@ def test_error_before_the_first_token_raises_http_error_and_collect_builds_the_b
         assert info.value.status == 404 and info.value.body()["error"]["code"] == "model_not_found"
         stream = _stream(CHUNKS)
         tracker = StreamTracker(_ctx("chat"), ServeMetrics())
-        return await collect(await next_chunk(stream), stream, tracker)
+        return await collect([Choice(await next_chunk(stream), stream, tracker)], 1)
 
     body = asyncio.run(main())
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello!"}
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+def _candidate(text: str, logprobs: list[float]) -> list[dict]:
+    entries = [[i, lp, []] for i, lp in enumerate(logprobs)]
+    return [_chunk(text, list(range(len(logprobs))), len(logprobs), "stop") | {"logprobs": entries}]
+
+
+def test_choices_interleave_by_index_and_best_of_keeps_the_most_likely():
+    async def main(candidates: list[list[dict]], n: int, stream: bool):
+        ctx = _ctx("completion")
+        opened = []
+        for chunks in candidates:
+            s = _stream(chunks)
+            opened.append(Choice(await next_chunk(s), s, StreamTracker(ctx, ServeMetrics())))
+        if stream:
+            return _data([e async for e in sse_events(opened)])
+        return await collect(opened, n)
+
+    three = [CHUNKS, [_chunk("a", [9], 1), _chunk("b", [8], 2, "length")], [_chunk("z", [7], 1, "stop")]]
+    events = asyncio.run(main(three, 3, True))
+    by_index: dict[int, str] = {}
+    for e in events:
+        c = e["choices"][0]
+        by_index[c["index"]] = by_index.get(c["index"], "") + c["text"]
+    assert by_index == {0: "Hello!", 1: "ab", 2: "z"}
+    # best_of 3, n 2: the two highest cumulative log-probabilities (-1.0 and -1.5), best first.
+    cands = [_candidate("low", [-2.0, -1.0]), _candidate("best", [-0.5, -0.5]), _candidate("mid", [-1.5])]
+    body = asyncio.run(main(cands, 2, False))
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "best"), (1, "mid")]
+    assert body["usage"]["completion_tokens"] == 5  # every candidate generated counts
 
 
 # ----------------------------------------------------------------------------- registry seeding

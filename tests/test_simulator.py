@@ -8,9 +8,9 @@ import pytest
 from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.sched import make_policy
 from inlaid_ray.sched.cost_model import StepCostModel
-from inlaid_ray.sched.metrics import summarize
-from inlaid_ray.sched.simulator import ReplicaConfig, Simulator
-from inlaid_ray.sched.workload import RequestSpec, WorkloadConfig, generate_workload
+from inlaid_ray.bench.sim_metrics import summarize
+from inlaid_ray.bench.simulator import ReplicaConfig, Simulator
+from inlaid_ray.bench.workload import RequestSpec, WorkloadConfig, generate_workload
 
 POLICIES = ["fifo", "mlfq", "inlaid"]
 TIGHT = ReplicaConfig(max_num_seqs=16, max_num_batched_tokens=1024, num_blocks=120, block_size=16)

@@ -10,11 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from inlaid_ray.errors import NoFreeSlot
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    """Blocks needed to hold `num_tokens` tokens (ceil division)."""
-    return -(-num_tokens // block_size)
+from inlaid_ray.sched.admission import blocks_for  # noqa: F401  (one definition; re-exported for the engine)
 
 
 class BlockAllocator:

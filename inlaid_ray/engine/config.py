@@ -20,7 +20,7 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # KV cache dtype; None: the model's
     device: str | None = None  # None: the model's
     policy: str = "fifo"  # registered scheduling policy name (used when no policy object is given)
-    # step-cost model JSON fitted on this device (load_tests/measure_step_cost.py) for policies that
+    # step-cost model JSON fitted on this device (inlaid_ray/bench/step_cost.py) for policies that
     # price steps (inlaid); None: their default, the analytic H100 / Llama-2-7B 4-bit model
     step_cost_model: str | None = None
     seed: int = 0  # seeds the generators of sampled requests that bring no seed

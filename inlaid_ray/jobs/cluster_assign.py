@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from inlaid_ray.lora import LoRAAdapter
-from inlaid_ray.lora.cluster_bank import ClusterBanks, add_adapter, banks_from_clustering, load_cluster_banks
-from inlaid_ray.lora.clustering import ClusterConfig, cluster_adapters
-from inlaid_ray.lora.compress_jd import JDConfig, ModuleKey, project_stacked, stack_factors
+from inlaid_ray.compress.adapter_set import banks_from_clustering
+from inlaid_ray.lora.cluster_bank import ClusterBanks, add_adapter, load_cluster_banks
+from inlaid_ray.compress.clustering import ClusterConfig, cluster_adapters
+from inlaid_ray.compress.jd import JDConfig, ModuleKey, project_stacked, stack_factors
 from inlaid_ray.model import ModelConfig
 from inlaid_ray.registry import ClusterRecord, TaskRecord
 

@@ -6,12 +6,15 @@ Kept unfolded (as PEFT stores it) so loads round-trip exactly; the bank folds `s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from inlaid_ray.errors import AdapterError
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
+
+ModuleKey = tuple[int, str]  # (layer index, projection name), e.g. (3, "q_proj")
+Kind = Literal["full", "diag"]  # a compressed adapter's core: k x k matrix ("full") or k-vector ("diag")
 
 
 @dataclass

@@ -46,7 +46,7 @@ from inlaid_ray.errors import AdapterError, NoFreeSlot, TaskNotFound
 from inlaid_ray.kernels.reference import lora_shrink_expand_ref
 from inlaid_ray.lora.adapter import LoRAAdapter, check_adapter_fits
 from inlaid_ray.lora.cluster_bank import ClusterBank
-from inlaid_ray.lora.compress_jd import ModuleKey
+from inlaid_ray.lora.adapter import ModuleKey
 from inlaid_ray.lora.compressed_bank import CompressedStore, Kernels, StepPlan, split_lora_batch
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
 from inlaid_ray.model.forward_batch import LoRABatch

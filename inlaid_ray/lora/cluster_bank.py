@@ -28,15 +28,14 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from inlaid_ray.errors import AdapterError
-from inlaid_ray.lora.clustering import Clustering
-from inlaid_ray.lora.compress_jd import Kind, ModuleKey
+from inlaid_ray.lora.adapter import Kind, ModuleKey
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
 
 FORMAT_NAME = "inlaid-ray-cluster-bank"
@@ -168,51 +167,6 @@ def stack_for_serving(
         else:
             sig[c, :n_c, :kc] = cl.sigma[key]
     return V, U, sig
-
-
-def banks_from_clustering(
-    clustering: Clustering,
-    names: Sequence[str],
-    raw_params: Sequence[int] | None = None,
-    dtype: torch.dtype | None = None,
-) -> ClusterBanks:
-    """Package a clustering result (adapter i is names[i]) as cluster banks, optionally cast to dtype."""
-    if len(names) != clustering.labels.numel() or len(set(names)) != len(names):
-        raise ValueError(f"need {clustering.labels.numel()} distinct names, got {len(names)} ({len(set(names))} distinct)")
-    if raw_params is not None and len(raw_params) != len(names):
-        raise ValueError(f"raw_params has {len(raw_params)} entries for {len(names)} adapters")
-
-    def cast(t: Tensor) -> Tensor:
-        return (t if dtype is None else t.to(dtype)).contiguous()
-
-    clusters, adapters, shapes = [], {}, {}
-    for c, cl in enumerate(clustering.clusters):
-        bank = ClusterBank(
-            c, [names[i] for i in cl.members],
-            {k: cast(m.U) for k, m in cl.modules.items()},
-            {k: cast(m.V) for k, m in cl.modules.items()},
-            {k: cast(m.sigma) for k, m in cl.modules.items()},
-            {k: m.errors.float() for k, m in cl.modules.items()},
-        )
-        clusters.append(bank)
-        per_module = torch.stack([m.errors for m in cl.modules.values()])  # [modules, n_c]
-        for row, i in enumerate(cl.members):
-            adapters[names[i]] = AdapterEntry(
-                c, row, float(per_module[:, row].mean()), float(per_module[:, row].max()),
-                int(raw_params[i]) if raw_params is not None else 0,
-            )
-        for k, m in cl.modules.items():
-            shapes[k] = (m.U.shape[0], m.V.shape[0])
-    jd = clustering.config.jd
-    extra = {
-        "jd": {"max_iters": jd.max_iters, "tol": jd.tol, "seed": jd.seed},
-        "clustering": {
-            "num_clusters": clustering.num_clusters, "error_budget": clustering.config.error_budget,
-            "budget_stat": clustering.config.budget_stat, "rounds": clustering.rounds,
-            "stable": clustering.stable, "budget_met": clustering.budget_met,
-        },
-    }
-    return ClusterBanks(clusters, adapters, jd.kind, jd.rank, jd.transform, shapes, extra)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from inlaid_ray.errors import AdapterError, NoFreeSlot
 from inlaid_ray.kernels.compressed_lora_batch import CompressedLoRABatch
 from inlaid_ray.lora.cluster_bank import ClusterBank, module_key_name
-from inlaid_ray.lora.compress_jd import Kind, ModuleKey
+from inlaid_ray.lora.adapter import Kind, ModuleKey
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
 from inlaid_ray.model.forward_batch import LoRABatch
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from inlaid_ray.lora.adapter import LoRAAdapter, LoRAFactors
-from inlaid_ray.lora.compress_jd import ModuleKey
+from inlaid_ray.lora.adapter import ModuleKey
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
 
 # Shape of HuggingFaceTB/SmolLM2-135M-Instruct (its config.json); tests check it against the file.

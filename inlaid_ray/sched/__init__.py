@@ -1,4 +1,5 @@
-"""Scheduling policies (which requests run each step), shared by the engine and the simulator."""
+"""Scheduling policies (which requests run each step), shared by the engine and the simulator
+(`inlaid_ray.bench.simulator`)."""
 
 from inlaid_ray.sched.policy import (
     FifoPolicy,
@@ -10,10 +11,7 @@ from inlaid_ray.sched.policy import (
 )
 from inlaid_ray.sched.admission import StepPlan, plan_step
 from inlaid_ray.sched.cost_model import StepCostModel, StepSample, fit_cost_model
-from inlaid_ray.sched.metrics import summarize
 from inlaid_ray.sched.policies import InlaidConfig, InlaidPolicy, MlfqConfig, MlfqPolicy
-from inlaid_ray.sched.simulator import ReplicaConfig, SimResult, Simulator
-from inlaid_ray.sched.workload import RequestSpec, WorkloadConfig, generate_workload
 
 # The output-length predictor (inlaid_ray.sched.predictor) needs torch + transformers and is
 # imported from its module, so that importing the policies stays dependency-free.
@@ -24,21 +22,14 @@ __all__ = [
     "InlaidPolicy",
     "MlfqConfig",
     "MlfqPolicy",
-    "ReplicaConfig",
-    "RequestSpec",
     "SchedulableRequest",
     "SchedulingPolicy",
-    "SimResult",
-    "Simulator",
     "StepBudget",
     "StepCostModel",
     "StepPlan",
     "StepSample",
-    "WorkloadConfig",
     "fit_cost_model",
-    "generate_workload",
     "make_policy",
     "plan_step",
     "register_policy",
-    "summarize",
 ]

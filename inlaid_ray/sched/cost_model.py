@@ -8,7 +8,7 @@
 reads), `adapter_loads` = adapters copied in from host memory this step (only when the
 simulated replica holds fewer adapter slots than tasks, as S-LoRA's swapping).
 Parameters are fitted by non-negative least squares on measured steps (`fit_cost_model`,
-driven by `load_tests/measure_step_cost.py`) and stored as JSON.
+driven by `inlaid_ray/bench/step_cost.py`) and stored as JSON.
 """
 
 from __future__ import annotations

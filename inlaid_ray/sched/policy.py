@@ -101,7 +101,7 @@ def make_policy(name: str, **kwargs: Any) -> SchedulingPolicy:
 
 def make_replica_policy(name: str, step_cost_model: str | Path | None = None) -> SchedulingPolicy:
     """`make_policy(name)` for an engine: a policy that prices steps gets the step-cost model
-    fitted on the replica's device (JSON of load_tests/measure_step_cost.py) when one is given."""
+    fitted on the replica's device (JSON of inlaid_ray/bench/step_cost.py) when one is given."""
     factory = _POLICIES.get(name)
     if step_cost_model is not None and getattr(factory, "uses_cost_model", False):
         return make_policy(name, cost=StepCostModel.load(step_cost_model))

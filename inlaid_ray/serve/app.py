@@ -88,7 +88,7 @@ class AppArgs(BaseModel):
     # --- engine
     policy: Literal["fifo", "mlfq", "inlaid"] = Field("inlaid", description="per-replica scheduling policy")
     step_cost_model: str | None = Field(
-        None, description="step-cost model JSON fitted on the replicas' device (load_tests/measure_step_cost.py) "
+        None, description="step-cost model JSON fitted on the replicas' device (inlaid_ray/bench/step_cost.py) "
                           "for the inlaid policy; None = its analytic H100 / Llama-2-7B 4-bit default")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
@@ -108,7 +108,7 @@ class AppArgs(BaseModel):
         if self.device == "cuda" and self.num_gpus_per_replica == 0:
             raise ValueError(f"device='cuda' needs num_gpus_per_replica > 0, got {self.num_gpus_per_replica}")
         if self.step_cost_model is not None and not Path(self.step_cost_model).is_file():
-            raise ValueError(f"step_cost_model={self.step_cost_model!r} is not a file (a JSON of measure_step_cost.py)")
+            raise ValueError(f"step_cost_model={self.step_cost_model!r} is not a file (a JSON of inlaid-ray bench step-cost)")
         if self.max_adapters_per_replica < self.max_clusters_per_replica:
             raise ValueError(f"max_adapters_per_replica={self.max_adapters_per_replica} < max_clusters_per_replica="
                              f"{self.max_clusters_per_replica}: every resident cluster needs at least one slot")

@@ -25,7 +25,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=["fifo", "mlfq", "inlaid"], default="inlaid",
                         help="scheduling policy (default inlaid; fifo = S-LoRA's)")
     parser.add_argument("--step-cost-model", default=None,
-                        help="inlaid's step-cost model, fitted on the replicas' device (measure_step_cost.py JSON)")
+                        help="inlaid's step-cost model, fitted on the replicas' device (inlaid-ray bench step-cost JSON)")
     parser.add_argument("--max-clusters-per-replica", type=int, default=2, help="resident adapter clusters per replica")
     parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
     parser.add_argument("--num-kv-blocks", type=int, default=1024,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 

@@ -31,9 +31,9 @@ from typing import Any
 from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.lora import load_peft_adapter
 from inlaid_ray.lora.cluster_bank import INDEX_FILE, save_cluster_banks
-from inlaid_ray.lora.clustering import ClusterConfig
-from inlaid_ray.lora.compress_jd import JDConfig
-from inlaid_ray.lora.compress_set import compress_adapter_set
+from inlaid_ray.compress.clustering import ClusterConfig
+from inlaid_ray.compress.jd import JDConfig
+from inlaid_ray.compress.adapter_set import compress_adapter_set
 from inlaid_ray.model import ModelConfig
 from inlaid_ray.registry import ClusterRecord, TaskRecord, TaskRegistry
 

@@ -62,7 +62,7 @@ class InlaidConfig:
     grouping: Literal["cost", "hard_cap", "preference", "off"] = "cost"
     beta: int = 10  # tasks per step of "hard_cap" / "preference" (paper default 10)
     # the replica's step-cost model (the simulator's, or one fitted on the engine's device by
-    # load_tests/measure_step_cost.py); only ratios of its terms matter to the policy
+    # inlaid_ray/bench/step_cost.py); only ratios of its terms matter to the policy
     cost: StepCostModel = field(default_factory=StepCostModel)
     adapter_slots: int | None = None  # the replica's resident adapter slots; None = all resident
     pause_running: bool = True  # False: running requests always run, only admission is shaped

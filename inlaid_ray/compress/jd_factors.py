@@ -16,14 +16,13 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from inlaid_ray.lora.adapter import Kind, ModuleKey
+
 # Factors of one module for n adapters: (A [r_i, d_in], B [d_out, r_i]), LoRA scaling folded into B.
 Factors = Sequence[tuple[Tensor, Tensor]]
-Kind = Literal["full", "diag"]
 Transform = Literal["normalize", "none"]
-# (layer index, module name such as "q_proj"): the unit every basis is fitted for (9.2).
-ModuleKey = tuple[int, str]
+# Per (layer, module) -- the unit every basis is fitted for (9.2) -- one adapter's factors.
 AdapterFactors = Mapping[ModuleKey, tuple[Tensor, Tensor]]
-
 
 
 def reconstruct(U: Tensor, V: Tensor, sigma: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ alternating maximization over orthonormal U and V, 9.4) or a diagonal ("JD-Diag"
 least squares with the Hadamard-Gram solve, 9.5). Fits start from the stacked factors' SVD
 (JD-Diag also tries a Jennrich joint-diagonalization start) and stop on subspace change or
 objective stall, with an iteration cap. Everything is computed from the factors (see
-compress_jd_factors): a dense `B_i A_i` is never formed. Small solves run in float64 whatever
+jd_factors): a dense `B_i A_i` is never formed. Small solves run in float64 whatever
 the compute dtype, so exact cases reach ~1e-12 relative squared error in float64.
 """
 
@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from inlaid_ray.lora.compress_jd_factors import (  # noqa: F401  (re-exported: the public JD surface)
+from inlaid_ray.compress.jd_factors import (  # noqa: F401  (re-exported: the public JD surface)
     AdapterFactors,
     Factors,
     Kind,

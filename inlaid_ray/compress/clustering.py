@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from inlaid_ray.progress import Progress
 
-from inlaid_ray.lora.compress_jd import (
+from inlaid_ray.compress.jd import (
     AdapterFactors,
     JDConfig,
     JDModule,

@@ -16,12 +16,12 @@ Before the first rate each task gets one full-length warm-up request (adapter lo
 first observation for the length predictor), not counted.
 
 Measured per (variant, rate): throughput, mean/p99 latency (e2e = JCT), TTFT, SLO attainment
-(load_stats.py definitions), queue time (the router's `inlaid_request_queue_time_seconds`
+(inlaid_ray.bench.load_stats definitions), queue time (the router's `inlaid_request_queue_time_seconds`
 histogram, delta over the run) and tasks (adapters) per engine step (the replica's stats polled
 while it has requests running). Writes load_tests/results/http_load.json and http_load.png.
 
-    python load_tests/http_driver.py                       # default: ~12 min on 2 shared CPU cores
-    python load_tests/http_driver.py --rates 0.5 1 --policies fifo inlaid --quantization off
+    inlaid-ray bench http                       # default: ~12 min on 2 shared CPU cores
+    inlaid-ray bench http --rates 0.5 1 --policies fifo inlaid --quantization off
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -41,15 +40,15 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules
-from http_report import (  # noqa: E402
+from inlaid_ray.bench.http_report import (
     Variant, expand_variants, histogram_delta, histogram_totals, plot_rows, policy_comparison, result_rows,
     summarize_engine_samples,
 )
-from load_stats import RequestRecord  # noqa: E402
-from loadgen import CHAT_PATH, LoadConfig, PlannedRequest, TaskLoad, make_client, plan_mix, report, run_plan  # noqa: E402
+from inlaid_ray.bench.load_stats import RequestRecord
+from inlaid_ray.bench.loadgen import CHAT_PATH, LoadConfig, PlannedRequest, TaskLoad, make_client, plan_mix, report, run_plan
+from inlaid_ray.jobs.artifacts import write_json_atomic
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("load_tests") / "results"  # the repository's result files, from its root
 APP_NAME = "inlaid"  # launcher.APP_NAME
 API_KEY = "http-load-test"
 ADMIN_KEY = "http-load-admin"  # /metrics answers the admin key only
@@ -96,14 +95,17 @@ class DriverConfig:
 # ------------------------------------------------------------------------------ workload
 
 
-def capped_demo_mix(tasks: Sequence[str], max_tokens: int, slo_ttft_s: float, slo_per_token_s: float) -> list[TaskLoad]:
-    """Demo tasks with generation budgets capped at `max_tokens` and SLOs for the capped length."""
+def demo_mix(slo_ttft_s: float = 1.0, slo_per_token_s: float = 0.1, tasks: Sequence[str] | None = None,
+             max_tokens: int | None = None) -> list[TaskLoad]:
+    """The demo tasks, equally weighted, with their eval prompts (chat) and generation budgets
+    (capped at `max_tokens`). SLO of a task: slo_ttft_s + slo_per_token_s x the p90 completion
+    length of its eval split (capped at its budget)."""
     from inlaid_ray.demo import DEMO_TASKS, get_task, length_stats, load_examples
 
     out = []
     for name in tasks or list(DEMO_TASKS):
         records = load_examples(name, "eval")
-        budget = min(max_tokens, get_task(name).max_new_tokens)
+        budget = get_task(name).max_new_tokens if max_tokens is None else min(max_tokens, get_task(name).max_new_tokens)
         p90 = min(length_stats(records)["completion_tokens"]["p90"], budget)
         prompts = tuple([{"role": "user", "content": r["prompt"]}] for r in records)
         out.append(TaskLoad(name, 1.0, slo_ttft_s + slo_per_token_s * p90, CHAT_PATH, prompts, budget))
@@ -127,7 +129,6 @@ def compression_unsupported_reason() -> str | None:
     """None when the serve path can load compressed (JD) cluster banks, else why not."""
     from typing import get_args, get_type_hints
 
-    from inlaid_ray.demo.manifest import DEMO_MANIFEST
     from inlaid_ray.serve.app import AppArgs
     from inlaid_ray.serve.replica_protocol import ClusterSpec
 
@@ -163,6 +164,7 @@ def _router_sends_format() -> bool:
 
 def app_args(cfg: DriverConfig, variant: Variant, model_dir: Path, data_dir: Path) -> Any:
     """AppArgs of one variant (small CPU sizes; everything but the variant's knobs fixed)."""
+    from inlaid_ray.demo.manifest import DEMO_MANIFEST
     from inlaid_ray.serve.app import AppArgs
 
     fields: dict[str, Any] = dict(
@@ -296,7 +298,6 @@ def run(cfg: DriverConfig, out_json: Path, out_png: Path) -> dict[str, Any]:
     from ray import serve
     from inlaid_ray.progress import Progress
 
-    from bench_common import write_json
     from inlaid_ray.config import Settings
     from inlaid_ray.demo import DEMO_TASKS
     from inlaid_ray.model.prepare import prepare_smollm2
@@ -308,10 +309,10 @@ def run(cfg: DriverConfig, out_json: Path, out_png: Path) -> dict[str, Any]:
     tasks = list(cfg.tasks or DEMO_TASKS)
     quantized_dir = None
     if True in cfg.quantization:
-        from http_artifacts import ensure_quantized_base
+        from inlaid_ray.demo.load_artifacts import ensure_quantized_base
 
         quantized_dir = Path(cfg.quantized_dir) if cfg.quantized_dir else ensure_quantized_base(base_dir, work, tasks)
-    mix = capped_demo_mix(tasks, cfg.max_tokens, cfg.slo_ttft_s, cfg.slo_per_token_s)
+    mix = demo_mix(cfg.slo_ttft_s, cfg.slo_per_token_s, tasks, cfg.max_tokens)
     plans = build_plans(cfg, mix)
     variants = expand_variants(cfg.policies, cfg.quantization, cfg.compression)
     result: dict[str, Any] = {
@@ -331,7 +332,7 @@ def run(cfg: DriverConfig, out_json: Path, out_png: Path) -> dict[str, Any]:
             result["variants"].append(run_variant(cfg, variant, model_dir, work / "registry", plans, mix, settings, bar,
                                                   port))
             result["wall_s"] = time.perf_counter() - t_run
-            _finish(result, out_json, out_png, write_json)
+            _finish(result, out_json, out_png)
     finally:
         bar.close()
         if ray.is_initialized():
@@ -340,11 +341,11 @@ def run(cfg: DriverConfig, out_json: Path, out_png: Path) -> dict[str, Any]:
     return result
 
 
-def _finish(result: dict[str, Any], out_json: Path, out_png: Path, write_json: Any) -> None:
+def _finish(result: dict[str, Any], out_json: Path, out_png: Path) -> None:
     rows = result_rows(result["variants"])
     result["table"] = rows
     result["inlaid_vs_baselines"] = policy_comparison(rows)
-    write_json(out_json, result)
+    write_json_atomic(out_json, result)
     if rows:
         plot_rows(rows, out_png, "HTTP load test: Serve app on CPU, SmolLM2-135M + 4 demo adapters, 1 replica "
                                  "(solid fp32 base, dashed MLGPTQ 4-bit)")
@@ -359,7 +360,7 @@ def _on_off(value: str) -> tuple[bool, ...]:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[DriverConfig, Path, Path]:
     d = DriverConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="inlaid-ray bench http", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", nargs="+", default=list(d.policies), choices=["fifo", "mlfq", "inlaid"])
     p.add_argument("--quantization", choices=["off", "on", "both"], default="both", help="4-bit MLGPTQ-channel base")
     p.add_argument("--compression", choices=["off", "on", "both"], default="off",

@@ -1,4 +1,4 @@
-"""Pure parts of the HTTP load driver (http_driver.py): which server variants a run covers, the
+"""Pure parts of the HTTP load driver (inlaid_ray.demo.load_driver): which server variants a run covers, the
 engine-side statistics of a run (replica stats samples, Prometheus histogram deltas), the
 result table over (variant, rate), the inlaid-vs-baseline ratios, and the PNG plots.
 

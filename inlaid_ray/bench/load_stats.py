@@ -1,5 +1,5 @@
 """Per-request records of a load run and their summary statistics, shared by the HTTP load
-generator (loadgen.py) and the engine-level GPU benchmark (bench_engine_gpu.py), so both use the
+generator (bench/loadgen.py) and the engine-level GPU benchmark (load_tests/bench_engine_gpu.py), so both use the
 same definitions. Pure Python + numpy.
 
 Definitions (times in seconds on the run's clock, relative to its start):

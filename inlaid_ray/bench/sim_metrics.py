@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from inlaid_ray.sched.simulator import SimResult
+from inlaid_ray.bench.simulator import SimResult
 
 SLO_MULTIPLES = (2.0, 5.0, 10.0)
 

@@ -1,7 +1,7 @@
 """Async load generator for the OpenAI endpoint of inlaid-ray (issue 9, item 1).
 
 Requests arrive as a Poisson process or bursty (gamma inter-arrivals with a chosen CV, the same
-generator as the simulator's `inlaid_ray.sched.workload.arrival_times`), drawn from a multi-task
+generator as the simulator's `inlaid_ray.bench.workload.arrival_times`), drawn from a multi-task
 mix: the demo tasks (their eval prompts through /v1/chat/completions) or synthetic tasks with the
 paper's length profiles (token-id prompts through /v1/completions, `ignore_eos` so each request
 generates exactly its drawn output length). Each task has an e2e-latency SLO. A run stops by
@@ -13,7 +13,7 @@ inter-token latencies, e2e latency, tokens, task and status (`load_stats.Request
 `load_stats.summarize` turns the records into throughput, latency, JCT and SLO attainment.
 The clock and the sleep function are parameters, so tests drive a run on a fake clock.
 
-    python load_tests/loadgen.py --url http://127.0.0.1:8000 --mix demo --rate 2 --duration 60 \
+    inlaid-ray bench load --url http://127.0.0.1:8000 --mix demo --rate 2 --duration 60 \
         --max-requests 200 [--arrival gamma --cv 4] [--out load_tests/results/loadgen.json]
 """
 
@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -34,10 +33,9 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules, run as a script or imported
-from load_stats import RequestRecord, summarize, summarize_by_task  # noqa: E402
+from inlaid_ray.bench.load_stats import RequestRecord, summarize, summarize_by_task
 
-from inlaid_ray.sched.workload import WorkloadConfig, arrival_times, generate_workload  # noqa: E402
+from inlaid_ray.bench.workload import WorkloadConfig, arrival_times, generate_workload
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[Any]]
@@ -83,6 +81,10 @@ class TaskLoad:
     path: str  # CHAT_PATH or COMPLETIONS_PATH
     prompts: tuple[Any, ...]  # chat: list of messages; completions: text or token ids
     max_tokens: int
+
+
+# (slo_ttft_s, slo_per_token_s, task names or None) -> the demo's task mix (inlaid_ray.demo.load_driver)
+DemoMix = Callable[[float, float, Sequence[str] | None], list[TaskLoad]]
 
 
 @dataclass(frozen=True)
@@ -192,22 +194,6 @@ def _body(path: str, model: str, prompt: Any, max_tokens: int, temperature: floa
     else:
         body["prompt"] = prompt
     return body
-
-
-def demo_mix(slo_ttft_s: float = 1.0, slo_per_token_s: float = 0.1, tasks: Sequence[str] | None = None) -> list[TaskLoad]:
-    """The demo tasks, equally weighted, with their eval prompts (chat) and generation budgets.
-
-    SLO of a task: slo_ttft_s + slo_per_token_s x the p90 completion length of its eval split.
-    """
-    from inlaid_ray.demo import DEMO_TASKS, get_task, length_stats, load_examples
-
-    out = []
-    for name in tasks or list(DEMO_TASKS):
-        records = load_examples(name, "eval")
-        p90 = length_stats(records)["completion_tokens"]["p90"]
-        prompts = tuple([{"role": "user", "content": r["prompt"]}] for r in records)
-        out.append(TaskLoad(name, 1.0, slo_ttft_s + slo_per_token_s * p90, CHAT_PATH, prompts, get_task(name).max_new_tokens))
-    return out
 
 
 # ------------------------------------------------------------------------------ one request
@@ -356,7 +342,7 @@ def report(cfg: LoadConfig, records: Sequence[RequestRecord], **meta: Any) -> di
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="inlaid-ray bench load", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="loopback base URL of the OpenAI server")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     p.add_argument("--mix", choices=("demo", "synthetic"), default="demo")
@@ -376,12 +362,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def _main(args: argparse.Namespace) -> dict[str, Any]:
+async def _main(args: argparse.Namespace, demo_mix: DemoMix | None) -> dict[str, Any]:
     from inlaid_ray.progress import Progress
 
     cfg = LoadConfig(rate=args.rate, arrival=args.arrival, cv=args.cv, duration_s=args.duration,
                      max_requests=args.max_requests, drain_timeout_s=args.drain_timeout, seed=args.seed)
     if args.mix == "demo":
+        if demo_mix is None:
+            raise SystemExit("loadgen: --mix demo needs the demo tasks; run it as `inlaid-ray bench load`")
         tasks = demo_mix(args.slo_ttft, args.slo_per_token, args.tasks.split(",") if args.tasks else None)
         plan = plan_mix(tasks, cfg)
     else:
@@ -395,13 +383,15 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     return report(cfg, records, url=args.url, mix=args.mix)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, demo_mix: DemoMix | None = None) -> None:
+    """`demo_mix`: the demo's task mix (`inlaid_ray.demo.load_driver.demo_mix`), which this
+    package does not import; the CLI passes it."""
     args = parse_args(argv)
     try:
         check_loopback(args.url)  # fail before building the plan
     except ValueError as exc:
         raise SystemExit(f"loadgen: {exc}") from None
-    result = asyncio.run(_main(args))
+    result = asyncio.run(_main(args, demo_mix))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,5 +1,5 @@
 """`inlaid-ray compress`: cluster and jointly compress PEFT adapters into a cluster bank
-(Compress then Serve, docs/algorithms.md 9; library code in `inlaid_ray.lora.compress_set`), then
+(Compress then Serve, docs/algorithms.md 9; library code in `inlaid_ray.compress.adapter_set`), then
 print the bytes raw vs compressed and each adapter's reconstruction error.
 
 Wiring (in inlaid_ray/cli.py `build_parser`): `add_compress_parser(sub)`; it sets
@@ -90,9 +90,9 @@ def _dir_bytes(path: Path, pattern: str) -> int:
 
 def run_compress(args: argparse.Namespace, settings: Settings) -> int:
     from inlaid_ray.lora.cluster_bank import save_cluster_banks
-    from inlaid_ray.lora.clustering import ClusterConfig
-    from inlaid_ray.lora.compress_jd import JDConfig
-    from inlaid_ray.lora.compress_set import compress_adapter_set
+    from inlaid_ray.compress.clustering import ClusterConfig
+    from inlaid_ray.compress.jd import JDConfig
+    from inlaid_ray.compress.adapter_set import compress_adapter_set
     from inlaid_ray.lora.peft_io import load_peft_adapter
     from inlaid_ray.model.config import ModelConfig
     from inlaid_ray.model.prepare import prepare_smollm2

@@ -20,7 +20,7 @@ from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.sched.admission import blocks_for, cached_tokens, plan_step, prefill_tokens
 from inlaid_ray.sched.cost_model import StepCostModel
 from inlaid_ray.sched.policy import SchedulingPolicy, StepBudget
-from inlaid_ray.sched.workload import RequestSpec
+from inlaid_ray.bench.workload import RequestSpec
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ request on one of k distinct adapters of a real `AdapterBank`), the model forwar
 greedy argmax. Times are the minimum of repeated runs after a warm-up (the least disturbed
 by other processes on a shared machine; use --threads 1 there for the same reason).
 
-    python load_tests/measure_step_cost.py                       # CPU, SmolLM2, fp32
-    python load_tests/measure_step_cost.py --device cuda --dtype bfloat16 --out load_tests/results/cost_model_cuda.json
+    inlaid-ray bench step-cost                       # CPU, SmolLM2, fp32
+    inlaid-ray bench step-cost --device cuda --dtype bfloat16 --out load_tests/results/cost_model_cuda.json
 
 Writes the fitted parameters + fit statistics + all samples as JSON, and a PNG of fitted vs
 measured step times next to it.
@@ -20,6 +20,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from inlaid_ray.quant.loading import load_base
 from inlaid_ray.model.prepare import prepare_smollm2
 from inlaid_ray.sched.cost_model import StepSample, fit_cost_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("load_tests") / "results"  # the repository's result files, from its root
 
 
 def make_step(rng: random.Random, args, block_size: int, num_adapters: int) -> tuple[list[Request], list[int]]:
@@ -75,8 +76,8 @@ def time_step(model, cache, requests, slots, block_size, device, reps: int) -> f
     return min(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="inlaid-ray bench step-cost", description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--samples", type=int, default=80)
@@ -94,7 +95,7 @@ def main() -> None:
                     help="smollm2: the real checkpoint (random weights of its shape if it cannot be prepared); "
                     "llama2-7b: random weights of the Llama-2-7B shape (step time does not depend on values)")
     ap.add_argument("--out", type=Path, default=RESULTS / "cost_model_cpu.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:

@@ -1,0 +1,39 @@
+"""Diagnostics of shared-base quantization (used by load_tests/quant_collapse.py and its tests):
+a GPTQ checkpoint dequantized with the PyTorch reference, a Hessian's definiteness, and the
+aggregates of the same per-task Hessians that the MLGPTQ methods and their variants build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from inlaid_ray.kernels.reference import gptq_dequantize_ref
+from inlaid_ray.quant.gptq_format import load_gptq_checkpoint, split_layers
+from inlaid_ray.quant.mlgptq import GROUP_OF, aggregate_hessians
+from inlaid_ray.quant.stats_store import StatsStore
+
+
+def dequantized(ckpt: Path, bits: int) -> dict[str, torch.Tensor]:
+    """{HF prefix: dense weight} of a GPTQ checkpoint, dequantized by the PyTorch reference."""
+    _, _, tensors = load_gptq_checkpoint(ckpt, "cpu")
+    return {p: gptq_dequantize_ref(t["qweight"], t["qzeros"], t["scales"].float(), t["g_idx"], bits).float()
+            for p, t in split_layers(tensors).items()}
+
+
+def min_eig_over_mean_diag(h: torch.Tensor) -> tuple[float, int]:
+    """(smallest eigenvalue / mean diagonal, number of negative eigenvalues) of a symmetric matrix."""
+    ev = torch.linalg.eigvalsh(h.double())
+    return float(ev.min() / h.diagonal().double().mean()), int((ev < 0).sum())
+
+
+def aggregate_variants(store: StatsStore, tasks: list[str], layer: int, module: str) -> dict[str, torch.Tensor]:
+    """The per-task Hessians of one module aggregated four ways: mix, element-wise max (as MLGPTQ,
+    eigenvalue-clipped), that max shifted to PSD by its most negative eigenvalue, channel max."""
+    parts = [store.task_layer(t, layer)[GROUP_OF[module]] for t in tasks]
+    counts = [store.tasks[t].num_tokens for t in tasks]
+    elementwise = aggregate_hessians("mlgptq", parts, counts)
+    shift = -float(torch.linalg.eigvalsh(elementwise.double()).min()) * 1.01
+    return {"mix": aggregate_hessians("gptq-mixed", parts, counts), "elementwise max (eig-clipped)": elementwise,
+            "elementwise max shifted to PSD": elementwise + shift * torch.eye(len(elementwise)),
+            "channel max": aggregate_hessians("mlgptq-channel", parts, counts)}
