@@ -69,7 +69,7 @@ class GpuBenchConfig:
     kernels: str = "ops"  # ops: inlaid_ray.kernels.ops (Triton on CUDA); auto: what the modules select
     adapter_counts: tuple[int, ...] = (1, 10, 100, 1000)
     sweep_policy: str = "fifo"  # policy of the adapter-count sweep
-    policies: tuple[str, ...] = ("fifo", "mlfq", "inlaid")  # compared at the largest adapter count
+    policies: tuple[str, ...] = ("fifo", "mlfq", "srtf-cost")  # compared at the largest adapter count
     rank: int = 16
     modules: tuple[str, ...] = ("q_proj", "v_proj")
     num_requests: int = 160

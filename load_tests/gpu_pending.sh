@@ -61,6 +61,6 @@ if [[ $what == all || $what == engine ]]; then
     # mlfq. 96 requests: at the last run's ~3 req/s capacity each run is cut after ~110 s at most,
     # so all three fit one call (fifo at 1 vs 1000 adapters is in engine_gpu_load_h100.json).
     step engine_load 580 python load_tests/bench_engine_gpu.py --kernels ops --adapter-counts 1000 --num-requests 96 \
-        --time-budget-s 520 --policies inlaid,mlfq --out "$OUT/engine_gpu_load_1000_h100.json"
+        --time-budget-s 520 --policies srtf-cost,mlfq --out "$OUT/engine_gpu_load_1000_h100.json"
 fi
 exit $status

@@ -1,18 +1,22 @@
-"""Compare scheduling policies (fifo = S-LoRA, mlfq = FastServe skip-join MLFQ, inlaid =
-LoRA-Inlaid) on one simulated replica across request rates up to overload, for several
-workload scenarios, plus ablations of the inlaid policy (batch shaping, grouping, pausing,
-prediction, SRTF, and the paper's hard task cap) on the first and the adapter-swap scenario.
+"""Compare scheduling policies (fifo = S-LoRA, mlfq = FastServe skip-join MLFQ, srtf-task-cap =
+LoRA-Inlaid's rule as the paper states it, srtf-cost = this project's) on one simulated replica
+across request rates up to overload, on two fixed sets of workload scenarios: the TUNING set,
+on which srtf-cost was developed and its aging bound tuned (sim_aging_tuning.py), and the
+HELD-OUT set, fixed before any result on it was seen and never used to change a policy. Plus,
+on the tuning set, ablations of srtf-cost (first and adapter-swap scenarios) and the paper's
+rule with larger task caps (why it loses).
 
 Rates are multiples of the replica's capacity, measured first as FIFO's throughput (req/s)
 on the same workload at a rate far above saturation. Every definition (latency, JCT, SLO)
-is in inlaid_ray/bench/sim_metrics.py and is copied into the JSON. The inlaid policy is given
+is in inlaid_ray/bench/sim_metrics.py and is copied into the JSON. srtf-cost is given
 the replica's step-cost model and adapter slots (what a deployment configures it with).
 
-    python load_tests/sim_policies.py [--quick] [--requests N] [--cost load_tests/results/cost_model_cpu.json]
+    python load_tests/sim_policies.py [--set tuning|held-out] [--quick] [--requests N] [--cost COST.json]
     python load_tests/sim_policies.py --cost load_tests/results/cost_model_cuda_h100_llama7b.json
         --scenarios uniform --out load_tests/results/sched_policies_h100_engine_now.json
 
-Writes load_tests/results/sched_policies.json and sched_policies.png (+ sched_policies_ablation.png).
+Writes load_tests/results/sched_policies.json (tuning) or sched_policies_held_out.json, with
+PNGs (+ _ablation.png for the tuning set).
 """
 
 from __future__ import annotations
@@ -23,34 +27,31 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from inlaid_ray.progress import Progress
-
-from inlaid_ray.sched import make_policy
 from inlaid_ray.bench import sim_metrics as metrics_mod
-from inlaid_ray.sched.cost_model import StepCostModel
 from inlaid_ray.bench.sim_metrics import summarize
 from inlaid_ray.bench.simulator import ReplicaConfig, Simulator
 from inlaid_ray.bench.workload import WorkloadConfig, generate_workload
+from inlaid_ray.progress import Progress
+from inlaid_ray.sched import make_policy
+from inlaid_ray.sched.cost_model import StepCostModel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOADS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0)
-POLICIES = ("fifo", "mlfq", "inlaid")
-ABLATION = {
-    "inlaid (default)": {},
-    "paper: hard cap beta=10, 30 s aging": {"batching": "all", "grouping": "hard_cap", "starvation_latency_multiple": 0.0},
+POLICIES = ("fifo", "mlfq", "srtf-task-cap", "srtf-cost")
+ABLATION = {  # srtf-cost with one change each
+    "srtf-cost (default)": {},
+    "aging: 10x the median latency (the spec's rule)": {"starvation_rule": "median"},
     "admission order only (work-conserving)": {"batching": "all"},
     "queue term counts waiting requests too": {"queue_term": "all"},
     "closed-system shaping (no queue term)": {"queue_term": "off"},
     "no pausing of running requests": {"pause_running": False},
     "no grouping (no adapter terms)": {"grouping": "off"},
-    "fixed 30 s aging bound (MLFQ's)": {"starvation_latency_multiple": 0.0},
     "no prediction": {"use_prediction": False},
     "no SRTF": {"srtf": False},
     "rank by output length only (no prefill term)": {"prefill_token_weight": 0.0},
-    "fixed prefill weight 0.25 (sensitivity)": {"prefill_token_weight": 0.25},
 }
-SWAP_ABLATION = ("inlaid (default)", "paper: hard cap beta=10, 30 s aging", "no grouping (no adapter terms)",
-                 "queue term counts waiting requests too")
+SWAP_ABLATION = ("srtf-cost (default)", "no grouping (no adapter terms)", "queue term counts waiting requests too")
+TASK_CAPS = (10, 25, 50, 100)  # srtf-task-cap's beta against the 100 live tasks of the first scenario
 PLOT_METRICS = (
     ("slo_attainment_5x", "SLO attainment (5x isolated)"),
     ("jct_mean_s", "mean JCT = e2e latency (s)"),
@@ -61,8 +62,8 @@ PLOT_METRICS = (
 )
 
 
-def scenarios(num_requests: int, sigma: float) -> dict[str, tuple[WorkloadConfig, ReplicaConfig]]:
-    """Workload + replica of each scenario (rate is filled in per point)."""
+def tuning_scenarios(num_requests: int, sigma: float) -> dict[str, tuple[WorkloadConfig, ReplicaConfig]]:
+    """The scenarios srtf-cost was developed and tuned on (rate is filled in per point)."""
     base = WorkloadConfig(num_tasks=100, num_requests=num_requests, prediction="noisy", prediction_sigma=sigma, seed=0)
     replica = ReplicaConfig()
     return {
@@ -73,9 +74,32 @@ def scenarios(num_requests: int, sigma: float) -> dict[str, tuple[WorkloadConfig
     }
 
 
+def held_out_scenarios(num_requests: int, sigma: float) -> dict[str, tuple[WorkloadConfig, ReplicaConfig]]:
+    """Fixed before any result on them was seen; other seeds, task counts, skews and shapes."""
+    base = WorkloadConfig(num_tasks=100, num_requests=num_requests, prediction="noisy", prediction_sigma=sigma, seed=7)
+    replica = ReplicaConfig()
+    return {
+        "20 tasks, Zipf(1.5), Poisson": (replace(base, num_tasks=20, popularity="zipf", zipf_s=1.5), replica),
+        "300 tasks, uniform, long prompts (4x)": (replace(base, num_tasks=300, prompt_scale=4.0,
+                                                          max_prompt_tokens=4096), replica),
+        "100 tasks, diurnal (+-60%, 120 s) and bursty (gamma CV 3)": (
+            replace(base, arrival="gamma", cv=3.0, diurnal_amplitude=0.6, diurnal_period_s=120.0), replica),
+        "100 tasks, Zipf(1), heavy-tailed outputs (sigma x2)": (
+            replace(base, popularity="zipf", output_sigma_scale=2.0), replica),
+    }
+
+
+def predictor_sigma() -> float:
+    """The length predictor's measured log-error std on held-out synthetic data (0.5 without it)."""
+    pred_json = RESULTS / "sched_predictor.json"
+    if not pred_json.exists():
+        return 0.5
+    return json.loads(pred_json.read_text())["synthetic_4_tasks"]["predictor"]["log_error_std"]
+
+
 def run_one(policy: str, overrides: dict, wl: WorkloadConfig, replica: ReplicaConfig, cost: StepCostModel) -> dict:
     _, specs = generate_workload(wl)
-    if policy == "inlaid":  # the replica's cost model and adapter slots, as a deployment configures
+    if policy == "srtf-cost":  # the replica's cost model and adapter slots, as a deployment configures
         overrides = {"cost": cost, "adapter_slots": replica.adapter_slots, **overrides}
     res = Simulator(make_policy(policy, **overrides), replica, cost).run(specs)
     return summarize(res)
@@ -114,22 +138,23 @@ def plot(results: dict, path: Path, series_key: str = "policies") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--set", choices=("tuning", "held-out"), default="tuning", help="which scenario set")
     ap.add_argument("--quick", action="store_true", help="fewer requests and loads (smoke run)")
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--cost", type=Path, default=None, help="cost-model JSON (default: analytic H100 7B 4-bit)")
     ap.add_argument("--sigma", type=float, default=None, help="prediction log-error std (default: from sched_predictor.json)")
     ap.add_argument("--scenarios", default="", help="run only scenarios whose name contains this text")
-    ap.add_argument("--out", type=Path, default=RESULTS / "sched_policies.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: sched_policies.json / sched_policies_held_out.json")
     args = ap.parse_args()
+    tuning = args.set == "tuning"
+    out_path = args.out or RESULTS / ("sched_policies.json" if tuning else "sched_policies_held_out.json")
     cost = StepCostModel.load(args.cost) if args.cost else StepCostModel()
-    sigma = args.sigma
-    pred_json = RESULTS / "sched_predictor.json"
-    if sigma is None:
-        sigma = json.loads(pred_json.read_text())["synthetic_4_tasks"]["predictor"]["log_error_std"] if pred_json.exists() else 0.5
+    sigma = args.sigma if args.sigma is not None else predictor_sigma()
     loads = (0.5, 1.0, 2.0) if args.quick else LOADS
     n = 400 if args.quick else args.requests
     t0 = time.time()
     out: dict = {
+        "set": args.set,
         "definitions": metrics_mod.__doc__,
         "slo": "SLO of a request = m x its isolated latency (same lengths alone on the replica, adapter resident, "
         "under this cost model); m = 2, 5, 10 reported, 5 plotted",
@@ -138,16 +163,18 @@ def main() -> None:
         "log-error std on held-out synthetic data",
         "scenarios": {},
     }
-    items = scenarios(n, sigma)
+    items = (tuning_scenarios if tuning else held_out_scenarios)(n, sigma)
     items = {k: v for k, v in items.items() if args.scenarios in k}
     if args.quick:
         items = dict(list(items.items())[:1])
     names = list(items)
-    ablations = [(names[0], list(ABLATION))]
+    ablations = [(names[0], list(ABLATION))] if tuning else []
     swap = [k for k in names if "swap" in k and k != names[0]]
-    if swap:
+    if tuning and swap:
         ablations.append((swap[0], list(SWAP_ABLATION)))
-    total = len(items) * len(loads) * len(POLICIES) + sum(len(labels) for _, labels in ablations) * len(loads)
+    caps = list(TASK_CAPS) if tuning else []
+    total = len(items) * len(loads) * len(POLICIES) + sum(len(labels) for _, labels in ablations) * len(loads) \
+        + len(caps) * len(loads)
     bar = Progress(total=total, desc="simulations")
     for name, (wl, replica) in items.items():
         cap = capacity(wl, replica, cost)
@@ -168,16 +195,28 @@ def main() -> None:
             overrides = ABLATION[label]
             abl["policies"][label] = []
             for load in loads:
-                abl["policies"][label].append({**run_one("inlaid", overrides, replace(wl, rate=cap * load), replica, cost),
+                abl["policies"][label].append({**run_one("srtf-cost", overrides, replace(wl, rate=cap * load), replica, cost),
                                                "overrides": overrides})
                 bar.update(1)
         out["ablations"].append(abl)
+    if caps:  # the paper's rule against the number of live tasks: beta = 10 leaves seats idle with 100 tasks
+        wl, replica = items[names[0]]
+        cap = out["scenarios"][names[0]]["capacity_req_per_s"]
+        sweep = {"scenario": f"srtf-task-cap beta sweep: {names[0]}", "loads": list(loads), "policies": {}}
+        for beta in caps:
+            sweep["policies"][f"srtf-task-cap beta={beta}"] = []
+            for load in loads:
+                sweep["policies"][f"srtf-task-cap beta={beta}"].append(
+                    run_one("srtf-task-cap", {"beta": beta}, replace(wl, rate=cap * load), replica, cost))
+                bar.update(1)
+        out["ablations"].append(sweep)
     bar.close()
     out["wall_s"] = time.time() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    plot(out["scenarios"], args.out.with_suffix(".png"))
-    plot({f"ablation: {a['scenario']}": a for a in out["ablations"]}, args.out.with_name(args.out.stem + "_ablation.png"))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
+    plot(out["scenarios"], out_path.with_suffix(".png"))
+    if out["ablations"]:
+        plot({f"ablation: {a['scenario']}": a for a in out["ablations"]}, out_path.with_name(out_path.stem + "_ablation.png"))
     print_table(out)
 
 

@@ -263,9 +263,9 @@ def test_engine_gives_cost_aware_policies_the_replicas_step_cost_model(model, tm
     fitted = StepCostModel(a_s=0.25, b_s_per_token=0.012, c_s_per_adapter=0.034, d_s_per_kv_token=4.8e-4,
                            e_s_per_adapter_load=0.0, source="fitted on this CPU")
     fitted.save(tmp_path / "cost.json", extra={"fit": {"r2": 0.6}})
-    inlaid = LLMEngine(model, None, replace(CFG, policy="inlaid", step_cost_model=str(tmp_path / "cost.json")))
+    inlaid = LLMEngine(model, None, replace(CFG, policy="srtf-cost", step_cost_model=str(tmp_path / "cost.json")))
     assert inlaid.policy.config.cost == fitted
-    assert LLMEngine(model, None, replace(CFG, policy="inlaid")).policy.config.cost == StepCostModel()
+    assert LLMEngine(model, None, replace(CFG, policy="srtf-cost")).policy.config.cost == StepCostModel()
     fifo = LLMEngine(model, None, replace(CFG, policy="fifo", step_cost_model=str(tmp_path / "cost.json")))
     assert isinstance(fifo.policy, FifoPolicy)
 

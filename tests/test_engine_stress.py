@@ -15,7 +15,7 @@ from inlaid_ray.model import load_model
 import inlaid_ray.sched.policies  # noqa: F401  (registers the non-FIFO policies)
 from inlaid_ray.sched import SchedulingPolicy, make_policy
 
-NUM_REQUESTS = {"fifo": 2000, "inlaid": 500, "mlfq": 500}
+NUM_REQUESTS = {"fifo": 2000, "srtf-cost": 500, "mlfq": 500}
 
 
 class Counting(SchedulingPolicy):

@@ -20,11 +20,11 @@ from inlaid_ray.serve.metrics import ServeMetrics
 
 
 def test_expand_variants_is_the_product_grouped_by_base():
-    got = expand_variants(("fifo", "mlfq", "inlaid"), (False, True), (False,))
-    assert [v.name for v in got] == ["fifo", "mlfq", "inlaid", "fifo+q4", "mlfq+q4", "inlaid+q4"]
-    both = expand_variants(("inlaid",), (False, True), (False, True))
+    got = expand_variants(("fifo", "mlfq", "srtf-cost"), (False, True), (False,))
+    assert [v.name for v in got] == ["fifo", "mlfq", "srtf-cost", "fifo+q4", "mlfq+q4", "srtf-cost+q4"]
+    both = expand_variants(("srtf-cost",), (False, True), (False, True))
     assert {(v.quantized, v.compressed) for v in both} == {(q, c) for q in (False, True) for c in (False, True)}
-    assert len(both) == 4 and [v.name for v in both] == ["inlaid", "inlaid+jd", "inlaid+q4", "inlaid+q4+jd"]
+    assert len(both) == 4 and [v.name for v in both] == ["srtf-cost", "srtf-cost+jd", "srtf-cost+q4", "srtf-cost+q4+jd"]
     with pytest.raises(ValueError, match="lottery"):
         expand_variants(("lottery",), (False,), (False,))
 
@@ -93,10 +93,10 @@ def _records(seed: int, n: int, slow: float) -> list[RequestRecord]:
 
 
 def test_result_rows_and_comparison_follow_the_run_summaries():
-    records = {("fifo", 1.0): _records(0, 8, 3.0), ("inlaid", 1.0): _records(1, 8, 1.5),
-               ("mlfq", 1.0): _records(2, 8, 2.0), ("fifo", 2.0): _records(3, 6, 4.0), ("inlaid", 2.0): _records(4, 6, 2.5)}
+    records = {("fifo", 1.0): _records(0, 8, 3.0), ("srtf-cost", 1.0): _records(1, 8, 1.5),
+               ("mlfq", 1.0): _records(2, 8, 2.0), ("fifo", 2.0): _records(3, 6, 4.0), ("srtf-cost", 2.0): _records(4, 6, 2.5)}
     variants = []
-    for policy in ("fifo", "mlfq", "inlaid"):
+    for policy in ("fifo", "mlfq", "srtf-cost"):
         v = Variant(policy)
         runs = [{"rate": rate, "summary": summarize(recs), "engine": {"tasks_per_step_mean": 1.5},
                  "queue_time": {"mean_s": 0.25}} for (p, rate), recs in records.items() if p == policy]
@@ -115,6 +115,6 @@ def test_result_rows_and_comparison_follow_the_run_summaries():
     cmp = policy_comparison(rows)
     assert {(c["rate"], c["baseline"]) for c in cmp} == {(1.0, "fifo"), (1.0, "mlfq"), (2.0, "fifo")}
     by = {(c["rate"], c["baseline"]): c for c in cmp}
-    ref_i, ref_f = summarize(records[("inlaid", 1.0)]), summarize(records[("fifo", 1.0)])
+    ref_i, ref_f = summarize(records[("srtf-cost", 1.0)]), summarize(records[("fifo", 1.0)])
     assert by[(1.0, "fifo")]["jct_ratio"] == pytest.approx(ref_i["jct_mean_s"] / ref_f["jct_mean_s"])
     assert by[(1.0, "fifo")]["jct_ratio"] < 1  # the faster fake inlaid run is reported as better

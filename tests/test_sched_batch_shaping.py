@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from inlaid_ray.sched import FifoPolicy, InlaidPolicy, StepBudget, make_policy, plan_step
+from inlaid_ray.sched import FifoPolicy, SrtfCostPolicy, StepBudget, make_policy, plan_step
 from inlaid_ray.sched.admission import blocks_for, prefill_tokens
 from inlaid_ray.sched.cost_model import StepCostModel
 from inlaid_ray.sched.policies.batch_shaping import AdapterResidency
@@ -48,7 +48,7 @@ def test_long_context_request_joins_exactly_when_the_rule_says(queued):
     running = [job(f"r{i}", g=1, pred=40 + i) for i in range(4)]
     y = job("y", p=1500, pred=60, arrival=1.0)  # shorter than nothing running: ranked last but one group
     behind = [job(f"q{i}", p=10, g=1, pred=500 + i, arrival=2.0) for i in range(queued)]  # running, ranked after y
-    pol = InlaidPolicy(cost=ATTENTION_HEAVY)
+    pol = SrtfCostPolicy(cost=ATTENTION_HEAVY)
     plan = plan_step(pol, [y], running + behind, budget())
     expected = joins(ATTENTION_HEAVY, y, running, queued, new_task=False)
     assert ("y" in ids(plan.scheduled)) == expected
@@ -67,14 +67,14 @@ def test_waiting_requests_behind_count_only_under_queue_term_all(queue_term, joi
     y = job("y", p=1500, pred=60, arrival=1.0)
     behind = [job(f"q{i}", p=10, pred=500 + i, arrival=2.0) for i in range(8)]
     assert not joins(ATTENTION_HEAVY, y, running, 0, new_task=False) and joins(ATTENTION_HEAVY, y, running, 8, new_task=False)
-    plan = plan_step(InlaidPolicy(cost=ATTENTION_HEAVY, queue_term=queue_term), [y] + behind, running, budget())
+    plan = plan_step(SrtfCostPolicy(cost=ATTENTION_HEAVY, queue_term=queue_term), [y] + behind, running, budget())
     assert ("y" in ids(plan.scheduled)) == joins_now
     with pytest.raises(ValueError, match="queue_term"):
-        InlaidPolicy(queue_term="sometimes")
+        SrtfCostPolicy(queue_term="sometimes")
 
 
 def test_paused_long_request_keeps_its_blocks_and_resumes_when_the_batch_drains():
-    pol = InlaidPolicy(cost=ATTENTION_HEAVY, starvation_latency_multiple=0.0)
+    pol = SrtfCostPolicy(cost=ATTENTION_HEAVY, starvation_latency_multiple=0.0)
     long = job("long", p=1500, g=10, pred=800)
     shorts = [job(f"s{i}", g=1, pred=30) for i in range(3)]
     assert not joins(ATTENTION_HEAVY, long, shorts, 0, new_task=False)
@@ -102,7 +102,7 @@ def test_default_leaves_no_seat_idle_when_batching_pays(seed):
     waiting or paused, whatever the tasks, lengths and predictions."""
     rng = random.Random(seed)
     cost = StepCostModel(a_s=1.0, b_s_per_token=1e-6, c_s_per_adapter=1e-6, d_s_per_kv_token=1e-8)
-    pol = InlaidPolicy(cost=cost, adapter_slots=rng.choice([None, 2]), starvation_latency_multiple=0.0)
+    pol = SrtfCostPolicy(cost=cost, adapter_slots=rng.choice([None, 2]), starvation_latency_multiple=0.0)
     running = [job(f"r{i}", task=f"t{rng.randrange(6)}", p=rng.randint(1, 60), g=rng.randint(1, 30),
                    pred=rng.uniform(1, 300)) for i in range(rng.randint(0, 10))]
     waiting = [job(f"w{i}", task=rng.choice([None, *(f"t{k}" for k in range(6))]), p=rng.randint(1, 200),
@@ -122,15 +122,15 @@ def test_task_identity_matters_only_through_the_adapter_terms():
     other = job("y", task="b", p=100, pred=60, arrival=1.0)
     # c = 0: the task of y changes nothing
     no_c = replace(ATTENTION_HEAVY, d_s_per_kv_token=1e-7)
-    assert ids(plan_step(InlaidPolicy(cost=no_c), [same], running, budget()).scheduled) == ids(
-        plan_step(InlaidPolicy(cost=no_c), [other], running, budget()).scheduled)
+    assert ids(plan_step(SrtfCostPolicy(cost=no_c), [same], running, budget()).scheduled) == ids(
+        plan_step(SrtfCostPolicy(cost=no_c), [other], running, budget()).scheduled)
     # c > 0: a request of a task already in the batch joins where one of a new task waits
     with_c = replace(no_c, c_s_per_adapter=5e-4)
     assert joins(with_c, same, running, 0, new_task=False) and not joins(with_c, other, running, 0, new_task=True)
-    assert "y" in ids(plan_step(InlaidPolicy(cost=with_c), [same], running, budget()).scheduled)
-    assert "y" not in ids(plan_step(InlaidPolicy(cost=with_c), [other], running, budget()).scheduled)
+    assert "y" in ids(plan_step(SrtfCostPolicy(cost=with_c), [same], running, budget()).scheduled)
+    assert "y" not in ids(plan_step(SrtfCostPolicy(cost=with_c), [other], running, budget()).scheduled)
     # ... and the ablation without adapter terms treats both alike
-    off = InlaidPolicy(cost=with_c, grouping="off")
+    off = SrtfCostPolicy(cost=with_c, grouping="off")
     assert "y" in ids(plan_step(off, [other], running, budget()).scheduled)
 
 
@@ -158,10 +158,10 @@ def test_swap_aware_ranking_loads_fewer_adapters_than_fifo():
     replica = ReplicaConfig(max_num_seqs=2, adapter_slots=2)
     specs = [RequestSpec(f"r{i:02d}", f"t{i % 4}", 0.001 * i, 8, 20, 100, 20.0) for i in range(16)]
     loads, jct = {}, {}
-    for name, kwargs in [("fifo", {}), ("inlaid", {"cost": cost, "adapter_slots": 2})]:
+    for name, kwargs in [("fifo", {}), ("srtf-cost", {"cost": cost, "adapter_slots": 2})]:
         res = Simulator(make_policy(name, **kwargs), replica, cost).run(specs)
         loads[name] = sum(s.adapter_loads for s in res.steps)
         jct[name] = sum(j.finish_time - j.arrival_time for j in res.jobs) / len(res.jobs)
     assert loads["fifo"] == len(specs)  # every pair of requests brings two new adapters
-    assert loads["inlaid"] == 4  # each task loaded once
-    assert jct["inlaid"] < jct["fifo"]
+    assert loads["srtf-cost"] == 4  # each task loaded once
+    assert jct["srtf-cost"] < jct["fifo"]

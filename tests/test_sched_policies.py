@@ -11,13 +11,14 @@ import numpy as np
 
 import pytest
 
-from inlaid_ray.sched import FifoPolicy, InlaidPolicy, MlfqPolicy, StepBudget, make_policy, plan_step
+from inlaid_ray.sched import FifoPolicy, SrtfCostPolicy, MlfqPolicy, StepBudget, make_policy, plan_step
 from inlaid_ray.sched.admission import held_blocks
-from inlaid_ray.sched.policies import InlaidConfig, MlfqConfig
+from inlaid_ray.sched.policies import SrtfCostConfig, MlfqConfig
 from inlaid_ray.bench.simulator import SimJob
 
 # the paper's variant: hard cap of beta tasks per step, work-conserving admission order, fixed bound
-PAPER = {"batching": "all", "grouping": "hard_cap", "starvation_latency_multiple": 0.0}
+PAPER = {"batching": "all", "grouping": "hard_cap", "starvation_rule": "median", "starvation_latency_multiple": 0.0}
+MEDIAN = {"starvation_rule": "median"}  # the 30 s / 10x median aging bound: nothing here ages
 
 
 def job(rid: str, task: str | None = "t0", arrival: float = 0.0, p: int = 10, g: int = 0, pred: float | None = 50.0,
@@ -41,15 +42,15 @@ def test_srtf_ranks_running_and_waiting_together_by_predicted_remaining():
     waiting = [job("w1", arrival=1, pred=80), job("w2", arrival=2, pred=20), job("w3", arrival=3, pred=60)]
     rem = lambda r: r.predicted_output_len - r.num_output_tokens  # noqa: E731
     # default: one ranking (SRTF preempts by pausing); all of them are worth batching here
-    order = InlaidPolicy().order(waiting, running, budget(now=5))
+    order = SrtfCostPolicy(**MEDIAN).order(waiting, running, budget(now=5))
     assert ids(order) == ids(sorted(running + waiting, key=rem))
     # admission order only: running requests first, then waiting ones
-    order = InlaidPolicy(batching="all").order(waiting, running, budget(now=5))
+    order = SrtfCostPolicy(batching="all", **MEDIAN).order(waiting, running, budget(now=5))
     assert ids(order) == ids(sorted(running, key=rem)) + ids(sorted(waiting, key=rem))
 
 
 def test_srtf_reestimates_when_generation_passes_prediction():
-    pol = InlaidPolicy()
+    pol = SrtfCostPolicy(**MEDIAN)
     cfg = pol.config
     stale = job("stale", g=20, pred=20)  # generated == predicted: must not keep rem ~ 0
     other = job("other", g=0, pred=10)
@@ -66,26 +67,26 @@ def test_waiting_rank_counts_prefill_as_marginal_compute():
     with 20 output tokens ranks after a 10-token prompt with 40; ranking by output alone (weight
     0, spec 7.2) puts it first."""
     long_prompt, short_prompt = job("long", p=2000, pred=20), job("short", p=10, pred=40)
-    pol = InlaidPolicy()
+    pol = SrtfCostPolicy(**MEDIAN)
     cost = pol.config.cost
     weight = cost.b_s_per_token / (cost.b_s_per_token + cost.d_s_per_kv_token * (2000 + 20 / 2))
     assert pol.remaining(long_prompt, waiting=True) == pytest.approx(20 + weight * 2000)
     assert pol.remaining(long_prompt) == pytest.approx(20)  # running: its prompt is already in the cache
     assert ids(pol.order([long_prompt, short_prompt], [], budget())) == ["short", "long"]
-    output_only = InlaidPolicy(prefill_token_weight=0.0)
+    output_only = SrtfCostPolicy(prefill_token_weight=0.0, **MEDIAN)
     assert ids(output_only.order([long_prompt, short_prompt], [], budget())) == ["long", "short"]
-    fixed = InlaidPolicy(prefill_token_weight=0.5)
+    fixed = SrtfCostPolicy(prefill_token_weight=0.5, **MEDIAN)
     assert fixed.remaining(long_prompt, waiting=True) == pytest.approx(20 + 0.5 * 2000)
 
 
 def test_max_tokens_caps_remaining_work():
-    pol = InlaidPolicy()
+    pol = SrtfCostPolicy(**MEDIAN)
     capped = job("capped", pred=500, max_tokens=8)
     assert pol.remaining(capped) == 8
 
 
 def test_fallback_uses_task_history_without_prediction():
-    pol = InlaidPolicy()
+    pol = SrtfCostPolicy(**MEDIAN)
     for i, n in enumerate([10, 30, 20]):
         done = job(f"d{i}", task="a", g=n)
         pol.on_finished(done, now=1.0)
@@ -98,7 +99,7 @@ def test_fallback_uses_task_history_without_prediction():
 
 
 def test_grouping_caps_tasks_and_prefers_previous_step_tasks():
-    pol = InlaidPolicy(beta=3, **PAPER)
+    pol = SrtfCostPolicy(beta=3, **PAPER)
     waiting = [job(f"w{i}", task=f"t{i % 6}", arrival=i, pred=10 + 10 * (i % 6)) for i in range(12)]
     pol.on_step([job("prev5", task="t5"), job("prev4", task="t4")], budget())  # t4, t5 ran last step
     order = pol.order(waiting, [], budget(now=20))
@@ -110,7 +111,7 @@ def test_grouping_caps_tasks_and_prefers_previous_step_tasks():
 
 
 def test_grouping_counts_running_tasks_against_beta():
-    pol = InlaidPolicy(beta=2, **PAPER)
+    pol = SrtfCostPolicy(beta=2, **PAPER)
     running = [job("r", task="busy", g=1)]
     waiting = [job("a", task="x", pred=5), job("b", task="y", pred=6), job("c", task="busy", pred=90)]
     order = pol.order(waiting, running, budget())
@@ -119,7 +120,7 @@ def test_grouping_counts_running_tasks_against_beta():
 
 
 def test_without_grouping_all_tasks_are_candidates():
-    pol = InlaidPolicy(grouping="off", beta=1, batching="all")
+    pol = SrtfCostPolicy(grouping="off", beta=1, batching="all", **MEDIAN)
     waiting = [job(f"w{i}", task=f"t{i}", pred=10 * (i + 1)) for i in range(5)]
     assert ids(pol.order(waiting, [], budget())) == ids(waiting)
 
@@ -128,7 +129,7 @@ def test_without_grouping_all_tasks_are_candidates():
 
 
 def test_starved_request_jumps_the_queue_beyond_beta():
-    pol = InlaidPolicy(beta=1, starvation_s=5.0, **PAPER)
+    pol = SrtfCostPolicy(beta=1, starvation_s=5.0, **PAPER)
     old = job("old", task="rare", arrival=0.0, pred=900)
     fresh = [job(f"f{i}", task="hot", arrival=10.0 + i, pred=5) for i in range(3)]
     order = pol.order(fresh + [old], [], budget(now=10.0))
@@ -138,7 +139,7 @@ def test_starved_request_jumps_the_queue_beyond_beta():
 
 @pytest.mark.parametrize("overrides", [{"starvation_latency_multiple": 0.0}, PAPER], ids=["default", "paper"])
 def test_starved_request_that_does_not_fit_reserves_the_step(overrides):
-    pol = InlaidPolicy(starvation_s=5.0, **overrides)
+    pol = SrtfCostPolicy(starvation_s=5.0, **(MEDIAN | overrides))
     old = job("old", task="a", p=160, pred=900)  # needs 10 blocks of 16
     small = job("small", task="a", arrival=9.0, p=10, pred=5)
     running = [job("r", task="a", g=3, arrival=9.5)]
@@ -218,7 +219,7 @@ def test_preemption_victim_is_largest_remaining_and_frees_its_blocks():
     a = job("a", p=31, g=1, pred=10)  # 31 cached tokens: its next token fits its 2nd block
     b = job("b", p=32, g=1, pred=20)  # 32 cached tokens: needs a 3rd block
     c = job("c", p=40, g=5, pred=900)  # most remaining work
-    pol = InlaidPolicy()
+    pol = SrtfCostPolicy(**MEDIAN)
     plan = plan_step(pol, [], [a, b, c], budget(free=0, bs=bs))
     assert ids(plan.preempted) == ["c"]
     assert plan.blocks_freed == held_blocks(c, bs)
@@ -237,7 +238,7 @@ def test_fifo_head_of_line_blocks_smaller_followers():
     small = job("small", arrival=1.0, p=10)
     plan = plan_step(FifoPolicy(), [small, big], [], budget(free=10))
     assert plan.scheduled == []
-    plan = plan_step(make_policy("inlaid"), [small, big], [], budget(free=10))
+    plan = plan_step(make_policy("srtf-cost", **MEDIAN), [small, big], [], budget(free=10))
     assert ids(plan.scheduled) == ["small"]
 
 
@@ -251,13 +252,13 @@ def test_admission_respects_seats_and_token_budget():
 
 def test_config_validation_names_values():
     with pytest.raises(ValueError, match="beta=0"):
-        InlaidConfig(beta=0)
+        SrtfCostConfig(beta=0)
     with pytest.raises(ValueError, match="grouping='nope'"):
-        InlaidConfig(grouping="nope")
+        SrtfCostConfig(grouping="nope")
     with pytest.raises(ValueError, match="adapter_slots=0"):
-        InlaidConfig(adapter_slots=0)
+        SrtfCostConfig(adapter_slots=0)
     with pytest.raises(ValueError, match="prefill_token_weight=-1"):
-        InlaidConfig(prefill_token_weight=-1)
+        SrtfCostConfig(prefill_token_weight=-1)
     with pytest.raises(ValueError, match="num_queues=0"):
         MlfqConfig(num_queues=0)
     with pytest.raises(ValueError, match="unknown scheduling policy 'nope'"):
@@ -265,14 +266,14 @@ def test_config_validation_names_values():
 
 
 def test_work_conserving_grouping_lists_other_tasks_after_the_group():
-    pol = InlaidPolicy(beta=1, batching="all", grouping="preference")
+    pol = SrtfCostPolicy(beta=1, batching="all", grouping="preference", **MEDIAN)
     waiting = [job("a", task="x", pred=50), job("b", task="y", pred=5), job("c", task="x", pred=7)]
     pol.on_step([job("prev", task="x")], budget())
     assert ids(pol.order(waiting, [], budget())) == ["c", "a", "b"]  # group x first, then y
 
 
 def test_aging_bound_follows_median_latency():
-    pol = InlaidPolicy(starvation_s=5.0, starvation_latency_multiple=10.0)
+    pol = SrtfCostPolicy(starvation_s=5.0, starvation_latency_multiple=10.0, **MEDIAN)
     assert pol.starvation_bound_s == 5.0  # nothing finished yet
     latencies = [1.0, 2.0, 4.0]
     for i, lat in enumerate(latencies):
@@ -287,7 +288,7 @@ def test_aging_bound_follows_median_latency():
 def test_aging_counts_paused_time_and_then_runs_the_request_first():
     """A running request paused by SRTF accrues unserved time; past the bound it is aged and
     runs ahead of shorter requests until it finishes (sticky)."""
-    pol = InlaidPolicy(starvation_s=1.0, starvation_latency_multiple=0.0)
+    pol = SrtfCostPolicy(starvation_s=1.0, starvation_latency_multiple=0.0, **MEDIAN)
     long = job("long", g=1, pred=500)
     now = 0.0
     shorts = [job(f"s{i}", arrival=0.0, pred=5) for i in range(3)]
@@ -306,3 +307,17 @@ def test_aging_counts_paused_time_and_then_runs_the_request_first():
         plan = plan_step(pol, shorts, [long], budget(now=now, seqs=1))
         pol.on_step(plan.scheduled, budget(now=now, seqs=1))
         assert ids(plan.scheduled) == ["long"]
+
+
+def test_the_papers_rule_caps_tasks_per_step_and_never_pauses():
+    """srtf-task-cap, LoRA-Inlaid's rule: 12 tasks wait with seats for all; the 10 with the
+    shortest predicted remaining output run (beta = 10), the other two wait though seats are free,
+    and a running request keeps running however long its remainder."""
+    pol = make_policy("srtf-task-cap")
+    assert (pol.config.beta, pol.config.grouping, pol.config.batching, pol.config.starvation_rule) == \
+        (10, "hard_cap", "all", "median")
+    waiting = [job(f"w{i}", task=f"t{i}", arrival=1.0, pred=10 + i) for i in range(12)]
+    running = [job("long", task="t0", g=1, pred=900)]
+    plan = plan_step(pol, waiting, running, budget(now=2.0))
+    assert "long" in ids(plan.scheduled)
+    assert {r.task for r in plan.scheduled} == {f"t{i}" for i in range(10)}

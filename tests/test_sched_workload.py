@@ -39,3 +39,26 @@ def test_lengths_follow_task_kinds():
 def test_same_seed_same_workload():
     cfg = WorkloadConfig(num_tasks=10, num_requests=50, arrival="gamma", cv=4.0, seed=9)
     assert generate_workload(cfg) == generate_workload(cfg)
+
+
+def test_diurnal_rate_follows_its_sine():
+    """Arrivals per half-period against the integral of rate x (1 + A sin): (1 +- 2A/pi) / 2 x rate x P."""
+    cfg = WorkloadConfig(num_tasks=4, num_requests=60_000, rate=20.0, diurnal_amplitude=0.6, diurnal_period_s=100.0, seed=4)
+    times = np.array([r.arrival_time for r in generate_workload(cfg)[1]])
+    full = int(times[-1] // 100.0)
+    phase = times[times < full * 100.0] % 100.0
+    high, low = (phase < 50.0).sum() / full, (phase >= 50.0).sum() / full
+    assert high == pytest.approx(20.0 * 50.0 * (1 + 2 * 0.6 / np.pi), rel=0.05)
+    assert low == pytest.approx(20.0 * 50.0 * (1 - 2 * 0.6 / np.pi), rel=0.05)
+
+
+def test_long_prompts_and_heavy_tailed_outputs():
+    base = WorkloadConfig(num_tasks=4, num_requests=8000, task_jitter_sigma=0.0, max_prompt_tokens=100_000,
+                          max_output_tokens=1_000_000, seed=5)
+    scaled = WorkloadConfig(**{**base.__dict__, "prompt_scale": 4.0, "output_sigma_scale": 2.0})
+    for i, prof in enumerate(PAPER_PROFILES):
+        plain = [r for r in generate_workload(base)[1] if r.task == f"task-{i:04d}"]
+        heavy = [r for r in generate_workload(scaled)[1] if r.task == f"task-{i:04d}"]
+        assert np.median([r.prompt_tokens for r in heavy]) == pytest.approx(4.0 * prof.prompt_median, rel=0.1)
+        assert np.std(np.log([r.output_tokens for r in heavy])) == pytest.approx(2.0 * prof.output_sigma, rel=0.1)
+        assert np.median([r.output_tokens for r in heavy]) == pytest.approx(np.median([r.output_tokens for r in plain]), rel=0.1)

@@ -19,7 +19,7 @@ from inlaid_ray.demo.manifest import DEMO_CLUSTERS, DEMO_TENANT, write_demo_mani
 from inlaid_ray.serve.seed import RegistrySeed, seed_registry
 from inlaid_ray.serve.http_errors import OpenAIHTTPError
 from inlaid_ray.serve.metrics import ServeMetrics
-from inlaid_ray.serve.responses import Choice, DONE, ResponseContext, StreamTracker, collect, next_chunk, sse_events
+from inlaid_ray.serve.responses import Choice, ChoiceStreams, DONE, ResponseContext, StreamTracker, collect, next_chunk, sse_events
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,13 +94,36 @@ def _chunk(text: str, ids: list[int], n: int, finish: str | None = None) -> dict
 CHUNKS = [_chunk("Hel", [1], 1), _chunk("lo", [2, 3], 3), _chunk("!", [4], 4, "stop")]
 
 
-def _run_sse(ctx: ResponseContext, chunks: list[dict], metrics: ServeMetrics, choices: int = 1) -> list[str]:
+class _ReplicaStream:
+    """Chunks as a replica streams them (an async iterator with Ray's `cancel()`)."""
+
+    def __init__(self, chunks: list[dict]) -> None:
+        self._chunks = iter(chunks)
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        await asyncio.sleep(0)
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def _choices(ctx: ResponseContext, chunks: list[dict], num_choices: int, metrics: ServeMetrics) -> list[Choice]:
+    stream = _ReplicaStream(chunks)
+    streams = ChoiceStreams(await next_chunk(stream), stream, num_choices)
+    return [Choice(streams.choice(i), StreamTracker(ctx, metrics)) for i in range(num_choices)]
+
+
+def _run_sse(ctx: ResponseContext, chunks: list[dict], metrics: ServeMetrics) -> list[str]:
     async def main():
-        opened = []
-        for _ in range(choices):
-            stream = _stream(chunks)
-            opened.append(Choice(await next_chunk(stream), stream, StreamTracker(ctx, metrics)))
-        return [e async for e in sse_events(opened)]
+        return [e async for e in sse_events(await _choices(ctx, chunks, 1, metrics))]
 
     return asyncio.run(main())
 
@@ -146,9 +169,7 @@ def test_error_before_the_first_token_raises_http_error_and_collect_builds_the_b
         with pytest.raises(OpenAIHTTPError) as info:
             await next_chunk(_stream([{"error": {"status": 404, "message": "gone", "code": "model_not_found"}}]))
         assert info.value.status == 404 and info.value.body()["error"]["code"] == "model_not_found"
-        stream = _stream(CHUNKS)
-        tracker = StreamTracker(_ctx("chat"), ServeMetrics())
-        return await collect([Choice(await next_chunk(stream), stream, tracker)], 1)
+        return await collect(await _choices(_ctx("chat"), CHUNKS, 1, ServeMetrics()), 1)
 
     body = asyncio.run(main())
     assert body["object"] == "chat.completion"
@@ -156,36 +177,36 @@ def test_error_before_the_first_token_raises_http_error_and_collect_builds_the_b
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
 
 
-def _candidate(text: str, logprobs: list[float]) -> list[dict]:
+def _tagged(index: int, chunks: list[dict]) -> list[dict]:
+    return [c | {"index": index} for c in chunks]
+
+
+def _candidate(index: int, text: str, logprobs: list[float]) -> list[dict]:
     entries = [[i, lp, []] for i, lp in enumerate(logprobs)]
-    return [_chunk(text, list(range(len(logprobs))), len(logprobs), "stop") | {"logprobs": entries}]
+    return _tagged(index, [_chunk(text, list(range(len(logprobs))), len(logprobs), "stop") | {"logprobs": entries}])
 
 
-def test_choices_interleave_by_index_and_best_of_keeps_the_most_likely():
-    async def main(candidates: list[list[dict]], n: int, stream: bool):
-        ctx = _ctx("completion")
-        opened = []
-        for chunks in candidates:
-            s = _stream(chunks)
-            opened.append(Choice(await next_chunk(s), s, StreamTracker(ctx, ServeMetrics())))
+def test_choices_of_one_replica_stream_interleave_by_index_and_best_of_keeps_the_most_likely():
+    async def main(chunks: list[dict], num_choices: int, n: int, stream: bool):
+        choices = await _choices(_ctx("completion"), chunks, num_choices, ServeMetrics())
         if stream:
-            return _data([e async for e in sse_events(opened)])
-        return await collect(opened, n)
+            return _data([e async for e in sse_events(choices)])
+        return await collect(choices, n)
 
-    three = [CHUNKS, [_chunk("a", [9], 1), _chunk("b", [8], 2, "length")], [_chunk("z", [7], 1, "stop")]]
-    events = asyncio.run(main(three, 3, True))
+    a, b, c = _tagged(0, CHUNKS), _tagged(1, [_chunk("a", [9], 1), _chunk("b", [8], 2, "length")]), \
+        _tagged(2, [_chunk("z", [7], 1, "stop")])
+    interleaved = [a[0], b[0], c[0], a[1], b[1], a[2]]  # as the replica coalesces them
+    events = asyncio.run(main(interleaved, 3, 3, True))
     by_index: dict[int, str] = {}
     for e in events:
-        c = e["choices"][0]
-        by_index[c["index"]] = by_index.get(c["index"], "") + c["text"]
+        ch = e["choices"][0]
+        by_index[ch["index"]] = by_index.get(ch["index"], "") + ch["text"]
     assert by_index == {0: "Hello!", 1: "ab", 2: "z"}
     # best_of 3, n 2: the two highest cumulative log-probabilities (-1.0 and -1.5), best first.
-    cands = [_candidate("low", [-2.0, -1.0]), _candidate("best", [-0.5, -0.5]), _candidate("mid", [-1.5])]
-    body = asyncio.run(main(cands, 2, False))
-    assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "best"), (1, "mid")]
+    cands = _candidate(0, "low", [-2.0, -1.0]) + _candidate(1, "best", [-0.5, -0.5]) + _candidate(2, "mid", [-1.5])
+    body = asyncio.run(main(cands, 3, 2, False))
+    assert [(ch["index"], ch["text"]) for ch in body["choices"]] == [(0, "best"), (1, "mid")]
     assert body["usage"]["completion_tokens"] == 5  # every candidate generated counts
-
-
 # ----------------------------------------------------------------------------- registry seeding
 
 

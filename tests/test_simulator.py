@@ -12,7 +12,7 @@ from inlaid_ray.bench.sim_metrics import summarize
 from inlaid_ray.bench.simulator import ReplicaConfig, Simulator
 from inlaid_ray.bench.workload import RequestSpec, WorkloadConfig, generate_workload
 
-POLICIES = ["fifo", "mlfq", "inlaid"]
+POLICIES = ["fifo", "mlfq", "srtf-cost"]
 TIGHT = ReplicaConfig(max_num_seqs=16, max_num_batched_tokens=1024, num_blocks=120, block_size=16)
 
 
@@ -57,13 +57,33 @@ def test_aging_bounds_the_wait_of_a_long_request_under_a_stream_of_short_ones():
     replica = ReplicaConfig(max_num_seqs=1)
     bound = 0.3
     short_service = cost.isolated_latency(8, 4) + cost.step_time(8, 1, 8)
-    fixed = {"starvation_latency_multiple": 0.0}  # a fixed bound, not 10x the median latency
-    res = Simulator(make_policy("inlaid", starvation_s=bound, **fixed), replica, cost).run(short + [long])
+    fixed = {"starvation_rule": "median", "starvation_latency_multiple": 0.0}  # a fixed bound, not 10x the median
+    res = Simulator(make_policy("srtf-cost", starvation_s=bound, **fixed), replica, cost).run(short + [long])
     waited = next(j for j in res.jobs if j.request_id == "long").first_scheduled - long.arrival_time
     assert waited <= bound + short_service
-    res = Simulator(make_policy("inlaid", starvation_s=1e9, **fixed), replica, cost).run(short + [long])
+    res = Simulator(make_policy("srtf-cost", starvation_s=1e9, **fixed), replica, cost).run(short + [long])
     starved = next(j for j in res.jobs if j.request_id == "long").first_scheduled - long.arrival_time
     assert starved > bound + short_service  # the bound is what made the difference
+
+
+def test_isolated_rule_serves_overdue_requests_by_deadline():
+    """The default rule gives each request its own deadline, arrival + k x its isolated latency
+    (not a fixed or median-based bound); overdue requests run earliest deadline first. Under
+    this overload every request becomes overdue, so the long request starts after exactly the
+    short ones with earlier deadlines, before every later one."""
+    cost = StepCostModel()
+    short = [RequestSpec(f"s{i:03d}", "a", 0.002 * i, 8, 4, 1000, 4.0) for i in range(400)]
+    long = RequestSpec("long", "b", 0.005, 8, 50, 1000, 50.0)
+    k = 4.0
+    policy = make_policy("srtf-cost", starvation_isolated_multiple=k, starvation_min_s=0.0)
+    assert policy.config.starvation_rule == "isolated"  # the default
+    res = Simulator(policy, ReplicaConfig(max_num_seqs=1), cost).run(short + [long])
+    deadline = {r.request_id: r.arrival_time + k * cost.isolated_latency(8, r.output_tokens) for r in short + [long]}
+    start = {j.request_id: j.first_scheduled for j in res.jobs}
+    later = [r for r in deadline if deadline[r] > deadline["long"]]
+    assert later and all(start[r] > start["long"] for r in later)
+    earlier_shorts = [r for r in deadline if deadline[r] < deadline["long"] - 0.01]  # margin: one step
+    assert all(start[r] < start["long"] for r in earlier_shorts if start[r] > deadline[r])  # the overdue ones
 
 
 def test_isolated_latency_equals_a_simulated_lone_request():
@@ -83,8 +103,8 @@ def test_adapter_slots_count_loads_lru():
 
 
 def test_same_seed_same_result_and_metrics_are_finite():
-    a = summarize(Simulator(make_policy("inlaid"), TIGHT).run(small_workload(seed=3)))
-    b = summarize(Simulator(make_policy("inlaid"), TIGHT).run(small_workload(seed=3)))
+    a = summarize(Simulator(make_policy("srtf-cost"), TIGHT).run(small_workload(seed=3)))
+    b = summarize(Simulator(make_policy("srtf-cost"), TIGHT).run(small_workload(seed=3)))
     assert a == b
     assert 0.0 <= a["slo_attainment_5x"] <= a["slo_attainment_10x"] <= 1.0
     assert a["e2e_latency_p99_s"] >= a["e2e_latency_p50_s"] > 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-POLICIES = ("fifo", "mlfq", "inlaid")
+POLICIES = ("fifo", "mlfq", "srtf-cost")
 QUEUE_TIME_METRIC = "inlaid_request_queue_time_seconds"
 
 
@@ -134,7 +134,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b not in (None, 0) else None
 
 
-def policy_comparison(rows: Sequence[Mapping[str, Any]], target: str = "inlaid") -> list[dict[str, Any]]:
+def policy_comparison(rows: Sequence[Mapping[str, Any]], target: str = "srtf-cost") -> list[dict[str, Any]]:
     """Per (quantized, compressed, rate): `target`'s mean JCT, p99 latency and SLO attainment
     over each other policy's (JCT/p99 < 1 and SLO > 1 mean `target` is better)."""
     index = {(r["policy"], r["quantized"], r["compressed"], r["rate"]): r for r in rows}
@@ -164,7 +164,7 @@ PANELS = (
     ("slo_attainment", "SLO attainment"),
     ("tasks_per_step_mean", "tasks (adapters) per engine step"),
 )
-_COLORS = {"fifo": "tab:blue", "mlfq": "tab:orange", "inlaid": "tab:green"}
+_COLORS = {"fifo": "tab:blue", "mlfq": "tab:orange", "srtf-cost": "tab:green"}
 
 
 def plot_rows(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:

@@ -47,9 +47,14 @@ class WorkloadConfig:
     rate: float = 10.0  # mean arrivals per second
     arrival: Literal["poisson", "gamma"] = "poisson"
     cv: float = 1.0  # coefficient of variation of inter-arrival times (gamma only; 2-8 = bursty)
+    # diurnal rate: rate x (1 + amplitude x sin(2 pi t / period)); 0 = constant rate
+    diurnal_amplitude: float = 0.0
+    diurnal_period_s: float = 600.0
     popularity: Literal["uniform", "zipf"] = "uniform"
     zipf_s: float = 1.0  # P(task i) ~ 1 / (i + 1)**zipf_s
     task_jitter_sigma: float = 0.3  # per-task medians = kind median * exp(N(0, this))
+    prompt_scale: float = 1.0  # prompt medians x this (long-prompt-heavy workloads: > 1)
+    output_sigma_scale: float = 1.0  # output log-normal sigmas x this (heavy-tailed outputs: > 1)
     max_prompt_tokens: int = 2048
     max_output_tokens: int = 1024
     # predicted output length: "oracle" = true length, "noisy" = true * exp(N(0, sigma)),
@@ -65,6 +70,11 @@ class WorkloadConfig:
             )
         if self.arrival == "gamma" and self.cv <= 0:
             raise ValueError(f"cv={self.cv} must be > 0 for gamma arrivals")
+        if not 0.0 <= self.diurnal_amplitude < 1.0 or self.diurnal_period_s <= 0:
+            raise ValueError(f"diurnal_amplitude={self.diurnal_amplitude} must be in [0, 1) and "
+                             f"diurnal_period_s={self.diurnal_period_s} > 0")
+        if self.prompt_scale <= 0 or self.output_sigma_scale <= 0:
+            raise ValueError(f"prompt_scale={self.prompt_scale} and output_sigma_scale={self.output_sigma_scale} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -101,14 +111,23 @@ def make_tasks(cfg: WorkloadConfig, rng: np.random.Generator) -> list[TaskSpec]:
 
 
 def arrival_times(cfg: WorkloadConfig, rng: np.random.Generator) -> np.ndarray:
-    """Cumulative arrival times (s): exponential gaps (Poisson) or gamma gaps with the given CV."""
+    """Cumulative arrival times (s): exponential gaps (Poisson) or gamma gaps with the given CV,
+    time-changed to the diurnal rate when it has an amplitude."""
     n = cfg.num_requests
     if cfg.arrival == "poisson":
         gaps = rng.exponential(1.0 / cfg.rate, size=n)
     else:
         shape = 1.0 / cfg.cv**2  # gamma: mean shape*scale = 1/rate, CV = 1/sqrt(shape)
         gaps = rng.gamma(shape, 1.0 / (cfg.rate * shape), size=n)
-    return np.cumsum(gaps)
+    times = np.cumsum(gaps)
+    if cfg.diurnal_amplitude == 0.0:
+        return times
+    # Arrival k happens when the cumulative intensity reaches rate x times[k]:
+    # Lambda(t) / rate = t + A P / (2 pi) (1 - cos(2 pi t / P)), increasing for A < 1.
+    a, period = cfg.diurnal_amplitude, cfg.diurnal_period_s
+    grid = np.linspace(0.0, times[-1] / (1.0 - a) + period, 200_000)
+    warped = grid + a * period / (2 * np.pi) * (1.0 - np.cos(2 * np.pi * grid / period))
+    return np.interp(times, warped, grid)
 
 
 def task_probabilities(cfg: WorkloadConfig) -> np.ndarray:
@@ -129,8 +148,10 @@ def generate_workload(cfg: WorkloadConfig) -> tuple[list[TaskSpec], list[Request
     requests = []
     for i in range(cfg.num_requests):
         t = tasks[which[i]]
-        p = int(np.clip(round(t.prompt_median * np.exp(t.profile.prompt_sigma * z_in[i])), 1, cfg.max_prompt_tokens))
-        o = int(np.clip(round(t.output_median * np.exp(t.profile.output_sigma * z_out[i])), 1, cfg.max_output_tokens))
+        p = int(np.clip(round(cfg.prompt_scale * t.prompt_median * np.exp(t.profile.prompt_sigma * z_in[i])), 1,
+                        cfg.max_prompt_tokens))
+        sigma_out = cfg.output_sigma_scale * t.profile.output_sigma
+        o = int(np.clip(round(t.output_median * np.exp(sigma_out * z_out[i])), 1, cfg.max_output_tokens))
         requests.append(
             RequestSpec(f"r{i:06d}", t.name, float(times[i]), p, o, cfg.max_output_tokens, _prediction(cfg, t, o, z_pred[i]))
         )

@@ -59,7 +59,7 @@ BASE_MODEL_ID = "SmolLM2-135M-Instruct"  # one API name for the fp32 and the 4-b
 class DriverConfig:
     """Everything one run varies and holds fixed; defaults keep it under ~20 min on 2 CPU cores."""
 
-    policies: tuple[str, ...] = ("fifo", "mlfq", "inlaid")
+    policies: tuple[str, ...] = ("fifo", "mlfq", "srtf-cost")
     quantization: tuple[bool, ...] = (False, True)
     compression: tuple[bool, ...] = (False,)
     rates: tuple[float, ...] = (0.5, 1.0, 2.0)  # requests/s
@@ -361,7 +361,7 @@ def _on_off(value: str) -> tuple[bool, ...]:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[DriverConfig, Path, Path]:
     d = DriverConfig()
     p = argparse.ArgumentParser(prog="inlaid-ray bench http", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policies", nargs="+", default=list(d.policies), choices=["fifo", "mlfq", "inlaid"])
+    p.add_argument("--policies", nargs="+", default=list(d.policies), choices=["fifo", "mlfq", "srtf-cost"])
     p.add_argument("--quantization", choices=["off", "on", "both"], default="both", help="4-bit MLGPTQ-channel base")
     p.add_argument("--compression", choices=["off", "on", "both"], default="off",
                    help="JD-compressed adapters (adapter_format=jd_bank: demo clusters served as compressed banks)")

@@ -58,6 +58,9 @@ class RegistryWatcher:
         self.num_refreshes = 0
         self.num_errors = 0
         self.num_resyncs = 0  # reconnects repaired by a snapshot
+        # False from a failed read of the registry until a snapshot is read again; the cache
+        # keeps serving the last known state meanwhile
+        self.connected = True
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -96,6 +99,9 @@ class RegistryWatcher:
                     self._sub = self.registry.subscribe()
                     self.refresh()
                     next_refresh = time.monotonic() + self.refresh_interval_s
+                    if not self.connected:
+                        log.warning("registry watcher (namespace %r) reconnected", self.registry.namespace)
+                    self.connected = True
                 wait = min(self.poll_s, max(0.0, next_refresh - time.monotonic()))
                 try:
                     event = self._sub.get(timeout=wait)
@@ -111,6 +117,7 @@ class RegistryWatcher:
                     next_refresh = time.monotonic() + self.refresh_interval_s
             except Exception:  # background loop: log with context, resubscribe, go on
                 self.num_errors += 1
+                self.connected = False
                 log.exception("registry watcher (namespace %r) failed; resubscribing", self.registry.namespace)
                 if self._sub is not None:
                     try:

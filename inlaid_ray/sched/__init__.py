@@ -11,15 +11,16 @@ from inlaid_ray.sched.policy import (
 )
 from inlaid_ray.sched.admission import StepPlan, plan_step
 from inlaid_ray.sched.cost_model import StepCostModel, StepSample, fit_cost_model
-from inlaid_ray.sched.policies import InlaidConfig, InlaidPolicy, MlfqConfig, MlfqPolicy
+from inlaid_ray.sched.policies import MlfqConfig, MlfqPolicy, SrtfCostConfig, SrtfCostPolicy, SrtfTaskCapPolicy
 
 # The output-length predictor (inlaid_ray.sched.predictor) needs torch + transformers and is
 # imported from its module, so that importing the policies stays dependency-free.
 
 __all__ = [
     "FifoPolicy",
-    "InlaidConfig",
-    "InlaidPolicy",
+    "SrtfCostConfig",
+    "SrtfCostPolicy",
+    "SrtfTaskCapPolicy",
     "MlfqConfig",
     "MlfqPolicy",
     "SchedulableRequest",

@@ -2,7 +2,9 @@
 
 API keys map to tenants through the registry (stored hashed); a successful lookup is cached
 for `cache_s` seconds (so revoking a key takes effect within that time), failures are never
-cached (a key created a moment ago works at once). Task lookups read the registry watcher's
+cached (a key created a moment ago works at once). While the registry is unreachable, a key
+seen before keeps its last known principal (serving goes on; a revocation waits for the
+registry), and an unknown key gets a 503 `registry_unavailable` (it cannot be checked). Task lookups read the registry watcher's
 local cache, never Redis. Tenancy: a tenant sees and uses only its own live tasks; an admin
 uses every task. Another tenant's task, and a task that is not live, answer 404 exactly like a
 missing one (a 403 would confirm that the name exists).
@@ -11,13 +13,17 @@ missing one (a 403 would confirm that the name exists).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from inlaid_ray.registry import RegistryWatcher, TaskRecord, TaskRegistry, hash_api_key
-from inlaid_ray.serve.http_errors import OpenAIHTTPError
+from inlaid_ray.serve.http_errors import REGISTRY_ERRORS, OpenAIHTTPError, registry_unavailable
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ClusterSpec, solo_cluster_id
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,13 @@ class Authenticator:
         hit = self._cache.get(digest)
         if hit is not None and hit[1] > self.clock():
             return hit[0]
-        principal = await asyncio.to_thread(self.registry.principal_for_key, key)
+        try:
+            principal = await asyncio.to_thread(self.registry.principal_for_key, key)
+        except REGISTRY_ERRORS as exc:
+            if hit is not None:  # last known state: keep serving this key
+                log.warning("registry unreachable (%s); using the last known principal of a key", type(exc).__name__)
+                return hit[0]
+            raise registry_unavailable() from exc
         if principal is None:
             self._cache.pop(digest, None)
             raise OpenAIHTTPError(401, "invalid API key", code="invalid_api_key")

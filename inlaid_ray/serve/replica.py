@@ -212,55 +212,67 @@ class EngineReplica:
                          f"{request.request_id} could use it; raise max_clusters_per_replica")
 
     async def _stream(self, request: ReplicaRequest) -> AsyncGenerator[dict[str, Any], None]:
-        flight = _InFlight(len(request.prompt_token_ids), request.predicted_len or request.params.max_tokens)
-        self._inflight[request.request_id] = flight
+        """Chunks of every choice of `request` (one engine request each, same engine), coalesced
+        per choice; the stream ends when every choice has finished."""
+        n = request.num_choices
+        flights = [_InFlight(len(request.prompt_token_ids), request.predicted_len or request.params.max_tokens)
+                   for _ in range(n)]
+        keys = [request.choice(i)[0] for i in range(n)]
+        self._inflight.update(zip(keys, flights))
         queue: asyncio.Queue[Any] = asyncio.Queue()
         slot = self._bases.acquire()  # the request lives on this engine (its weights, its KV cache) to the end
-        pump = asyncio.get_running_loop().create_task(self._pump(request, slot, queue))
-        done, first = False, True
+        loop = asyncio.get_running_loop()
+        pumps = [loop.create_task(self._pump(request, i, slot, queue)) for i in range(n)]
+        ended, finished, first = 0, 0, True
         try:
-            while not done:
+            while ended < n:
                 items = [await queue.get()]
                 while not queue.empty():
                     items.append(queue.get_nowait())
-                outputs, failure = [], None
-                for item in items:
+                outputs: dict[int, list[Any]] = {}
+                failure = None
+                for index, item in items:
                     if item is _END:
-                        done = True
+                        ended += 1
                     elif isinstance(item, BaseException):
-                        failure, done = item, True
+                        failure = failure or item
                     else:
-                        outputs.append(item)
-                if outputs:
-                    flight.generated = outputs[-1].num_completion_tokens
-                    chunk = merge_outputs(outputs)
+                        outputs.setdefault(index, []).append(item)
+                for index, outs in outputs.items():
+                    flights[index].generated = outs[-1].num_completion_tokens
+                    chunk = merge_outputs(outs, index)
                     if first:
                         chunk["base_version"], first = slot.version, False
-                    if outputs[-1].finished:
-                        self._inflight.pop(request.request_id, None)  # the stats describe what is left
-                        chunk["stats"], done = self.stats(), True
+                    if outs[-1].finished:
+                        finished += 1
+                        self._inflight.pop(keys[index], None)  # the stats describe what is left
+                        if finished == n:
+                            chunk["stats"] = self.stats()
                     yield chunk
                 if failure is not None:
                     raise failure
         finally:
-            self._inflight.pop(request.request_id, None)
-            if not done:
+            for key in keys:
+                self._inflight.pop(key, None)
+            if finished < n:
                 self._num_cancelled += 1
-            if not pump.done():
-                pump.cancel()  # leaving the engine's iterator aborts the request there
+            for pump in pumps:
+                if not pump.done():
+                    pump.cancel()  # leaving the engine's iterator aborts the request there
             self._bases.release(slot)
 
-    async def _pump(self, request: ReplicaRequest, slot: EngineSlot, queue: asyncio.Queue[Any]) -> None:
+    async def _pump(self, request: ReplicaRequest, index: int, slot: EngineSlot, queue: asyncio.Queue[Any]) -> None:
+        request_id, params = request.choice(index)
         try:
             async for out in slot.engine.generate(
-                request.prompt_token_ids, request.params, request.task, request.request_id, request.predicted_len
+                request.prompt_token_ids, params, request.task, request_id, request.predicted_len
             ):
                 slot.started = True  # its loop runs from the first output on (health checks it)
-                queue.put_nowait(out)
+                queue.put_nowait((index, out))
         except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
-            queue.put_nowait(exc)
+            queue.put_nowait((index, exc))
         finally:
-            queue.put_nowait(_END)
+            queue.put_nowait((index, _END))
 
     # ---- adapters ------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ or, for a failure, `{"error": {"status", "message", "type", "code", "param"}}` (
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -72,19 +73,31 @@ class ReplicaRequest:
     # replica ids the request router passes over while any other replica is running: the
     # onboarding probe visits every replica by avoiding those that already answered it
     avoid_replicas: tuple[str, ...] = ()
+    # completions generated from this prompt (OpenAI's n, or best_of): one engine request each,
+    # on the same replica; their chunks carry "index"
+    num_choices: int = 1
 
     @property
     def predicted_work(self) -> float:
-        """Tokens of work this request adds to a replica: prompt + predicted output."""
+        """Tokens of work this request adds to a replica: prompt + predicted output, per choice."""
         predicted = self.predicted_len if self.predicted_len is not None else self.params.max_tokens
-        return len(self.prompt_token_ids) + min(predicted, self.params.max_tokens)
+        return self.num_choices * (len(self.prompt_token_ids) + min(predicted, self.params.max_tokens))
+
+    def choice(self, index: int) -> tuple[str, SamplingParams]:
+        """(engine request id, params) of choice `index`: a seed moves on by one per choice (vLLM's rule)."""
+        if self.num_choices == 1:
+            return self.request_id, self.params
+        seed = self.params.seed
+        params = self.params if seed is None else dataclasses.replace(self.params, seed=seed + index)
+        return f"{self.request_id}-{index}", params
 
 
-def merge_outputs(outputs: Sequence[RequestOutput]) -> dict[str, Any]:
-    """One chunk from consecutive deltas of one request (the replica coalesces under load)."""
+def merge_outputs(outputs: Sequence[RequestOutput], index: int = 0) -> dict[str, Any]:
+    """One chunk from consecutive deltas of one choice (the replica coalesces under load)."""
     assert outputs, "merge_outputs needs at least one output"
     last = outputs[-1]
     return {
+        "index": index,
         "text": "".join(o.text for o in outputs),
         "token_ids": [t for o in outputs for t in o.token_ids],
         "finish_reason": last.finish_reason,

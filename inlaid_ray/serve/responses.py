@@ -154,22 +154,58 @@ async def next_chunk(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
     return chunk
 
 
+class ChoiceStreams:
+    """One replica stream carrying every choice of a request (chunks tagged "index", replica.py)
+    split into one stream per choice. An error ends every choice; `cancel()` stops the generation."""
+
+    def __init__(self, first: dict[str, Any], stream: Any, num_choices: int) -> None:
+        self._stream = stream
+        self._queues: list[asyncio.Queue[Any]] = [asyncio.Queue() for _ in range(num_choices)]
+        self._open = set(range(num_choices))
+        self._route(first)
+        self._task = asyncio.get_running_loop().create_task(self._pump()) if self._open else None
+
+    def _route(self, chunk: dict[str, Any]) -> None:
+        index = int(chunk.get("index", 0))
+        self._queues[index].put_nowait(chunk)
+        if chunk.get("finish_reason"):
+            self._open.discard(index)
+
+    async def _pump(self) -> None:
+        try:
+            while self._open:
+                self._route(await next_chunk(self._stream))
+        except Exception as exc:  # noqa: BLE001 - raised in every choice's stream
+            for queue in self._queues:
+                queue.put_nowait(exc)
+
+    async def choice(self, index: int) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of choice `index`, up to the one with its finish reason."""
+        while True:
+            item = await self._queues[index].get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.get("finish_reason"):
+                return
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._stream.cancel()
+
+
 @dataclass
 class Choice:
-    """One choice of a response: the replica stream generating it, its first chunk, its tracker."""
+    """One choice of a response: its chunks and its tracker."""
 
-    first: dict[str, Any]
     stream: AsyncIterator[dict[str, Any]]
     tracker: StreamTracker
 
 
 async def _drain(choice: Choice) -> None:
-    chunk = choice.first
-    while True:
+    async for chunk in choice.stream:
         choice.tracker.add(chunk)
-        if chunk.get("finish_reason"):
-            return
-        chunk = await next_chunk(choice.stream)
 
 
 def _cumulative_logprob(choice: Choice) -> float:
@@ -238,8 +274,8 @@ async def _choice_chunks(index: int, choice: Choice) -> AsyncIterator[dict[str, 
         yield role | ({"usage": None} if ctx.include_usage else {})
     elif ctx.echo_text:
         yield _delta(ctx, index, ctx.echo_text, None, None)
-    chunk, offset = choice.first, 0
-    while True:
+    offset = 0
+    async for chunk in choice.stream:
         tracker.add(chunk)
         text, ids, reason = chunk.get("text", ""), list(chunk.get("token_ids", ())), chunk.get("finish_reason")
         final_here = ctx.kind == "completion" and reason is not None
@@ -249,9 +285,6 @@ async def _choice_chunks(index: int, choice: Choice) -> AsyncIterator[dict[str, 
             yield _delta(ctx, index, text, ids if want_ids else None, reason if final_here else None, logprobs)
             if logprobs is not None and ctx.kind == "completion":
                 offset += sum(len(t) for t in logprobs["tokens"])
-        if reason is not None:
-            break
-        chunk = await next_chunk(choice.stream)
     if ctx.kind == "chat":
         yield _delta(ctx, index, "", None, tracker.finish_reason)
 

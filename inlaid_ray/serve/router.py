@@ -41,7 +41,6 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inlaid_ray.engine import SamplingParams
 from inlaid_ray.model import ModelConfig, load_tokenizer
 from inlaid_ray.errors import TaskNotFound
 from inlaid_ray.registry import (
@@ -55,7 +54,13 @@ from inlaid_ray.registry import (
     show_task,
 )
 from inlaid_ray.serve.access import Authenticator, Caller, cluster_spec_for, resolve_model, visible_tasks
-from inlaid_ray.serve.http_errors import REPLICA_UNAVAILABLE, OpenAIHTTPError, from_validation_error
+from inlaid_ray.serve.http_errors import (
+    REGISTRY_ERRORS,
+    REPLICA_UNAVAILABLE,
+    OpenAIHTTPError,
+    from_exception,
+    from_validation_error,
+)
 from inlaid_ray.serve.length_prediction import bounded_prediction, make_predictor
 from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.openai_protocol import (
@@ -69,7 +74,15 @@ from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_compl
 from inlaid_ray.serve.replica_protocol import ReplicaRequest
 from inlaid_ray.serve.request_body import read_json_body
 from inlaid_ray.serve.base_residency import BaseRef
-from inlaid_ray.serve.responses import Choice, ResponseContext, StreamTracker, collect, next_chunk, sse_events
+from inlaid_ray.serve.responses import (
+    Choice,
+    ChoiceStreams,
+    ResponseContext,
+    StreamTracker,
+    collect,
+    next_chunk,
+    sse_events,
+)
 from inlaid_ray.serve.seed import RegistrySeed, seed_registry
 
 log = logging.getLogger(__name__)
@@ -89,6 +102,15 @@ api = FastAPI(title="inlaid-ray", description="OpenAI-compatible multi-LoRA serv
 @api.exception_handler(OpenAIHTTPError)
 async def _openai_error(request: Request, exc: OpenAIHTTPError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+async def _registry_error(request: Request, exc: Exception) -> JSONResponse:
+    """A registry read or write that found Redis unreachable (admin routes, key checks): 503."""
+    return await _openai_error(request, from_exception(exc))
+
+
+for _registry_error_type in REGISTRY_ERRORS:
+    api.add_exception_handler(_registry_error_type, _registry_error)
 
 
 @api.exception_handler(RequestValidationError)
@@ -133,17 +155,6 @@ def _probe_avoid(caller: Caller, request: Request) -> tuple[str, ...]:
     if not (caller.admin and request.headers.get(PROBE_HEADER) == "1"):
         return ()
     return tuple(r.strip() for r in request.headers.get(PROBE_AVOID_HEADER, "").split(",") if r.strip())
-
-
-def _candidates(request_id: str, params: SamplingParams, count: int, n: int) -> list[tuple[str, SamplingParams]]:
-    """(replica request id, params) of each candidate: a seed moves on by one per candidate (as in
-    vLLM); candidates beyond `n` (best_of) need log-probabilities to be ranked."""
-    if count == 1:
-        return [(request_id, params)]
-    if count > n and params.logprobs is None:
-        params = dataclasses.replace(params, logprobs=0)
-    return [(f"{request_id}-{i}", params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
-            for i in range(count)]
 
 
 def _validate(model: type[CompletionRequest] | type[ChatCompletionRequest], body: Any) -> Any:
@@ -207,7 +218,9 @@ class Router:
                 raise OpenAIHTTPError(503, f"engine replicas are not ready: {type(exc).__name__}",
                                       code="not_ready", err_type="server_error") from None
             self._replicas_ready = True  # from now on Serve's own health checks replace replicas
-        return {"status": "ok", "registry_revision": self._watcher.revision}
+        registry = "ok" if self._watcher.connected else "unavailable"  # serving goes on from the last known state
+        return {"status": "ok" if registry == "ok" else "degraded", "registry": registry,
+                "registry_revision": self._watcher.revision}
 
     @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
@@ -378,34 +391,30 @@ class Router:
             ctx = await self._context(kind, req, task, prepared)
             cluster = cluster_spec_for(task, self._watcher) if task is not None else None
             handle = self._replica.options(stream=True, multiplexed_model_id=cluster.cluster_id if cluster else "")
-            replica_reqs = [
-                ReplicaRequest(rid, prepared.prompt_token_ids, params, task.name if task else None, cluster,
-                               ctx.predicted_len, _probe_avoid(caller, request))
-                for rid, params in _candidates(ctx.request_id, prepared.params, req.num_candidates, req.n)
-            ]
-            opened = await asyncio.gather(*(self._open(handle, r) for r in replica_reqs), return_exceptions=True)
-            failure = next((o for o in opened if isinstance(o, BaseException)), None)
-            if failure is not None:
-                for o in opened:
-                    if not isinstance(o, BaseException):
-                        o[0].cancel()
-                raise failure
+            params = prepared.params
+            if req.num_candidates > req.n and params.logprobs is None:  # best_of ranks by log-probability
+                params = dataclasses.replace(params, logprobs=0)
+            replica_req = ReplicaRequest(ctx.request_id, prepared.prompt_token_ids, params, task.name if task else None,
+                                         cluster, ctx.predicted_len, _probe_avoid(caller, request),
+                                         num_choices=req.num_candidates)
+            stream, first = await self._open(handle, replica_req)
         except OpenAIHTTPError as err:
             self._metrics.errors.labels(str(err.status)).inc()
             raise
-        choices = [Choice(first, stream, StreamTracker(ctx, self._metrics, self._on_finished)) for stream, first in opened]
-        first = choices[0].first
+        streams = ChoiceStreams(first, stream, req.num_candidates)
+        choices = [Choice(streams.choice(i), StreamTracker(ctx, self._metrics, self._on_finished))
+                   for i in range(req.num_candidates)]
         headers = {REPLICA_HEADER: str(first.get("replica", ""))}
         if first.get("base_version") is not None:
             headers[BASE_VERSION_HEADER] = str(first["base_version"])
         if req.stream:
-            return StreamingResponse(self._sse(choices), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(self._sse(choices, streams), media_type="text/event-stream", headers=headers)
         try:
             body = await collect(choices, req.n)
         except BaseException as exc:
             for choice in choices:
                 choice.tracker.finish(failed=True)
-                choice.stream.cancel()
+            streams.cancel()
             if isinstance(exc, OpenAIHTTPError):
                 self._metrics.errors.labels(str(exc.status)).inc()
             raise
@@ -434,16 +443,15 @@ class Router:
                 raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _sse(self, choices: list[Choice]):
+    async def _sse(self, choices: list[Choice], streams: ChoiceStreams):
         finished = False
         try:
             async for event in sse_events(choices):
                 yield event
             finished = True
         finally:
-            if not finished:  # the client went away: stop the generations on the replicas
-                for choice in choices:
-                    choice.stream.cancel()
+            if not finished:  # the client went away: stop the generation on the replica
+                streams.cancel()
 
     async def _context(self, kind: Literal["completion", "chat"], req: Any, task: TaskRecord | None,
                        prepared: PreparedPrompt) -> ResponseContext:

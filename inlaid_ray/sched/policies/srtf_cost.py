@@ -1,5 +1,11 @@
-"""LoRA-Inlaid's multi-task scheduler (docs/algorithms.md 7.2): shortest predicted remaining work
-first, task grouping, and aging so no request falls behind past a bound.
+"""Two multi-task schedulers on predicted output lengths (docs/algorithms.md 7.2):
+
+- `srtf-task-cap` is LoRA-Inlaid's rule as the paper states it: shortest predicted remaining
+  output first (SRTF), at most `beta` = 10 distinct tasks per step with the previous step's
+  tasks preferred, running requests keep running, and aging (`starvation_rule="median"`).
+- `srtf-cost` (this project's) ranks the same way but prices each admission with the replica's
+  step-cost model: task grouping, batch size and deferral follow from what a step costs, with
+  no task cap, and its aging bound is each request's own isolated latency times a multiple.
 
 Per request: predicted output length `L` (from the length predictor at arrival, else the
 task's recent median, else a default) and generated tokens `g`. Remaining work
@@ -21,10 +27,14 @@ Aging: a request's unserved time is the time since arrival during which it did n
 (queued or paused), i.e. how far it has fallen behind plain continuous batching, which
 runs everyone every step. Past the bound it is aged: it runs before any non-aged request
 until it finishes, skips the cost rule, and when the oldest aged waiting request does not
-fit, no later waiting request is admitted until it does. The bound is
-`starvation_latency_multiple` x the median e2e latency of recent finished requests (the
-spec's "10x median latency", scale-free), or `starvation_s` while none has finished or when
-the multiple is 0. KV exhaustion evicts the request with the largest `rem` (recompute).
+fit, no later waiting request is admitted until it does. The bound
+(`starvation_rule`): "isolated" (srtf-cost's default) = `starvation_isolated_multiple` x the
+request's own isolated latency under the cost model (its prompt and predicted output alone on
+the replica), at least `starvation_min_s`, so a short request is not made to wait as long as a
+long one and the bound does not grow with load; "median" (the spec's rule, srtf-task-cap's) =
+`starvation_latency_multiple` x the median e2e latency of recent finished requests, or
+`starvation_s` while none has finished or when the multiple is 0. KV exhaustion evicts the
+request with the largest `rem` (recompute).
 
 Ablations: `batching="all"` runs every request that fits, running ones first (SRTF as an
 admission order only, never idling a seat); `grouping="off"` drops the adapter terms;
@@ -54,7 +64,7 @@ BATCHING_MODES = ("marginal_cost", "all")
 
 
 @dataclass(frozen=True)
-class InlaidConfig:
+class SrtfCostConfig:
     """Knobs of the LoRA-Inlaid policy (module docstring); `batching`, `grouping`, `srtf`,
     `use_prediction`, `pause_running` and `queue_term` exist for ablations."""
 
@@ -70,8 +80,11 @@ class InlaidConfig:
     # running requests ranked behind it ("running"), every request behind it ("all", ablation)
     # or nobody ("off": closed system, ablation)
     queue_term: Literal["running", "all", "off"] = "running"
-    starvation_s: float = 30.0  # aging bound while no request has finished (or multiple = 0)
-    starvation_latency_multiple: float = 10.0  # bound = this x median e2e latency; 0 = fixed bound
+    starvation_rule: Literal["isolated", "median"] = "isolated"  # how the aging bound is set (module docstring)
+    starvation_isolated_multiple: float = 8.0  # "isolated": bound = this x the request's isolated latency
+    starvation_min_s: float = 1.0  # "isolated": the bound is at least this
+    starvation_s: float = 30.0  # "median": bound while no request has finished (or multiple = 0)
+    starvation_latency_multiple: float = 10.0  # "median": bound = this x median e2e latency; 0 = fixed bound
     reestimate_min_tokens: float = 16.0  # re-estimate adds max(this, fraction * L) tokens
     reestimate_fraction: float = 0.25
     default_output_len: float = 128.0  # no prediction and no finished request of the task yet
@@ -90,6 +103,11 @@ class InlaidConfig:
                 f"beta={self.beta} must be >= 1, starvation_s={self.starvation_s} > 0, starvation_latency_multiple="
                 f"{self.starvation_latency_multiple} >= 0, default_output_len={self.default_output_len} >= 1"
             )
+        if self.starvation_rule not in ("isolated", "median") or self.starvation_isolated_multiple <= 0 \
+                or self.starvation_min_s < 0:
+            raise ValueError(f"starvation_rule={self.starvation_rule!r} must be 'isolated' or 'median', "
+                             f"starvation_isolated_multiple={self.starvation_isolated_multiple} > 0, "
+                             f"starvation_min_s={self.starvation_min_s} >= 0")
         modes = (self.grouping in GROUPING_MODES, self.batching in BATCHING_MODES, self.queue_term in QUEUE_TERMS)
         if not all(modes):
             raise ValueError(
@@ -102,16 +120,16 @@ class InlaidConfig:
             raise ValueError(f"adapter_slots={self.adapter_slots} must be >= 1 or None")
 
 
-class InlaidPolicy(SchedulingPolicy):
+class SrtfCostPolicy(SchedulingPolicy):
     """SRTF on predicted remaining length + cost-priced batching and task grouping + aging."""
 
-    name = "inlaid"
+    name = "srtf-cost"
     head_of_line_blocking = False
     uses_cost_model = True
 
-    def __init__(self, config: InlaidConfig | None = None, **overrides: Any) -> None:
-        """`overrides` replace single fields of `config`, e.g. `make_policy("inlaid", beta=4)`."""
-        self.config = replace(config or InlaidConfig(), **overrides)
+    def __init__(self, config: SrtfCostConfig | None = None, **overrides: Any) -> None:
+        """`overrides` replace single fields of `config`, e.g. `make_policy("srtf-cost", beta=4)`."""
+        self.config = replace(config or SrtfCostConfig(), **overrides)
         self._estimate: dict[str, float] = {}  # request_id -> current predicted output length
         self._history: dict[str | None, deque[int]] = {}
         self._prev_tasks: set[str | None] = set()
@@ -120,6 +138,7 @@ class InlaidPolicy(SchedulingPolicy):
         self._residency = AdapterResidency(self.config.adapter_slots)
         self._unserved: dict[str, float] = {}  # request_id -> seconds in the system not running
         self._aged: dict[str, float] = {}  # request_id -> when it was found aged (sticky)
+        self._bounds: dict[str, float] = {}  # request_id -> its aging bound ("isolated" rule)
         self._offered: set[str] = set()  # ids ordered in the last step ...
         self._left_out: set[str] = set()  # ... and those of them that did not run
         self._last_now: float | None = None
@@ -173,7 +192,7 @@ class InlaidPolicy(SchedulingPolicy):
             if r.request_id not in self._unserved:  # first sight: queued since wait_start (running: unknown, 0)
                 self._unserved[r.request_id] = 0.0 if r.request_id in running_ids else max(now - r.wait_start, 0.0)
             u = self._unserved[r.request_id]
-            if u > self._starvation_s and r.request_id not in self._aged:
+            if u > self.starvation_bound_for(r) and r.request_id not in self._aged:
                 self._aged[r.request_id] = now
         self._offered = {r.request_id for r in candidates}
         self._left_out = set(self._offered)  # until on_step says who ran
@@ -258,7 +277,7 @@ class InlaidPolicy(SchedulingPolicy):
         self._left_out = self._offered - {r.request_id for r in scheduled}
 
     def on_finished(self, request: SchedulableRequest, now: float) -> None:
-        for table in (self._estimate, self._unserved, self._aged):
+        for table in (self._estimate, self._unserved, self._aged, self._bounds):
             table.pop(request.request_id, None)
         self._offered.discard(request.request_id)
         self._left_out.discard(request.request_id)
@@ -270,8 +289,20 @@ class InlaidPolicy(SchedulingPolicy):
 
     @property
     def starvation_bound_s(self) -> float:
-        """The aging bound in force now (seconds of unserved time)."""
+        """The "median" rule's aging bound in force now (seconds of unserved time)."""
         return self._starvation_s
+
+    def starvation_bound_for(self, r: SchedulableRequest) -> float:
+        """Seconds of unserved time after which `r` is aged (fixed at first sight for "isolated")."""
+        cfg = self.config
+        if cfg.starvation_rule == "median":
+            return self._starvation_s
+        bound = self._bounds.get(r.request_id)
+        if bound is None:
+            output = max(int(round(min(self.predicted_len(r), r.max_tokens))), 1)
+            isolated = cfg.cost.isolated_latency(r.num_prompt_tokens, output, with_adapter=r.task is not None)
+            bound = self._bounds[r.request_id] = max(cfg.starvation_min_s, cfg.starvation_isolated_multiple * isolated)
+        return bound
 
 
 def _fits_now(r: SchedulableRequest, num_running: int, budget: StepBudget) -> bool:
@@ -284,4 +315,20 @@ def _fits_now(r: SchedulableRequest, num_running: int, budget: StepBudget) -> bo
     )
 
 
-register_policy(InlaidPolicy)
+class SrtfTaskCapPolicy(SrtfCostPolicy):
+    """LoRA-Inlaid's scheduler as the paper states it (docs/algorithms.md 7.1-7.2): SRTF on the
+    predicted remaining output, at most `beta` = 10 distinct tasks per step (the previous step's
+    first), every running request keeps running and every admitted one that fits runs, aging
+    after 10x the median latency (30 s before any request finishes). No cost model."""
+
+    name = "srtf-task-cap"
+    uses_cost_model = False
+
+    def __init__(self, config: SrtfCostConfig | None = None, **overrides: Any) -> None:
+        paper = SrtfCostConfig(batching="all", grouping="hard_cap", beta=10, pause_running=False,
+                               prefill_token_weight=0.0, starvation_rule="median")
+        super().__init__(config or paper, **overrides)
+
+
+register_policy(SrtfCostPolicy)
+register_policy(SrtfTaskCapPolicy)

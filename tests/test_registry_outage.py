@@ -1,0 +1,75 @@
+"""The registry is not a single point of failure for serving: with the real embedded Redis server
+killed, the router's watcher keeps the last known tasks and reports itself disconnected, a key
+seen before keeps authenticating (past its cache time), an unknown key and any registry write
+get OpenAI's 503 `registry_unavailable` with Retry-After, never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from inlaid_ray.registry import RegistryWatcher, TaskRecord, TaskRegistry, connect_redis
+from inlaid_ray.serve.access import Authenticator
+from inlaid_ray.serve.http_errors import REGISTRY_ERRORS, OpenAIHTTPError, from_exception
+
+POLL_S, POLLS = 0.05, 600  # bounded waits for the watcher thread; never a timing assertion
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    proc = psutil.Process(pid)
+    for _ in range(POLLS):
+        if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+            return
+        time.sleep(POLL_S)
+    raise AssertionError(f"redis-server {pid} survived SIGKILL")
+
+
+def test_serving_state_outlives_a_killed_registry(tmp_path):
+    client = connect_redis(None, tmp_path)
+    registry = TaskRegistry(client, "outage")
+    registry.add_tenant("acme")
+    registry.add_api_key("acme", "acme-key")
+    live = registry.upsert_task(TaskRecord(name="sql", tenant="acme", adapter_uri="file:///a/sql", status="live"))
+    clock = _Clock()
+    auth = Authenticator(registry, cache_s=5.0, clock=clock)
+    watcher = RegistryWatcher(registry, refresh_interval_s=0.2, poll_s=POLL_S).start()
+    try:
+        assert asyncio.run(auth.authenticate("Bearer acme-key")).tenant == "acme"
+        assert watcher.connected and watcher.get_task("sql") == live
+
+        _kill(client.server_pid)
+        clock.now += 60.0  # far past the key's cache time: a lookup is due and fails
+        assert asyncio.run(auth.authenticate("Bearer acme-key")).tenant == "acme"  # last known principal
+        with pytest.raises(OpenAIHTTPError) as unknown:
+            asyncio.run(auth.authenticate("Bearer never-seen"))
+        assert unknown.value.status == 503 and unknown.value.body()["error"]["code"] == "registry_unavailable"
+        assert unknown.value.headers()["Retry-After"] == "1"
+
+        for _ in range(POLLS):  # the watcher's next refresh fails: it says so and keeps its cache
+            if not watcher.connected:
+                break
+            time.sleep(POLL_S)
+        assert not watcher.connected and watcher.get_task("sql") == live
+
+        with pytest.raises(REGISTRY_ERRORS) as write:  # a write (retire, onboarding) cannot happen
+            registry.upsert_task(TaskRecord(name="new", tenant="acme", adapter_uri="file:///a/new"))
+        err = from_exception(write.value)
+        assert (err.status, err.body()["error"]["code"]) == (503, "registry_unavailable")
+        assert "127.0.0.1" not in err.body()["error"]["message"] and "sock" not in err.body()["error"]["message"]
+    finally:
+        watcher.stop()
+        client.close()
