@@ -1,7 +1,7 @@
 """Engine-level load test on a GPU (issue 9, item 3): a Llama-2-7B-shaped model with random 4-bit
 GPTQ codes (group 128, fp16 activations), 1..1000 synthetic rank-16 adapters resident in one
 bank, a Poisson (or gamma) workload with the paper's length profiles
-(`inlaid_ray.bench.workload`), and the scheduling policies fifo / mlfq / inlaid. No Ray, no HTTP:
+(`inlaid_ray.bench.workload`), and the scheduling policies fifo / mlfq / srtf-task-cap / srtf-cost. No Ray, no HTTP:
 the engine is driven directly, in real time, by `engine_load.drive`.
 
 Same load everywhere: the workload (arrival times, prompt and output lengths, prompts, predicted

@@ -57,7 +57,7 @@ if [[ $what == all || $what == profile ]]; then
     step profile_engine 420 python load_tests/profile_engine_step.py --out "$OUT/engine_step_profile_h100.json"
 fi
 if [[ $what == all || $what == engine ]]; then
-    # #9 item 3: the engine under load with 1000 adapters: fifo, then inlaid (the missing run), then
+    # #9 item 3: the engine under load with 1000 adapters: fifo, then srtf-cost (the missing run), then
     # mlfq. 96 requests: at the last run's ~3 req/s capacity each run is cut after ~110 s at most,
     # so all three fit one call (fifo at 1 vs 1000 adapters is in engine_gpu_load_h100.json).
     step engine_load 580 python load_tests/bench_engine_gpu.py --kernels ops --adapter-counts 1000 --num-requests 96 \

@@ -80,8 +80,9 @@ def held_out_scenarios(num_requests: int, sigma: float) -> dict[str, tuple[Workl
     replica = ReplicaConfig()
     return {
         "20 tasks, Zipf(1.5), Poisson": (replace(base, num_tasks=20, popularity="zipf", zipf_s=1.5), replica),
+        # prompts capped at 3072 so that prompt + output fits one step's 4096 tokens (recompute)
         "300 tasks, uniform, long prompts (4x)": (replace(base, num_tasks=300, prompt_scale=4.0,
-                                                          max_prompt_tokens=4096), replica),
+                                                          max_prompt_tokens=3072), replica),
         "100 tasks, diurnal (+-60%, 120 s) and bursty (gamma CV 3)": (
             replace(base, arrival="gamma", cv=3.0, diurnal_amplitude=0.6, diurnal_period_s=120.0), replica),
         "100 tasks, Zipf(1), heavy-tailed outputs (sigma x2)": (

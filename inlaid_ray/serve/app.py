@@ -22,6 +22,7 @@ from inlaid_ray.config import Settings
 from inlaid_ray.engine import EngineConfig, limits
 from inlaid_ray.model import ModelConfig
 from inlaid_ray.model.prepare import prepare_smollm2
+from inlaid_ray.sched import make_policy
 from inlaid_ray.serve.engine_builder import ReplicaSpec
 from inlaid_ray.serve.length_prediction import default_predictor
 from inlaid_ray.serve.replica import EngineReplica
@@ -88,9 +89,12 @@ class AppArgs(BaseModel):
     # --- engine
     policy: Literal["fifo", "mlfq", "srtf-task-cap", "srtf-cost"] = Field(
         "srtf-cost", description="per-replica scheduling policy (srtf-task-cap: the paper's rule; srtf-cost: this project's)")
+    policy_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="fields of the policy's config, e.g. {starvation_rule: median} or "
+        "{starvation_isolated_multiple: 4.0} (sched/policies/srtf_cost.py); unknown fields are refused")
     step_cost_model: str | None = Field(
         None, description="step-cost model JSON fitted on the replicas' device (inlaid_ray/bench/step_cost.py) "
-                          "for the inlaid policy; None = its analytic H100 / Llama-2-7B 4-bit default")
+                          "for srtf-cost; None = its analytic H100 / Llama-2-7B 4-bit default")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
     max_model_len: int | None = Field(None, ge=2, description="prompt + output tokens; None = min(model limit, max_num_batched_tokens)")
@@ -113,6 +117,10 @@ class AppArgs(BaseModel):
         if self.max_adapters_per_replica < self.max_clusters_per_replica:
             raise ValueError(f"max_adapters_per_replica={self.max_adapters_per_replica} < max_clusters_per_replica="
                              f"{self.max_clusters_per_replica}: every resident cluster needs at least one slot")
+        try:
+            make_policy(self.policy, **self.policy_options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"policy_options {self.policy_options} do not fit policy {self.policy!r}: {exc}") from None
         return self
 
     @property
@@ -162,6 +170,7 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=max_model_len, policy=args.policy, seed=args.seed, step_cost_model=args.step_cost_model,
+        policy_options=dict(args.policy_options),
     )
     artifact_dir = args.artifact_dir or str(settings.cache_dir / "artifacts")
     replica_spec = ReplicaSpec(

@@ -1,5 +1,5 @@
 """Which of the ranked requests should share the next step, priced by the step-cost model:
-the inlaid policy's batch shaping, whose adapter terms are its task grouping (docs/algorithms.md
+the srtf-cost policy's batch shaping, whose adapter terms are its task grouping (docs/algorithms.md
 7.2 and item 18 of section 11).
 
 A step costs `a + b*tokens + c*distinct_adapters + d*kv_tokens (+ e*loads)` seconds. Take

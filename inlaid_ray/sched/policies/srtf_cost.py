@@ -81,7 +81,7 @@ class SrtfCostConfig:
     # or nobody ("off": closed system, ablation)
     queue_term: Literal["running", "all", "off"] = "running"
     starvation_rule: Literal["isolated", "median"] = "isolated"  # how the aging bound is set (module docstring)
-    starvation_isolated_multiple: float = 8.0  # "isolated": bound = this x the request's isolated latency
+    starvation_isolated_multiple: float = 2.0  # "isolated": bound = this x the request's isolated latency (sim_aging_tuning.py)
     starvation_min_s: float = 1.0  # "isolated": the bound is at least this
     starvation_s: float = 30.0  # "median": bound while no request has finished (or multiple = 0)
     starvation_latency_multiple: float = 10.0  # "median": bound = this x median e2e latency; 0 = fixed bound
