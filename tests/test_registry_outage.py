@@ -54,6 +54,11 @@ def test_serving_state_outlives_a_killed_registry(tmp_path):
         _kill(client.server_pid)
         clock.now += 60.0  # far past the key's cache time: a lookup is due and fails
         assert asyncio.run(auth.authenticate("Bearer acme-key")).tenant == "acme"  # last known principal
+        lookups = []
+        lookup = registry.principal_for_key
+        registry.principal_for_key = lambda key: lookups.append(key) or lookup(key)  # counts the registry calls
+        clock.now += 1.0  # within cache_s of the failed lookup: answered without asking the registry again
+        assert asyncio.run(auth.authenticate("Bearer acme-key")).tenant == "acme" and lookups == []
         with pytest.raises(OpenAIHTTPError) as unknown:
             asyncio.run(auth.authenticate("Bearer never-seen"))
         assert unknown.value.status == 503 and unknown.value.body()["error"]["code"] == "registry_unavailable"

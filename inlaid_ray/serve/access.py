@@ -4,7 +4,9 @@ API keys map to tenants through the registry (stored hashed); a successful looku
 for `cache_s` seconds (so revoking a key takes effect within that time), failures are never
 cached (a key created a moment ago works at once). While the registry is unreachable, a key
 seen before keeps its last known principal (serving goes on; a revocation waits for the
-registry), and an unknown key gets a 503 `registry_unavailable` (it cannot be checked). Task lookups read the registry watcher's
+registry), and an unknown key gets a 503 `registry_unavailable` (it cannot be checked). A failed
+lookup costs seconds (the Redis client's retries), so after one the registry is not asked again
+for `cache_s`: requests meanwhile answer from the cache at once. Task lookups read the registry watcher's
 local cache, never Redis. Tenancy: a tenant sees and uses only its own live tasks; an admin
 uses every task. Another tenant's task, and a task that is not live, answer 404 exactly like a
 missing one (a 403 would confirm that the name exists).
@@ -43,16 +45,21 @@ class Authenticator:
     def __init__(self, registry: TaskRegistry, cache_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry, self.cache_s, self.clock = registry, cache_s, clock
         self._cache: dict[str, tuple[Caller, float]] = {}  # sha256(key) -> (caller, expiry)
+        self._unreachable_until = float("-inf")  # after a failed lookup, skip the registry until then
 
     async def authenticate(self, authorization: str | None) -> Caller:
         key = _bearer(authorization)
         digest = hash_api_key(key)
         hit = self._cache.get(digest)
-        if hit is not None and hit[1] > self.clock():
+        now = self.clock()
+        if hit is not None and (hit[1] > now or now < self._unreachable_until):
             return hit[0]
+        if now < self._unreachable_until:
+            raise registry_unavailable()
         try:
             principal = await asyncio.to_thread(self.registry.principal_for_key, key)
         except REGISTRY_ERRORS as exc:
+            self._unreachable_until = self.clock() + self.cache_s
             if hit is not None:  # last known state: keep serving this key
                 log.warning("registry unreachable (%s); using the last known principal of a key", type(exc).__name__)
                 return hit[0]
