@@ -146,3 +146,11 @@ def test_only_the_cli_imports_the_demo():
     offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports_of(p) if n.startswith("inlaid_ray.demo"))
                  for p in package.rglob("*.py") if p not in allowed and (package / "demo") not in p.parents}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_every_package_is_installed():
+    """A non-editable install (the demo command's) ships exactly the packages pyproject lists:
+    every folder of inlaid_ray/ with an __init__.py must be there."""
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "inlaid_ray").rglob("__init__.py")}
+    assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"
