@@ -164,3 +164,53 @@ def test_new_member_and_new_version_load_on_acquire():
             assert bank.names == []
 
     asyncio.run(main())
+
+
+def test_a_cancelled_load_does_not_leak_its_slot():
+    """The caller of a load goes away while the engine applies it: the landed adapter, owned by no
+    cluster, is evicted, and a later cluster gets both slots."""
+    async def main():
+        async with _setup(slots=2) as (bank, loader, res, on_unload):
+            load = asyncio.ensure_future(res.load(_spec("A", "t1"), on_unload))
+            for _ in range(200):  # until its LoadAdapter is queued in the engine
+                await asyncio.sleep(0)
+                if load.done() or loader.loaded:
+                    break
+            load.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await load
+            await res.load(_spec("B", "t2", "t3"), on_unload)
+            await res.settled()
+            assert sorted(bank.names) == ["t2", "t3"]
+
+    asyncio.run(main())
+
+
+def test_an_eviction_refused_while_a_request_finishes_still_frees_the_slot_for_a_waiting_load():
+    """The lease is released before the engine has applied the request's abort: the eviction is
+    refused (AdapterInUse) and retried, and the load waiting for that slot waits for it instead
+    of failing with NoFreeSlot."""
+    from inlaid_ray.engine import SamplingParams
+
+    async def main():
+        async with _setup(slots=1) as (bank, loader, res, on_unload):
+            engine = res._host
+            token = await res.load(_spec("A", "t1"), on_unload)
+            lease = await res.acquire(token, AdapterEntry("t1", "/x/t1", 1))
+            stream = engine.generate([1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True), task="t1")
+            await stream.__anext__()
+            res.evict("A", token.generation)
+            load_b = asyncio.ensure_future(res.load(_spec("B", "t2"), on_unload))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            lease.release()  # the request's abort reaches the engine only later
+
+            async def abort_later():
+                await asyncio.sleep(0.02)
+                await stream.aclose()
+
+            await asyncio.gather(load_b, abort_later())
+            await res.settled()
+            assert bank.names == ["t2"]
+
+    asyncio.run(main())

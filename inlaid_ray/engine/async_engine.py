@@ -211,7 +211,13 @@ class AsyncLLMEngine:
                     results.append((False, exc))
             return results, self.engine.stats()
 
-        results, self._stats = await asyncio.get_running_loop().run_in_executor(self._executor, apply)
+        try:
+            results, self._stats = await asyncio.get_running_loop().run_in_executor(self._executor, apply)
+        except BaseException as exc:  # the loop is going away (cancelled): no submitter may wait forever
+            for _, future in commands:
+                if not future.done():
+                    future.set_exception(EngineShutdown(f"the engine loop stopped before this command finished: {exc!r}"))
+            raise
         for (_, future), (ok, value) in zip(commands, results):
             if future.done():  # the submitter stopped waiting
                 continue

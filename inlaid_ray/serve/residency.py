@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inlaid_ray.engine.adapters import AdapterHost, AdapterInUse, EvictAdapter, LoadAdapter, LoadCluster
+from inlaid_ray.engine.async_engine import EngineShutdown
 from inlaid_ray.errors import NoFreeSlot, TaskNotFound
 from inlaid_ray.lora.bank import BankView
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ClusterSpec
@@ -253,18 +254,33 @@ class ClusterResidency:
         in_bank = {name for cl in clusters for name in cl.members}
         raw = [e for e in todo if e.task not in in_bank]
         # A compressed resident (or one being evicted) replaced by raw needs a raw slot too.
-        view = self.view
-        new_slots = sum(1 for e in raw if e.task not in view.raw or e.task in self._evicting)
-        await self._wait_for_capacity(new_slots, len(clusters), cid)
-        submit = self._host.submit_adapter_command
-        for cl in clusters:
-            await submit(LoadCluster(cl, f"{cid}/{cl.cluster_id}"))  # members resident elsewhere are replaced
+        await self._wait_for_capacity(lambda: sum(1 for e in raw if e.task not in self.view.raw or e.task in self._evicting),
+                                      len(clusters), cid)
+        for cl in clusters:  # members resident elsewhere are replaced
+            await self._apply_load(LoadCluster(cl, f"{cid}/{cl.cluster_id}"), list(cl.members))
             for entry in (e for e in candidates if e.task in cl.members):
                 self._own(cid, entry, bank_uri)
         for entry in raw:
             adapter = await self._load_adapter(entry)
-            await submit(LoadAdapter(adapter))  # same name: replaced in place; else a free slot
+            await self._apply_load(LoadAdapter(adapter), [entry.task])  # same name: in place; else a free slot
             self._own(cid, entry, "")
+
+    async def _apply_load(self, command: Any, names: list[str]) -> None:
+        """Submit a load and wait for it; if the caller is cancelled meanwhile, the engine still
+        applies it, so adapters that then belong to no cluster are evicted as soon as it lands."""
+        future = self._host.submit_adapter_command(command)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda f: self._landed_unowned(f, names))
+            raise
+
+    def _landed_unowned(self, future: asyncio.Future[Any], names: list[str]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        for name in names:
+            if name not in self._adapters and name not in self._evicting:
+                self._submit_eviction(name)
 
     def _own(self, cid: str, entry: AdapterEntry, bank_uri: str) -> None:
         state = self._adapters.setdefault(entry.task, _AdapterState(entry))
@@ -307,14 +323,16 @@ class ClusterResidency:
 
         return sum(1 for members in self.view.clusters.values() if not any(owned(n) for n in members))
 
-    async def _wait_for_capacity(self, needed: int, clusters: int, cid: str) -> None:
-        """Wait until `needed` raw slots and `clusters` compressed cluster slots are free."""
+    async def _wait_for_capacity(self, slots_needed: Callable[[], int], clusters: int, cid: str) -> None:
+        """Wait until `slots_needed()` raw slots (recounted as evictions land) and `clusters`
+        compressed cluster slots are free."""
         view = self.view
+        needed = slots_needed()
         if needed > view.max_slots:
             raise NoFreeSlot(f"cluster {cid!r} needs {needed} adapter slots but the bank has "
                              f"{view.max_slots}; raise max_adapters_per_replica")
         deadline = time.monotonic() + self.drain_timeout_s
-        while (view := self.view).free_slots < needed or view.free_clusters < clusters:
+        while (view := self.view).free_slots < (needed := slots_needed()) or view.free_clusters < clusters:
             draining = [t for t, s in self._adapters.items() if not s.owners] + list(self._evicting)
             remaining = deadline - time.monotonic()
             if not draining or remaining <= 0:
@@ -355,19 +373,29 @@ class ClusterResidency:
         future.add_done_callback(lambda f: self._evicted(task, f))
 
     def _evicted(self, task: str, future: asyncio.Future[Any]) -> None:
+        exc = future.exception() if not future.cancelled() else None
+        # A request of the engine still held it (its abort was not applied yet), or the engine it
+        # was sent to shut down in a base swap: try again after a step, on the current engine. It
+        # stays in `_evicting` meanwhile, so loads keep counting it as draining.
+        if isinstance(exc, (AdapterInUse, EngineShutdown)) and task not in self._adapters:
+            loop = asyncio.get_running_loop()
+            placeholder: asyncio.Future[Any] = loop.create_future()
+            self._evicting[task] = placeholder
+            loop.call_later(_EVICT_RETRY_S, self._retry_eviction, task, placeholder)
+            return
         if self._evicting.get(task) is future:
             del self._evicting[task]
-        exc = future.exception() if not future.cancelled() else None
-        if isinstance(exc, AdapterInUse) and task not in self._adapters:
-            # A request of the engine still held it (its abort was not applied yet): try after a step.
-            asyncio.get_running_loop().call_later(_EVICT_RETRY_S, self._retry_eviction, task)
-        elif exc is not None and not isinstance(exc, TaskNotFound):  # TaskNotFound: a failed load never reached it
+        if exc is not None and not isinstance(exc, TaskNotFound):  # TaskNotFound: a failed load never reached it
             log.warning("eviction of adapter %r failed: %s", task, exc)
         self._freed.set()
 
-    def _retry_eviction(self, task: str) -> None:
-        if task not in self._adapters and task not in self._evicting:  # not wanted again meanwhile
-            self._submit_eviction(task)
+    def _retry_eviction(self, task: str, placeholder: asyncio.Future[Any]) -> None:
+        if self._evicting.get(task) is placeholder:
+            del self._evicting[task]
+            if task not in self._adapters:  # not wanted again meanwhile
+                self._submit_eviction(task)
+        placeholder.set_result(None)
+        self._freed.set()
 
 
 # ---- base versions ---------------------------------------------------------------------------

@@ -162,11 +162,16 @@ class ChoiceStreams:
         self._stream = stream
         self._queues: list[asyncio.Queue[Any]] = [asyncio.Queue() for _ in range(num_choices)]
         self._open = set(range(num_choices))
+        self._unseen = set(range(num_choices))  # choices whose first chunk has not arrived yet
+        self._replica = first.get("replica")  # only the stream's first chunk names it: every choice's tracker needs it
         self._route(first)
         self._task = asyncio.get_running_loop().create_task(self._pump()) if self._open else None
 
     def _route(self, chunk: dict[str, Any]) -> None:
         index = int(chunk.get("index", 0))
+        if index in self._unseen:
+            self._unseen.discard(index)
+            chunk = {"replica": self._replica, **chunk}
         self._queues[index].put_nowait(chunk)
         if chunk.get("finish_reason"):
             self._open.discard(index)

@@ -444,14 +444,11 @@ class Router:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _sse(self, choices: list[Choice], streams: ChoiceStreams):
-        finished = False
         try:
             async for event in sse_events(choices):
                 yield event
-            finished = True
-        finally:
-            if not finished:  # the client went away: stop the generation on the replica
-                streams.cancel()
+        finally:  # the client went away, or a choice failed: stop whatever still generates (no-op when done)
+            streams.cancel()
 
     async def _context(self, kind: Literal["completion", "chat"], req: Any, task: TaskRecord | None,
                        prepared: PreparedPrompt) -> ResponseContext:
