@@ -291,7 +291,7 @@ class LLMEngine:
             self.add(req)
         texts: dict[str, list[str]] = {r.request_id: [] for r in reqs}
         logprobs: dict[str, list[TokenLogprob]] = {r.request_id: [] for r in reqs}
-        done: dict[str, RequestOutput] = {}
+        done: set[str] = set()
         while len(done) < n:
             outputs = self.step()
             if not outputs:
@@ -301,26 +301,10 @@ class LLMEngine:
                     texts[out.request_id].append(out.text)
                     logprobs[out.request_id].extend(out.logprobs)
                     if out.finished:
-                        done[out.request_id] = out
-        results = []
-        for req in reqs:
-            last = done[req.request_id]
-            results.append(
-                RequestOutput(
-                    request_id=req.request_id,
-                    text="".join(texts[req.request_id]),
-                    token_ids=tuple(req.output_token_ids),
-                    finished=True,
-                    finish_reason=last.finish_reason,
-                    num_prompt_tokens=last.num_prompt_tokens,
-                    num_completion_tokens=last.num_completion_tokens,
-                    task=req.task,
-                    arrival_time=req.arrival_time,
-                    first_scheduled_time=req.first_scheduled_time,
-                    logprobs=tuple(logprobs[req.request_id]),
-                )
-            )
-        return results
+                        done.add(out.request_id)
+        # Each request is finished: its whole completion as one output (the stop token is not in the text).
+        return [self._output(req, "".join(texts[req.request_id]), tuple(req.output_token_ids),
+                             tuple(logprobs[req.request_id])) for req in reqs]
 
     def stats(self) -> EngineStats:
         seqs, tokens, adapters = self._last_step
