@@ -142,3 +142,19 @@ def test_demo_calibration_files_render_with_smollm2_template(smollm2_dir):
     for seq, rec in zip(seqs, records):
         # chat template: prompt (incl. assistant header) + completion + <|im_end|> + trailing newline
         assert len(seq) == rec["prompt_tokens"] + rec["completion_tokens"] + 2
+
+
+def test_packed_windows_keep_the_tokens_and_cut_sequence_starts(tokenizer, tmp_path):
+    """pack_tokens=N: the same sampled tokens in the same order, in windows of N (last shorter)."""
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"record {i} " + "word " * (i % 7 + 3)}) for i in range(40)))
+    plain = build_calibration_sets({"t": path}, tokenizer, CalibrationConfig(tokens_per_task=300))["t"]
+    packed = build_calibration_sets({"t": path}, tokenizer, CalibrationConfig(tokens_per_task=300, pack_tokens=64))["t"]
+    flat = [t for s in plain.sequences for t in s]
+    assert [t for s in packed.sequences for t in s] == flat and packed.num_tokens == 300
+    assert [len(s) for s in packed.sequences] == [64] * 4 + [300 - 256]
+    assert plain.num_sequences > packed.num_sequences
+    assert CalibrationConfig(pack_tokens=64).to_dict()["pack_tokens"] == 64
+    assert "pack_tokens" not in CalibrationConfig().to_dict()  # stores written before the option still match
+    with pytest.raises(ValueError, match="pack_tokens"):
+        CalibrationConfig(pack_tokens=0)

@@ -64,9 +64,10 @@ def _our_hessians(model, task, cfg=CFG):
     return out
 
 
-def _peft_hessians(base, task, with_adapter=True):
+def _peft_hessians(base, task, with_adapter=True, sink_weight=1.0, sink_tokens=1):
     """Reference: 2/N sum x x^T (fp64) of the inputs of each group's first base Linear in transformers
-    (+ PeftModel with the task's adapter), one unpadded sequence at a time."""
+    (+ PeftModel with the task's adapter), one unpadded sequence at a time; with `sink_weight`,
+    each sequence's first `sink_tokens` tokens weigh that much (2 sum w x x^T / sum w)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -87,13 +88,16 @@ def _peft_hessians(base, task, with_adapter=True):
 
         def hook(_m, args, key=key):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[key] = sums.get(key, 0) + 2 * x.t() @ x
+            w = torch.ones(x.shape[0], dtype=torch.float64)
+            w[:sink_tokens] = sink_weight
+            sums[key] = sums.get(key, 0) + 2 * (x * w[:, None]).t() @ x
 
         handles.append(mod.register_forward_pre_hook(hook))
     with torch.no_grad():
         for seq in task.calibration.sequences:
             model(torch.tensor([seq]))
-            n += len(seq)
+            k = min(sink_tokens, len(seq))
+            n += len(seq) - k + k * sink_weight
     for h in handles:
         h.remove()
     return {k: v / n for k, v in sums.items()}
@@ -108,6 +112,19 @@ def test_task_hessians_equal_transformers_peft_forward(setup):
         assert set(ref) == {(l, g) for l in ours for g in ours[l]}
         for (layer, group), h in ref.items():
             torch.testing.assert_close(ours[layer][group].double(), h, rtol=2e-5, atol=2e-5 * float(h.abs().max()))
+
+
+@pytest.mark.parametrize("sink_tokens", [1, 3])
+def test_sink_weight_weighs_each_sequences_first_tokens(setup, sink_tokens):
+    """sink_weight=w: every calibration sequence's first `sink_tokens` tokens count w times in each
+    Hessian, against the weighted transformers + peft reference (chunks hold several sequences)."""
+    root, base, sources = setup
+    model, tasks = _tasks(base, sources)
+    task = tasks[1]
+    ours = _our_hessians(model, task, dataclasses.replace(CFG, sink_weight=0.125, sink_tokens=sink_tokens))
+    for (layer, group), h in _peft_hessians(base, task, sink_weight=0.125, sink_tokens=sink_tokens).items():
+        torch.testing.assert_close(ours[layer][group].double(), h, rtol=2e-5, atol=2e-5 * float(h.abs().max()))
+    assert not torch.allclose(ours[0]["attn_in"], _our_hessians(model, task)[0]["attn_in"], rtol=1e-3)
 
 
 def test_no_target_ablation_uses_the_base_forward(setup):

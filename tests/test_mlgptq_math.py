@@ -3,6 +3,7 @@ its properties, and GPTQ on a non-PSD max-aggregate (damping escalation, then ei
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -96,6 +97,25 @@ def test_eigen_clipping_is_the_last_resort() -> None:
     r = gptq_quantize(W, H, grid)
     assert r.eig_clipped and r.damp_used == grid.damp_percent
     assert torch.isfinite(r.Q).all()
+
+
+def test_shift_repair_is_gptq_on_the_shifted_hessian() -> None:
+    """psd_repair="shift": H + (floor - min eigenvalue) I, then standard damping; i.e. the same
+    result as GPTQ run directly on that PSD matrix (float64 eigenvalue as the reference)."""
+    H = _spec_example()
+    W = torch.tensor([[0.3, -0.7, 0.2], [1.0, 0.1, -0.4]])
+    grid = QuantGrid(bits=4, group_size=-1, damp_max=0.05, psd_repair="shift")
+    r = gptq_quantize(W, H, grid)
+    assert r.eig_clipped and r.damp_used == grid.damp_percent
+    shifted = H.clone()
+    shifted.diagonal().add_(-float(torch.linalg.eigvalsh(H.double()).min()) + float(H.diagonal().mean()) * 1e-6)
+    direct = gptq_quantize(W, shifted, grid)
+    assert not direct.eig_clipped
+    torch.testing.assert_close(r.Q, direct.Q)
+    clipped = gptq_quantize(W, H, dataclasses.replace(grid, psd_repair="clip"))
+    assert clipped.eig_clipped
+    with pytest.raises(ValueError, match="psd_repair"):
+        QuantGrid(psd_repair="abs")
 
 
 def test_max_aggregate_gptq_bounds_per_task_error() -> None:

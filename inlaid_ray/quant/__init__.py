@@ -15,8 +15,10 @@ from inlaid_ray.quant.gptq_linear import GPTQLinear, gptq_linear_factory, select
 from inlaid_ray.quant.hessian import (
     HessianAccumulator,
     channel_max_aggregate_hessians,
+    eigenbasis_max_aggregate_hessians,
     max_aggregate_hessians,
     mix_aggregate_hessians,
+    normalized_max_aggregate_hessians,
 )
 from inlaid_ray.quant.quantizer import SUPPORTED_BITS, QuantGrid, quantize, quantize_codes
 
@@ -34,6 +36,8 @@ __all__ = [
     "inverse_hessian_factor",
     "load_gptq_checkpoint",
     "channel_max_aggregate_hessians",
+    "eigenbasis_max_aggregate_hessians",
+    "normalized_max_aggregate_hessians",
     "max_aggregate_hessians",
     "mix_aggregate_hessians",
     "pack_gptq_result",

@@ -42,6 +42,10 @@ class CalibrationConfig:
     max_seq_len: int = 512  # each sequence is cut to this many tokens
     max_sequences: int | None = None  # at most this many sequences per task (None = no limit)
     seed: int = 0  # shuffle seed (combined with the task name)
+    # Concatenate the chosen sequences into windows of this many tokens, as standard GPTQ
+    # calibrates on long windows: only each window's first token is an attention sink at
+    # position 0 (5.4 item 6). None = one sequence per record.
+    pack_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.tokens_per_task is not None and self.tokens_per_task < 1:
@@ -50,10 +54,13 @@ class CalibrationConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} must be >= 1")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise ValueError(f"max_sequences={self.max_sequences} must be >= 1 (or None)")
+        if self.pack_tokens is not None and self.pack_tokens < 1:
+            raise ValueError(f"pack_tokens={self.pack_tokens} must be >= 1 (or None)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens_per_task": self.tokens_per_task, "max_seq_len": self.max_seq_len,
-                "max_sequences": self.max_sequences, "seed": self.seed}
+                "max_sequences": self.max_sequences, "seed": self.seed,
+                **({"pack_tokens": self.pack_tokens} if self.pack_tokens is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -178,7 +185,16 @@ def sample_calibration(
             seq = seq[: budget - total]  # the last sequence fills the budget exactly
         chosen.append(seq)
         total += len(seq)
+    if config.pack_tokens is not None:
+        chosen = pack_windows(chosen, config.pack_tokens)
     return CalibrationSet(task, tuple(chosen), source)
+
+
+def pack_windows(sequences: Sequence[Sequence[int]], window: int) -> list[tuple[int, ...]]:
+    """The sequences concatenated in order and cut into windows of `window` tokens (the last may
+    be shorter): the same tokens, fewer sequence starts."""
+    flat = [t for seq in sequences for t in seq]
+    return [tuple(flat[i : i + window]) for i in range(0, len(flat), window)]
 
 
 def resolve_budget(available: Mapping[str, int], config: CalibrationConfig) -> int:

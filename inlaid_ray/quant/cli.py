@@ -49,6 +49,11 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--static-groups", action="store_true", help="group scales fixed before error feedback")
     p.add_argument("--asym", action="store_true", help="asymmetric grid (v1 cannot store a zero point of 0)")
     p.add_argument("--damp", type=float, default=0.01, help="damping as a fraction of mean(diag(H))")
+    p.add_argument("--psd-repair", default="clip", choices=["clip", "shift"],
+                   help="an H still indefinite after damping: clip negative eigenvalues, or shift by the smallest")
+    p.add_argument("--sink-weight", type=float, default=1.0,
+                   help="weight of each calibration sequence's first (attention-sink) token in the Hessians")
+    p.add_argument("--pack-tokens", type=int, help="concatenate calibration sequences into windows of this many tokens")
     p.add_argument("--activation-source", default="fp16", choices=["fp16", "quantized"],
                    help="fp16: Hessians from the unquantized base (exact incremental); quantized: GPTQ-sequential")
     p.add_argument("--no-true-sequential", action="store_true", help="with --activation-source quantized: one step per block")
@@ -81,11 +86,13 @@ def run_quantize(args: argparse.Namespace, settings: Settings) -> int:
         raise SystemExit(f"--add-task needs an existing statistics store in --stats-dir (got {args.stats_dir!r})")
     grid = QuantGrid(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act,
                      static_groups=args.static_groups, damp_percent=args.damp,
-                     true_sequential=not args.no_true_sequential)
+                     true_sequential=not args.no_true_sequential, psd_repair=args.psd_repair)
     cfg = MLGPTQConfig(method=args.method, grid=grid, activation_source=args.activation_source,
                        calibrate_with_adapter=not args.no_adapter_calibration, batch_tokens=args.batch_tokens,
-                       device=str(resolve_device(args.device)), dtype=parse_dtype(args.dtype))
-    calib = CalibrationConfig(tokens_per_task=args.tokens_per_task, max_seq_len=args.max_seq_len, seed=args.seed)
+                       device=str(resolve_device(args.device)), dtype=parse_dtype(args.dtype),
+                       sink_weight=args.sink_weight)
+    calib = CalibrationConfig(tokens_per_task=args.tokens_per_task, max_seq_len=args.max_seq_len, seed=args.seed,
+                              pack_tokens=args.pack_tokens)
     sources = [TaskSource.parse(s) for s in [*args.task, *args.add_task]]
     report = quantize_base(base_dir_from_args(args, settings), sources, args.out, cfg, calib, args.stats_dir, args.overwrite)
     res = report["resources"]["total"]

@@ -31,7 +31,7 @@ class GPTQResult:
     bits: int
     loss: float | None  # GPTQ's sum of (w - q)^2 / (2 Hinv_cc^2); None for RTN
     damp_used: float  # damp_percent finally used (>= grid.damp_percent after escalation)
-    eig_clipped: bool = False  # H needed negative-eigenvalue clipping (non-PSD aggregate)
+    eig_clipped: bool = False  # H needed the PSD repair (non-PSD aggregate; grid.psd_repair)
 
 
 def _check_inputs(W: torch.Tensor, H: torch.Tensor | None, grid: QuantGrid) -> int:
@@ -79,11 +79,16 @@ def inverse_hessian_factor(H: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tens
         if percdamp >= grid.damp_max:
             break
         percdamp = min(percdamp * 2.0, grid.damp_max)
-    # Last resort: project H onto the PSD cone (eigh is O(d^3) like Cholesky; runs rarely).
+    # Last resort (eigh is O(d^3) like Cholesky; runs rarely): "clip" projects H onto the PSD
+    # cone; "shift" adds (-min eigenvalue + floor) * I.
     evals, evecs = torch.linalg.eigh(H)
     floor = max(float(torch.diag(H).mean()), 1e-12) * 1e-6
-    Hpsd = (evecs * evals.clamp_min(floor)) @ evecs.t()
-    Hpsd = (Hpsd + Hpsd.t()) / 2  # [d_in, d_in], re-symmetrise rounding noise
+    if grid.psd_repair == "shift":
+        Hpsd = H.clone()
+        Hpsd.diagonal().add_(max(0.0, -float(evals.min())) + floor)
+    else:
+        Hpsd = (evecs * evals.clamp_min(floor)) @ evecs.t()
+        Hpsd = (Hpsd + Hpsd.t()) / 2  # [d_in, d_in], re-symmetrise rounding noise
     U = _try_inverse_factor(Hpsd, grid.damp_percent)
     if U is None:
         raise ValueError(
@@ -91,8 +96,9 @@ def inverse_hessian_factor(H: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tens
             f"and eigenvalue clipping (min eigenvalue {float(evals.min()):.3g})"
         )
     log.warning(
-        "H not positive definite up to damp_percent=%g: eigenvalues clipped (min was %.3g)",
+        "H not positive definite up to damp_percent=%g: PSD repair %r (min eigenvalue was %.3g)",
         grid.damp_max,
+        grid.psd_repair,
         float(evals.min()),
     )
     return U, grid.damp_percent, True

@@ -79,6 +79,7 @@ class QuantizeConfig:
                 "quantizer": [f"inlaid-ray:{__version__}"],
                 "blocksize": g.blocksize,
                 "damp_max": g.damp_max,
+                "psd_repair": g.psd_repair,
                 **self.meta,
             },
         }
@@ -103,13 +104,13 @@ class QuantizeConfig:
             "static_groups": d.get("static_groups", False),
             "damp_percent": d.get("damp_percent", 0.01),
             "true_sequential": d.get("true_sequential", True),
-            **{k: meta[k] for k in ("blocksize", "damp_max") if k in meta and k in known},
+            **{k: meta[k] for k in ("blocksize", "damp_max", "psd_repair") if k in meta and k in known},
         }
         try:
             grid = QuantGrid(**grid_args)
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"{source}: invalid GPTQ settings {grid_args}: {exc}") from exc
-        for k in ("quantizer", "blocksize", "damp_max"):
+        for k in ("quantizer", "blocksize", "damp_max", "psd_repair"):
             meta.pop(k, None)
         return cls(
             grid=grid,

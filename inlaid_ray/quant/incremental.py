@@ -107,6 +107,7 @@ def hessian_settings(cfg: MLGPTQConfig, calib_cfg: CalibrationConfig, budget: in
     """Everything a stored Hessian depends on besides the base, the adapter and the tokens."""
     return {"calibration": {**calib_cfg.to_dict(), "budget": budget},
             "calibrate_with_adapter": cfg.calibrate_with_adapter, "batch_tokens": cfg.batch_tokens,
+            **({"sink_weight": cfg.sink_weight, "sink_tokens": cfg.sink_tokens} if cfg.sink_weight != 1.0 else {}),
             "block_size": cfg.block_size, "dtype": str(cfg.dtype).removeprefix("torch."),
             "device_type": torch.device(cfg.device).type}
 
@@ -152,15 +153,16 @@ def _hessians_source(store: StatsStore, method: str, tasks: Sequence[str]) -> Ca
     return per_layer
 
 
-def _meta(cfg: MLGPTQConfig, calib: dict[str, Any] | None, records: Sequence[TaskRecord],
-          info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def checkpoint_meta(cfg: MLGPTQConfig, calib: dict[str, Any] | None, records: Sequence[TaskRecord],
+                    info: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """MLGPTQ provenance for quantize_config.json["meta"] (deterministic: no paths, no times)."""
     return {
         "method": cfg.method,
         "mlgptq_version": MLGPTQ_META_VERSION,
         "task_ids": [r.name for r in records],
         "aggregation": cfg.aggregation,
-        "normalization": "per-task mean of 2 x x^T over real (non-pad) tokens",
+        "normalization": "per-task mean of 2 x x^T over real (non-pad) tokens"
+                         + (f", first {cfg.sink_tokens} of each sequence weighted {cfg.sink_weight}" if cfg.sink_weight != 1.0 else ""),
         "activation_source": cfg.activation_source,
         "calibrate_with_adapter": cfg.calibrate_with_adapter,
         "tasks": [{"name": r.name, "adapter_sha256": r.adapter_hash, "calibration_sha256": r.calibration_hash,
@@ -171,8 +173,9 @@ def _meta(cfg: MLGPTQConfig, calib: dict[str, Any] | None, records: Sequence[Tas
     }
 
 
-def _save(out: Path, base_dir: Path, model: Transformer, packed: PackedLayers, cfg: MLGPTQConfig,
-          meta: dict[str, Any], overwrite: bool) -> Path:
+def save_checkpoint(out: Path, base_dir: Path, model: Transformer, packed: PackedLayers, cfg: MLGPTQConfig,
+                    meta: dict[str, Any], overwrite: bool) -> Path:
+    """Write `packed` layers plus the model's unquantized tensors as a GPTQ v1 checkpoint of `base_dir`."""
     hf_config = json.loads((base_dir / "config.json").read_text())
     hf_config.pop("quantization_config", None)
     qc = QuantizeConfig(cfg.grid, model_name_or_path=base_dir.name)
@@ -210,8 +213,8 @@ def quantize_base(
         with meter.phase("aggregate_quantize"):
             packed, info = quantize_from_hessians(model, None, cfg.grid, progress, threads=cfg.gptq_threads)
         with meter.phase("save"):
-            report["out_dirs"]["shared"] = str(_save(out_dir, base_dir, model, packed, cfg,
-                                                     _meta(cfg, None, [], info), overwrite))
+            meta = checkpoint_meta(cfg, None, [], info)
+            report["out_dirs"]["shared"] = str(save_checkpoint(out_dir, base_dir, model, packed, cfg, meta, overwrite))
         report.update(tasks=[], layers=info, resources=meter.summary())
         return report
     if cfg.activation_source == "quantized":
@@ -248,8 +251,8 @@ def quantize_base(
             out = out_dir / key if cfg.method == "gptq-per-task" else out_dir
             with meter.phase("save"):
                 recs = [r for r in records if r.name in names]
-                report["out_dirs"][key] = str(_save(out, base_dir, model, packed, cfg, _meta(cfg, calib, recs, info),
-                                                    overwrite))
+                meta = checkpoint_meta(cfg, calib, recs, info)
+                report["out_dirs"][key] = str(save_checkpoint(out, base_dir, model, packed, cfg, meta, overwrite))
             report["layers"][key] = info
     report.update(tasks=served, budget=budget, resources=meter.summary())
     return report
@@ -272,8 +275,8 @@ def _quantize_sequential(base_dir: Path, model: Transformer, tokenizer: Any, sou
         out = out_dir / key if cfg.method == "gptq-per-task" else out_dir
         records = sorted((_record(t, calib_cfg.seed) for t in group), key=lambda r: r.name)
         with meter.phase("save"):
-            report["out_dirs"][key] = str(_save(out, base_dir, model, packed, cfg, _meta(cfg, calib, records, info),
-                                                overwrite))
+            meta = checkpoint_meta(cfg, calib, records, info)
+            report["out_dirs"][key] = str(save_checkpoint(out, base_dir, model, packed, cfg, meta, overwrite))
         report["layers"][key] = info
         model = None
     report.update(tasks=sorted(t.name for t in tasks), computed_tasks=sorted(t.name for t in tasks), budget=budget,

@@ -44,15 +44,19 @@ from inlaid_ray.quant.gptq_format import pack_gptq_result
 from inlaid_ray.quant.hessian import (
     HessianAccumulator,
     channel_max_aggregate_hessians,
+    eigenbasis_max_aggregate_hessians,
     max_aggregate_hessians,
     mix_aggregate_hessians,
+    normalized_max_aggregate_hessians,
 )
 from inlaid_ray.quant.quantizer import QuantGrid
 
 log = logging.getLogger(__name__)
 
-Method = Literal["rtn", "gptq-mixed", "gptq-per-task", "mlgptq", "mlgptq-channel"]
-METHODS: tuple[str, ...] = ("rtn", "gptq-mixed", "gptq-per-task", "mlgptq", "mlgptq-channel")
+Method = Literal["rtn", "gptq-mixed", "gptq-per-task", "mlgptq", "mlgptq-channel", "mlgptq-eigenbasis",
+                 "mlgptq-normalized"]
+METHODS: tuple[str, ...] = ("rtn", "gptq-mixed", "gptq-per-task", "mlgptq", "mlgptq-channel", "mlgptq-eigenbasis",
+                            "mlgptq-normalized")
 GROUPS: dict[str, tuple[str, ...]] = {
     "attn_in": ("q_proj", "k_proj", "v_proj"),
     "attn_out": ("o_proj",),
@@ -76,6 +80,10 @@ class MLGPTQConfig:
     calibrate_with_adapter: bool = True  # False = the MLGPTQ_no_target ablation (5.2)
     batch_tokens: int = 2048  # tokens per calibration forward chunk (whole sequences)
     block_size: int = 16  # KV block size of the calibration forward
+    # Weight in H of each calibration sequence's first `sink_tokens` tokens: the attention sink and,
+    # with more, a prefix every task shares such as a system prompt (docs/algorithms.md 5.4 item 6).
+    sink_weight: float = 1.0
+    sink_tokens: int = 1
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # dtype of the calibration forward and of the master weights
     gptq_threads: int | None = 1  # torch CPU threads in GPTQ's column loop (see gptq_threads); None = as is
@@ -87,10 +95,14 @@ class MLGPTQConfig:
             raise ValueError(f"activation_source={self.activation_source!r}; expected 'fp16' or 'quantized'")
         if self.batch_tokens < 1 or self.block_size < 1:
             raise ValueError(f"batch_tokens={self.batch_tokens} and block_size={self.block_size} must be >= 1")
+        if not self.sink_weight >= 0 or self.sink_tokens < 1:
+            raise ValueError(f"sink_weight={self.sink_weight} must be >= 0 and sink_tokens={self.sink_tokens} >= 1")
 
     @property
     def aggregation(self) -> str:
         return {"mlgptq": "max", "mlgptq-channel": "channel max (max diagonal, pooled correlations)",
+                "mlgptq-eigenbasis": "max energy per eigendirection of the pooled Hessian",
+                "mlgptq-normalized": "max of Hessians normalised by their mean diagonal",
                 "gptq-mixed": "token-weighted mean", "gptq-per-task": "none", "rtn": "none"}[
             self.method
         ]
@@ -149,9 +161,18 @@ def make_adapter_bank(model: Transformer, tasks: Sequence[CalibrationTask]) -> t
 class _Chunk:
     """Whole sequences run together: their metadata (built once, reused by every layer) and x."""
 
-    def __init__(self, model: Transformer, lens: list[int], ids: list[int], slot: int, block_size: int) -> None:
+    def __init__(self, model: Transformer, lens: list[int], ids: list[int], slot: int, block_size: int,
+                 sink_weight: float, sink_tokens: int) -> None:
         device = model.device
         self.batch = build_prefill_batch(lens, block_size, [slot] * len(lens) if slot >= 0 else None, device)
+        self.token_weights = None  # [T] weight of each token in the Hessians; None = all 1
+        if sink_weight != 1.0:
+            weights = [1.0] * sum(lens)
+            start = 0
+            for n in lens:
+                weights[start : start + min(n, sink_tokens)] = [sink_weight] * min(n, sink_tokens)
+                start += n
+            self.token_weights = torch.tensor(weights, dtype=torch.float32, device=device)
         self.plan = AttentionPlan.build(self.batch, model.config.sliding_window)
         self.rotary = model.rotary.for_positions(self.batch.positions)
         self.cache = _one_layer_cache(model, lens, block_size)
@@ -163,6 +184,7 @@ class _TaskActivations:
 
     def __init__(self, model: Transformer, task: CalibrationTask, slot: int, cfg: MLGPTQConfig) -> None:
         self.task, self.slot = task, slot
+        self.current: _Chunk | None = None  # the chunk being run (its token weights feed the hooks)
         vocab = model.config.vocab_size
         ids_all = [t for seq in task.calibration.sequences for t in seq]
         if not ids_all or max(ids_all) >= vocab or min(ids_all) < 0:
@@ -172,11 +194,11 @@ class _TaskActivations:
         ids: list[int] = []
         for seq in task.calibration.sequences:
             if lens and sum(lens) + len(seq) > cfg.batch_tokens:
-                self.chunks.append(_Chunk(model, lens, ids, slot, cfg.block_size))
+                self.chunks.append(_Chunk(model, lens, ids, slot, cfg.block_size, cfg.sink_weight, cfg.sink_tokens))
                 lens, ids = [], []
             lens.append(len(seq))
             ids.extend(seq)
-        self.chunks.append(_Chunk(model, lens, ids, slot, cfg.block_size))
+        self.chunks.append(_Chunk(model, lens, ids, slot, cfg.block_size, cfg.sink_weight, cfg.sink_tokens))
 
     @property
     def num_tokens(self) -> int:
@@ -186,6 +208,7 @@ class _TaskActivations:
         """Run decoder layer `layer` over every chunk (hooks fire); replace the activations if `update`."""
         block = model.model.layers[layer]
         for c in self.chunks:
+            self.current = c
             lora = LoRAContext(bank, c.batch.lora) if bank is not None and c.batch.lora is not None else None
             y = block(c.x, c.batch, c.cache, c.rotary, lora, c.plan)
             if update:
@@ -204,12 +227,20 @@ def _one_layer_cache(model: Transformer, lens: list[int], block_size: int) -> Pa
 
 
 class _Hooks:
-    """Forward pre-hooks on the base Linear of the first module of each group of one layer."""
+    """Forward pre-hooks on the base Linear of the first module of each group of one layer; token
+    weights (the sink weight) come from the chunk `acts` is running."""
 
-    def __init__(self, model: Transformer, layer: int, groups: Sequence[str]) -> None:
+    def __init__(self, model: Transformer, layer: int, groups: Sequence[str], acts: "_TaskActivations") -> None:
         self.accs = {g: HessianAccumulator(proj(model, layer, GROUPS[g][0]).in_features, model.device) for g in groups}
-        self.handles = [proj(model, layer, GROUPS[g][0]).base.register_forward_pre_hook(self.accs[g].hook)
+        self.acts = acts
+        self.handles = [proj(model, layer, GROUPS[g][0]).base.register_forward_pre_hook(self._hook(self.accs[g]))
                         for g in groups]
+
+    def _hook(self, acc: HessianAccumulator) -> Callable[[nn.Module, tuple], None]:
+        def record(module: nn.Module, args: tuple) -> None:
+            chunk = self.acts.current
+            acc.add_batch(args[0].detach(), weights=chunk.token_weights if chunk is not None else None)
+        return record
 
     def remove(self) -> LayerHessians:
         for h in self.handles:
@@ -232,7 +263,7 @@ def collect_task_hessians(
     with torch.inference_mode():
         acts = _TaskActivations(model, task, slot if cfg.calibrate_with_adapter else -1, cfg)
         for layer in range(model.config.num_layers):
-            hooks = _Hooks(model, layer, list(GROUPS))
+            hooks = _Hooks(model, layer, list(GROUPS), acts)
             try:
                 acts.run_layer(model, layer, bank, update=True)
             finally:
@@ -250,6 +281,10 @@ def aggregate_hessians(method: str, hs: Sequence[torch.Tensor], token_counts: Se
         return max_aggregate_hessians(hs)
     if method == "mlgptq-channel":
         return channel_max_aggregate_hessians(hs, token_counts)
+    if method == "mlgptq-eigenbasis":
+        return eigenbasis_max_aggregate_hessians(hs, token_counts)
+    if method == "mlgptq-normalized":
+        return normalized_max_aggregate_hessians(hs)
     if method == "gptq-mixed":
         return mix_aggregate_hessians(hs, token_counts)
     if len(hs) != 1:
@@ -362,7 +397,7 @@ def sequential_quantize(
             for step in steps:
                 per_task: list[LayerHessians] = []
                 for a in acts:
-                    hooks = _Hooks(model, layer, step)
+                    hooks = _Hooks(model, layer, step, a)
                     try:
                         a.run_layer(model, layer, bank, update=False)
                     finally:

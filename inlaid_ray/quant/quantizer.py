@@ -32,7 +32,11 @@ class QuantGrid:
     damp_percent: float = 0.01  # damping = damp_percent * mean(diag(H))
     blocksize: int = 128  # columns per lazy-update block
     true_sequential: bool = True  # driver: quantize q/k/v, o, gate/up, down one after another
-    damp_max: float = 1.0  # on Cholesky failure damping doubles up to this, then eigen-clipping
+    damp_max: float = 1.0  # on Cholesky failure damping doubles up to this, then the PSD repair
+    # How a still-indefinite H (MLGPTQ's element-wise max) is made PSD after damping up to damp_max:
+    # "clip" sets negative eigenvalues to a tiny floor; "shift" adds (-min eigenvalue) * I, which
+    # keeps every direction's relative weight instead of declaring the clipped ones free (5.4 item 7).
+    psd_repair: str = "clip"
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -43,6 +47,8 @@ class QuantGrid:
             raise ValueError(f"damp_percent={self.damp_percent} must be in (0, damp_max={self.damp_max}]")
         if self.blocksize <= 0:
             raise ValueError(f"blocksize={self.blocksize} must be positive")
+        if self.psd_repair not in ("clip", "shift"):
+            raise ValueError(f"psd_repair={self.psd_repair!r}; expected 'clip' or 'shift'")
 
     @property
     def maxq(self) -> int:
