@@ -95,7 +95,8 @@ def compressed_lora(
     _check_segments(batch.sorted_token_ids, batch.clusters, batch.counts, batch.offsets, x.device)
     if not batch.num_active_clusters:
         return
-    seg = (batch.sorted_token_ids, batch.clusters, batch.counts, batch.offsets, batch.counts_list)
+    seg = (batch.sorted_token_ids, batch.clusters, batch.counts, batch.offsets,
+           (len(batch.counts_list), max(batch.counts_list, default=0)))
     h = torch.zeros(x.shape[0], rank, dtype=torch.float32, device=x.device)
     # V_c^T as a [k, d_in] matrix: element (c, r, k) at c*stride0 + k*stride1 + r.
     sgmv_shrink(h, x, v, (v.stride(0), v.stride(2), v.stride(1)), rank, *seg, None, shrink_config)

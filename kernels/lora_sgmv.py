@@ -193,17 +193,19 @@ def _check_segments(sorted_ids: torch.Tensor, seg_ids: torch.Tensor, counts: tor
 def sgmv_shrink(
     h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], rank: int,
     sorted_ids: torch.Tensor, seg_ids: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
-    counts_list: list[int], ranks: torch.Tensor | None, config: ShrinkConfig | None,
+    launch: tuple[int, int], ranks: torch.Tensor | None, config: ShrinkConfig | None,
 ) -> None:
-    """h[t, :rank] += W[seg] x[t] for segment tokens; W element (s, r, k) at w + s*ws + r*wr + k*wk."""
-    if not counts_list:
+    """h[t, :rank] += W[seg] x[t] for segment tokens; W element (s, r, k) at w + s*ws + r*wr + k*wk.
+    `launch` = (segments, tokens per segment) the grid covers; programs past a segment's count exit."""
+    num_segments, max_count = launch
+    if not num_segments or not max_count:
         return
-    max_count, k = max(counts_list), x.shape[1]
+    k = x.shape[1]
     cfg = config or select_shrink_config(max_count, x.device)
     br = block_r(rank)
     split_k = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), cfg.block_k) * cfg.block_k
-    grid = (len(counts_list), triton.cdiv(max_count, cfg.block_m) * triton.cdiv(rank, br), split_k)
+    grid = (num_segments, triton.cdiv(max_count, cfg.block_m) * triton.cdiv(rank, br), split_k)
     _sgmv_shrink_kernel[grid](
         x, w, h, sorted_ids, seg_ids, counts, offsets, ranks if ranks is not None else counts,
         k, rank, x.stride(0), *w_strides, h.stride(0), k_per_split,
@@ -215,15 +217,16 @@ def sgmv_shrink(
 def sgmv_expand(
     y: torch.Tensor, h: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], rank: int,
     sorted_ids: torch.Tensor, seg_ids: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
-    counts_list: list[int], ranks: torch.Tensor | None, config: ExpandConfig | None,
+    launch: tuple[int, int], ranks: torch.Tensor | None, config: ExpandConfig | None,
     sigma: torch.Tensor | None = None, rows: torch.Tensor | None = None,
 ) -> None:
     """y[t] += W[seg] (h[t] * sigma[seg, rows[t]]) for segment tokens; W element (s, n, r) at w + s*ws + n*wn + r*wr."""
-    if not counts_list:
+    num_segments, max_count = launch
+    if not num_segments or not max_count:
         return
-    max_count, n = max(counts_list), y.shape[1]
+    n = y.shape[1]
     cfg = config or select_expand_config(max_count, y.device)
-    grid = (len(counts_list), triton.cdiv(max_count, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    grid = (num_segments, triton.cdiv(max_count, cfg.block_m), triton.cdiv(n, cfg.block_n))
     _sgmv_expand_kernel[grid](
         y, h, w, sigma if sigma is not None else h, rows if rows is not None else counts,
         sorted_ids, seg_ids, counts, offsets, ranks if ranks is not None else counts,
@@ -268,7 +271,7 @@ def lora_shrink(
     h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     strides = (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
     sgmv_shrink(h, x, lora_a, strides, lora_a.shape[1], batch.sorted_token_ids, batch.slots, batch.counts,
-                batch.offsets, batch.counts_list, ranks, config)
+                batch.offsets, batch.launch, ranks, config)
     return h
 
 
@@ -293,7 +296,7 @@ def lora_expand(
         f"h must be contiguous fp32 {(y.shape[0], lora_b.shape[2])}, got {h.dtype} {tuple(h.shape)}")
     strides = (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2))
     sgmv_expand(y, h, lora_b, strides, lora_b.shape[2], batch.sorted_token_ids, batch.slots, batch.counts,
-                batch.offsets, batch.counts_list, ranks, config)
+                batch.offsets, batch.launch, ranks, config)
 
 
 def lora_shrink_expand(
@@ -306,7 +309,7 @@ def lora_shrink_expand(
     Two launches for all adapters (shrink, expand); shapes and dtypes as in `lora_shrink` and
     `lora_expand`. Nothing is launched when no token has an adapter.
     """
-    if not batch.num_active_slots:
+    if not batch.num_active_slots and batch.max_count is None:
         return
     h = lora_shrink(x, lora_a, batch, ranks=ranks, config=shrink_config)
     lora_expand(y, h, lora_b, batch, ranks=ranks, config=expand_config)

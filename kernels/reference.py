@@ -149,13 +149,14 @@ def lora_shrink_expand_ref(
     if not batch.num_active_slots:
         return
     f32 = torch.float32
-    ids = batch.sorted_token_ids
+    n_real = batch.num_lora_tokens
+    ids = batch.sorted_token_ids[:n_real]  # a static batch pads its device arrays past the real tokens
     xs = cast(x.index_select(0, ids), f32)  # [T_lora, d_in], grouped by slot
     n, rank = xs.shape[0], lora_a.shape[1]
     segments = batch.num_active_slots
     if segments > 1 and n * rank * (lora_a.shape[2] + lora_b.shape[1]) <= GATHER_ELEMENTS_PER_SEGMENT * segments:
-        a = cast(lora_a.index_select(0, batch.sorted_slots), f32)  # [T_lora, R, d_in]
-        b = cast(lora_b.index_select(0, batch.sorted_slots), f32)  # [T_lora, d_out, R]
+        a = cast(lora_a.index_select(0, batch.sorted_slots[:n_real]), f32)  # [T_lora, R, d_in]
+        b = cast(lora_b.index_select(0, batch.sorted_slots[:n_real]), f32)  # [T_lora, d_out, R]
         # Broadcast products, not bmm: the CPU's bmm runs one small GEMV per token.
         h = (a * xs.unsqueeze(1)).sum(2)  # [T_lora, R]
         delta = (b * h.unsqueeze(1)).sum(2)  # [T_lora, d_out]

@@ -83,6 +83,7 @@ class GpuBenchConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     kv_gb: float = 16.0  # KV cache budget
+    cuda_graphs: bool = False  # replay decode steps as CUDA graphs (EngineConfig.cuda_graphs)
     run_timeout_s: float | None = None  # cut a run (cancel the rest) after this; None: 2 x (arrivals + drain estimate)
     time_budget_s: float = 300.0  # whole script; later runs are skipped past it
     threads: int | None = 1  # CPU dry runs: 1 thread (OpenMP stalls on the shared 2-core dev machine)
@@ -116,6 +117,7 @@ def make_engine(model: Any, bank: AdapterBank, cfg: GpuBenchConfig, policy: str)
     ecfg = EngineConfig(
         block_size=16, num_kv_blocks=int(cfg.kv_gb * 1e9) // per_block, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_prompt_tokens + cfg.max_output_tokens,
+        cuda_graphs=cfg.cuda_graphs,
     )
     return LLMEngine(model, None, ecfg, adapter_bank=bank, policy=make_policy(policy))
 

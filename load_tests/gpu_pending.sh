@@ -2,8 +2,9 @@
 # The checks still owed to a CUDA machine (the engine issue #15: paged decode attention under a
 # CUDA graph, the W4A16 / SGMV kernels, the engine step profile and benchmark), in the order they
 # matter. A device call runs at most 10 minutes and a session has 15 minutes of device time, so
-# the first call should be `tests` (it includes tests/kernels/test_paged_attention.py's graph
-# replay), then `profile` or `engine`; `all` is for a machine without those limits:
+# the first call should be `tests` (it includes the decode kernel's graph replay and the
+# engine's graph replay against eager, tests/test_static_decode.py), then `profile` or
+# `engine`; `all` is for a machine without those limits:
 #     bash load_tests/gpu_pending.sh tests|kernels|ncu|profile|engine|all
 # Writes everything under $OUT (default out/gpu), which the device tool brings back; copy the
 # JSON files into load_tests/results/ and record the figures in the README and on the issues.
@@ -33,7 +34,7 @@ if [[ $what == all || $what == tests ]]; then
     # engine's automatic dispatch to them (GPTQLinear, adapter banks) on real shapes.
     step gpu_tests 420 python -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/test_gptq.py \
         tests/test_engine.py tests/test_adapter_bank.py tests/test_cluster_bank.py tests/test_compress_jd.py \
-        tests/test_compressed_serving.py
+        tests/test_compressed_serving.py tests/test_static_decode.py
 fi
 if [[ $what == all || $what == kernels ]]; then
     # #6: W4A16 vs cuBLAS fp16 and dequantize-then-matmul, bandwidth vs copy, multi-LoRA overhead.
@@ -53,7 +54,7 @@ if [[ $what == all || $what == ncu ]]; then
 fi
 if [[ $what == all || $what == profile ]]; then
     # The ~0.17 s engine step (7B 4-bit, decode, batch 1 and 32): Python CPU time vs kernel time,
-    # launches and host syncs per step, top ops.
+    # launches and host syncs per step, top ops; eager against CUDA-graph replay in the same run.
     step profile_engine 420 python load_tests/profile_engine_step.py --out "$OUT/engine_step_profile_h100.json"
 fi
 if [[ $what == all || $what == engine ]]; then

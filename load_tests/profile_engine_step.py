@@ -3,7 +3,8 @@
 (`bench_engine_gpu.build_model_and_bank`), `batch` decoding requests over distinct adapters,
 then `torch.profiler` over a few steps. Reported per step: wall time, CPU time of the Python
 thread, GPU kernel time (CUDA), the ops with the most self CPU and self device time, and the
-number of kernel launches and host syncs (cudaStreamSynchronize / cudaMemcpy D2H).
+number of kernel launches and host syncs (cudaStreamSynchronize / cudaMemcpy D2H). Each batch
+runs eagerly and with CUDA-graph replay of its decode steps (`--modes`), in the same run.
 
     python load_tests/profile_engine_step.py --out $OUT/engine_step_profile.json           # H100
     python load_tests/profile_engine_step.py --device cpu --shape tiny --out /tmp/p.json    # dry run
@@ -41,7 +42,7 @@ def decode_engine(cfg: GpuBenchConfig, batch: int, prompt_tokens: int) -> Any:
     params = SamplingParams(max_tokens=engine.max_model_len - prompt_tokens, ignore_eos=True)
     for i in range(batch):
         engine.add_request(list(range(1, prompt_tokens + 1)), params, task=f"task-{i % max(cfg.adapter_counts):04d}")
-    for _ in range(3):  # prefill, then warm decode steps (Triton compiles on the first calls)
+    for _ in range(4):  # prefill, then warm decode steps (Triton compiles; a graph is captured on the 2nd)
         engine.step()
     return engine
 
@@ -88,6 +89,7 @@ def main() -> None:
     p.add_argument("--adapters", type=int, default=32, help="distinct adapters in the bank (requests cycle over them)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--modes", default="eager,graphs", help="eager and/or graphs (CUDA-graph replay of decode steps)")
     p.add_argument("--out", type=Path, default=Path("engine_step_profile.json"))
     a = p.parse_args()
     cfg = replace(GpuBenchConfig(), device=a.device, shape=a.shape, kernels=a.kernels, adapter_counts=(a.adapters,),
@@ -98,14 +100,21 @@ def main() -> None:
                               "prompt_tokens": a.prompt_tokens, "steps": a.steps, "batches": {}}
     texts = []
     for batch in (int(b) for b in a.batches.split(",")):
-        engine = decode_engine(cfg, batch, a.prompt_tokens)
-        summary, tables = profile_steps(engine, a.device, a.steps)
-        result["batches"][str(batch)] = summary
-        texts.append(f"===== batch {batch}\n{tables}")
-        print(f"batch {batch}: {summary['step_wall_ms']:.1f} ms/step wall, {summary['step_thread_cpu_ms']:.1f} ms CPU, "
-              f"{summary['step_device_kernel_ms']:.1f} ms of kernels, {summary['launches_per_step']:.0f} launches, "
-              f"syncs {summary['host_syncs_per_step']}")
-        del engine
+        for mode in a.modes.split(","):
+            engine = decode_engine(replace(cfg, cuda_graphs=mode == "graphs"), batch, a.prompt_tokens)
+            summary, tables = profile_steps(engine, a.device, a.steps)
+            graphs = engine.decode_graphs
+            summary["graph_replays"] = graphs.num_replays if graphs is not None else 0
+            key = str(batch) if mode == "eager" else f"{batch}-graphs"
+            result["batches"][key] = summary
+            texts.append(f"===== batch {batch} {mode}\n{tables}")
+            print(f"batch {batch} {mode}: {summary['step_wall_ms']:.1f} ms/step wall, "
+                  f"{summary['step_thread_cpu_ms']:.1f} ms CPU, {summary['step_device_kernel_ms']:.1f} ms of kernels, "
+                  f"{summary['launches_per_step']:.0f} launches, syncs {summary['host_syncs_per_step']}")
+            del engine
+        if str(batch) in result["batches"] and f"{batch}-graphs" in result["batches"]:
+            e, g = result["batches"][str(batch)], result["batches"][f"{batch}-graphs"]
+            print(f"batch {batch}: graphs / eager step wall = {g['step_wall_ms'] / e['step_wall_ms']:.2f}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     a.out.with_suffix(".txt").write_text("\n\n".join(texts))

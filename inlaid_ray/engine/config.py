@@ -27,6 +27,12 @@ class EngineConfig:
     step_cost_model: str | None = None
     seed: int = 0  # seeds the generators of sampled requests that bring no seed
     kv_watermark: float = 0.01  # fraction of blocks kept free when admitting next to running requests
+    # Decode-only steps through fixed-shape metadata buffers padded to batch buckets
+    # (engine/static_decode.py; reserves one scratch KV block). None: on CUDA only.
+    static_decode: bool | None = None
+    # Replay those steps as CUDA graphs, one per bucket (engine/cuda_graphs.py). Off by default
+    # until graph replay has been checked on a GPU (load_tests/gpu_pending.sh).
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -40,6 +46,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 2 (one prompt + one output token)")
         if not 0.0 <= self.kv_watermark < 1.0:
             raise ValueError(f"kv_watermark={self.kv_watermark} must be in [0, 1)")
+        if self.cuda_graphs and self.static_decode is False:
+            raise ValueError("cuda_graphs needs static_decode (graphs replay the fixed-shape decode steps)")
 
 
 @dataclass(frozen=True)

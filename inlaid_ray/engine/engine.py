@@ -25,12 +25,14 @@ from inlaid_ray.engine.adapters import AdapterCommand, apply_adapter_command
 from inlaid_ray.engine.batch import build_step_batch
 from inlaid_ray.engine.block_allocator import BlockAllocator, blocks_for
 from inlaid_ray.engine.config import EngineConfig, EngineStats
+from inlaid_ray.engine.cuda_graphs import DecodeGraphs
 from inlaid_ray.engine.detokenizer import IncrementalDetokenizer
 from inlaid_ray.engine.limits import check_prompt, resolve_max_model_len
 from inlaid_ray.engine.logits_processors import adjust_logits, token_logprobs
 from inlaid_ray.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
 from inlaid_ray.engine.sampling import GREEDY_EPS, sample
 from inlaid_ray.engine.scheduler import Scheduler, SchedulerLimits
+from inlaid_ray.engine.static_decode import StaticDecodeInputs
 from inlaid_ray.errors import InvalidRequest, TaskNotFound
 from inlaid_ray.model.kv_cache import PagedKVCache
 from inlaid_ray.sched.policy import SchedulingPolicy, make_replica_policy
@@ -62,13 +64,23 @@ class LLMEngine:
                                                    config.max_num_batched_tokens)
         num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         min_blocks = blocks_for(self.max_model_len, config.block_size)
+        static = config.static_decode if config.static_decode is not None else self.device.type == "cuda"
+        if static:
+            min_blocks += 1  # the scratch block padding rows write to
         if num_blocks < min_blocks:
             raise ValueError(
                 f"num_kv_blocks={num_blocks} of {config.block_size} tokens cannot hold one sequence of "
                 f"max_model_len={self.max_model_len} (needs {min_blocks}); lower max_model_len or add memory"
             )
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
-        self.allocator = BlockAllocator(num_blocks)
+        # The last block is the static decode path's scratch block, never handed out.
+        self.allocator = BlockAllocator(num_blocks - 1 if static else num_blocks)
+        self.static_decode = StaticDecodeInputs(
+            config.max_num_seqs, blocks_for(self.max_model_len, config.block_size), config.block_size, num_blocks - 1,
+            self.device, self.adapter_bank.max_slots if self.adapter_bank is not None else None,
+        ) if static else None
+        self.decode_graphs = (DecodeGraphs(model, self.kv_cache, self.adapter_bank)
+                              if static and config.cuda_graphs and self.device.type == "cuda" else None)
         self.policy = policy if policy is not None else make_replica_policy(config.policy, config.step_cost_model, config.policy_options)
         limits = SchedulerLimits(
             config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
@@ -197,17 +209,37 @@ class LLMEngine:
             if not scheduled:
                 self._last_step = (0, 0, 0)
                 return outputs
-            input_ids, batch = build_step_batch(
-                scheduled, slots, self.config.block_size, self.device, with_lora=self.adapter_bank is not None
-            )
-            logits = self.model(input_ids, batch, self.kv_cache)  # [S, vocab] fp32
+            if self._fixed_shape_step(scheduled):
+                input_ids, batch = self.static_decode.fill(scheduled, slots)
+                if self.decode_graphs is not None:
+                    logits = self.decode_graphs.forward(input_ids, batch)
+                else:
+                    logits = self.model(input_ids, batch, self.kv_cache)
+                logits = logits[: len(scheduled)]  # drop the padding rows
+            else:
+                input_ids, batch = build_step_batch(
+                    scheduled, slots, self.config.block_size, self.device, with_lora=self.adapter_bank is not None
+                )
+                logits = self.model(input_ids, batch, self.kv_cache)  # [S, vocab] fp32
         adjusted = adjust_logits(logits, scheduled, self.eos_token_ids)
         tokens = sample(adjusted, [r.params for r in scheduled], [r.generator for r in scheduled])
         logprobs = token_logprobs(logits, tokens, scheduled)
         self._num_steps += 1
-        self._last_step = (len(scheduled), batch.num_tokens, len({r.task for r in scheduled if r.task is not None}))
+        self._last_step = (len(scheduled), sum(r.num_tokens - r.num_computed_tokens for r in scheduled),
+                           len({r.task for r in scheduled if r.task is not None}))
         now = self.clock()
         return outputs + [self._append_token(req, tok, lp, now) for req, tok, lp in zip(scheduled, tokens, logprobs)]
+
+    def _fixed_shape_step(self, scheduled: list[Request]) -> bool:
+        """Whether this step runs through the static decode buffers: every request decodes one
+        token, the batch fits a bucket, and no compressed adapter is resident (their per-cluster
+        split is still sized per step)."""
+        if self.static_decode is None or len(scheduled) > self.static_decode.buckets[-1]:
+            return False
+        bank = self.adapter_bank
+        if bank is not None and bank.view.compressed:
+            return False
+        return all(r.num_tokens - r.num_computed_tokens == 1 for r in scheduled)
 
     def _resolve_slots(
         self, scheduled: list[Request], outputs: list[RequestOutput], now: float

@@ -310,13 +310,16 @@ class AdapterBank:
         within 1e-5 relative (fp32 bank) / 2e-2 (bf16 bank), see tests/test_adapter_bank.py and
         tests/test_compressed_serving.py.
         """
-        if lora_batch is None or not lora_batch.slots_list:
+        static = lora_batch is not None and lora_batch.max_count is not None
+        if lora_batch is None or not (lora_batch.slots_list or static):
             return
         assert x.shape[0] == y.shape[0] == lora_batch.token_slots.shape[0], (
             x.shape, y.shape, lora_batch.token_slots.shape)
         plan = self._step_plan(lora_batch)
         targeting = self._targeting.get((layer_idx, module))
-        if plan.raw is not None and targeting and not targeting.isdisjoint(plan.raw_slots):
+        # A static batch launches whenever a resident adapter adapts this projection, so the
+        # launches do not depend on the step's mix (the kernels skip empty segments).
+        if plan.raw is not None and targeting and (static or not targeting.isdisjoint(plan.raw_slots)):
             self._lora_op(y, x, self._a[module][layer_idx], self._b[module][layer_idx], plan.raw, ranks=self.ranks)
         self.compressed.add_delta(y, x, layer_idx, module, plan)
 

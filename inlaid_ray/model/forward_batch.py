@@ -39,6 +39,10 @@ class LoRABatch:
     slots_list: list[int]  # the same as `slots`, host side, for the reference path
     counts_list: list[int]
     offsets_list: list[int]
+    # Static launches (CUDA graphs): the device arrays are padded (segments with count 0, token ids
+    # past the real ones) and kernels are launched for `max_count` tokens per segment, whatever
+    # the step's mix. None: sized from this step's counts.
+    max_count: int | None = None
 
     @classmethod
     def from_token_slots(cls, token_slots: torch.Tensor) -> "LoRABatch":
@@ -86,6 +90,19 @@ class LoRABatch:
     @property
     def num_active_slots(self) -> int:
         return len(self.slots_list)
+
+    @property
+    def num_lora_tokens(self) -> int:
+        """Tokens that use an adapter (a static batch's device arrays hold padding after them)."""
+        return sum(self.counts_list)
+
+    @property
+    def launch(self) -> tuple[int, int]:
+        """(segments, tokens per segment) a segmented kernel's grid covers: this step's exact
+        figures, or a static batch's padded ones, which do not change between steps."""
+        if self.max_count is not None:
+            return int(self.slots.shape[0]), self.max_count
+        return len(self.counts_list), max(self.counts_list, default=0)
 
 
 @dataclass

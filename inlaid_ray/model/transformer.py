@@ -131,7 +131,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """input_ids [T] -> fp32 logits [S, vocab] at `batch.logits_indices` (or [T, vocab])."""
         lora = None
-        if batch.lora is not None and batch.lora.num_active_slots:
+        if batch.lora is not None and (batch.lora.num_active_slots or batch.lora.max_count is not None):
             if self.adapter_bank is None:
                 raise ValueError("batch uses adapter slots but the model has no adapter bank")
             lora = LoRAContext(self.adapter_bank, batch.lora)
