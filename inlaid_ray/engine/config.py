@@ -28,10 +28,10 @@ class EngineConfig:
     seed: int = 0  # seeds the generators of sampled requests that bring no seed
     kv_watermark: float = 0.01  # fraction of blocks kept free when admitting next to running requests
     # Decode-only steps through fixed-shape metadata buffers padded to batch buckets
-    # (engine/static_decode.py; reserves one scratch KV block). None: on CUDA only.
+    # (engine/static_decode.py; reserves one scratch KV block). None: on when cuda_graphs is.
     static_decode: bool | None = None
-    # Replay those steps as CUDA graphs, one per bucket (engine/cuda_graphs.py). Off by default
-    # until graph replay has been checked on a GPU (load_tests/gpu_pending.sh).
+    # Replay those steps as CUDA graphs, one per bucket (engine/cuda_graphs.py; CUDA only). Both
+    # are off by default until graph replay has been checked on a GPU (load_tests/gpu_pending.sh).
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:

@@ -64,7 +64,7 @@ class LLMEngine:
                                                    config.max_num_batched_tokens)
         num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         min_blocks = blocks_for(self.max_model_len, config.block_size)
-        static = config.static_decode if config.static_decode is not None else self.device.type == "cuda"
+        static = config.static_decode if config.static_decode is not None else config.cuda_graphs
         if static:
             min_blocks += 1  # the scratch block padding rows write to
         if num_blocks < min_blocks:
