@@ -8,6 +8,17 @@ import triton
 import triton.language as tl
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host ints. `triton.cdiv` is a constexpr function in Triton 3.9 whose every
+    host call unwraps its arguments (~6 us); the launch wrappers call this one instead."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as `triton.next_power_of_2` without its host cost."""
+    return 1 << (n - 1).bit_length()
+
+
 def is_interpreted(kernel: object) -> bool:
     """True when `kernel` was decorated under TRITON_INTERPRET=1 (runs on CPU tensors)."""
     return type(kernel).__name__ == "InterpretedFunction"

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inlaid_ray.kernels._common import is_interpreted
+from inlaid_ray.kernels._common import cdiv, is_interpreted, next_pow2
 from inlaid_ray.kernels.compressed_lora_batch import CompressedLoRABatch
 from inlaid_ray.kernels.lora_sgmv import (
     TOLERANCES as LORA_TOLERANCES,
@@ -105,8 +105,8 @@ def compressed_lora(
         sgmv_expand(y, h, u, u_strides, rank, *seg, None, expand_config, sigma=sigma, rows=batch.token_rows)
         return
     g = torch.empty_like(h)  # rows of base-only tokens stay unwritten and are never read
-    block_j = min(64, max(16, triton.next_power_of_2(rank)))
-    grid = (batch.num_lora_tokens, triton.cdiv(rank, block_j))
+    block_j = min(64, max(16, next_pow2(rank)))
+    grid = (batch.num_lora_tokens, cdiv(rank, block_j))
     _sigma_full_kernel[grid](
         h, g, sigma, batch.token_clusters, batch.token_rows, batch.sorted_token_ids,
         rank, h.stride(0), g.stride(0), sigma.stride(0), sigma.stride(1), sigma.stride(2),

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inlaid_ray.kernels._common import dot, interp_upcast, is_interpreted
+from inlaid_ray.kernels._common import cdiv, dot, interp_upcast, is_interpreted
 from inlaid_ray.kernels.ops import GPTQ_KERNEL_BITS
 from inlaid_ray.kernels.tuning import pick_by_max_m, tuned_table
 
@@ -376,7 +376,7 @@ def gptq_matmul(
     assert x.is_cuda or is_interpreted(_gptq_gemm_kernel), "CPU tensors need TRITON_INTERPRET=1"
     if group_size is not None:
         group_size = k if group_size == -1 else group_size
-        assert n_groups == triton.cdiv(k, group_size), f"{n_groups} groups != ceil({k} / {group_size})"
+        assert n_groups == cdiv(k, group_size), f"{n_groups} groups != ceil({k} / {group_size})"
     cfg = config or select_config(m, k, n, x.device)
     assert cfg.block_m == 1 or (cfg.block_m >= 16 and cfg.block_k >= 16), f"{cfg}: the dot path needs block_m, block_k >= 16"
     assert cfg.block_k % pack == 0, f"block_k={cfg.block_k} not a multiple of {pack}"
@@ -390,12 +390,12 @@ def gptq_matmul(
         mode = _GROUP_DIV
     else:
         mode = _GROUP_GATHER
-    split_k = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), cfg.block_k) * cfg.block_k
+    split_k = max(1, min(cfg.split_k, cdiv(k, cfg.block_k)))
+    k_per_split = cdiv(cdiv(k, split_k), cfg.block_k) * cfg.block_k
     reduce = _STORE if split_k == 1 else SPLIT_K_REDUCTIONS[cfg.split_k_reduce]
     if m == 0:
         return torch.empty(0, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split_k)
+    grid = (cdiv(n, cfg.block_n), cdiv(m, cfg.block_m), split_k)
     partials = tickets = scales  # unused placeholders unless REDUCE == _LAST_SPLIT
     if reduce == _ATOMIC:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)

@@ -13,13 +13,14 @@ with lora_a[2] and lora_b[2]; token 1 is never read or written.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from inlaid_ray.kernels._common import dot, interp_upcast, is_interpreted
+from inlaid_ray.kernels._common import cdiv, dot, interp_upcast, is_interpreted, next_pow2
 from inlaid_ray.kernels.tuning import pick_by_max_m, tuned_table
 from inlaid_ray.model.forward_batch import LoRABatch
 
@@ -76,19 +77,22 @@ def _select(op: str, defaults: list, cls: type, max_count: int, device: torch.de
     return defaults[-1][1]
 
 
+@functools.lru_cache(maxsize=1024)
 def select_shrink_config(max_count: int, device: torch.device) -> ShrinkConfig:
-    """Tuned shrink config for segments of up to `max_count` tokens, else the code default."""
+    """Tuned shrink config for segments of up to `max_count` tokens, else the code default
+    (cached: a launch plan is chosen once per shape, not per call)."""
     return _select("sgmv_shrink", DEFAULT_SHRINK, ShrinkConfig, max_count, device)
 
 
+@functools.lru_cache(maxsize=1024)
 def select_expand_config(max_count: int, device: torch.device) -> ExpandConfig:
-    """Tuned expand config for segments of up to `max_count` tokens, else the code default."""
+    """Tuned expand config for segments of up to `max_count` tokens, else the code default (cached)."""
     return _select("sgmv_expand", DEFAULT_EXPAND, ExpandConfig, max_count, device)
 
 
 def block_r(rank: int) -> int:
     """Rank tile: a power of two in [16, 64] (tl.dot needs >= 16; larger ranks loop)."""
-    return max(16, min(64, triton.next_power_of_2(rank)))
+    return max(16, min(64, next_pow2(rank)))
 
 
 @triton.jit
@@ -203,9 +207,9 @@ def sgmv_shrink(
     k = x.shape[1]
     cfg = config or select_shrink_config(max_count, x.device)
     br = block_r(rank)
-    split_k = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), cfg.block_k) * cfg.block_k
-    grid = (num_segments, triton.cdiv(max_count, cfg.block_m) * triton.cdiv(rank, br), split_k)
+    split_k = max(1, min(cfg.split_k, cdiv(k, cfg.block_k)))
+    k_per_split = cdiv(cdiv(k, split_k), cfg.block_k) * cfg.block_k
+    grid = (num_segments, cdiv(max_count, cfg.block_m) * cdiv(rank, br), split_k)
     _sgmv_shrink_kernel[grid](
         x, w, h, sorted_ids, seg_ids, counts, offsets, ranks if ranks is not None else counts,
         k, rank, x.stride(0), *w_strides, h.stride(0), k_per_split,
@@ -226,7 +230,7 @@ def sgmv_expand(
         return
     n = y.shape[1]
     cfg = config or select_expand_config(max_count, y.device)
-    grid = (num_segments, triton.cdiv(max_count, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    grid = (num_segments, cdiv(max_count, cfg.block_m), cdiv(n, cfg.block_n))
     _sgmv_expand_kernel[grid](
         y, h, w, sigma if sigma is not None else h, rows if rows is not None else counts,
         sorted_ids, seg_ids, counts, offsets, ranks if ranks is not None else counts,
@@ -238,16 +242,28 @@ def sgmv_expand(
     )
 
 
+# Layouts already checked: the checks run once per (activation, bank, ranks) layout and once per
+# step's batch, not on each of a step's ~14 launches per layer (each check is host time).
+_CHECKED_LAYOUTS: set[tuple] = set()
+_CHECKED_BATCH: list[LoRABatch | None] = [None]
+
+
 def _check_lora(x: torch.Tensor, w: torch.Tensor, batch: LoRABatch, ranks: torch.Tensor | None, what: str) -> None:
-    assert x.dim() == 2 and x.stride(1) == 1, f"{what}: activations must be [T, d] with contiguous rows"
-    assert w.dim() == 3 and w.is_contiguous(), f"{what}: bank must be a contiguous 3-D tensor, got {tuple(w.shape)}"
-    assert w.dtype in TOLERANCES, f"{what}: dtype {w.dtype} not in {list(TOLERANCES)}"
-    assert x.device == w.device, f"{what}: activations on {x.device}, bank on {w.device}"
-    assert x.is_cuda or is_interpreted(_sgmv_shrink_kernel), "CPU tensors need TRITON_INTERPRET=1"
+    layout = (what, tuple(x.shape[1:]), x.stride(1), x.dtype, x.device, tuple(w.shape), w.stride(), w.dtype, w.device,
+              None if ranks is None else (tuple(ranks.shape), ranks.device))
+    if layout not in _CHECKED_LAYOUTS:
+        assert x.dim() == 2 and x.stride(1) == 1, f"{what}: activations must be [T, d] with contiguous rows"
+        assert w.dim() == 3 and w.is_contiguous(), f"{what}: bank must be a contiguous 3-D tensor, got {tuple(w.shape)}"
+        assert w.dtype in TOLERANCES, f"{what}: dtype {w.dtype} not in {list(TOLERANCES)}"
+        assert x.device == w.device, f"{what}: activations on {x.device}, bank on {w.device}"
+        assert x.is_cuda or is_interpreted(_sgmv_shrink_kernel), "CPU tensors need TRITON_INTERPRET=1"
+        if ranks is not None:
+            assert ranks.shape == (w.shape[0],) and ranks.device == x.device, f"ranks {tuple(ranks.shape)} on {ranks.device}"
+        _CHECKED_LAYOUTS.add(layout)
     assert batch.token_slots.shape[0] == x.shape[0], f"{what}: {batch.token_slots.shape[0]} token slots for {x.shape[0]} tokens"
-    _check_segments(batch.sorted_token_ids, batch.slots, batch.counts, batch.offsets, x.device)
-    if ranks is not None:
-        assert ranks.shape == (w.shape[0],) and ranks.device == x.device, f"ranks {tuple(ranks.shape)} on {ranks.device}"
+    if _CHECKED_BATCH[0] is not batch or batch.sorted_token_ids.device != x.device:
+        _check_segments(batch.sorted_token_ids, batch.slots, batch.counts, batch.offsets, x.device)
+        _CHECKED_BATCH[0] = batch
 
 
 def lora_shrink(

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inlaid_ray.kernels._common import dot, interp_upcast
+from inlaid_ray.kernels._common import dot, interp_upcast, next_pow2
 
 # (atol, rtol) against the fp32 reference, for outputs of order 1
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -150,7 +150,7 @@ def paged_decode_attention(
     assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs and context_lens.shape == (num_seqs,)
     assert config.block_n >= 16 and config.num_splits >= 1
     group = num_heads // num_kv_heads
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_pow2(head_dim)
     splits = config.num_splits
     part_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
@@ -166,7 +166,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, next_pow2(group)),
         BLOCK_N=config.block_n, KV_BLOCK=block_size, NUM_SPLITS=splits, WINDOW=sliding_window or 0,
         UPCAST=interp_upcast(_decode_split_kernel, q.dtype), num_warps=config.num_warps,
     )
@@ -175,6 +175,6 @@ def paged_decode_attention(
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_P=triton.next_power_of_2(splits),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_P=next_pow2(splits),
     )
     return out

@@ -10,7 +10,11 @@ run, transformers' eager Llama of the same shape decoding with its KV cache (bat
 - distinct attention shapes over the measured decode steps (a new shape is a new cuDNN plan
   or graph on a GPU),
 - host ms per step (median of the timed steps, run without the dispatch mode).
-Triton launches on the CUDA code path with launches stubbed are not measured yet.
+And the engine's CUDA code path on CPU (`engine-cuda-path`: fixed-shape decode steps, the Triton
+attention and SGMV kernels with their launches stubbed under TRITON_INTERPRET=1, so the
+wrappers, metadata and aten ops run but no kernel does): the same figures plus Triton launches
+per step and per layer, and how many distinct step signatures (ops, shapes, launches;
+bench/step_trace.py) its steps had: 1 means every step could replay one CUDA graph.
 
     python load_tests/bench_host_overhead.py                       # ~3 min on 2 cores
     python load_tests/bench_host_overhead.py --steps 5 --batches 1  # quick look
@@ -28,14 +32,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+import os
 
-from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams
-from inlaid_ray.engine.builder import BankCapacity, make_bank
-from inlaid_ray.lora.synthetic import random_lora_adapter
-from inlaid_ray.model import LINEAR_MODULES, ModelConfig, random_model
-from inlaid_ray.progress import Progress
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the CUDA code path's kernels on CPU tensors (stubbed)
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from inlaid_ray.bench.step_trace import StepTrace, stubbed_launches  # noqa: E402
+from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from inlaid_ray.engine.builder import BankCapacity, make_bank  # noqa: E402
+from inlaid_ray.lora.bank import AdapterBank  # noqa: E402
+from inlaid_ray.lora.synthetic import random_lora_adapter  # noqa: E402
+from inlaid_ray.model import LINEAR_MODULES, ModelConfig, random_model  # noqa: E402
+from inlaid_ray.model.attention import select_decode_attention  # noqa: E402
+from inlaid_ray.progress import Progress  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_TOKENS = 16
@@ -97,6 +108,9 @@ class StepFigures:
     host_ms_per_step: float
     host_ms_per_step_max: float
     top_ops: dict[str, float]
+    triton_launches_per_step: float = 0.0
+    triton_launches_per_layer: float = 0.0
+    step_signatures: int | None = None  # distinct (ops, shapes, launches) over the counted steps
 
 
 def measure(system: str, batch: int, adapters: int, step, steps: int, layers: int) -> StepFigures:
@@ -116,16 +130,57 @@ def measure(system: str, batch: int, adapters: int, step, steps: int, layers: in
                        statistics.median(times), max(times), top)
 
 
-def engine_stepper(batch: int, adapters: int, steps: int):
-    """An engine past its prefill with `batch` requests over `adapters` distinct adapters."""
+def measure_cuda_path(batch: int, adapters: int, step, model, steps: int, layers: int) -> StepFigures:
+    """The engine's CUDA code path with Triton launches stubbed: counted over `steps` decode steps
+    (one StepTrace per forward), then timed over `steps` more without the trace."""
+    traces: list[StepTrace] = []
+    forward = model.forward
+
+    def traced(*args, **kwargs):
+        with StepTrace(run_kernels=False) as trace:
+            out = forward(*args, **kwargs)
+        traces.append(trace)
+        return out
+
+    model.forward = traced
+    with stubbed_launches(), CountToList() as tolist:
+        for _ in range(steps):
+            step()
+    del model.forward
+    times = []
+    with stubbed_launches():
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    ops = sum(len(t.ops) for t in traces) / steps
+    launches = sum(len(t.launches) for t in traces) / steps
+    syncs = (sum(len(t.syncs) for t in traces) + tolist.calls) / steps
+    by_op: Counter[str] = Counter(op[0] for t in traces for op in t.ops)
+    top = {k: round(v / steps, 1) for k, v in by_op.most_common(8)}
+    return StepFigures("engine-cuda-path", batch, adapters, ops, ops / layers, syncs, 0, statistics.median(times),
+                       max(times), top, launches, launches / layers, len({t.signature for t in traces}))
+
+
+def engine_stepper(batch: int, adapters: int, steps: int, cuda_path: bool = False):
+    """An engine past its prefill with `batch` requests over `adapters` distinct adapters;
+    `cuda_path`: fixed-shape decode steps through the Triton kernels (launch them stubbed)."""
     bank = None
     if adapters:
         loaded = [random_lora_adapter(SHAPE, f"task-{i}", 8, LINEAR_MODULES, seed=i, b_std=0.01) for i in range(adapters)]
-        bank = make_bank(SHAPE, torch.float32, torch.device("cpu"), BankCapacity(adapters, 8), loaded)
+        if cuda_path:  # the bank's SGMV kernels, as on CUDA
+            bank = AdapterBank(SHAPE, max_slots=adapters, max_rank=8, kernels="triton")
+            for adapter in loaded:
+                bank.add(adapter)
+        else:
+            bank = make_bank(SHAPE, torch.float32, torch.device("cpu"), BankCapacity(adapters, 8), loaded)
     model = random_model(SHAPE, dtype=torch.float32, seed=0)
+    if cuda_path:
+        model.decode_attention = select_decode_attention("cpu", "triton")
     max_len = PROMPT_TOKENS + 3 * steps + 8
-    cfg = EngineConfig(block_size=16, num_kv_blocks=batch * (max_len // 16 + 2), max_model_len=max_len,
-                       max_num_seqs=batch, max_num_batched_tokens=max(batch * PROMPT_TOKENS, max_len))
+    cfg = EngineConfig(block_size=16, num_kv_blocks=batch * (max_len // 16 + 2) + 1, max_model_len=max_len,
+                       max_num_seqs=batch, max_num_batched_tokens=max(batch * PROMPT_TOKENS, max_len),
+                       static_decode=cuda_path)
     engine = LLMEngine(model, None, cfg, adapter_bank=bank)
     params = SamplingParams(max_tokens=max_len - PROMPT_TOKENS, ignore_eos=True)
     for i in range(batch):
@@ -166,9 +221,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['system']}\nB={r['batch']}" + (f" A={r['adapters']}" if r["system"] == "engine" else "")
+    labels = [f"{r['system']}\nB={r['batch']}" + (f" A={r['adapters']}" if r["system"] != "transformers" else "")
               for r in rows]
-    colors = ["tab:blue" if r["system"] == "engine" else "tab:gray" for r in rows]
+    colors = [{"engine": "tab:blue", "engine-cuda-path": "tab:orange"}.get(r["system"], "tab:gray") for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, key, title in zip(axes, ("aten_ops_per_step", "host_syncs_per_step", "host_ms_per_step"),
                               ("aten ops per decode step", "host syncs per decode step", "host ms per decode step")):
@@ -176,7 +231,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=90)
         ax.set_title(title)
     fig.suptitle(f"Decode-step host overhead, {SHAPE.num_layers}-layer width-{SHAPE.hidden_size} model, CPU "
-                 "(engine blue, transformers eager grey)")
+                 "(engine CPU path blue, engine CUDA path with launches stubbed orange, transformers eager grey)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -190,27 +245,38 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "host_overhead_cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    plan = [("engine", b, a) for b in args.batches for a in args.adapters] + [("transformers", b, 0) for b in args.batches]
+    plan = ([("engine", b, a) for b in args.batches for a in args.adapters]
+            + [("engine-cuda-path", b, a) for b in args.batches for a in args.adapters]
+            + [("transformers", b, 0) for b in args.batches])
     rows = []
     for system, batch, adapters in Progress(plan, desc="configs", unit="config"):
+        if system == "engine-cuda-path":
+            with stubbed_launches():  # the prefill and warm-up steps too: no kernel runs on this path
+                step = engine_stepper(batch, adapters, args.steps, cuda_path=True)
+            model = step.__self__.model
+            rows.append(asdict(measure_cuda_path(batch, adapters, step, model, args.steps, SHAPE.num_layers)))
+            continue
         step = engine_stepper(batch, adapters, args.steps) if system == "engine" else transformers_stepper(batch)
         rows.append(asdict(measure(system, batch, adapters, step, args.steps, SHAPE.num_layers)))
     baseline = {r["batch"]: r for r in rows if r["system"] == "transformers"}
     for r in rows:
         base = baseline.get(r["batch"])
-        if base and r["system"] == "engine":
+        if base and r["system"].startswith("engine"):
             r["host_ms_vs_transformers"] = round(r["host_ms_per_step"] / base["host_ms_per_step"], 3)
             r["aten_ops_vs_transformers"] = round(r["aten_ops_per_step"] / base["aten_ops_per_step"], 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"shape": asdict(SHAPE), "prompt_tokens": PROMPT_TOKENS, "steps": args.steps, "threads": args.threads,
             "torch": torch.__version__, "targets": {"aten_ops_per_step": 700, "aten_ops_per_layer": 20,
-                                                     "host_syncs_per_step": 1, "attention_shapes": 0}}
+                                                     "host_syncs_per_step": 1, "attention_shapes": 0,
+                                                     "triton_launches_per_layer": 6, "step_signatures": 1}}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     plot(rows, args.out.with_suffix(".png"))
     for r in rows:
         print(f"{r['system']:12s} B={r['batch']:<3d} A={r['adapters']:<2d} ops/step {r['aten_ops_per_step']:7.0f} "
               f"({r['aten_ops_per_layer']:5.1f}/layer) syncs {r['host_syncs_per_step']:5.1f} "
               f"attn shapes {r['attention_shapes']:3d} host {r['host_ms_per_step']:7.2f} ms"
+              + (f" launches/layer {r['triton_launches_per_layer']:.1f} signatures {r['step_signatures']}"
+                 if r["system"] == "engine-cuda-path" else "")
               + (f" ({r['host_ms_vs_transformers']:.2f}x transformers)" if "host_ms_vs_transformers" in r else ""))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

@@ -16,7 +16,8 @@ shapes and the same launches; any difference is a shape or launch that depends o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -42,8 +43,9 @@ def _describe(value: Any) -> Any:
 class StepTrace(TorchDispatchMode):
     """Use as a context manager around one forward (see module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_kernels: bool = True) -> None:
         super().__init__()
+        self.run_kernels = run_kernels  # False: launches are recorded, not run (outputs are garbage)
         self.ops: list[tuple] = []
         self.launches: list[tuple] = []
         self.syncs: list[str] = []
@@ -100,6 +102,8 @@ class StepTrace(TorchDispatchMode):
             def run(*args, **kwargs):
                 name = getattr(getattr(kernel, "fn", None), "__name__", repr(kernel))
                 trace.launches.append((name, _describe(grid), _describe(args), _describe(sorted(kwargs.items()))))
+                if not trace.run_kernels:
+                    return None
                 with _disable_current_modes():  # the interpreter's own tensor work is not the step's
                     return launch(*args, **kwargs)
 
@@ -120,6 +124,20 @@ class StepTrace(TorchDispatchMode):
         out += [f"data-dependent shape: {s}" for s in self.data_dependent]
         out += [f"host data created inside the call: {s}" for s in self.host_data]
         return out
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """Triton launches (under TRITON_INTERPRET=1) return at once without running: the host cost
+    of a step's CUDA code path, its outputs garbage."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    getitem = InterpretedFunction.__getitem__
+    InterpretedFunction.__getitem__ = lambda kernel, grid: (lambda *args, **kwargs: None)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        InterpretedFunction.__getitem__ = getitem  # type: ignore[method-assign]
 
 
 def differences(a: StepTrace, b: StepTrace, limit: int = 5) -> list[str]:
