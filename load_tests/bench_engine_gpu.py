@@ -54,6 +54,7 @@ from inlaid_ray.engine import EngineConfig, LLMEngine  # noqa: E402
 from inlaid_ray.lora import AdapterBank  # noqa: E402
 from inlaid_ray.lora.synthetic import random_lora_adapter  # noqa: E402
 from inlaid_ray.model import PagedKVCache, random_model  # noqa: E402
+from inlaid_ray.model.transformer import fuse_projections  # noqa: E402
 from inlaid_ray.sched import make_policy  # noqa: E402
 from inlaid_ray.bench.workload import WorkloadConfig  # noqa: E402
 
@@ -109,6 +110,7 @@ def build_model_and_bank(cfg: GpuBenchConfig) -> tuple[Any, AdapterBank, dict[st
     info = {"model": f"{config.name_or_path}, GPTQ 4-bit group 128 random codes, {dtype} activations",
             "model_bytes": model_bytes(model), "bank": bank.stats(), "setup_s": time.monotonic() - t0,
             "kernel_paths": kernel_paths(bank, model, cfg.device)}
+    info["fused_projection_groups"] = fuse_projections(model)  # as the serving builder does
     return model, bank, info
 
 

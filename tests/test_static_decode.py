@@ -16,6 +16,7 @@ from inlaid_ray.engine.static_decode import StaticDecodeInputs, decode_buckets
 from inlaid_ray.lora.bank import AdapterBank
 from inlaid_ray.model import load_model
 from inlaid_ray.model.attention import select_decode_attention
+from inlaid_ray.model.transformer import fuse_projections
 from test_engine import reference_greedy
 from test_engine_lora import ADAPTERS, PROMPTS, _adapter, _merged_model
 
@@ -72,13 +73,14 @@ def test_static_decode_matches_each_requests_merged_model(tiny_llama_dir):
 
 
 def test_decode_steps_of_one_bucket_are_graph_safe_on_the_cuda_code_path(tiny_llama_dir):
-    """Triton kernels (interpreted) for attention and LoRA; the traced forwards of two decode
-    steps in one bucket, with different context lengths and adapter mixes (one with none),
+    """Triton kernels (interpreted) for attention and LoRA, fused q/k/v and gate/up; the traced
+    forwards of two decode steps in one bucket, with different context lengths and adapter mixes (one with none),
     are identical and free of syncs, data-dependent shapes and host data; outputs match the
     merged models."""
     config = load_model(tiny_llama_dir).config
     bank, adapters = _bank(config, kernels="triton")
     model = load_model(tiny_llama_dir, adapter_bank=bank)
+    fuse_projections(model)  # as served: the SGMV kernels write into column views of the fused GEMMs
     model.decode_attention = select_decode_attention("cpu", "triton")
     cfg = EngineConfig(block_size=4, num_kv_blocks=40, max_model_len=40, max_num_batched_tokens=64, max_num_seqs=4,
                        static_decode=True)

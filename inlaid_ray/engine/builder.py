@@ -17,6 +17,7 @@ from inlaid_ray.errors import AdapterError
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, load_peft_adapter
 from inlaid_ray.lora.cluster_bank import ClusterBanks, load_cluster_banks
 from inlaid_ray.model import ModelConfig, load_tokenizer
+from inlaid_ray.model.transformer import fuse_projections
 from inlaid_ray.quant.loading import load_base
 from inlaid_ray.sched.policy import SchedulingPolicy
 
@@ -86,6 +87,7 @@ def engine_on_base(base_dir: str | Path, bank: AdapterBank | None, engine_config
                    policy: SchedulingPolicy | None = None) -> LLMEngine:
     """An engine on the base at `base_dir` (dense or GPTQ) serving the adapters of `bank`."""
     model = load_base(base_dir, dtype, device, bank, gptq_cache_dequantized)
+    fuse_projections(model)  # q/k/v and gate/up as one GEMM each
     return LLMEngine(model, load_tokenizer(base_dir), engine_config, adapter_bank=bank, policy=policy)
 
 

@@ -54,6 +54,14 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    @classmethod
+    def concat(cls, parts: "list[DenseLinear]") -> "DenseLinear | None":
+        """One projection computing every part's outputs, stacked (None: they cannot be fused)."""
+        if len({(p.in_features, p.weight.dtype, p.weight.device, p.bias is None) for p in parts}) != 1:
+            return None
+        bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+        return cls(torch.cat([p.weight for p in parts]), bias)
+
 
 @dataclass
 class LoRAContext:
@@ -85,3 +93,39 @@ class AdaptedLinear(nn.Module):
         if lora is not None and lora.batch.num_active_slots:
             lora.bank.add_delta(y, x, self.layer_idx, self.name, lora.batch)
         return y
+
+
+class FusedAdaptedLinear(nn.Module):
+    """Projections that read the same input (q/k/v, gate/up) as ONE base GEMM over their stacked
+    weights, each part keeping its own adapters: the bank adds part p's LoRA term into its
+    columns of the fused output. Built at load time by `fuse_projections`."""
+
+    def __init__(self, base: nn.Module, layer_idx: int, parts: list[tuple[str, int]]) -> None:
+        super().__init__()
+        self.base = base
+        self.layer_idx = layer_idx
+        self.parts = parts  # (module name, out_features) in output order
+        self.sizes = [n for _, n in parts]
+        starts = [sum(self.sizes[:i]) for i in range(len(parts))]
+        self._columns = [(name, start, start + n) for (name, n), start in zip(parts, starts)]
+
+    def forward(self, x: torch.Tensor, lora: LoRAContext | None = None) -> tuple[torch.Tensor, ...]:
+        """Every part's output, in `parts` order (views of one [T, sum of parts] tensor)."""
+        y = self.base(x)
+        if lora is not None:
+            for name, start, end in self._columns:
+                lora.bank.add_delta(y[:, start:end], x, self.layer_idx, name, lora.batch)
+        return y.split(self.sizes, dim=-1)
+
+
+def fuse_linears(layer_idx: int, projections: list[AdaptedLinear]) -> FusedAdaptedLinear | None:
+    """The fused form of `projections` (same input), or None when their bases cannot be stacked
+    (different kinds, dtypes, or GPTQ groupings); bases offer a `concat` classmethod."""
+    bases = [p.base for p in projections]
+    kind = type(bases[0])
+    if any(type(b) is not kind for b in bases) or not hasattr(kind, "concat"):
+        return None
+    fused = kind.concat(bases)
+    if fused is None:
+        return None
+    return FusedAdaptedLinear(fused, layer_idx, [(p.name, p.out_features) for p in projections])

@@ -16,7 +16,7 @@ from inlaid_ray.model.attention import AttentionPlan, paged_attention, select_de
 from inlaid_ray.model.config import ModelConfig
 from inlaid_ray.model.forward_batch import ForwardBatch
 from inlaid_ray.model.kv_cache import PagedKVCache
-from inlaid_ray.model.layers import AdaptedLinear, DenseLinear, LoRAContext, RMSNorm
+from inlaid_ray.model.layers import AdaptedLinear, DenseLinear, FusedAdaptedLinear, LoRAContext, RMSNorm, fuse_linears
 from inlaid_ray.model.rope import RotaryEmbedding, StepRotary
 
 # (layer_idx, module name, d_out, d_in, has_bias) -> base linear module
@@ -37,6 +37,7 @@ class Attention(nn.Module):
             d_out, d_in = config.module_shape(name)
             bias = config.attention_bias and name != "o_proj"
             setattr(self, name, AdaptedLinear(make_linear(layer_idx, name, d_out, d_in, bias), layer_idx, name))
+        self.qkv_proj: FusedAdaptedLinear | None = None  # set by `fuse_projections` (then q/k/v are gone)
 
     def forward(
         self,
@@ -48,9 +49,13 @@ class Attention(nn.Module):
         plan: AttentionPlan,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x, lora).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x, lora).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, lora).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x, lora)
+        else:
+            q, k, v = self.q_proj(x, lora), self.k_proj(x, lora), self.v_proj(x, lora)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = rotary(q, k)
         out = paged_attention(q, k, v, kv_cache, self.layer_idx, batch, plan)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim), lora)
@@ -64,9 +69,14 @@ class MLP(nn.Module):
         for name in ("gate_proj", "up_proj", "down_proj"):
             d_out, d_in = config.module_shape(name)
             setattr(self, name, AdaptedLinear(make_linear(layer_idx, name, d_out, d_in, config.mlp_bias), layer_idx, name))
+        self.gate_up_proj: FusedAdaptedLinear | None = None  # set by `fuse_projections`
 
     def forward(self, x: torch.Tensor, lora: LoRAContext | None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x, lora)
+        else:
+            gate, up = self.gate_proj(x, lora), self.up_proj(x, lora)
+        return self.down_proj(F.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -143,3 +153,24 @@ class Transformer(nn.Module):
         if not all_logits:
             x = x[batch.logits_indices]  # [S, hidden]: only last tokens need logits
         return self.lm_head(self.model.norm(x)).float()
+
+
+def fuse_projections(model: Transformer) -> int:
+    """Load-time fusion (gpt-fast style): q/k/v and gate/up of every layer become one GEMM each
+    where their bases can be stacked (dense; GPTQ with one grouping); each part keeps its own
+    adapters. Call after the weights are loaded; calibration and checkpoint code keep the
+    per-module layout. Returns the number of fused groups."""
+    fused = 0
+    for block in model.model.layers:
+        for owner, names, attr in ((block.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                   (block.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
+            if getattr(owner, attr) is not None:
+                continue
+            group = fuse_linears(getattr(owner, names[0]).layer_idx, [getattr(owner, n) for n in names])
+            if group is None:
+                continue
+            setattr(owner, attr, group)
+            for n in names:
+                delattr(owner, n)
+            fused += 1
+    return fused

@@ -116,6 +116,19 @@ class GPTQLinear(nn.Module):
             cache_dequantized=cache_dequantized,
         )
 
+    @classmethod
+    def concat(cls, parts: "list[GPTQLinear]") -> "GPTQLinear | None":
+        """One GPTQ projection whose outputs are every part's, stacked (the codes pack along the
+        input and every d_out * bits is a multiple of 32, so packed columns concatenate);
+        None when the parts differ in bits, input, grouping (g_idx), scale dtype or bias."""
+        first = parts[0]
+        if any(p.bits != first.bits or p.in_features != first.in_features or p.scales.dtype != first.scales.dtype
+               or (p.bias is None) != (first.bias is None) or not torch.equal(p.g_idx, first.g_idx) for p in parts):
+            return None
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts], dim=-1)  # noqa: E731
+        return cls(cat("qweight"), cat("qzeros"), cat("scales"), first.g_idx.clone(), first.bits,
+                   None if first.bias is None else cat("bias"), cache_dequantized=first.cache_dequantized)
+
     def dequantized_weight(self) -> torch.Tensor:
         """Dense W [d_out, d_in] in the scales dtype (through the cache when enabled)."""
         if not self.cache_dequantized:
