@@ -355,14 +355,74 @@ def gptq_matmul(
         config: launch parameters; default from kernels/configs/<gpu>.json or `DEFAULT_CONFIGS`.
     Returns: y [M, d_out] in x.dtype (fp32 accumulation).
     """
+    assert x.dim() == 2, f"x must be [M, d_in], got {tuple(x.shape)}"
+    m = x.shape[0]
+    plan = _launch_plan(m, x.shape[1], x.stride(1), x.dtype, x.device, qweight, qzeros, scales, g_idx, bits, bias,
+                        group_size, config)
+    cfg, n = plan.config, plan.n
+    if m == 0:
+        return torch.empty(0, n, dtype=x.dtype, device=x.device)
+    grid = (cdiv(n, cfg.block_n), cdiv(m, cfg.block_m), plan.split_k)
+    partials = tickets = scales  # unused placeholders unless REDUCE == _LAST_SPLIT
+    if plan.reduce == _ATOMIC:
+        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if plan.reduce == _LAST_SPLIT:
+        partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
+        tickets = tile_tickets(x.device, grid[0] * grid[1])
+    _gptq_gemm_kernel[grid](
+        x, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, out, partials, tickets,
+        m, n, plan.k, x.stride(0), out.stride(0), plan.group_size or 1, plan.k_per_split,
+        BITS=bits, GROUP_MODE=plan.mode, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=plan.reduce,
+        SWAP_AB=int(cfg.swap_ab), INTERLEAVE=cfg.interleave, UPCAST=interp_upcast(_gptq_gemm_kernel, x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out.to(x.dtype) if plan.reduce == _ATOMIC else out
+
+
+@dataclass(frozen=True)
+class _LaunchPlan:
+    config: GPTQGemmConfig
+    n: int
+    k: int
+    group_size: int | None
+    mode: int
+    split_k: int
+    k_per_split: int
+    reduce: int
+
+
+# Launch plans by (m, layout): the checks and the config choice run once per shape and weight
+# layout, not on each of a step's ~4 GEMMs per layer (each is host time; issue #15).
+_PLANS: dict[tuple, _LaunchPlan] = {}
+
+
+def _launch_plan(m: int, k: int, x_col_stride: int, x_dtype: torch.dtype, device: torch.device,
+                 qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+                 bias: torch.Tensor | None, group_size: int | None, config: GPTQGemmConfig | None) -> _LaunchPlan:
+    key = (m, k, x_col_stride, x_dtype, device, bits, group_size, config,
+           *((tuple(t.shape), t.stride(), t.dtype, t.device) for t in (qweight, qzeros, scales, g_idx)),
+           None if bias is None else (tuple(bias.shape), bias.stride(), bias.dtype, bias.device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _make_plan(m, k, x_col_stride, x_dtype, device, qweight, qzeros, scales, g_idx, bits, bias, group_size,
+                          config)
+        _PLANS[key] = plan
+    return plan
+
+
+def _make_plan(m: int, k: int, x_col_stride: int, x_dtype: torch.dtype, device: torch.device,
+               qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+               bias: torch.Tensor | None, group_size: int | None, config: GPTQGemmConfig | None) -> _LaunchPlan:
     assert bits in _KERNEL_BITS, f"bits={bits}: the kernel supports {_KERNEL_BITS} (use the reference)"
     pack = 32 // bits
-    assert x.dim() == 2 and x.stride(1) == 1, f"x must be [M, d_in] with contiguous rows, got {tuple(x.shape)}"
-    assert x.dtype in (torch.float16, torch.bfloat16), f"x dtype {x.dtype}, expected fp16/bf16"
+    assert x_col_stride == 1, "x must be [M, d_in] with contiguous rows"
+    assert x_dtype in (torch.float16, torch.bfloat16), f"x dtype {x_dtype}, expected fp16/bf16"
     assert scales.dtype in (torch.float16, torch.bfloat16), f"scales dtype {scales.dtype}"
     assert qweight.dtype == torch.int32 and qzeros.dtype == torch.int32, (qweight.dtype, qzeros.dtype)
     assert g_idx.dtype == torch.int32, f"g_idx dtype {g_idx.dtype}, expected int32"
-    m, k = x.shape
     n = scales.shape[1]
     n_groups = scales.shape[0]
     assert k % pack == 0 and n % pack == 0, f"d_in={k}, d_out={n} must be multiples of {pack}"
@@ -370,20 +430,19 @@ def gptq_matmul(
     assert qzeros.shape == (n_groups, n // pack), f"qzeros {tuple(qzeros.shape)} != {(n_groups, n // pack)}"
     assert g_idx.shape == (k,), f"g_idx {tuple(g_idx.shape)} != ({k},)"
     assert bias is None or bias.shape == (n,), f"bias {None if bias is None else tuple(bias.shape)}"
-    tensors = [x, qweight, qzeros, scales, g_idx] + ([] if bias is None else [bias])
-    assert all(t.is_contiguous() for t in tensors[1:]), "qweight/qzeros/scales/g_idx/bias must be contiguous"
-    assert all(t.device == x.device for t in tensors), f"tensors on {[str(t.device) for t in tensors]}"
-    assert x.is_cuda or is_interpreted(_gptq_gemm_kernel), "CPU tensors need TRITON_INTERPRET=1"
+    weights = [qweight, qzeros, scales, g_idx] + ([] if bias is None else [bias])
+    assert all(t.is_contiguous() for t in weights), "qweight/qzeros/scales/g_idx/bias must be contiguous"
+    assert all(t.device == device for t in weights), f"tensors on {[str(t.device) for t in weights]}, x on {device}"
+    assert device.type == "cuda" or is_interpreted(_gptq_gemm_kernel), "CPU tensors need TRITON_INTERPRET=1"
     if group_size is not None:
         group_size = k if group_size == -1 else group_size
         assert n_groups == cdiv(k, group_size), f"{n_groups} groups != ceil({k} / {group_size})"
-    cfg = config or select_config(m, k, n, x.device)
+    cfg = config or select_config(m, k, n, device)
     assert cfg.block_m == 1 or (cfg.block_m >= 16 and cfg.block_k >= 16), f"{cfg}: the dot path needs block_m, block_k >= 16"
     assert cfg.block_k % pack == 0, f"block_k={cfg.block_k} not a multiple of {pack}"
     assert not (cfg.swap_ab and cfg.block_m == 1), f"{cfg}: swap_ab needs the dot path"
     assert not cfg.interleave or cfg.block_k // pack >= 16, f"{cfg}: interleaved dots need block_k >= {16 * pack}"
     assert cfg.split_k_reduce in SPLIT_K_REDUCTIONS, f"{cfg}: split_k_reduce must be one of {list(SPLIT_K_REDUCTIONS)}"
-
     if group_size is not None and group_size % cfg.block_k == 0:
         mode = _GROUP_PER_TILE
     elif group_size is not None:
@@ -393,26 +452,7 @@ def gptq_matmul(
     split_k = max(1, min(cfg.split_k, cdiv(k, cfg.block_k)))
     k_per_split = cdiv(cdiv(k, split_k), cfg.block_k) * cfg.block_k
     reduce = _STORE if split_k == 1 else SPLIT_K_REDUCTIONS[cfg.split_k_reduce]
-    if m == 0:
-        return torch.empty(0, n, dtype=x.dtype, device=x.device)
-    grid = (cdiv(n, cfg.block_n), cdiv(m, cfg.block_m), split_k)
-    partials = tickets = scales  # unused placeholders unless REDUCE == _LAST_SPLIT
-    if reduce == _ATOMIC:
-        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if reduce == _LAST_SPLIT:
-        partials = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-        tickets = tile_tickets(x.device, grid[0] * grid[1])
-    _gptq_gemm_kernel[grid](
-        x, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, out, partials, tickets,
-        m, n, k, x.stride(0), out.stride(0), group_size or 1, k_per_split,
-        BITS=bits, GROUP_MODE=mode, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, REDUCE=reduce,
-        SWAP_AB=int(cfg.swap_ab), INTERLEAVE=cfg.interleave, UPCAST=interp_upcast(_gptq_gemm_kernel, x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out.to(x.dtype) if reduce == _ATOMIC else out
+    return _LaunchPlan(cfg, n, k, group_size, mode, split_k, k_per_split, reduce)
 
 
 # Tile tickets of the "last" split-K reduction, one buffer per device: every launch leaves its

@@ -90,6 +90,7 @@ def select_expand_config(max_count: int, device: torch.device) -> ExpandConfig:
     return _select("sgmv_expand", DEFAULT_EXPAND, ExpandConfig, max_count, device)
 
 
+@functools.lru_cache(maxsize=256)
 def block_r(rank: int) -> int:
     """Rank tile: a power of two in [16, 64] (tl.dot needs >= 16; larger ranks loop)."""
     return max(16, min(64, next_pow2(rank)))
@@ -249,8 +250,8 @@ _CHECKED_BATCH: list[LoRABatch | None] = [None]
 
 
 def _check_lora(x: torch.Tensor, w: torch.Tensor, batch: LoRABatch, ranks: torch.Tensor | None, what: str) -> None:
-    layout = (what, tuple(x.shape[1:]), x.stride(1), x.dtype, x.device, tuple(w.shape), w.stride(), w.dtype, w.device,
-              None if ranks is None else (tuple(ranks.shape), ranks.device))
+    layout = (what, x.shape[1:], x.stride(1), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device,
+              None if ranks is None else (ranks.shape, ranks.device))
     if layout not in _CHECKED_LAYOUTS:
         assert x.dim() == 2 and x.stride(1) == 1, f"{what}: activations must be [T, d] with contiguous rows"
         assert w.dim() == 3 and w.is_contiguous(), f"{what}: bank must be a contiguous 3-D tensor, got {tuple(w.shape)}"
@@ -285,7 +286,7 @@ def lora_shrink(
     assert x.dtype == lora_a.dtype, f"x dtype {x.dtype} != lora_a dtype {lora_a.dtype}"
     assert x.shape[1] == lora_a.shape[2], f"x {tuple(x.shape)} does not match lora_a {tuple(lora_a.shape)}"
     h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-    strides = (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
+    strides = lora_a.stride()
     sgmv_shrink(h, x, lora_a, strides, lora_a.shape[1], batch.sorted_token_ids, batch.slots, batch.counts,
                 batch.offsets, batch.launch, ranks, config)
     return h
@@ -310,7 +311,7 @@ def lora_expand(
     assert y.shape[1] == lora_b.shape[1], f"y {tuple(y.shape)} does not match lora_b {tuple(lora_b.shape)}"
     assert h.dtype == torch.float32 and h.is_contiguous() and h.shape == (y.shape[0], lora_b.shape[2]), (
         f"h must be contiguous fp32 {(y.shape[0], lora_b.shape[2])}, got {h.dtype} {tuple(h.shape)}")
-    strides = (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2))
+    strides = lora_b.stride()
     sgmv_expand(y, h, lora_b, strides, lora_b.shape[2], batch.sorted_token_ids, batch.slots, batch.counts,
                 batch.offsets, batch.launch, ranks, config)
 

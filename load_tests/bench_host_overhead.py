@@ -162,6 +162,32 @@ def measure_cuda_path(batch: int, adapters: int, step, model, steps: int, layers
                        max(times), top, launches, launches / layers, len({t.signature for t in traces}))
 
 
+def wrapper_costs(calls: int = 2000) -> dict[str, float]:
+    """Host us per call of the GPTQ GEMM and the SGMV shrink+expand wrappers with their launches
+    stubbed, Llama-2-7B projection shape (4096 x 4096, 4-bit group 128), one token, fp16."""
+    from inlaid_ray.kernels.gptq_gemm import gptq_matmul
+    from inlaid_ray.kernels.lora_sgmv import lora_shrink_expand
+    from inlaid_ray.model.forward_batch import LoRABatch
+
+    k = n = 4096
+    qweight, qzeros = torch.zeros(k // 8, n, dtype=torch.int32), torch.zeros(k // 128, n // 8, dtype=torch.int32)
+    scales, g_idx = torch.ones(k // 128, n, dtype=torch.float16), (torch.arange(k) // 128).int()
+    x, y = torch.randn(1, k).half(), torch.zeros(1, n, dtype=torch.float16)
+    lora_a, lora_b = torch.zeros(8, 16, k, dtype=torch.float16), torch.zeros(8, n, 16, dtype=torch.float16)
+    batch = LoRABatch.from_host_slots([3], "cpu")
+    ops = {"gptq_matmul_us_per_call": lambda: gptq_matmul(x, qweight, qzeros, scales, g_idx, 4, group_size=128),
+           "sgmv_us_per_projection": lambda: lora_shrink_expand(y, x, lora_a, lora_b, batch)}
+    out = {}
+    with stubbed_launches():
+        for name, call in ops.items():
+            call()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            out[name] = round((time.perf_counter() - t0) / calls * 1e6, 1)
+    return out
+
+
 def engine_stepper(batch: int, adapters: int, steps: int, cuda_path: bool = False):
     """An engine past its prefill with `batch` requests over `adapters` distinct adapters;
     `cuda_path`: fixed-shape decode steps through the Triton kernels (launch them stubbed)."""
@@ -268,8 +294,10 @@ def main() -> None:
     meta = {"shape": asdict(SHAPE), "prompt_tokens": PROMPT_TOKENS, "steps": args.steps, "threads": args.threads,
             "torch": torch.__version__, "targets": {"aten_ops_per_step": 700, "aten_ops_per_layer": 20,
                                                      "host_syncs_per_step": 1, "attention_shapes": 0,
-                                                     "triton_launches_per_layer": 6, "step_signatures": 1}}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+                                                     "triton_launches_per_layer": 6, "step_signatures": 1,
+                                                     "gptq_matmul_us_per_call": 10, "sgmv_us_per_projection": 15}}
+    wrappers = wrapper_costs()
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "wrappers": wrappers}, indent=1) + "\n")
     plot(rows, args.out.with_suffix(".png"))
     for r in rows:
         print(f"{r['system']:12s} B={r['batch']:<3d} A={r['adapters']:<2d} ops/step {r['aten_ops_per_step']:7.0f} "
@@ -278,6 +306,7 @@ def main() -> None:
               + (f" launches/layer {r['triton_launches_per_layer']:.1f} signatures {r['step_signatures']}"
                  if r["system"] == "engine-cuda-path" else "")
               + (f" ({r['host_ms_vs_transformers']:.2f}x transformers)" if "host_ms_vs_transformers" in r else ""))
+    print(f"launch wrappers, launches stubbed: {wrappers}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
