@@ -1,6 +1,7 @@
 """Per-request records of a load run and their summary statistics, shared by the HTTP load
-generator (bench/loadgen.py) and the engine-level GPU benchmark (load_tests/bench_engine_gpu.py), so both use the
-same definitions. Pure Python + numpy.
+generator (bench/loadgen.py) and the engine-level GPU benchmark (load_tests/bench_engine_gpu.py);
+the simulator's metrics (bench/sim_metrics.py) use the same latency statistics and SLO rule.
+Pure Python + numpy.
 
 Definitions (times in seconds on the run's clock, relative to its start):
 - a request is *ok* when it got a complete response (HTTP 200 and `data: [DONE]`, or the
@@ -70,7 +71,9 @@ class RequestRecord:
         return d
 
 
-def _stats(values: Sequence[float], prefix: str) -> dict[str, float | None]:
+def latency_stats(values: Sequence[float], prefix: str) -> dict[str, float | None]:
+    """`{prefix}_mean_s`, `_p50_s`, `_p99_s` of `values` (None when empty): the one definition
+    the load runs and the simulator (bench/sim_metrics.py) report."""
     if not len(values):
         return {f"{prefix}_mean_s": None, f"{prefix}_p50_s": None, f"{prefix}_p99_s": None}
     v = np.asarray(values, dtype=np.float64)
@@ -81,12 +84,18 @@ def _stats(values: Sequence[float], prefix: str) -> dict[str, float | None]:
     }
 
 
-def _attainment(records: Sequence[RequestRecord], scale: float) -> float | None:
-    with_slo = [r for r in records if r.slo_s is not None]
-    if not with_slo:
+def slo_attainment(e2e_s: Sequence[float | None], slo_s: Sequence[float | None], scale: float = 1.0) -> float | None:
+    """Fraction of the requests that have an SLO whose e2e latency is <= scale x it; a failed
+    request (e2e None) misses. The one rule of the load runs and the simulator (whose SLO is a
+    multiple of each request's isolated latency); None when no request has an SLO."""
+    pairs = [(e, s) for e, s in zip(e2e_s, slo_s, strict=True) if s is not None]
+    if not pairs:
         return None
-    met = sum(1 for r in with_slo if r.ok and r.e2e_s is not None and r.e2e_s <= scale * r.slo_s)
-    return met / len(with_slo)
+    return sum(1 for e, s in pairs if e is not None and e <= scale * s) / len(pairs)
+
+
+def _attainment(records: Sequence[RequestRecord], scale: float) -> float | None:
+    return slo_attainment([r.e2e_s if r.ok else None for r in records], [r.slo_s for r in records], scale)
 
 
 def summarize(records: Sequence[RequestRecord], slo_scales: Sequence[float] = SLO_SCALES) -> dict[str, Any]:
@@ -108,11 +117,11 @@ def summarize(records: Sequence[RequestRecord], slo_scales: Sequence[float] = SL
     else:
         out.update(makespan_s=None, output_tokens=0, throughput_tokens_per_s=None, throughput_req_per_s=None)
     e2e = [r.e2e_s for r in ok]
-    out.update(_stats(e2e, "e2e_latency"))
+    out.update(latency_stats(e2e, "e2e_latency"))
     out["jct_mean_s"] = out["e2e_latency_mean_s"]
-    out.update(_stats([r.ttft_s for r in ok if r.ttft_s is not None], "ttft"))
-    out.update(_stats([g for r in ok for g in r.itls_s], "itl"))
-    out.update(_stats([r.e2e_s / r.num_output_tokens for r in ok if r.num_output_tokens > 0], "norm_latency_per_token"))
+    out.update(latency_stats([r.ttft_s for r in ok if r.ttft_s is not None], "ttft"))
+    out.update(latency_stats([g for r in ok for g in r.itls_s], "itl"))
+    out.update(latency_stats([r.e2e_s / r.num_output_tokens for r in ok if r.num_output_tokens > 0], "norm_latency_per_token"))
     sent = [r for r in records if r.start_s is not None]
     out["send_lag_max_s"] = max((r.start_s - r.scheduled_s for r in sent), default=None)
     out["slo_attainment"] = _attainment(records, 1.0)

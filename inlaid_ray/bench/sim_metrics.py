@@ -6,6 +6,7 @@ item 20 of section 11):
 - TTFT = time of the first output token - arrival time.
 - SLO of a request = `m x` its isolated latency (same lengths alone on the replica under the
   run's cost model); attainment = fraction of requests with e2e latency <= SLO, for each m.
+  Latency statistics and the attainment rule are bench/load_stats.py's (one definition).
 - throughput = output tokens (and requests) / (last finish - first arrival).
 - tasks per step = distinct tasks among the requests scheduled in a step (mean, std).
 - max wait = the longest total time any request spent in the waiting queue (arrival and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from inlaid_ray.bench.load_stats import latency_stats, slo_attainment
 from inlaid_ray.bench.simulator import SimResult
 
 SLO_MULTIPLES = (2.0, 5.0, 10.0)
@@ -40,9 +42,7 @@ def summarize(result: SimResult, slo_multiples: tuple[float, ...] = SLO_MULTIPLE
         "makespan_s": span,
         "throughput_tokens_per_s": float(out.sum() / span),
         "throughput_req_per_s": float(len(jobs) / span),
-        "e2e_latency_mean_s": float(e2e.mean()),
-        "e2e_latency_p50_s": float(np.percentile(e2e, 50)),
-        "e2e_latency_p99_s": float(np.percentile(e2e, 99)),
+        **latency_stats(e2e, "e2e_latency"),
         "jct_mean_s": float(e2e.mean()),
         "norm_latency_mean_s_per_token": float((e2e / out).mean()),
         "norm_latency_p99_s_per_token": float(np.percentile(e2e / out, 99)),
@@ -59,5 +59,5 @@ def summarize(result: SimResult, slo_multiples: tuple[float, ...] = SLO_MULTIPLE
         "num_steps": len(result.steps),
     }
     for k in slo_multiples:
-        m[f"slo_attainment_{k:g}x"] = float((e2e <= k * iso).mean())
+        m[f"slo_attainment_{k:g}x"] = slo_attainment(e2e.tolist(), iso.tolist(), k)
     return m
