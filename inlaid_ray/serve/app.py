@@ -104,6 +104,8 @@ class AppArgs(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks per replica; None = kv_memory_fraction of free memory")
     kv_memory_fraction: float = Field(0.5, gt=0, le=1, description="share of free memory for the KV cache when num_kv_blocks is None")
     seed: int = Field(0, description="engine seed for sampled requests that bring none")
+    cuda_graphs: bool = Field(False, description="replay decode steps as CUDA graphs per batch bucket (GPU replicas; "
+                                                 "off until checked on a GPU, see load_tests/gpu_pending.sh)")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "AppArgs":
@@ -170,7 +172,7 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=max_model_len, policy=args.policy, seed=args.seed, step_cost_model=args.step_cost_model,
-        policy_options=dict(args.policy_options),
+        policy_options=dict(args.policy_options), cuda_graphs=args.cuda_graphs,
     )
     artifact_dir = args.artifact_dir or str(settings.cache_dir / "artifacts")
     replica_spec = ReplicaSpec(
