@@ -224,3 +224,45 @@ def paged_decode_attention_ref(
         scores = torch.einsum("hd,nhd->hn", q[s].to(acc), k) * scale
         out[s] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v).to(q.dtype)
     return out
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of every sequence's new tokens over its paged context.
+
+    q: [T, H, D], sequence s's new tokens at rows query_start[s]:query_start[s+1]; they are the
+    LAST q_len of its context_lens[s] cache positions (their K/V already written), so new token j
+    sits at position context_lens[s] - q_len + j and sees keys 0..that position (the last
+    `sliding_window` of them when set). key_cache/value_cache: [num_blocks, block_size, KVH, D];
+    query head h reads KV head h // (H / KVH). Returns [T, H, D] in q.dtype, computed in fp32
+    (fp64 for fp64 inputs), one sequence at a time.
+    """
+    acc = torch.promote_types(q.dtype, torch.float32)
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    out = torch.empty_like(q)
+    starts, ctxs = query_start.tolist(), context_lens.tolist()
+    for s, ctx in enumerate(ctxs):
+        a, b = starts[s], starts[s + 1]
+        if a == b:
+            continue
+        pos = torch.arange(ctx, device=q.device)
+        blocks = block_tables[s, pos // block_size].long()
+        k = key_cache[blocks, pos % block_size].to(acc).repeat_interleave(group, dim=1)  # [ctx, H, D]
+        v = value_cache[blocks, pos % block_size].to(acc).repeat_interleave(group, dim=1)
+        q_pos = torch.arange(ctx - (b - a), ctx, device=q.device)  # [q_len]
+        visible = pos[None, :] <= q_pos[:, None]
+        if sliding_window is not None:
+            visible &= pos[None, :] > q_pos[:, None] - sliding_window
+        scores = torch.einsum("thd,nhd->htn", q[a:b].to(acc), k) * scale
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        out[a:b] = torch.einsum("htn,nhd->thd", scores.softmax(dim=-1), v).to(q.dtype)
+    return out

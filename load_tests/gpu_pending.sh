@@ -35,6 +35,11 @@ if [[ $what == all || $what == tests ]]; then
     step gpu_tests 420 python -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/test_gptq.py \
         tests/test_engine.py tests/test_adapter_bank.py tests/test_cluster_bank.py tests/test_compress_jd.py \
         tests/test_compressed_serving.py tests/test_static_decode.py
+    # The paged attention kernels' tests that take the `device` fixture (CUDA here): decode and the
+    # prefill/extend kernel (opt-in until this passes) against their references, and the engine
+    # with both kernels against transformers' greedy tokens.
+    step gpu_attention_tests 300 python -m pytest -q -p no:cacheprovider tests/kernels/test_paged_prefill.py \
+        tests/kernels/test_paged_attention.py -k "triton_decode_attention_matches or sliding_window or prefill"
 fi
 if [[ $what == all || $what == kernels ]]; then
     # #6: W4A16 vs cuBLAS fp16 and dequantize-then-matmul, bandwidth vs copy, multi-LoRA overhead.

@@ -4,7 +4,10 @@ New K/V are scattered into their cache slots first. Then:
 - decode-only steps on CUDA (every sequence adds one token): the Triton paged decode kernel
   (`kernels/paged_attention.py`) reads K/V through the block tables; no gather, no padding,
   no mask, and a launch whose shape does not change with the context lengths;
-- otherwise (prefill, mixed steps, CPU): the reference path. Each sequence's context is
+- prefill and mixed steps with a prefill op (`select_prefill_attention(device, "triton")`;
+  opt-in until checked on a GPU): the Triton paged prefill/extend kernel
+  (`kernels/paged_prefill.py`), also without a padded copy of the cache or a mask tensor;
+- otherwise (CPU, or no prefill op): the reference path. Each sequence's context is
   gathered through its block table into a padded `[S, max_ctx]` view and one masked
   `scaled_dot_product_attention` call serves every sequence. The padding plan and mask depend
   only on the batch, so `AttentionPlan` builds them once per forward and every layer reuses them.
@@ -26,6 +29,9 @@ from inlaid_ray.model.layers import cast
 
 # (q [S, H, D], key_cache, value_cache, block_tables [S, nb], context_lens [S], scale, sliding_window) -> [S, H, D]
 DecodeAttentionOp = Callable[..., torch.Tensor]
+# (q [T, H, D], key_cache, value_cache, block_tables, query_start [S+1], context_lens [S], q_block_seq,
+#  q_block_start, scale, sliding_window) -> [T, H, D]
+PrefillAttentionOp = Callable[..., torch.Tensor]
 
 
 def select_decode_attention(device: torch.device | str, kernels: Literal["auto", "triton", "padded"] = "auto"
@@ -42,6 +48,20 @@ def select_decode_attention(device: torch.device | str, kernels: Literal["auto",
     raise ValueError(f"kernels={kernels!r}; expected 'auto', 'triton' or 'padded'")
 
 
+def select_prefill_attention(device: torch.device | str, kernels: Literal["auto", "triton", "padded"] = "auto"
+                             ) -> PrefillAttentionOp | None:
+    """The one place the prefill/extend attention is chosen: "auto" = the padded reference (None)
+    until the Triton kernel has been checked on a GPU (load_tests/gpu_pending.sh); "triton"
+    (CUDA, or CPU under TRITON_INTERPRET=1); "padded"."""
+    if kernels in ("auto", "padded"):
+        return None
+    if kernels == "triton":
+        from inlaid_ray.kernels.paged_prefill import paged_prefill_attention
+
+        return paged_prefill_attention
+    raise ValueError(f"kernels={kernels!r}; expected 'auto', 'triton' or 'padded'")
+
+
 @dataclass
 class AttentionPlan:
     """How every layer of one forward attends: the decode kernel, or the padded reference with
@@ -54,13 +74,23 @@ class AttentionPlan:
     max_ctx: int
     sliding_window: int | None = None
     decode_op: DecodeAttentionOp | None = None  # set: a decode-only step through this kernel
+    prefill_op: PrefillAttentionOp | None = None  # set: every sequence through the prefill kernel
+    q_blocks: tuple[torch.Tensor, torch.Tensor] | None = None  # its (sequence, first token) per query block
 
     @classmethod
-    def build(cls, batch: ForwardBatch, sliding_window: int | None,
-              decode_op: DecodeAttentionOp | None = None) -> "AttentionPlan":
-        """`decode_op` is used when every sequence adds exactly one token (host lists: no sync)."""
+    def build(cls, batch: ForwardBatch, sliding_window: int | None, decode_op: DecodeAttentionOp | None = None,
+              prefill_op: PrefillAttentionOp | None = None) -> "AttentionPlan":
+        """`decode_op` is used when every sequence adds exactly one token, `prefill_op` for any
+        other step (host lists: no sync)."""
         if decode_op is not None and max(batch.query_lens_list) == 1:
             return cls(None, None, None, 1, max(batch.context_lens_list), sliding_window, decode_op)
+        if prefill_op is not None:
+            from inlaid_ray.kernels.paged_prefill import PrefillAttentionConfig, query_blocks
+
+            seqs, firsts = query_blocks(batch.query_lens_list, PrefillAttentionConfig().block_m)
+            blocks = torch.tensor([seqs, firsts], dtype=torch.int32).to(batch.positions.device, non_blocking=True)
+            return cls(None, None, None, max(batch.query_lens_list), max(batch.context_lens_list), sliding_window,
+                       prefill_op=prefill_op, q_blocks=(blocks[0], blocks[1]))
         device = batch.positions.device
         num_seqs = batch.num_seqs
         max_q, max_ctx = max(batch.query_lens_list), max(batch.context_lens_list)
@@ -92,6 +122,10 @@ def paged_attention(
     if plan.decode_op is not None:  # one query per sequence, at its last context position
         return plan.decode_op(q, kv_cache.key_caches[layer], kv_cache.value_caches[layer], batch.block_tables,
                               batch.context_lens, q.shape[-1] ** -0.5, plan.sliding_window)
+    if plan.prefill_op is not None:
+        return plan.prefill_op(q, kv_cache.key_caches[layer], kv_cache.value_caches[layer], batch.block_tables,
+                               batch.query_start, batch.context_lens, *plan.q_blocks, q.shape[-1] ** -0.5,
+                               plan.sliding_window)
     q_pad = q.new_zeros(batch.num_seqs, plan.max_q, q.shape[1], q.shape[2])
     q_pad[plan.token_seq, plan.token_local] = q
     keys = _gather_context(kv_cache.key_caches[layer], batch.block_tables, plan.max_ctx)  # [S, C, KVH, D]

@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inlaid_ray.model.attention import AttentionPlan, paged_attention, select_decode_attention
+from inlaid_ray.model.attention import (
+    AttentionPlan,
+    paged_attention,
+    select_decode_attention,
+    select_prefill_attention,
+)
 from inlaid_ray.model.config import ModelConfig
 from inlaid_ray.model.forward_batch import ForwardBatch
 from inlaid_ray.model.kv_cache import PagedKVCache
@@ -126,6 +131,7 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config, device)
         self.adapter_bank = adapter_bank  # anything with add_delta(y, x, layer, module, lora_batch)
         self.decode_attention = select_decode_attention(device)  # None: the padded reference path
+        self.prefill_attention = select_prefill_attention(device)
 
     @property
     def device(self) -> torch.device:
@@ -145,7 +151,7 @@ class Transformer(nn.Module):
             if self.adapter_bank is None:
                 raise ValueError("batch uses adapter slots but the model has no adapter bank")
             lora = LoRAContext(self.adapter_bank, batch.lora)
-        plan = AttentionPlan.build(batch, self.config.sliding_window, self.decode_attention)
+        plan = AttentionPlan.build(batch, self.config.sliding_window, self.decode_attention, self.prefill_attention)
         rotary = self.rotary.for_positions(batch.positions)
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         for layer in self.model.layers:
