@@ -122,3 +122,41 @@ def test_a_base_of_another_shape_is_refused(bases, tmp_path):
     cfg = ModelConfig.from_dir(a)
     with pytest.raises(ValueError, match="hidden_size"):
         engine_for_base(str(other), _spec(a), AdapterBank(cfg, 2, 4), cfg)
+
+
+def test_a_restarted_replica_serves_only_the_named_base(bases):
+    """A replica starts on the model directory of its spec, a base the registry does not name
+    (after a restart: the unquantized base). The first request waits for the named base and is
+    served by it; later version changes load in the background while the named base serves."""
+    a, b = bases
+    ref_b = _reference(b, SHORT)
+
+    async def main():
+        cfg = ModelConfig.from_dir(a)
+        bank = AdapterBank(cfg, 2, 4)
+        spec = _spec(a)
+        gate = asyncio.Event()
+
+        async def load(ref: BaseRef):
+            await gate.wait()  # the load takes as long as the test says
+            return await asyncio.to_thread(engine_for_base, ref.uri, spec, bank, cfg)
+
+        res = BaseResidency(engine_for_base(str(a), spec, bank, cfg), str(a), load)
+        first = asyncio.create_task(res.settle(BaseRef(1, str(b)), timeout_s=600))
+        await asyncio.sleep(0.05)
+        assert not first.done() and res.current.uri == str(a)  # waiting, not served on the unnamed base
+        gate.set()
+        await first
+        slot = res.acquire()
+        assert slot.uri == str(b) and slot.version == 1
+        assert await _collect(slot.engine.generate(PROMPT, SHORT)) == ref_b
+        res.release(slot)
+        gate.clear()
+        await res.settle(BaseRef(2, str(a)), timeout_s=600)  # a named base serves while the next loads
+        assert res.current.uri == str(b) and res.loading == BaseRef(2, str(a))
+        gate.set()
+        await _until(lambda: res.current.uri == str(a))
+        await _until(lambda: res.draining == [])
+        await res.current.engine.shutdown()
+
+    asyncio.run(main())

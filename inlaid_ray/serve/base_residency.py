@@ -8,7 +8,8 @@ on the engine, hence the weights, it started with, because a request is bound to
 its whole life (its KV cache lives there). The old engine is shut down once its last request
 ends. A base that fails to load is logged and retried only after `retry_s`; the replica keeps
 serving on the base it has, so a bad base version never fails a request. A request for a base
-the replica still has draining swaps back to it at once (a rolled-back base version).
+the replica still has draining swaps back to it at once (a rolled-back base version). Until the
+registry has named the base a replica started on, requests wait for the named one (`settle`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,21 @@ class BaseResidency:
             return
         if self._loader is None or self._loader.done():
             self._loader = asyncio.get_running_loop().create_task(self._load_loop(), name="inlaid-base-load")
+
+    async def settle(self, ref: BaseRef | None, timeout_s: float) -> None:
+        """`want(ref)`; and while this replica still runs the base it started on, which the
+        registry has never named (after a restart: the unquantized model directory), wait up to
+        `timeout_s` for the named base to load, so no request is served by a base the registry
+        does not name. Once a version was named, later swaps load in the background as usual."""
+        self.want(ref)
+        loader = self._loader
+        if ref is None or self.current.version is not None or loader is None or loader.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(loader), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("base version %d still loading after %.0fs; serving this request on %s",
+                        ref.version, timeout_s, self.current.uri)
 
     def acquire(self) -> EngineSlot:
         """The engine a new request starts on; `release(slot)` exactly once when it ends."""

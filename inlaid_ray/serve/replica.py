@@ -44,6 +44,9 @@ from inlaid_ray.serve.base_residency import BaseRef, BaseResidency, EngineSlot
 from inlaid_ray.serve.residency import ClusterResidency, ClusterToken, Lease
 
 log = logging.getLogger(__name__)
+# How long a request waits for the registry's base when the replica still runs the base it
+# started on (BaseResidency.settle); past it the request is served on that base, with a warning.
+FIRST_BASE_WAIT_S = 120.0
 
 _END = object()  # the pump's end-of-stream marker
 _ACQUIRE_ATTEMPTS = 3  # a cluster evicted between load and lease is loaded again, this often
@@ -175,7 +178,7 @@ class EngineReplica:
         first = True
         try:
             if self._swaps_bases:
-                self._bases.want(base)
+                await self._bases.settle(base, FIRST_BASE_WAIT_S)
             if request.task is not None:
                 lease = await self._lease(request)
             async for chunk in self._stream(request):
