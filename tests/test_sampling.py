@@ -1,4 +1,5 @@
-"""Sampling: greedy is argmax, top-k/top-p follow their definitions, seeded draws are
+"""Sampling: greedy is argmax, top-k/top-p follow their definitions, the device-side uniforms are
+splitmix64 (a pure-Python reference and the published first output), seeded draws are
 reproducible and do not depend on the other rows of the batch, and temperature sampling
 follows softmax(logits / T) empirically."""
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from inlaid_ray.engine import SamplingParams, sample, sampling_probs
+from inlaid_ray.engine.sampling import uniforms
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -40,7 +42,7 @@ def _ref_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 def test_greedy_is_argmax():
     logits = torch.randn(7, 50, generator=_gen(0))
     params = [SamplingParams()] * 7
-    assert sample(logits, params, [None] * 7) == logits.argmax(-1).tolist()
+    assert sample(logits, params, [None] * 7, [0] * 7) == logits.argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.5, 5, 1.0), (1.3, -1, 0.6), (0.8, 7, 0.3), (2.0, 1, 1.0)])
@@ -60,8 +62,7 @@ def test_top_k_one_and_tiny_top_p_equal_greedy():
     logits = torch.randn(32, 100, generator=_gen(2))
     greedy = logits.argmax(-1).tolist()
     for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.5, top_p=1e-6)):
-        gens = [_gen(i) for i in range(32)]
-        assert sample(logits, [params] * 32, gens) == greedy
+        assert sample(logits, [params] * 32, list(range(32)), [5] * 32) == greedy
 
 
 def test_seeded_draws_are_reproducible_and_independent_of_batch_neighbours():
@@ -70,7 +71,6 @@ def test_seeded_draws_are_reproducible_and_independent_of_batch_neighbours():
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=123)
 
     def run(neighbours: int, position: int) -> list[int]:
-        gen = _gen(123)
         tokens = []
         for step in range(20):
             rows = [torch.randn(100) for _ in range(neighbours)]
@@ -79,9 +79,11 @@ def test_seeded_draws_are_reproducible_and_independent_of_batch_neighbours():
                      SamplingParams(temperature=1.0), SamplingParams()]
             others = [kinds[(i + step) % 4] for i in range(neighbours)]  # same and other groups
             all_params = others[:position] + [params] + others[position:]
-            gens = [_gen(1000 + step * 10 + i) for i in range(neighbours)]
-            all_gens = gens[:position] + [gen] + gens[position:]
-            tokens.append(sample(torch.stack(rows), all_params, all_gens)[position])
+            seeds = [1000 + step * 10 + i for i in range(neighbours)]
+            all_seeds = seeds[:position] + [123] + seeds[position:]
+            counters = [step + 3 * i for i in range(neighbours + 1)]
+            counters[position] = step  # the target's token index
+            tokens.append(sample(torch.stack(rows), all_params, all_seeds, counters)[position])
         return tokens
 
     alone = run(0, 0)
@@ -104,11 +106,38 @@ def test_draws_follow_the_filtered_distribution(params):
     )[0]
     if params.top_k == -1 and params.top_p == 1.0:
         torch.testing.assert_close(expected, torch.softmax(logits[0] / params.temperature, -1))
-    gen, n = _gen(7), 4000
+    n = 4000
     counts = torch.zeros(6)
-    for _ in range(n):
-        counts[sample(logits, [params], [gen])[0]] += 1
+    for i in range(n):
+        counts[sample(logits, [params], [7], [i])[0]] += 1
     sigma = (expected * (1 - expected) / n).sqrt()
     deviation = (counts / n - expected).abs()
     assert (deviation <= 5 * sigma).all(), f"frequencies {counts / n} vs expected {expected}"
     assert (counts[expected == 0] == 0).all()
+
+
+def _splitmix64(seed: int, counter: int) -> float:
+    """splitmix64's output for state seed + (counter + 1) * gamma, in Python integers mod 2^64."""
+    mask = (1 << 64) - 1
+    z = (seed + (counter + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return ((z ^ (z >> 31)) >> 11) * 2.0**-53
+
+
+def test_uniforms_are_splitmix64():
+    seeds = [0, 1, 123, 2**63 - 1, -5, -(2**63)]
+    counters = [0, 1, 7, 1000, 2**31]
+    pairs = [(s, c) for s in seeds for c in counters]
+    got = uniforms(torch.tensor([s for s, _ in pairs]), torch.tensor([c for _, c in pairs])).tolist()
+    assert got == [_splitmix64(s % (1 << 64), c) for s, c in pairs]
+    # the first output of splitmix64 seeded with 0 is 0xE220A8397B1DCDAF (published test vector)
+    assert uniforms(torch.tensor([0]), torch.tensor([0])).item() == (0xE220A8397B1DCDAF >> 11) * 2.0**-53
+    u = uniforms(torch.full((20000,), 42), torch.arange(20000))
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+
+
+def test_unsigned_64_bit_seeds_wrap():
+    logits = torch.randn(1, 30, generator=_gen(4))
+    params = [SamplingParams(temperature=1.0)]
+    assert sample(logits, params, [2**64 - 1], [3]) == sample(logits, params, [-1], [3])

@@ -129,10 +129,9 @@ class LLMEngine:
         elif request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         now = self.clock()
-        generator = None
+        sample_seed = None
         if params.temperature >= GREEDY_EPS:
-            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)  # CPU: one uniform per token, any device
+            sample_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
         return Request(
             request_id=request_id,
@@ -142,7 +141,7 @@ class LLMEngine:
             arrival_time=now if arrival_time is None else arrival_time,
             wait_start=now,
             predicted_output_len=predicted_output_len,
-            generator=generator,
+            sample_seed=sample_seed,
             detokenizer=detok,
         )
 
@@ -222,7 +221,8 @@ class LLMEngine:
                 )
                 logits = self.model(input_ids, batch, self.kv_cache)  # [S, vocab] fp32
         adjusted = adjust_logits(logits, scheduled, self.eos_token_ids)
-        tokens = sample(adjusted, [r.params for r in scheduled], [r.generator for r in scheduled])
+        tokens = sample(adjusted, [r.params for r in scheduled], [r.sample_seed for r in scheduled],
+                        [r.num_output_tokens for r in scheduled])
         logprobs = token_logprobs(logits, tokens, scheduled)
         self._num_steps += 1
         self._last_step = (len(scheduled), sum(r.num_tokens - r.num_computed_tokens for r in scheduled),

@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 
 from inlaid_ray.errors import InvalidRequest
 
@@ -121,7 +120,7 @@ class Request:
     first_scheduled_time: float | None = None  # first step that ran it (queue time = this - arrival_time)
     first_token_time: float | None = None
     finish_time: float | None = None
-    generator: torch.Generator | None = field(default=None, repr=False)  # None for greedy
+    sample_seed: int | None = None  # seed of its sampling uniforms (engine/sampling.py); None for greedy
     detokenizer: Any = field(default=None, repr=False)  # IncrementalDetokenizer or None
 
     @property

@@ -1,12 +1,15 @@
-"""Next-token sampling on fp32 logits: greedy, temperature, top-k and top-p (nucleus).
+"""Next-token sampling on fp32 logits, on the logits' device: greedy, temperature, top-k and
+top-p (nucleus).
 
-Batch independence: a request's token depends only on its logits, its parameters and its
-own `torch.Generator` (on the CPU, seeded from `SamplingParams.seed`), never on the other
-rows. Each sampled row draws exactly one uniform u per token from its generator and takes
-the token where the cumulative distribution first exceeds u (inverse CDF, exact). Rows are
-vectorised in groups that need the same computation (plain temperature / one top-k value /
-full sort for top-p alone), so a row's arithmetic, shapes included, never depends on which
-other requests share the step.
+Batch independence: a request's token depends only on its logits, its parameters, its seed
+and how many tokens it has sampled before, never on the other rows. Each sampled row draws one
+uniform u = splitmix64(seed, token index) computed on the device for all rows at once (a
+counter-based generator: no per-request generator state, nothing to copy to the device but the
+step's seeds and counters, one transfer) and takes the token where the cumulative distribution
+first exceeds u (inverse CDF, exact). Rows are vectorised in groups that need the same
+computation (plain temperature / one top-k value / full sort for top-p alone), so a row's
+arithmetic, shapes included, never depends on which other requests share the step. The sampled
+ids come back to the host in one transfer.
 """
 
 from __future__ import annotations
@@ -24,22 +27,31 @@ GREEDY_EPS = 1e-5
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
+    seeds: Sequence[int | None],
+    counters: Sequence[int],
 ) -> list[int]:
-    """One token id per row of `logits` [S, vocab] (fp32), using row i's params and CPU generator."""
-    assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators), (
-        f"logits {tuple(logits.shape)}, {len(params)} params, {len(generators)} generators"
+    """One token id per row of `logits` [S, vocab] (fp32): row i with params[i], its seed (None
+    for greedy rows) and counters[i], the index of the token it samples (its output tokens so far)."""
+    assert logits.dim() == 2 and logits.shape[0] == len(params) == len(seeds) == len(counters), (
+        f"logits {tuple(logits.shape)}, {len(params)} params, {len(seeds)} seeds, {len(counters)} counters"
     )
     logits = logits.float()
     out = logits.argmax(dim=-1)  # [S]; greedy rows keep this
     groups: dict[tuple[str, int], list[int]] = {}
     for i, p in enumerate(params):
         if p.temperature >= GREEDY_EPS:
-            assert generators[i] is not None, f"row {i} samples (temperature {p.temperature}) but has no generator"
+            assert seeds[i] is not None, f"row {i} samples (temperature {p.temperature}) but has no seed"
             groups.setdefault(_group_key(p, logits.shape[1]), []).append(i)
+    if groups:
+        sampled = [i for rows in groups.values() for i in rows]
+        # seeds are 64-bit, signed or not (SamplingParams); the generator works mod 2^64
+        keys = torch.tensor([[_signed64(seeds[i]) for i in sampled], [counters[i] for i in sampled]],
+                            dtype=torch.int64)
+        u_all = uniforms(*keys.to(logits.device, non_blocking=True)).to(logits.dtype)  # [R_total], one copy
+        position = {row: k for k, row in enumerate(sampled)}
     for (kind, k), rows in groups.items():
         values, order = _candidates(logits[rows], [params[i] for i in rows], kind, k)
-        u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows]).to(logits.device)  # [R]
+        u = u_all[[position[i] for i in rows]]  # [R]
         probs = values.softmax(dim=-1)  # [R, C]
         cdf = probs.cumsum(dim=-1)
         # First candidate whose cumulative mass exceeds u * total: zero-mass candidates are never
@@ -50,6 +62,31 @@ def sample(
         picked = idx if order is None else order.gather(1, idx)
         out[rows] = picked.squeeze(1)
     return out.tolist()
+
+
+# splitmix64 (Steele, Lea and Flood 2014; the seeding generator of xoshiro) constants as int64.
+_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _signed64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """u in [0, 1) (float64) per element: the top 53 bits of splitmix64's output for state
+    seed + (counter + 1) * gamma, on the tensors' device (int64 arithmetic wraps mod 2^64)."""
+    z = seeds.to(torch.int64) + (counters.to(torch.int64) + 1) * _GAMMA
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return _shr(z, 11).double() * 2.0**-53
 
 
 def _group_key(p: SamplingParams, vocab: int) -> tuple[str, int]:
