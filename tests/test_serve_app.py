@@ -31,7 +31,7 @@ from inlaid_ray.model import ModelConfig, encode_chat, encode_text, load_tokeniz
 from inlaid_ray.registry import TaskRecord, TaskRegistry, connect_redis
 from inlaid_ray.config import Settings
 from inlaid_ray.serve.app import AppArgs
-from inlaid_ray.demo.manifest import DEMO_CLUSTERS, write_demo_manifest
+from inlaid_ray.demo.manifest import DEMO_CLUSTERS, DEMO_TENANT, write_demo_manifest
 from inlaid_ray.serve.seed import adapter_ready
 from inlaid_ray.serve.engine_builder import ReplicaSpec, build_engine, load_cluster_adapter
 from inlaid_ray.serve.launcher import free_port, run_serve
@@ -318,6 +318,42 @@ def test_tenancy(served, adapters_dir):
             break
         time.sleep(0.05)
     assert _error(_complete(served, "rival-task", acme_key), 404)["code"] == "model_not_found"
+
+
+def test_runtime_adapter_load_and_unload_as_vllm(served, adapters_dir):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: a loaded adapter answers under
+    its new name exactly as the task with the same adapter file does; bad bodies get 4xx naming
+    the field; an unloaded adapter answers 404."""
+    path = str(demo_adapter_dir("extract", adapters_dir))
+    body = {"lora_name": "extract-copy", "lora_path": path, "tenant": DEMO_TENANT}
+    assert _error(served.post("/v1/load_lora_adapter", body), 403)["code"] == "admin_required"
+    loaded = served.post("/v1/load_lora_adapter", body, ADMIN_KEY)
+    assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'extract-copy' added successfully."
+    assert "extract-copy" in [m["id"] for m in served.get("/v1/models").json()["data"]]
+    ask = dict(prompt="Extract the name: Alice Smith met Bob.", max_tokens=12, temperature=0)
+    copy = served.post("/v1/completions", ask | {"model": "extract-copy"})
+    original = served.post("/v1/completions", ask | {"model": "extract"})
+    assert copy.status_code == original.status_code == 200, copy.text
+    assert copy.json()["choices"][0]["text"] == original.json()["choices"][0]["text"]
+
+    assert _error(served.post("/v1/load_lora_adapter", body, ADMIN_KEY), 400)["code"] == "adapter_exists"
+    assert _error(served.post("/v1/load_lora_adapter", body | {"lora_name": "x", "lora_path": "/nonexistent"},
+                              ADMIN_KEY), 400)["param"] == "lora_path"
+    assert _error(served.post("/v1/load_lora_adapter", body | {"lora_name": "../etc"}, ADMIN_KEY), 400)["param"] == \
+        "lora_name"
+    assert _error(served.post("/v1/load_lora_adapter", body | {"load_inplace": True}, ADMIN_KEY), 400)["param"] == \
+        "load_inplace"
+    assert _error(served.post("/v1/load_lora_adapter", body | {"lora_name": "y", "tenant": "ghost"}, ADMIN_KEY),
+                  404)["param"] == "tenant"
+
+    unloaded = served.post("/v1/unload_lora_adapter", {"lora_name": "extract-copy"}, ADMIN_KEY)
+    assert unloaded.status_code == 200 and "removed" in unloaded.text
+    assert _error(served.post("/v1/completions", ask | {"model": "extract-copy"}), 404)["code"] == "model_not_found"
+    assert _error(served.post("/v1/unload_lora_adapter", {"lora_name": "never-loaded"}, ADMIN_KEY), 404)["param"] == \
+        "lora_name"
+    reloaded = served.post("/v1/load_lora_adapter", body, ADMIN_KEY)  # the name is free again
+    assert reloaded.status_code == 200, reloaded.text
+    assert served.post("/v1/unload_lora_adapter", {"lora_name": "extract-copy"}, ADMIN_KEY).status_code == 200
 
 
 def test_bad_input_answers_4xx_and_keeps_serving(served):

@@ -46,7 +46,8 @@ from inlaid_ray.jobs.onboard_base import (
     task_statistics,
 )
 from inlaid_ray.jobs.probe import probe_task
-from inlaid_ray.jobs.validate import validate_adapter, validate_calibration
+from inlaid_ray.jobs.validate import validate_calibration
+from inlaid_ray.lora.validation import validate_adapter
 from inlaid_ray.lora import load_peft_adapter
 from inlaid_ray.lora.cluster_bank import save_cluster_banks
 from inlaid_ray.lora.peft_io import CONFIG_NAME, WEIGHTS_NAME

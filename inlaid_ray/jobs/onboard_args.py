@@ -14,7 +14,7 @@ from inlaid_ray.jobs.cluster_assign import ClusterSettings
 from inlaid_ray.jobs.probe import ProbeSettings
 from inlaid_ray.jobs.quant_step import QuantSettings
 from inlaid_ray.jobs.remote import RemoteSettings
-from inlaid_ray.jobs.validate import AdapterLimits
+from inlaid_ray.lora.validation import AdapterLimits
 
 
 class OnboardOptions(BaseModel):

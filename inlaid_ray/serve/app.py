@@ -191,7 +191,7 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
         data_dir=data_dir, namespace=args.namespace, predictor=args.predictor, default_slo_s=args.default_slo_s,
         auth_cache_s=args.auth_cache_s, registry_refresh_s=args.registry_refresh_s, seed=seed,
         max_request_bytes=args.max_request_bytes, max_json_depth=args.max_json_depth,
-        metrics_need_admin_key=args.metrics_need_admin_key,
+        metrics_need_admin_key=args.metrics_need_admin_key, max_lora_rank=args.max_lora_rank,
     )
     replicas = EngineReplica.options(
         num_replicas=args.num_replicas,

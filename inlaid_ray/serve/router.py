@@ -9,8 +9,9 @@ multiplexed model id so `ClusterAffinityRouter` can prefer replicas holding it. 
 chunk is awaited before answering, so failures up to the first token are real HTTP errors and
 the `x-inlaid-replica` header names the replica that serves the request; later failures
 arrive as an SSE error event. Routes: /v1/completions, /v1/chat/completions, /v1/models,
-/health, /metrics, and admin routes under /v1/admin (admin key only): tasks (list, show,
-retire), tenants, replicas.
+/health, /metrics, vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (admin key;
+serve/runtime_adapters.py), and admin routes under /v1/admin (admin key only): tasks (list,
+show, retire), tenants, keys, replicas.
 
 Every request also carries the registry's current base version (`BaseRef`), which replicas
 swap to in the background (base_residency.py); the `x-inlaid-base-version` header names the base
@@ -34,13 +35,14 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inlaid_ray.lora.validation import AdapterLimits
 from inlaid_ray.model import ModelConfig, load_tokenizer
 from inlaid_ray.errors import TaskNotFound
 from inlaid_ray.registry import (
@@ -83,6 +85,7 @@ from inlaid_ray.serve.responses import (
     next_chunk,
     sse_events,
 )
+from inlaid_ray.serve.runtime_adapters import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, load_adapter
 from inlaid_ray.serve.seed import RegistrySeed, seed_registry
 
 log = logging.getLogger(__name__)
@@ -143,6 +146,7 @@ class RouterSpec:
     max_request_bytes: int = 2 << 20
     max_json_depth: int = 64
     metrics_need_admin_key: bool = True
+    max_lora_rank: int = 16  # what the replicas' banks hold: the runtime adapter endpoint's rank limit
 
 
 def _log_observe_failure(done: Future) -> None:
@@ -157,6 +161,16 @@ def _probe_avoid(caller: Caller, request: Request) -> tuple[str, ...]:
     return tuple(r.strip() for r in request.headers.get(PROBE_AVOID_HEADER, "").split(",") if r.strip())
 
 
+def _validated_body(model: type[BaseModel], body: Any) -> Any:
+    """An admin route's JSON body as `model` (unknown fields refused); 400 naming the field."""
+    if not isinstance(body, dict):
+        raise OpenAIHTTPError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
 def _validate(model: type[CompletionRequest] | type[ChatCompletionRequest], body: Any) -> Any:
     if not isinstance(body, dict):
         raise OpenAIHTTPError(400, f"the request body must be a JSON object, got {type(body).__name__}")
@@ -165,10 +179,7 @@ def _validate(model: type[CompletionRequest] | type[ChatCompletionRequest], body
         raise OpenAIHTTPError(400, f"{name} is not supported by this server; leave it unset or at its default",
                               code="unsupported_parameter", param=name)
     body = {k: v for k, v in body.items() if k not in UNSUPPORTED_FIELDS}  # what is left of them is "off"
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
+    return _validated_body(model, body)
 
 
 @serve.deployment(name="Router")
@@ -180,7 +191,8 @@ class Router:
         self._replica = replica
         self._spec = spec
         self._tokenizer = load_tokenizer(spec.model_dir)
-        self._vocab_size = ModelConfig.from_dir(spec.model_dir).vocab_size
+        self._model_config = ModelConfig.from_dir(spec.model_dir)
+        self._vocab_size = self._model_config.vocab_size
         self._redis = connect_redis(spec.redis_url, spec.data_dir)
         self._registry = TaskRegistry(self._redis, spec.namespace)
         if spec.seed is not None:
@@ -284,10 +296,15 @@ class Router:
     async def admin_retire(self, name: str, request: Request) -> dict[str, Any]:
         """Retire a task, as `inlaid-ray tasks retire`: 404 for new requests, requests in flight finish."""
         await self._admin(request)
+        return await self._retire(name)
+
+    async def _retire(self, name: str, param: str | None = None) -> dict[str, Any]:
+        """Retire a task and wait until this router's cache has applied it."""
         try:
             result = await asyncio.to_thread(retire_task, self._registry, name)
         except TaskNotFound:
-            raise OpenAIHTTPError(404, f"the model {name!r} does not exist", code="model_not_found") from None
+            raise OpenAIHTTPError(404, f"the model {name!r} does not exist", code="model_not_found",
+                                  param=param) from None
 
         def applied(w: RegistryWatcher) -> bool:
             task = w.get_task(name)
@@ -295,6 +312,31 @@ class Router:
 
         await asyncio.to_thread(self._watcher.wait_for, applied, RETIRE_WAIT_S)
         return result
+
+    @api.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """vLLM's runtime adapter load (admin key; serve/runtime_adapters.py); answers once this
+        router serves it."""
+        await self._admin(request)
+        req = _validated_body(LoadLoRAAdapterRequest, await self._json_body(request))
+        limits = AdapterLimits(max_rank=self._spec.max_lora_rank)
+        record = await asyncio.to_thread(load_adapter, self._registry, req, self._model_config, limits,
+                                         self._spec.base_model_id, self._spec.model_dir)
+
+        def applied(w: RegistryWatcher) -> bool:
+            task = w.get_task(record.name)
+            return task is not None and task.status == "live" and task.version == record.version
+
+        await asyncio.to_thread(self._watcher.wait_for, applied, RETIRE_WAIT_S)
+        return PlainTextResponse(f"Success: LoRA adapter '{record.name}' added successfully.")
+
+    @api.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """vLLM's runtime adapter unload (admin key): the task is retired, requests in flight finish."""
+        await self._admin(request)
+        req = _validated_body(UnloadLoRAAdapterRequest, await self._json_body(request))
+        await self._retire(req.lora_name, param="lora_name")
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @api.post("/v1/admin/tenants")
     async def admin_add_tenant(self, request: Request) -> dict[str, Any]:

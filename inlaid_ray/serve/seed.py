@@ -113,7 +113,8 @@ def adapter_ready(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
 
 
-def _sha256(path: Path) -> str:
+def adapter_sha256(path: Path) -> str:
+    """sha256 of a PEFT directory's weights file (the registry's adapter_sha256)."""
     return hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
@@ -122,7 +123,7 @@ def ensure_cluster_bank(cluster: str, paths: dict[str, Path], model_dir: str | P
     """The compressed bank of `cluster`'s adapters `paths` (task -> PEFT dir), built if missing or
     built from other adapter files (one cluster, full cores)."""
     out = cluster_bank_dir(banks_dir, cluster)
-    sources = {name: _sha256(path) for name, path in sorted(paths.items())}
+    sources = {name: adapter_sha256(path) for name, path in sorted(paths.items())}
     index = out / INDEX_FILE
     if index.is_file() and json.loads(index.read_text()).get("extra", {}).get("seed_sources") == sources:
         return out
@@ -150,7 +151,7 @@ def _task_record(name: str, task: SeedTask, tenant: str, cluster: str, base_mode
     return TaskRecord(
         name=name, tenant=tenant, adapter_uri=str(path.resolve()), base_model=base_model,
         rank=int(cfg.get("r", 0)), target_modules=tuple([targets] if isinstance(targets, str) else targets),
-        cluster=cluster, version=version, status="live", adapter_sha256=_sha256(path), extra=extra,
+        cluster=cluster, version=version, status="live", adapter_sha256=adapter_sha256(path), extra=extra,
     )
 
 
