@@ -90,7 +90,8 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRAContext | None = None) -> torch.Tensor:
         y = self.base(x)
-        if lora is not None and lora.batch.num_active_slots:
+        # A static batch (CUDA graphs) launches whatever the step's mix, even with no adapter token.
+        if lora is not None and (lora.batch.num_active_slots or lora.batch.max_count is not None):
             lora.bank.add_delta(y, x, self.layer_idx, self.name, lora.batch)
         return y
 
