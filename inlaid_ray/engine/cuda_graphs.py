@@ -7,7 +7,9 @@ graph on the bucket's persistent metadata buffers, and every later step replays 
 instead of the forward's ~10 kernels per layer plus their Python. What the graph baked in at
 capture is re-checked before each replay: the adapter bank's generation (a load or eviction
 changes which projections launch and may move storage: every graph is dropped and recaptured).
-A capture that fails leaves that bucket eager for good, with a warning.
+A capture that fails leaves that bucket eager, with a warning, until the bank changes. Capture
+checks only its own thread's CUDA calls ("thread_local"): the replica loads adapters and bases
+on other threads.
 
 `bench/step_trace.py` checks on CPU that the captured forward has no host sync, data-dependent
 shape or step-dependent launch (tests/test_static_decode.py); graph replay equal to eager is
@@ -47,6 +49,7 @@ class DecodeGraphs:
         if self._bank_generation() != self._generation:
             self._graphs.clear()
             self._warm.clear()
+            self._eager.clear()  # a failed capture is retried on the new bank layout
             self._generation = self._bank_generation()
         graph = self._graphs.get(bucket)
         if graph is not None:
@@ -61,7 +64,8 @@ class DecodeGraphs:
     def _capture(self, bucket: int, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: the replica's loader threads may allocate or copy on the GPU meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self.model(input_ids, batch, self.kv_cache)
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager, loudly
             log.warning("CUDA-graph capture of decode bucket %d failed (%s: %s); it stays eager",

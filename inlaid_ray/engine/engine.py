@@ -391,6 +391,7 @@ class LLMEngine:
         else:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         useful = cfg.max_num_seqs * blocks_for(self.max_model_len, cfg.block_size)  # more is never used
+        useful += 1  # the static decode path's scratch block (unused otherwise: one block)
         num_blocks = min(int(free * cfg.kv_memory_fraction) // per_block, useful)
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, cfg.block_size, num_blocks * per_block / 2**20)
         return num_blocks

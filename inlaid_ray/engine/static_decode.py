@@ -22,6 +22,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from inlaid_ray.engine.request import Request
@@ -40,6 +41,7 @@ class _BucketBuffers:
     host: torch.Tensor  # [total] int64, pinned on CUDA
     device: torch.Tensor  # [total] int64
     views: dict[str, torch.Tensor]  # field -> view of `device`
+    host_views: dict[str, np.ndarray]  # field -> numpy view of `host` (written in place each step)
 
 
 class StaticDecodeInputs:
@@ -61,52 +63,51 @@ class StaticDecodeInputs:
 
     def fill(self, requests: Sequence[Request], adapter_slots: Sequence[int]) -> tuple[torch.Tensor, ForwardBatch]:
         """(input_ids [B], batch) of a step where every request decodes one token; B = its bucket.
-        The tensors are views of the bucket's persistent buffer; logits rows past len(requests) are padding."""
+        The tensors are views of the bucket's persistent buffer; logits rows past len(requests) are padding.
+        Host cost is O(tokens + blocks in use): the host buffer is written in place (numpy views)."""
         n = len(requests)
         bucket = self.bucket_for(n)
         assert bucket is not None and n > 0, f"{n} sequences: no decode bucket (largest {self.buckets[-1]})"
         buf = self._buffers.get(bucket) or self._allocate(bucket)
-        pad = bucket - n
-        width, bs, scratch = self.max_blocks_per_seq, self.block_size, self.scratch_block * self.block_size
-        input_ids, positions, slot_mapping, context_lens, block_tables = [], [], [], [], []
-        for req in requests:
-            pos = req.num_computed_tokens
-            assert req.num_tokens - pos == 1, f"{req.request_id} is not decoding one token"
-            blocks = req.block_ids
-            input_ids.append(req.token_id(pos))
-            positions.append(pos)
-            slot_mapping.append(blocks[pos // bs] * bs + pos % bs)
-            context_lens.append(pos + 1)
-            block_tables.extend(blocks)
-            block_tables.extend([self.scratch_block] * (width - len(blocks)))
-        token_slots = [*adapter_slots, *([-1] * pad)]
-        lora_lists, lora_host = self._lora_lists(token_slots, bucket)
-        host = [
-            *input_ids, *([0] * pad), *positions, *([0] * pad), *slot_mapping, *([scratch] * pad),
-            *context_lens, *([1] * pad), *range(bucket), *range(bucket + 1),
-            *block_tables, *([self.scratch_block] * (pad * width)), *lora_host,
-        ]
-        buf.host.copy_(torch.tensor(host, dtype=torch.int64))
-        buf.device.copy_(buf.host, non_blocking=True)
-        v = buf.views
+        h = buf.host_views
+        bs, scratch = self.block_size, self.scratch_block
+        positions = [req.num_computed_tokens for req in requests]
+        context_lens = [p + 1 for p in positions]
+        h["input_ids"][:n] = [req.token_id(p) for req, p in zip(requests, positions)]
+        h["positions"][:n] = positions
+        h["slot_mapping"][:n] = [req.block_ids[p // bs] * bs + p % bs for req, p in zip(requests, positions)]
+        h["context_lens"][:n] = context_lens
+        tables = h["block_tables"]
+        for i, req in enumerate(requests):
+            assert req.num_tokens - positions[i] == 1, f"{req.request_id} is not decoding one token"
+            k = len(req.block_ids)
+            tables[i, :k] = req.block_ids
+            tables[i, k:] = scratch
+        # padding rows: token 0 at position 0 into the scratch block, attending to it alone
+        h["input_ids"][n:] = 0
+        h["positions"][n:] = 0
+        h["slot_mapping"][n:] = scratch * bs
+        h["context_lens"][n:] = 1
+        tables[n:] = scratch
         lora = None
         if self.max_adapter_slots is not None:
-            slots_list, counts_list, offsets_list = lora_lists
+            slots_list, counts_list, offsets_list = self._write_lora(h, [*adapter_slots, *([-1] * (bucket - n))])
+            v = buf.views
             lora = LoRABatch(token_slots=v["token_slots"], sorted_token_ids=v["sorted_token_ids"],
                              sorted_slots=v["sorted_slots"], slots=v["slots"], counts=v["counts"], offsets=v["offsets"],
                              slots_list=slots_list, counts_list=counts_list, offsets_list=offsets_list,
                              max_count=bucket)
+        buf.device.copy_(buf.host, non_blocking=True)  # the one transfer of the step's metadata
+        v = buf.views
         batch = ForwardBatch(
             positions=v["positions"], query_start=v["query_start"], context_lens=v["context_lens"],
             block_tables=v["block_tables"], slot_mapping=v["slot_mapping"], logits_indices=v["logits_indices"],
-            query_lens_list=[1] * bucket, context_lens_list=context_lens + [1] * pad, lora=lora,
+            query_lens_list=[1] * bucket, context_lens_list=context_lens + [1] * (bucket - n), lora=lora,
         )
         return v["input_ids"], batch
 
-    def _lora_lists(self, token_slots: list[int], bucket: int) -> tuple[tuple[list[int], list[int], list[int]], list[int]]:
-        """Host (slots, counts, offsets) of the real segments and the padded device layout."""
-        if self.max_adapter_slots is None:
-            return ([], [], []), []
+    def _write_lora(self, h: dict, token_slots: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """Write the padded adapter-segment layout; return the real segments' (slots, counts, offsets)."""
         sorted_ids = sorted((t for t, s in enumerate(token_slots) if s >= 0), key=token_slots.__getitem__)
         slots: list[int] = []
         counts: list[int] = []
@@ -117,13 +118,18 @@ class StaticDecodeInputs:
                 slots.append(token_slots[t])
                 counts.append(1)
         offsets = [0, *itertools.accumulate(counts)][:-1]
-        segments = self._segments(bucket)
+        segments = len(h["slots"])
         assert len(slots) <= segments, f"{len(slots)} adapters in one step, buffers hold {segments}"
-        seg_pad = segments - len(slots)
-        tok_pad = bucket - len(sorted_ids)
-        host = [*token_slots, *sorted_ids, *([0] * tok_pad), *(token_slots[t] for t in sorted_ids), *([0] * tok_pad),
-                *slots, *([0] * seg_pad), *counts, *([0] * seg_pad), *offsets, *([0] * seg_pad)]
-        return (slots, counts, offsets), host
+        m, k = len(sorted_ids), len(slots)
+        h["token_slots"][:] = token_slots
+        h["sorted_token_ids"][:m] = sorted_ids
+        h["sorted_token_ids"][m:] = 0
+        h["sorted_slots"][:m] = [token_slots[t] for t in sorted_ids]
+        h["sorted_slots"][m:] = 0
+        for name, values in (("slots", slots), ("counts", counts), ("offsets", offsets)):
+            h[name][:k] = values
+            h[name][k:] = 0  # padded segments: count 0, never read
+        return slots, counts, offsets
 
     def _segments(self, bucket: int) -> int:
         return min(bucket, self.max_adapter_slots or 0)
@@ -139,11 +145,16 @@ class StaticDecodeInputs:
         total = sum(sizes.values())
         device = torch.empty(total, dtype=torch.int64, device=self.device)
         host = torch.empty(total, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        views, start = {}, 0
+        views, host_views, start = {}, {}, 0
+        host_np = host.numpy()
         for name, size in sizes.items():
             views[name] = device[start : start + size]
+            host_views[name] = host_np[start : start + size]
             start += size
         views["block_tables"] = views["block_tables"].view(bucket, self.max_blocks_per_seq)
-        buffers = _BucketBuffers(host, device, views)
+        host_views["block_tables"] = host_views["block_tables"].reshape(bucket, self.max_blocks_per_seq)
+        host_views["logits_indices"][:] = np.arange(bucket)  # constant per bucket
+        host_views["query_start"][:] = np.arange(bucket + 1)
+        buffers = _BucketBuffers(host, device, views, host_views)
         self._buffers[bucket] = buffers
         return buffers
