@@ -46,7 +46,11 @@ class PrefillAttentionConfig:
     num_stages: int = 2
 
 
-def query_blocks(query_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
+# The launch configuration; `query_blocks` must be built with the same block_m as the launch.
+PREFILL_CONFIG = PrefillAttentionConfig()
+
+
+def query_blocks(query_lens: list[int], block_m: int = PREFILL_CONFIG.block_m) -> tuple[list[int], list[int]]:
     """(sequence, first flattened token) of every query block of a step (host lists)."""
     seqs, starts, start = [], [], 0
     for s, n in enumerate(query_lens):
@@ -133,10 +137,11 @@ def paged_prefill_attention(
     q_block_start: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
-    config: PrefillAttentionConfig = PrefillAttentionConfig(),
+    config: PrefillAttentionConfig = PREFILL_CONFIG,
 ) -> torch.Tensor:
     """Same contract as `paged_prefill_attention_ref`: q [T, H, D] -> [T, H, D] in q.dtype.
-    `q_block_seq` / `q_block_start` come from `query_blocks(query lens, config.block_m)`."""
+    `q_block_seq` / `q_block_start` come from `query_blocks(query lens, config.block_m)`: blocks
+    of another size would leave rows unwritten."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)

@@ -377,3 +377,30 @@ def test_subscription_reports_a_silent_reconnect(registry, server):
     registry.upsert_cluster(ClusterRecord("c0"))  # usable again afterwards
     assert isinstance(sub.get(timeout=10), ClusterUpdated)
     sub.close()
+
+
+def test_create_task_is_atomic_and_replaces_only_retired(registry):
+    """Of concurrent creators of one name exactly one wins; a retired record is replaced with a
+    higher version; a live or onboarding one is never overwritten."""
+
+    results = []
+    barrier = threading.Barrier(8)
+
+    def create(i: int) -> None:
+        barrier.wait()
+        results.append(registry.create_task(TaskRecord(name="racy", tenant="t", adapter_uri=f"file:///{i}",
+                                                        status="live")))
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1 and registry.get_task("racy").adapter_uri == winners[0].adapter_uri
+    onboarding = registry.upsert_task(TaskRecord(name="job", tenant="t", adapter_uri="file:///job"))
+    assert registry.create_task(TaskRecord(name="job", tenant="t", adapter_uri="file:///x", status="live")) is None
+    assert registry.get_task("job") == onboarding
+    registry.retire("racy")
+    again = registry.create_task(TaskRecord(name="racy", tenant="t", adapter_uri="file:///new", status="live"))
+    assert again is not None and again.version == winners[0].version + 1 and again.status == "live"

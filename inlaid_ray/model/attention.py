@@ -85,9 +85,9 @@ class AttentionPlan:
         if decode_op is not None and max(batch.query_lens_list) == 1:
             return cls(None, None, None, 1, max(batch.context_lens_list), sliding_window, decode_op)
         if prefill_op is not None:
-            from inlaid_ray.kernels.paged_prefill import PrefillAttentionConfig, query_blocks
+            from inlaid_ray.kernels.paged_prefill import PREFILL_CONFIG, query_blocks
 
-            seqs, firsts = query_blocks(batch.query_lens_list, PrefillAttentionConfig().block_m)
+            seqs, firsts = query_blocks(batch.query_lens_list, PREFILL_CONFIG.block_m)  # the launch's block_m
             blocks = torch.tensor([seqs, firsts], dtype=torch.int32).to(batch.positions.device, non_blocking=True)
             return cls(None, None, None, max(batch.query_lens_list), max(batch.context_lens_list), sliding_window,
                        prefill_op=prefill_op, q_blocks=(blocks[0], blocks[1]))

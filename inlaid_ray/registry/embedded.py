@@ -287,7 +287,8 @@ class EmbeddedRedis(redis.Redis):
             if not named:
                 self._lease_box[0].connection_pool.disconnect()
                 self._lease_box[0] = _take_lease(self.paths, self.lease_name)
-        self.connection_pool.disconnect()  # this client's pooled sockets point at the dead server
+        if restarted:
+            self.connection_pool.disconnect()  # this client's pooled sockets point at the dead server
         if restarted:
             log.warning("embedded redis-server of %s was not answering: restarted on its append-only file",
                         self.paths.data_dir)

@@ -152,6 +152,24 @@ class TaskRegistry(TenantKeysMixin):
 
         return self._transact("upsert_task", body)
 
+    def create_task(self, task: TaskRecord, replaceable: Sequence[str] = ("retired",)) -> TaskRecord | None:
+        """Atomically create `task` unless a record of its name exists with a status outside
+        `replaceable`; returns the new record, or None (the existing one stays) when it exists.
+        Of concurrent creators of one name exactly one wins. The version moves past a replaced one."""
+
+        def body(pipe, rev: int) -> Plan[TaskRecord | None]:
+            old = self._read_task(pipe, task.name)
+            if old is not None and old.status not in replaceable:
+                return Plan(None)
+            version = max(task.version, old.version + 1) if old is not None else task.version
+            new = replace(task, version=version, updated_at=time.time(), revision=rev)
+            plan = Plan(new, hset=[(self._tasks_key, new.name, to_json(new))], events=[TaskUpdated(task=new, revision=rev)])
+            if old is not None and old.cluster and old.cluster != new.cluster:
+                self._membership_change(pipe, plan, old.cluster, rev, remove=new.name)
+            return plan
+
+        return self._transact("create_task", body)
+
     def transition(self, name: str, from_statuses: Sequence[str], to_status: TaskStatus, /,
                    **fields_: Any) -> TaskRecord | None:
         """Atomically move `name` from one of `from_statuses` to `to_status`, setting `fields_`.

@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import redis
+
 from inlaid_ray.registry.events import (
     BaseVersionChanged,
     ClusterRemoved,
@@ -118,7 +120,7 @@ class RegistryWatcher:
                 if time.monotonic() >= next_refresh:
                     self.refresh()
                     next_refresh = time.monotonic() + self.refresh_interval_s
-            except Exception:  # background loop: log with context, resubscribe, go on
+            except Exception as exc:  # background loop: log with context, resubscribe, go on
                 self.num_errors += 1
                 self.connected = False
                 log.exception("registry watcher (namespace %r) failed; resubscribing", self.registry.namespace)
@@ -128,7 +130,8 @@ class RegistryWatcher:
                     except Exception:  # the connection is already broken; nothing to release
                         pass
                     self._sub = None
-                self._supervise()
+                if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
+                    self._supervise()  # the server may be gone; a listener's bug is not the server's
                 self._stop.wait(min(5.0, self.poll_s * 4))
 
     def _supervise(self) -> None:

@@ -55,14 +55,22 @@ def load_adapter(registry: TaskRegistry, req: LoadLoRAAdapterRequest, model_conf
     if not adapter_ready(path):
         raise OpenAIHTTPError(400, f"{req.lora_path} is not a PEFT adapter directory (adapter_config.json and "
                                    "adapter_model.safetensors)", param="lora_path")
+    digest = adapter_sha256(path)
     try:
         adapter = validate_adapter(path, model_config, limits, name=req.lora_name, base_dir=model_dir)
     except AdapterError as exc:
         raise OpenAIHTTPError(400, str(exc), param="lora_path") from None
+    # Replicas load only a file with the registered digest: the one that was validated.
+    if adapter_sha256(path) != digest:
+        raise OpenAIHTTPError(409, f"{req.lora_path} changed while it was being validated; send the request again",
+                              code="adapter_changed", param="lora_path")
     record = TaskRecord(
         name=req.lora_name, tenant=req.tenant, adapter_uri=str(path.resolve()), base_model=base_model_id,
         rank=adapter.max_rank, target_modules=tuple(sorted({m for _, m in adapter.weights})), cluster=None,
-        version=old.version + 1 if old is not None else 1, status="live", adapter_sha256=adapter_sha256(path),
-        extra={"source": "load_lora_adapter"},
+        version=1, status="live", adapter_sha256=digest, extra={"source": "load_lora_adapter"},
     )
-    return registry.upsert_task(record)
+    created = registry.create_task(record)  # atomic: a concurrent load or onboarding of the name wins once
+    if created is None:
+        raise OpenAIHTTPError(400, f"an adapter named {req.lora_name!r} is already loaded; unload it first",
+                              code="adapter_exists", param="lora_name")
+    return created
