@@ -7,6 +7,7 @@ NoFreeSlot, and a failed load leaves the bank as it was."""
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 
 import pytest
@@ -179,6 +180,12 @@ def test_a_cancelled_load_does_not_leak_its_slot():
             load.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await load
+            # The racy order (seen under CPU load): the engine's thread has put t1 into the bank,
+            # but the loop has not delivered that load's future yet when B asks for capacity.
+            for _ in range(2000):
+                if "t1" in bank.view.raw:
+                    break
+                time.sleep(0.001)  # blocks the loop on purpose: no callback runs meanwhile
             await res.load(_spec("B", "t2", "t3"), on_unload)
             await res.settled()
             assert sorted(bank.names) == ["t2", "t3"]

@@ -122,6 +122,7 @@ class ClusterResidency:
         self._adapters: dict[str, _AdapterState] = {}
         self._loading: set[str] = set()
         self._evicting: dict[str, asyncio.Future[Any]] = {}  # evictions submitted, not yet applied
+        self._orphaned: set[str] = set()  # loads whose caller was cancelled, not yet delivered (draining)
         self._lock = asyncio.Lock()
         self._freed = asyncio.Event()
         self._generations = itertools.count(1)
@@ -272,10 +273,15 @@ class ClusterResidency:
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:
+            # Counted as draining until the callback runs: the bank's view may show the landed
+            # adapter before the loop delivers the future (it is updated on the engine's thread).
+            self._orphaned.update(names)
             future.add_done_callback(lambda f: self._landed_unowned(f, names))
             raise
 
     def _landed_unowned(self, future: asyncio.Future[Any], names: list[str]) -> None:
+        self._orphaned.difference_update(names)
+        self._freed.set()
         if future.cancelled() or future.exception() is not None:
             return
         for name in names:
@@ -333,7 +339,8 @@ class ClusterResidency:
                              f"{view.max_slots}; raise max_adapters_per_replica")
         deadline = time.monotonic() + self.drain_timeout_s
         while (view := self.view).free_slots < (needed := slots_needed()) or view.free_clusters < clusters:
-            draining = [t for t, s in self._adapters.items() if not s.owners] + list(self._evicting)
+            draining = [t for t, s in self._adapters.items() if not s.owners] + list(self._evicting) + \
+                sorted(self._orphaned)
             remaining = deadline - time.monotonic()
             if not draining or remaining <= 0:
                 raise NoFreeSlot(
