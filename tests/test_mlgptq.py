@@ -27,6 +27,7 @@ from inlaid_ray.quant.mlgptq import (
     CalibrationTask,
     MLGPTQConfig,
     collect_task_hessians,
+    hessian_weight,
     hf_prefix,
     make_adapter_bank,
 )
@@ -121,7 +122,11 @@ def test_sink_weight_weighs_each_sequences_first_tokens(setup, sink_tokens):
     root, base, sources = setup
     model, tasks = _tasks(base, sources)
     task = tasks[1]
-    ours = _our_hessians(model, task, dataclasses.replace(CFG, sink_weight=0.125, sink_tokens=sink_tokens))
+    cfg = dataclasses.replace(CFG, sink_weight=0.125, sink_tokens=sink_tokens)
+    ours = _our_hessians(model, task, cfg)
+    lens = [len(seq) for seq in task.calibration.sequences]  # the normaliser aggregates weigh the task by
+    assert hessian_weight(task.calibration, cfg) == pytest.approx(
+        sum(n - min(sink_tokens, n) * (1 - 0.125) for n in lens))
     for (layer, group), h in _peft_hessians(base, task, sink_weight=0.125, sink_tokens=sink_tokens).items():
         torch.testing.assert_close(ours[layer][group].double(), h, rtol=2e-5, atol=2e-5 * float(h.abs().max()))
     assert not torch.allclose(ours[0]["attn_in"], _our_hessians(model, task)[0]["attn_in"], rtol=1e-3)

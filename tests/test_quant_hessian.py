@@ -148,6 +148,13 @@ def test_token_weights_give_the_weighted_mean() -> None:
     torch.testing.assert_close(masked.H, single.H)
     with pytest.raises(ValueError, match="non-negative"):
         acc.add_batch(xs[0], weights=-ws[0])
+    # the mix of weighted accumulators is the weighted union of their data
+    other = HessianAccumulator(12)
+    y, wy = torch.randn(20, 12) * 2, torch.rand(20)
+    other.add_batch(y, weights=wy)
+    xy, wxy = torch.cat([x, y.double()]), torch.cat([w, wy.double()])
+    union = 2 * (xy * wxy[:, None]).t() @ xy / wxy.sum()
+    torch.testing.assert_close(mix_aggregate_hessians([acc, other]).double(), union, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -31,7 +31,7 @@ def aggregate_variants(store: StatsStore, tasks: list[str], layer: int, module: 
     """The per-task Hessians of one module aggregated four ways: mix, element-wise max (as MLGPTQ,
     eigenvalue-clipped), that max shifted to PSD by its most negative eigenvalue, channel max."""
     parts = [store.task_layer(t, layer)[GROUP_OF[module]] for t in tasks]
-    counts = [store.tasks[t].num_tokens for t in tasks]
+    counts = [store.tasks[t].mix_weight for t in tasks]
     elementwise = aggregate_hessians("mlgptq", parts, counts)
     shift = -float(torch.linalg.eigvalsh(elementwise.double()).min()) * 1.01
     return {"mix": aggregate_hessians("gptq-mixed", parts, counts), "elementwise max (eig-clipped)": elementwise,

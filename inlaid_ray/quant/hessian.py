@@ -100,7 +100,7 @@ def max_aggregate_hessians(hs: Sequence[torch.Tensor | HessianAccumulator]) -> t
 
 
 def mix_aggregate_hessians(
-    hs: Sequence[torch.Tensor | HessianAccumulator], token_counts: Sequence[int] | None = None
+    hs: Sequence[torch.Tensor | HessianAccumulator], token_counts: Sequence[float] | None = None
 ) -> torch.Tensor:
     """GPTQ-mixed baseline: token-weighted mean `sum_t n_t H_t / sum_t n_t` (fp32), i.e. the
     Hessian of the union of all tasks' tokens. `token_counts` defaults to the accumulators' own."""
@@ -109,7 +109,7 @@ def mix_aggregate_hessians(
     if token_counts is None:
         if not all(isinstance(h, HessianAccumulator) for h in hs):
             raise ValueError("token_counts are required when aggregating plain tensors")
-        token_counts = [h.num_tokens for h in hs]  # type: ignore[union-attr]
+        token_counts = [h.weight_total for h in hs]  # type: ignore[union-attr]  (= num_tokens unweighted)
     if len(token_counts) != len(mats):
         raise ValueError(f"{len(token_counts)} token counts for {len(mats)} Hessians")
     if any(n < 0 for n in token_counts) or sum(token_counts) <= 0:
@@ -122,7 +122,7 @@ def mix_aggregate_hessians(
 
 
 def channel_max_aggregate_hessians(
-    hs: Sequence[torch.Tensor | HessianAccumulator], token_counts: Sequence[int] | None = None
+    hs: Sequence[torch.Tensor | HessianAccumulator], token_counts: Sequence[float] | None = None
 ) -> torch.Tensor:
     """PSD max aggregate: `S M S` with M the token-weighted mean and `S = diag(sqrt(max_t H_t[i, i] /
     M[i, i]))`, so the diagonal is every channel's max energy over tasks (as the element-wise max)
@@ -137,7 +137,7 @@ def channel_max_aggregate_hessians(
 
 
 def eigenbasis_max_aggregate_hessians(
-    hs: Sequence[torch.Tensor | HessianAccumulator], token_counts: Sequence[int] | None = None
+    hs: Sequence[torch.Tensor | HessianAccumulator], token_counts: Sequence[float] | None = None
 ) -> torch.Tensor:
     """Max energy per direction, in one shared basis: with `M = E diag(m) E^T` the token-weighted
     mean, `H = E diag(max_t diag(E^T H_t E)) E^T`. Every direction of the pooled data keeps the

@@ -48,6 +48,7 @@ from inlaid_ray.quant.mlgptq import (
     aggregate_hessians,
     check_grid_fits,
     collect_task_hessians,
+    hessian_weight,
     make_adapter_bank,
     quantize_from_hessians,
     sequential_quantize,
@@ -112,9 +113,10 @@ def hessian_settings(cfg: MLGPTQConfig, calib_cfg: CalibrationConfig, budget: in
             "device_type": torch.device(cfg.device).type}
 
 
-def _record(task: CalibrationTask, seed: int) -> TaskRecord:
+def _record(task: CalibrationTask, seed: int, cfg: MLGPTQConfig) -> TaskRecord:
     c = task.calibration
-    return TaskRecord(task.name, task.adapter_hash, c.digest, c.num_tokens, c.num_sequences, seed)
+    return TaskRecord(task.name, task.adapter_hash, c.digest, c.num_tokens, c.num_sequences, seed,
+                      hessian_weight(c, cfg))
 
 
 def compute_missing_stats(
@@ -124,7 +126,7 @@ def compute_missing_stats(
     other calibration tokens); returns their names. One adapter in the bank at a time, so a task's
     numbers never depend on which other tasks are present."""
     seed = int(store.settings["calibration"]["seed"])
-    todo = [t for t in tasks if not store.has_task(_record(t, seed))]
+    todo = [t for t in tasks if not store.has_task(_record(t, seed, cfg))]
     bar = Progress(total=len(todo) * model.config.num_layers, desc="hessians", unit="layer", disable=not progress)
     for task in todo:
         bar.set_postfix_str(task.name)
@@ -132,7 +134,7 @@ def compute_missing_stats(
         writer = store.task_writer(task.name)
         try:
             collect_task_hessians(model, bank, slots.get(task.name, -1), task, cfg, writer.write_layer, bar)
-            writer.commit(_record(task, seed))
+            writer.commit(_record(task, seed, cfg))
         except BaseException:
             writer.abort()
             raise
@@ -144,7 +146,7 @@ def _hessians_source(store: StatsStore, method: str, tasks: Sequence[str]) -> Ca
     if method == "mlgptq":
         store.update_max_aggregate(tasks)
         return store.aggregate_layer
-    counts = [store.tasks[t].num_tokens for t in tasks]
+    counts = [store.tasks[t].mix_weight for t in tasks]
 
     def per_layer(layer: int) -> dict[str, torch.Tensor]:
         parts = [store.task_layer(t, layer) for t in tasks]  # sorted names: a fixed summation order
@@ -273,7 +275,7 @@ def _quantize_sequential(base_dir: Path, model: Transformer, tokenizer: Any, sou
             packed, info = sequential_quantize(model, sorted(group, key=lambda t: t.name), cfg, progress)
         key = group[0].name if cfg.method == "gptq-per-task" else "shared"
         out = out_dir / key if cfg.method == "gptq-per-task" else out_dir
-        records = sorted((_record(t, calib_cfg.seed) for t in group), key=lambda r: r.name)
+        records = sorted((_record(t, calib_cfg.seed, cfg) for t in group), key=lambda r: r.name)
         with meter.phase("save"):
             meta = checkpoint_meta(cfg, calib, records, info)
             report["out_dirs"][key] = str(save_checkpoint(out, base_dir, model, packed, cfg, meta, overwrite))

@@ -121,6 +121,15 @@ class CalibrationTask:
         return self.adapter.content_hash if self.adapter is not None else ""
 
 
+def hessian_weight(calibration: CalibrationSet, cfg: MLGPTQConfig) -> float | None:
+    """Sum of token weights of a task's Hessian under `cfg`'s sink weighting (None: unweighted,
+    the token count); what aggregates weigh the task by, so the mix stays the union of the data."""
+    if cfg.sink_weight == 1.0:
+        return None
+    k, w = cfg.sink_tokens, cfg.sink_weight
+    return float(sum(len(s) - min(k, len(s)) + w * min(k, len(s)) for s in calibration.sequences))
+
+
 def check_grid_fits(model_config: ModelConfig, grid: QuantGrid) -> None:
     """Fail before any work if the grid cannot quantize or pack some projection of this model."""
     for module in LINEAR_MODULES:
@@ -390,7 +399,7 @@ def sequential_quantize(
     info: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         acts = [_TaskActivations(model, t, slots.get(t.name, -1), cfg) for t in tasks]
-        counts = [a.num_tokens for a in acts]
+        counts = [hessian_weight(t.calibration, cfg) or a.num_tokens for t, a in zip(tasks, acts)]
         bar = Progress(total=model.config.num_layers * len(steps), desc="sequential gptq", unit="step",
                    disable=not progress)
         for layer in range(model.config.num_layers):

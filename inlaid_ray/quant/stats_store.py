@@ -49,6 +49,13 @@ class TaskRecord:
     num_tokens: int
     num_sequences: int
     seed: int
+    # The Hessians' normaliser, sum of token weights, when the first tokens of each sequence were
+    # down-weighted (MLGPTQConfig.sink_weight); None = num_tokens. Aggregates weigh tasks by it.
+    weight: float | None = None
+
+    @property
+    def mix_weight(self) -> float:
+        return self.num_tokens if self.weight is None else self.weight
 
 
 def check_task_name(name: str) -> str:
