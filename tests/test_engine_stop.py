@@ -63,6 +63,32 @@ def test_stop_strings_end_text_before_them_and_never_retract(model, tokenizer):
         assert expected.startswith("".join(deltas[:k])), "streamed text was retracted"
 
 
+def test_min_tokens_holds_back_stop_strings(model, tokenizer):
+    """vLLM's rule: a stop string matches only from min_tokens output tokens on. A stop string
+    that first appears before that point is streamed as text; its next occurrence after min_tokens
+    ends the request (the reference is the unconstrained run's text)."""
+    prompt = encode_text(tokenizer, "Once upon a time")
+    engine = LLMEngine(model, tokenizer, CFG)
+    [(deltas, tokens, _)] = _run(engine, [(prompt, _sampled(2))])
+    text = "".join(deltas)
+    prefix_len = [len(tokenizer.decode(tokens[:k], skip_special_tokens=True)) for k in range(len(tokens) + 1)]
+    # a visible character that occurs early and again later in the text
+    stop = next(c for c in text[: len(text) // 3] if c.strip() and text.count(c) >= 2)
+    first = text.find(stop)
+    # the first occurrence is streamed while stop strings do not apply yet: checks start at output
+    # token min_tokens, on text after the first min_tokens - 1 tokens' text
+    min_tokens = 1 + next(j for j in range(len(tokens) + 1) if prefix_len[j] >= first + len(stop))
+    later = [i for i in range(len(text)) if text.startswith(stop, i) and i >= prefix_len[min_tokens - 1]]
+    [(deltas, _, final)] = _run(engine, [(prompt, _sampled(2, stop=(stop,), min_tokens=min_tokens))])
+    if later:
+        assert "".join(deltas) == text[: later[0]] and final.finish_reason == "stop"
+    else:
+        assert "".join(deltas) == text and final.finish_reason == "length"
+    assert "".join(deltas).find(stop) == first  # the early occurrence was streamed, not a stop
+    [(deltas, _, final)] = _run(engine, [(prompt, _sampled(2, stop=(stop,)))])
+    assert "".join(deltas) == text[:first] and final.finish_reason == "stop"  # without min_tokens: the first
+
+
 def test_stop_token_ids_end_generation_without_their_text(model, tokenizer):
     prompt = encode_text(tokenizer, "The weather today")
     engine = LLMEngine(model, tokenizer, CFG)

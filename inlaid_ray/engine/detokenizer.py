@@ -45,10 +45,12 @@ class IncrementalDetokenizer:
     def emitted_text(self) -> str:
         return self.text[: self.num_emitted]
 
-    def update(self, new_token_ids: Sequence[int], final: bool = False) -> tuple[str, bool]:
+    def update(self, new_token_ids: Sequence[int], final: bool = False, check_stop: bool = True) -> tuple[str, bool]:
         """Append tokens; return (text to stream now, True if a stop string ended the text).
 
         `final` flushes everything held back (the request ends for another reason).
+        `check_stop=False` (before the request's min_tokens, as vLLM): stop strings neither match
+        nor hold text back; text streamed then can never become part of a stop string.
         """
         assert not self.stopped, "update() after a stop string ended this request"
         self._ids.extend(new_token_ids)
@@ -56,6 +58,8 @@ class IncrementalDetokenizer:
         # An incomplete character at the very end stays as U+FFFD only when nothing follows.
         if pending is not None and (final or not pending.endswith(_REPLACEMENT)):
             self._commit(pending)
+        if not check_stop:
+            return self._emit(len(self.text)), False
         hit = self._find_stop()
         if hit is not None:
             self.stopped = True

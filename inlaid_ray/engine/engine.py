@@ -270,7 +270,9 @@ class LLMEngine:
         delta = ""
         if req.detokenizer is not None:
             # The stop token itself is not part of the text.
-            delta, hit_stop = req.detokenizer.update([] if stop_token else [token], final=reason is not None)
+            # Stop strings apply from min_tokens output tokens on (vLLM's rule), like EOS and stop ids.
+            delta, hit_stop = req.detokenizer.update([] if stop_token else [token], final=reason is not None,
+                                                     check_stop=req.num_output_tokens >= p.min_tokens)
             if hit_stop:
                 reason = "stop"
         if reason is not None:

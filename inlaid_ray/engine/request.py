@@ -27,7 +27,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, excluded from the returned text
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation like EOS
     ignore_eos: bool = False  # keep generating past the model's EOS tokens
-    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many output tokens
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings do not end a request before this many output tokens
     presence_penalty: float = 0.0  # OpenAI: minus this for every token already generated, [-2, 2]
     frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output, [-2, 2]
     repetition_penalty: float = 1.0  # HF/vLLM: logits of prompt and output tokens / this (> 0) if positive, * if not
