@@ -71,6 +71,7 @@ def test_static_decode_matches_each_requests_merged_model(tiny_llama_dir):
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
+@pytest.mark.slow  # the engine with interpreted Triton kernels: tens of seconds
 def test_decode_steps_of_one_bucket_are_graph_safe_on_the_cuda_code_path(tiny_llama_dir):
     """Triton kernels (interpreted) for attention and LoRA, fused q/k/v and gate/up; the traced
     forwards of two decode steps in one bucket, with different context lengths and adapter mixes (one with none),
@@ -117,6 +118,7 @@ def test_decode_steps_of_one_bucket_are_graph_safe_on_the_cuda_code_path(tiny_ll
         assert tokens == reference_greedy(merged[task], list(prompt), n), (prompt, task)
 
 
+@pytest.mark.slow  # the engine with interpreted Triton kernels: tens of seconds
 def test_an_all_base_step_launches_what_an_adapter_step_does(tiny_llama_dir):
     """A bucket's graph may be captured on a step without any adapter token and replayed for
     steps with adapters: both must run the same launches, for o_proj and down_proj too (not

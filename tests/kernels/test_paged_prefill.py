@@ -93,6 +93,7 @@ def test_reference_matches_the_engines_padded_attention(heads, kv_heads, head_di
     torch.testing.assert_close(ref, engine, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.slow  # the engine with interpreted Triton kernels: tens of seconds
 def test_engine_with_the_prefill_kernel_equals_transformers_greedy(device, tiny_llama_dir):
     """Every step through the Triton kernels (prefill, mixed and decode steps; interpreted on CPU,
     fp32 on CUDA) generates what transformers' own greedy `generate` does."""
