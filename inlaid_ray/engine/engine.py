@@ -62,9 +62,9 @@ class LLMEngine:
         self.dtype = config.dtype or model.dtype
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config.max_position_embeddings,
                                                    config.max_num_batched_tokens)
-        num_blocks = config.num_kv_blocks or self._blocks_from_memory()
-        min_blocks = blocks_for(self.max_model_len, config.block_size)
         static = config.static_decode if config.static_decode is not None else config.cuda_graphs
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory(static)
+        min_blocks = blocks_for(self.max_model_len, config.block_size)
         if static:
             min_blocks += 1  # the scratch block padding rows write to
         if num_blocks < min_blocks:
@@ -385,7 +385,7 @@ class LLMEngine:
             raise ValueError("the engine and the model were given different adapter banks")
         return adapter_bank
 
-    def _blocks_from_memory(self) -> int:
+    def _blocks_from_memory(self, static_decode: bool) -> int:
         cfg = self.config
         per_block = PagedKVCache.bytes_per_block(self.model_config, cfg.block_size, self.dtype)
         if self.device.type == "cuda":
@@ -393,7 +393,7 @@ class LLMEngine:
         else:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         useful = cfg.max_num_seqs * blocks_for(self.max_model_len, cfg.block_size)  # more is never used
-        useful += 1  # the static decode path's scratch block (unused otherwise: one block)
+        useful += int(static_decode)  # the static decode path's scratch block
         num_blocks = min(int(free * cfg.kv_memory_fraction) // per_block, useful)
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, cfg.block_size, num_blocks * per_block / 2**20)
         return num_blocks
