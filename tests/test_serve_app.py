@@ -642,13 +642,24 @@ def test_a_killed_replica_fails_no_request_that_had_not_started(served):
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "EngineReplica" in a["name"]]
     assert len(replicas) == 2, replicas
     victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
-    ray.kill(victim, no_restart=True)
+    long_tokens = 128
 
     async def main():
         async with httpx.AsyncClient(base_url=served.url, timeout=300) as client:
+            # Long non-streaming requests on both clusters (so on both replicas), in flight at the kill:
+            # the client has received nothing, so each is run again on the live replica.
+            running = [asyncio.create_task(client.post("/v1/completions", headers=served.headers(), json=dict(
+                model=task, prompt="Tell me more.", max_tokens=long_tokens, ignore_eos=True, temperature=0)))
+                for task in ("sentiment", "email", "extract", "rewrite")]
+            await asyncio.sleep(2.0)  # prefilled and decoding (128 tokens take several seconds on CPU)
+            assert not any(t.done() for t in running)
+            ray.kill(victim, no_restart=True)
             body = dict(model="sentiment", prompt="Great film!", max_tokens=2)
-            return await asyncio.gather(*(client.post("/v1/completions", json=body, headers=served.headers())
-                                          for _ in range(8)))
+            short = await asyncio.gather(*(client.post("/v1/completions", json=body, headers=served.headers())
+                                           for _ in range(8)))
+            return short, await asyncio.gather(*running)
 
-    responses = asyncio.run(main())
+    responses, long_responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
+    assert [r.status_code for r in long_responses] == [200] * 4, [r.text for r in long_responses]
+    assert all(r.json()["usage"]["completion_tokens"] == long_tokens for r in long_responses)

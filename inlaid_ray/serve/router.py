@@ -452,18 +452,43 @@ class Router:
             headers[BASE_VERSION_HEADER] = str(first["base_version"])
         if req.stream:
             return StreamingResponse(self._sse(choices, streams), media_type="text/event-stream", headers=headers)
-        try:
-            body = await collect(choices, req.n)
-        except BaseException as exc:
-            for choice in choices:
-                choice.tracker.finish(failed=True)
-            streams.cancel()
-            if isinstance(exc, OpenAIHTTPError):
-                self._metrics.errors.labels(str(exc.status)).inc()
-            raise
+        for attempt in range(1 + REPLICA_RETRIES):
+            try:
+                body = await collect(choices, req.n)
+                break
+            except OpenAIHTTPError as exc:
+                streams.cancel()
+                if exc.code != REPLICA_UNAVAILABLE or attempt == REPLICA_RETRIES:
+                    self._fail(choices, exc)
+                    raise
+            except BaseException as exc:
+                streams.cancel()
+                self._fail(choices, exc)
+                raise
+            # A non-streaming client has received nothing yet: its replica died mid-generation,
+            # so the whole request runs again on a live one (the failed attempt records no metrics).
+            log.warning("request %s: replica failed mid-generation, running it again", replica_req.request_id)
+            try:
+                stream, first = await self._open(handle, replica_req)
+            except OpenAIHTTPError as err:
+                self._fail(choices, err)
+                raise
+            streams = ChoiceStreams(first, stream, req.num_candidates)
+            choices = [Choice(streams.choice(i), StreamTracker(ctx, self._metrics, self._on_finished))
+                       for i in range(req.num_candidates)]
+            headers[REPLICA_HEADER] = str(first.get("replica", ""))
+            if first.get("base_version") is not None:
+                headers[BASE_VERSION_HEADER] = str(first["base_version"])
         for choice in choices:
             choice.tracker.finish()
         return JSONResponse(body, headers=headers)
+
+    def _fail(self, choices: list[Choice], exc: BaseException) -> None:
+        """Record a non-streaming request's failure once."""
+        for choice in choices:
+            choice.tracker.finish(failed=True)
+        if isinstance(exc, OpenAIHTTPError):
+            self._metrics.errors.labels(str(exc.status)).inc()
 
     async def _open(self, handle: Any, replica_req: ReplicaRequest) -> tuple[Any, dict[str, Any]]:
         """Start one generation on a replica: (its stream, its first chunk), re-sent while nothing has streamed."""
