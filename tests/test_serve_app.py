@@ -633,6 +633,65 @@ def test_200_concurrent_requests_over_several_tasks(served):
     assert {m: after[m] - before[m] for m in models} == {m: float(sent[m]) for m in models}
 
 
+FUZZ_REQUESTS = 1000
+FUZZ_MAX_TOKENS = 4  # generated bodies keep at most this many output tokens, so 1000 requests take minutes
+ADMIN_PATHS = ("/v1/admin", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/metrics")
+
+
+def test_api_fuzzing_from_the_openapi_document_finds_no_server_error(served):
+    """schemathesis generates valid and invalid requests for every operation in /openapi.json (the
+    generation bodies are the pydantic models the routes validate with): no 5xx, every 4xx in
+    OpenAI's error JSON, the server healthy afterwards. Generation requests name a live model half
+    the time (else random names are all 404s) and keep max_tokens small; everything else is as
+    schemathesis draws it."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    document = served.get("/openapi.json", ADMIN_KEY).json()
+    assert "ChatCompletionRequest" in document["components"]["schemas"]
+    schema = schemathesis.openapi.from_dict(document)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == len(document["paths"]) + 1  # every path; /v1/admin/keys has GET and POST
+    cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations
+                       for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)])
+    models = st.sampled_from([None, Path(served.args.model_dir).name, *DEMO_TASKS])
+    statuses: Counter = Counter()
+    failures: list[str] = []
+
+    @settings(max_examples=FUZZ_REQUESTS, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=cases, model=models)
+    def fuzz(case, model):
+        if case.path in ("/v1/completions", "/v1/chat/completions") and isinstance(case.body, dict):
+            if model is not None:
+                case.body["model"] = model
+            for field in ("max_tokens", "max_completion_tokens"):
+                value = case.body.get(field)
+                if isinstance(value, int) and not isinstance(value, bool) and value > FUZZ_MAX_TOKENS:
+                    case.body[field] = FUZZ_MAX_TOKENS
+            if case.body.get("max_tokens") is None and case.body.get("max_completion_tokens") is None:
+                case.body["max_tokens"] = FUZZ_MAX_TOKENS
+        key = ADMIN_KEY if case.path.startswith(ADMIN_PATHS) else API_KEY
+        response = case.call(base_url=served.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        statuses[response.status_code] += 1
+        where = f"{case.method} {case.formatted_path} {json.dumps(case.body, default=str)[:300]}"
+        if response.status_code >= 500:
+            failures.append(f"{response.status_code} {where}: {response.text[:300]}")
+        elif response.status_code >= 400:
+            try:
+                err = response.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["message"]
+            except Exception:  # noqa: BLE001 - reported below with the request
+                failures.append(f"{response.status_code} not OpenAI error JSON {where}: {response.text[:300]}")
+
+    fuzz()
+    print(f"fuzzing: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
+    assert sum(statuses.values()) >= FUZZ_REQUESTS and statuses[200] > 0, statuses
+    assert not failures, "\n".join(failures[:20])
+    assert served.get("/health").status_code == 200
+
+
 def test_a_killed_replica_fails_no_request_that_had_not_started(served):
     """Last in this module: it kills one of the two engine replicas. Requests sent right after the
     kill, before Serve has noticed, reach the dead actor; each is re-sent to a live replica and

@@ -85,7 +85,13 @@ from inlaid_ray.serve.responses import (
     next_chunk,
     sse_events,
 )
-from inlaid_ray.serve.runtime_adapters import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, load_adapter
+from inlaid_ray.serve.openapi_doc import document_request_bodies
+from inlaid_ray.serve.runtime_adapters import (
+    LoadLoRAAdapterRequest,
+    TenantRequest,
+    UnloadLoRAAdapterRequest,
+    load_adapter,
+)
 from inlaid_ray.serve.seed import RegistrySeed, seed_registry
 
 log = logging.getLogger(__name__)
@@ -100,6 +106,16 @@ REPLICA_RETRIES = 2  # re-sends of a request whose replica failed before it stre
 REPLICA_RETRY_BACKOFF_S = 0.2  # times the attempt number: a restarting replica is not hammered
 
 api = FastAPI(title="inlaid-ray", description="OpenAI-compatible multi-LoRA serving", docs_url=None, redoc_url=None)
+
+
+document_request_bodies(api, {
+    ("/v1/completions", "post"): CompletionRequest,
+    ("/v1/chat/completions", "post"): ChatCompletionRequest,
+    ("/v1/load_lora_adapter", "post"): LoadLoRAAdapterRequest,
+    ("/v1/unload_lora_adapter", "post"): UnloadLoRAAdapterRequest,
+    ("/v1/admin/tenants", "post"): TenantRequest,
+    ("/v1/admin/keys", "post"): TenantRequest,
+})
 
 
 @api.exception_handler(OpenAIHTTPError)
@@ -380,11 +396,7 @@ class Router:
     async def _admin_tenant_body(self, request: Request) -> str:
         """The tenant named by an admin request's body {"tenant": name}."""
         await self._admin(request)
-        body = await self._json_body(request)
-        name = body.get("tenant") if isinstance(body, dict) else None
-        if not isinstance(name, str):
-            raise OpenAIHTTPError(400, "body must be {\"tenant\": \"<name>\"}", param="tenant")
-        return name
+        return _validated_body(TenantRequest, await self._json_body(request)).tenant
 
     @api.get("/v1/admin/replicas")
     async def admin_replicas(self, request: Request) -> dict[str, Any]:
