@@ -701,7 +701,11 @@ def test_a_killed_replica_fails_no_request_that_had_not_started(served):
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "EngineReplica" in a["name"]]
     assert len(replicas) == 2, replicas
     victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+    victim_id = replicas[0]["name"].rsplit("#", 1)[-1]
     long_tokens = 128
+    for task in DEMO_TASKS:  # both clusters, so both replicas report stats
+        assert _complete(served, task).status_code == 200
+    assert f'replica="{victim_id}"' in served.get("/metrics", ADMIN_KEY).text
 
     async def main():
         async with httpx.AsyncClient(base_url=served.url, timeout=300) as client:
@@ -722,3 +726,11 @@ def test_a_killed_replica_fails_no_request_that_had_not_started(served):
     assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
     assert [r.status_code for r in long_responses] == [200] * 4, [r.text for r in long_responses]
     assert all(r.json()["usage"]["completion_tokens"] == long_tokens for r in long_responses)
+    # The dead replica's gauges and routing stats are gone (Ray releases a killed actor's name).
+    for _ in range(POLL):
+        if f'replica="{victim_id}"' not in served.get("/metrics", ADMIN_KEY).text:
+            break
+        time.sleep(0.05)
+    assert f'replica="{victim_id}"' not in served.get("/metrics", ADMIN_KEY).text
+    listed = {s["replica"] for s in served.get("/v1/admin/replicas", ADMIN_KEY).json()["data"]}
+    assert victim_id not in listed and listed

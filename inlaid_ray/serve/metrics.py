@@ -71,6 +71,14 @@ class ServeMetrics:
         self.adapters_per_step.labels(replica).set(stats.get("distinct_adapters_last_step", 0))
         self.loaded_clusters.labels(replica).set(len(stats.get("loaded_clusters", ())))
 
+    def forget_replica(self, replica: str) -> None:
+        """Drop a stopped replica's engine gauges (a dead replica's last values would read as live)."""
+        for gauge in (self.running, self.waiting, self.kv_usage, self.adapters_per_step, self.loaded_clusters):
+            try:
+                gauge.remove(replica)
+            except KeyError:  # no stats had arrived from it for this gauge
+                pass
+
     def exposition(self) -> bytes:
         """Prometheus text format of every metric."""
         return generate_latest(self.registry)

@@ -39,7 +39,7 @@ from inlaid_ray.engine.builder import engine_on_base
 from inlaid_ray.serve.engine_builder import EngineBundle, ReplicaSpec, build_engine, load_bank, load_cluster_adapter
 from inlaid_ray.serve.http_errors import error_chunk
 from inlaid_ray.serve.imports import import_object
-from inlaid_ray.serve.replica_protocol import AdapterEntry, ReplicaRequest, merge_outputs
+from inlaid_ray.serve.replica_protocol import ENGINE_DEPLOYMENT, AdapterEntry, ReplicaRequest, merge_outputs
 from inlaid_ray.serve.base_residency import BaseRef, BaseResidency, EngineSlot
 from inlaid_ray.serve.residency import ClusterResidency, ClusterToken, Lease
 
@@ -103,7 +103,7 @@ def _replica_id() -> str:
         return "local"
 
 
-@serve.deployment(name="EngineReplica")
+@serve.deployment(name=ENGINE_DEPLOYMENT)
 class EngineReplica:
     """Engine replica; build_app sets num_replicas, resources and the request router."""
 

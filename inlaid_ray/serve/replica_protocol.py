@@ -22,6 +22,7 @@ from typing import Any, Literal
 from inlaid_ray.engine import RequestOutput, SamplingParams
 
 # Registry cluster names cannot contain ':', so these never collide with a real cluster id.
+ENGINE_DEPLOYMENT = "EngineReplica"  # the Serve deployment of engine replicas (its replica actors carry it)
 _SOLO_PREFIX = "task:"
 
 

@@ -73,7 +73,8 @@ from inlaid_ray.serve.openai_protocol import (
     unsupported_field,
 )
 from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_completion
-from inlaid_ray.serve.replica_protocol import ReplicaRequest
+from inlaid_ray.serve.replica_liveness import live_replica_ids
+from inlaid_ray.serve.replica_protocol import ENGINE_DEPLOYMENT, ReplicaRequest
 from inlaid_ray.serve.request_body import read_json_body
 from inlaid_ray.serve.base_residency import BaseRef
 from inlaid_ray.serve.responses import (
@@ -223,7 +224,8 @@ class Router:
         # Tokenizing a long prompt takes seconds: never on the event loop (/health must answer meanwhile).
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inlaid-tokenizer")
         self._metrics = ServeMetrics()
-        self._replica_stats: dict[str, dict[str, Any]] = {}
+        self._replica_stats: dict[str, dict[str, Any]] = {}  # by replica id; one entry per live replica
+        self._app_name = serve.get_replica_context().app_name
         self._replicas_ready = False
 
     def __del__(self) -> None:
@@ -257,6 +259,7 @@ class Router:
         names (scrape with `authorization: {credentials: <admin key>}`)."""
         if self._spec.metrics_need_admin_key:
             await self._admin(request)
+        await self._forget_stopped_replicas()
         return Response(self._metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")
@@ -402,7 +405,17 @@ class Router:
     async def admin_replicas(self, request: Request) -> dict[str, Any]:
         """The last routing stats each replica reported with a finished request."""
         await self._admin(request)
+        await self._forget_stopped_replicas()
         return {"object": "list", "data": [self._replica_stats[r] for r in sorted(self._replica_stats)]}
+
+    async def _forget_stopped_replicas(self) -> None:
+        """Drop the stats and gauges of engine replicas that no longer run (killed, scaled down)."""
+        if not self._replica_stats:
+            return
+        live = await asyncio.to_thread(live_replica_ids, self._app_name, ENGINE_DEPLOYMENT)
+        for replica in set(self._replica_stats) - live:
+            del self._replica_stats[replica]
+            self._metrics.forget_replica(replica)
 
     # ---- generation ------------------------------------------------------------------------
 
