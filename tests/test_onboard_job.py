@@ -336,6 +336,7 @@ def test_failed_onboarding_leaves_everything_as_it_was(tiny, tmp_path, redis_cli
     assert "all2" not in store.tasks and store.tasks.keys() == {"all"}
 
 
+@pytest.mark.slow  # a CLI process per case
 @pytest.mark.parametrize("task,tenant,why", [("acme;rm", "acme", "invalid task name"),
                                              ("ok-task", "nobody", "tenant 'nobody' does not exist")])
 def test_cli_user_error_is_one_line_exit_2_and_a_report_file(tiny, tmp_path, redis_client, task, tenant, why):

@@ -93,6 +93,7 @@ def test_repository_root_shadows_no_installed_distribution():
     assert not (REPO / "kernels" / "__init__.py").exists(), "kernels/ must stay a non-package folder"
 
 
+@pytest.mark.slow  # a Python process per statement, each importing transformers or torch
 @pytest.mark.parametrize("statement", [
     "import transformers.activations",
     "from transformers import LlamaConfig",

@@ -18,6 +18,8 @@ from inlaid_ray.registry import RegistryWatcher, TaskRecord, TaskRegistry, conne
 from inlaid_ray.serve.access import Authenticator
 from inlaid_ray.serve.http_errors import REGISTRY_ERRORS, OpenAIHTTPError, from_exception
 
+pytestmark = pytest.mark.slow  # kills and restarts redis-server processes
+
 POLL_S, POLLS = 0.05, 600  # bounded waits for the watcher thread; never a timing assertion
 
 

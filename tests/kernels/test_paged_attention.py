@@ -42,7 +42,8 @@ CASES = [  # (heads, kv_heads, head_dim, block_size, context lengths)
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, *(pytest.param(d, marks=pytest.mark.slow)  # slow tier: half types
+                                                    for d in (torch.float16, torch.bfloat16))])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,lens", CASES)
 def test_triton_decode_attention_matches_reference(device, dtype, heads, kv_heads, head_dim, block_size, lens):
     gen = torch.Generator().manual_seed(len(lens) * 31 + head_dim)
@@ -129,6 +130,7 @@ def test_decode_launch_is_the_same_at_every_context_length(device):
     torch.testing.assert_close(out, paged_decode_attention(q, keys, values, tables, ctx, 0.125))
 
 
+@pytest.mark.slow  # the engine with an interpreted Triton kernel: tens of seconds
 def test_engine_decode_steps_through_the_triton_kernel_equal_transformers_greedy(tiny_llama_dir):
     """The whole engine with decode steps on the Triton kernel (interpreted on CPU) generates what
     transformers' own greedy `generate` does."""

@@ -44,7 +44,8 @@ def _kernel(device, q, keys, values, tables, starts, ctx, new, window=None, conf
     return paged_prefill_attention(*args, q.shape[-1] ** -0.5, window, config).cpu()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, *(pytest.param(d, marks=pytest.mark.slow)  # slow tier: half types
+                                                    for d in (torch.float16, torch.bfloat16))])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,lens,new", CASES)
 def test_triton_prefill_attention_matches_reference(device, dtype, heads, kv_heads, head_dim, block_size, lens, new):
     q, keys, values, tables, starts, ctx = _inputs(heads, kv_heads, head_dim, block_size, lens, new, dtype)
