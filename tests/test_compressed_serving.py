@@ -89,7 +89,7 @@ def parts(config):
     return raw, full, diag
 
 
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("kernels", ["reference", pytest.param("triton", marks=pytest.mark.slow)])  # interpreted: slow tier
 def test_mixed_raw_full_diag_and_base_tokens_get_their_own_delta(kernels, config, parts):
     """"triton" runs the CUDA launchers (interpreted on CPU): same slot layout, same result."""
     raw, full, diag = parts

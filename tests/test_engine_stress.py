@@ -56,7 +56,8 @@ def _check_block_ownership(engine: LLMEngine) -> None:
     assert len(owned) + engine.allocator.num_free == engine.allocator.num_blocks, "a block leaked"
 
 
-@pytest.mark.parametrize("policy_name", sorted(NUM_REQUESTS))
+@pytest.mark.parametrize("policy_name", [pytest.param(p, marks=pytest.mark.slow) if p == "fifo" else p  # fifo: longest run
+                                         for p in sorted(NUM_REQUESTS)])
 def test_random_traffic_with_aborts_and_preemption(tiny_llama_dir, policy_name):
     rng = random.Random(0)
     model = load_model(tiny_llama_dir)

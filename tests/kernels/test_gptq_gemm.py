@@ -94,7 +94,7 @@ def test_4bit_paths_match_reference(device, group_name, path, dtype):
 
 
 @pytest.mark.parametrize("path", ["gemv", "dot", "dot-swap", "dot-interleave"])
-@pytest.mark.parametrize("group_name", ["tile", "act-order"])
+@pytest.mark.parametrize("group_name", ["tile", pytest.param("act-order", marks=pytest.mark.slow)])  # 4-bit covers act-order fast
 @pytest.mark.parametrize("bits", [2, 8])
 def test_2_and_8_bits_match_reference(device, bits, group_name, path):
     cfg = PATHS[path]

@@ -83,6 +83,7 @@ def _run_python(code: str, env_extra: dict[str, str]) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # two fresh Python processes
 def test_package_import_does_not_import_triton_and_kernels_import_without_gpu():
     code = (
         "import sys, inlaid_ray.kernels\n"
