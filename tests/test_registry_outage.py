@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 
 import psutil
 import pytest
+import redis
 
 from inlaid_ray.registry import RegistryWatcher, TaskRecord, TaskRegistry, connect_redis
+from inlaid_ray.registry.embedded import redis_server_executable
 from inlaid_ray.serve.access import Authenticator
 from inlaid_ray.serve.http_errors import REGISTRY_ERRORS, OpenAIHTTPError, from_exception
+from inlaid_ray.serve.launcher import free_port
 
 pytestmark = pytest.mark.slow  # kills and restarts redis-server processes
 
@@ -129,3 +133,63 @@ def _servers_of(data_dir) -> list[int]:
         except psutil.Error:
             continue
     return pids
+
+
+def _start_tcp_redis(data_dir, port: int) -> subprocess.Popen:
+    """A standalone redis-server on 127.0.0.1:port (an operator's Redis behind REDIS_URL), append-only."""
+    proc = subprocess.Popen([redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    probe = redis.Redis(port=port, socket_connect_timeout=1)
+    for _ in range(POLLS):
+        try:
+            if probe.ping():
+                return proc
+        except redis.ConnectionError:
+            time.sleep(POLL_S)
+    proc.kill()
+    raise AssertionError("redis-server did not start")
+
+
+def test_an_external_redis_restart_is_ridden_out_without_loss_or_duplicates(tmp_path):
+    """REDIS_URL: the operator's Redis is killed and started again on its append-only file. While it
+    is down the watcher serves its last state and writes fail as 503s; once it is back the same
+    client reconnects by itself, writes work, and no task is lost or duplicated."""
+    port = free_port()
+    server = _start_tcp_redis(tmp_path, port)
+    client = connect_redis(f"redis://127.0.0.1:{port}/0", tmp_path / "unused")
+    registry = TaskRegistry(client, "external")
+    registry.add_tenant("acme")
+    live = registry.upsert_task(TaskRecord(name="sql", tenant="acme", adapter_uri="file:///a/sql", status="live"))
+    watcher = RegistryWatcher(registry, refresh_interval_s=0.2, poll_s=POLL_S).start()
+    try:
+        _kill(server.pid)
+        server.wait()
+        for _ in range(POLLS):
+            if not watcher.connected:
+                break
+            time.sleep(POLL_S)
+        assert not watcher.connected and watcher.get_task("sql") == live
+        with pytest.raises(REGISTRY_ERRORS) as write:
+            registry.upsert_task(TaskRecord(name="new", tenant="acme", adapter_uri="file:///a/new", status="live"))
+        assert from_exception(write.value).status == 503
+
+        server = _start_tcp_redis(tmp_path, port)
+        for _ in range(POLLS):  # the same client object: redis-py reconnects on the next command
+            try:
+                registry.upsert_task(TaskRecord(name="new", tenant="acme", adapter_uri="file:///a/new", status="live"))
+                break
+            except REGISTRY_ERRORS:
+                time.sleep(POLL_S)
+        for _ in range(POLLS):
+            if watcher.connected and watcher.get_task("new") is not None:
+                break
+            time.sleep(POLL_S)
+        assert watcher.connected and watcher.get_task("new") is not None
+        assert registry.get_task("sql") == live  # acknowledged before the kill: on the append-only file
+        assert sorted(t.name for t in registry.list_tasks()) == ["new", "sql"]
+    finally:
+        watcher.stop()
+        client.close()
+        server.kill()
+        server.wait()
