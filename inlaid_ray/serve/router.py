@@ -103,6 +103,7 @@ PROBE_HEADER = "x-inlaid-probe"  # admin only: lets the onboarding job use a sta
 PROBE_AVOID_HEADER = "x-inlaid-probe-avoid"  # admin probe only: replica ids that already answered it
 RETIRE_WAIT_S = 5.0  # how long the retire route waits for this router's cache to apply the retirement
 HEALTH_PROBE_S = 5.0  # how long /health waits for an engine replica's first answer
+LIVENESS_TIMEOUT_S = 2.0  # how long /metrics waits for Ray's list of live replicas
 REPLICA_RETRIES = 2  # re-sends of a request whose replica failed before it streamed anything
 REPLICA_RETRY_BACKOFF_S = 0.2  # times the attempt number: a restarting replica is not hammered
 
@@ -409,12 +410,19 @@ class Router:
         return {"object": "list", "data": [self._replica_stats[r] for r in sorted(self._replica_stats)]}
 
     async def _forget_stopped_replicas(self) -> None:
-        """Drop the stats and gauges of engine replicas that no longer run (killed, scaled down)."""
-        if not self._replica_stats:
+        """Drop the stats and gauges of engine replicas that no longer run (killed, scaled down).
+        Best effort: a scrape never fails because Ray's control store did not answer."""
+        known = set(self._replica_stats) | self._metrics.replicas
+        if not known:
             return
-        live = await asyncio.to_thread(live_replica_ids, self._app_name, ENGINE_DEPLOYMENT)
-        for replica in set(self._replica_stats) - live:
-            del self._replica_stats[replica]
+        try:
+            live = await asyncio.wait_for(asyncio.to_thread(live_replica_ids, self._app_name, ENGINE_DEPLOYMENT),
+                                          timeout=LIVENESS_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - keep the last stats; the next scrape tries again
+            log.warning("could not list live engine replicas: %r", exc)
+            return
+        for replica in known - live:
+            self._replica_stats.pop(replica, None)
             self._metrics.forget_replica(replica)
 
     # ---- generation ------------------------------------------------------------------------
@@ -490,18 +498,21 @@ class Router:
                 streams.cancel()
                 self._fail(choices, exc)
                 raise
-            # A non-streaming client has received nothing yet: its replica died mid-generation,
-            # so the whole request runs again on a live one (the failed attempt records no metrics).
+            # A non-streaming client has received nothing yet: its replica failed mid-generation,
+            # so the whole request runs again, under a new engine id (an "unavailable" replica may
+            # still run the first copy). Only the failed attempt's inter-token latencies stay recorded.
             log.warning("request %s: replica failed mid-generation, running it again", replica_req.request_id)
+            replica_req = dataclasses.replace(replica_req, request_id=f"{ctx.request_id}-retry{attempt + 1}")
             try:
                 stream, first = await self._open(handle, replica_req)
-            except OpenAIHTTPError as err:
+            except BaseException as err:
                 self._fail(choices, err)
                 raise
             streams = ChoiceStreams(first, stream, req.num_candidates)
             choices = [Choice(streams.choice(i), StreamTracker(ctx, self._metrics, self._on_finished))
                        for i in range(req.num_candidates)]
             headers[REPLICA_HEADER] = str(first.get("replica", ""))
+            headers.pop(BASE_VERSION_HEADER, None)
             if first.get("base_version") is not None:
                 headers[BASE_VERSION_HEADER] = str(first["base_version"])
         for choice in choices:
