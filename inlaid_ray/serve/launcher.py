@@ -109,14 +109,17 @@ def run_serve(
         print("inlaid-ray: stopping: requests in flight finish first", flush=True)
     finally:
         if blocking:
-            _stop(serve, ray, started_ray)
+            _stop(started_ray)
     return url
 
 
-def _stop(serve: Any, ray: Any, started_ray: bool) -> None:
+def _stop(started_ray: bool) -> None:
     """Drain and stop. Deleting the application first drains it: its replicas stop taking requests
     and finish those in flight (up to shutdown_drain_timeout_s) while the HTTP proxy still carries
     their streams; serve.shutdown alone would stop the proxy at once. A second Ctrl-C skips the drain."""
+    import ray
+    from ray import serve
+
     try:
         serve.delete(APP_NAME)
         serve.shutdown()

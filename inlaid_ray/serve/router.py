@@ -55,6 +55,7 @@ from inlaid_ray.registry import (
     retire_task,
     show_task,
 )
+from inlaid_ray.serve.admin_protocol import TenantRequest
 from inlaid_ray.serve.access import Authenticator, Caller, cluster_spec_for, resolve_model, visible_tasks
 from inlaid_ray.serve.http_errors import (
     REGISTRY_ERRORS,
@@ -87,12 +88,7 @@ from inlaid_ray.serve.responses import (
     sse_events,
 )
 from inlaid_ray.serve.openapi_doc import document_request_bodies
-from inlaid_ray.serve.runtime_adapters import (
-    LoadLoRAAdapterRequest,
-    TenantRequest,
-    UnloadLoRAAdapterRequest,
-    load_adapter,
-)
+from inlaid_ray.serve.runtime_adapters import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, load_adapter
 from inlaid_ray.serve.seed import RegistrySeed, seed_registry
 
 log = logging.getLogger(__name__)
@@ -477,12 +473,7 @@ class Router:
         except OpenAIHTTPError as err:
             self._metrics.errors.labels(str(err.status)).inc()
             raise
-        streams = ChoiceStreams(first, stream, req.num_candidates)
-        choices = [Choice(streams.choice(i), StreamTracker(ctx, self._metrics, self._on_finished))
-                   for i in range(req.num_candidates)]
-        headers = {REPLICA_HEADER: str(first.get("replica", ""))}
-        if first.get("base_version") is not None:
-            headers[BASE_VERSION_HEADER] = str(first["base_version"])
+        streams, choices, headers = self._choices(ctx, req.num_candidates, stream, first)
         if req.stream:
             return StreamingResponse(self._sse(choices, streams), media_type="text/event-stream", headers=headers)
         for attempt in range(1 + REPLICA_RETRIES):
@@ -508,16 +499,21 @@ class Router:
             except BaseException as err:
                 self._fail(choices, err)
                 raise
-            streams = ChoiceStreams(first, stream, req.num_candidates)
-            choices = [Choice(streams.choice(i), StreamTracker(ctx, self._metrics, self._on_finished))
-                       for i in range(req.num_candidates)]
-            headers[REPLICA_HEADER] = str(first.get("replica", ""))
-            headers.pop(BASE_VERSION_HEADER, None)
-            if first.get("base_version") is not None:
-                headers[BASE_VERSION_HEADER] = str(first["base_version"])
+            streams, choices, headers = self._choices(ctx, req.num_candidates, stream, first)
         for choice in choices:
             choice.tracker.finish()
         return JSONResponse(body, headers=headers)
+
+    def _choices(self, ctx: ResponseContext, num_candidates: int, stream: Any,
+                 first: dict[str, Any]) -> tuple[ChoiceStreams, list[Choice], dict[str, str]]:
+        """One generation's per-choice streams and trackers, and the response headers naming its replica."""
+        streams = ChoiceStreams(first, stream, num_candidates)
+        choices = [Choice(streams.choice(i), StreamTracker(ctx, self._metrics, self._on_finished))
+                   for i in range(num_candidates)]
+        headers = {REPLICA_HEADER: str(first.get("replica", ""))}
+        if first.get("base_version") is not None:
+            headers[BASE_VERSION_HEADER] = str(first["base_version"])
+        return streams, choices, headers
 
     def _fail(self, choices: list[Choice], exc: BaseException) -> None:
         """Record a non-streaming request's failure once."""

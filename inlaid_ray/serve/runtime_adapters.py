@@ -36,14 +36,6 @@ class UnloadLoRAAdapterRequest(BaseModel):
     lora_name: str
 
 
-class TenantRequest(BaseModel):
-    """The body of the admin routes that create a tenant or a key for one."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tenant: str
-
-
 def load_adapter(registry: TaskRegistry, req: LoadLoRAAdapterRequest, model_config: ModelConfig,
                  limits: AdapterLimits, base_model_id: str, model_dir: str) -> TaskRecord:
     """Validate and register `req` live; OpenAIHTTPError (4xx naming the field) on bad input."""
