@@ -23,7 +23,7 @@ from inlaid_ray.engine.builder import BankCapacity, make_bank
 from inlaid_ray.lora import AdapterBank, LoRAAdapter, LoRAFactors, save_peft_adapter
 from inlaid_ray.lora.synthetic import random_lora_adapter
 from inlaid_ray.model import ModelConfig
-from inlaid_ray.quant.gptq_linear import GPTQLinear, select_gptq_matmul
+from inlaid_ray.quantized_base.linear import GPTQLinear, select_gptq_matmul
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

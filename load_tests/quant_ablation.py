@@ -66,7 +66,7 @@ from inlaid_ray.quant.incremental import (
     resolve_task_budget,
     save_checkpoint,
 )
-from inlaid_ray.quant.loading import load_base
+from inlaid_ray.quantized_base.loading import load_base
 from inlaid_ray.quant.mlgptq import GROUP_OF, GROUPS, MLGPTQConfig, aggregate_hessians, quantize_from_hessians
 from inlaid_ray.quant.quantizer import QuantGrid
 from inlaid_ray.quant.stats_store import StatsStore, base_fingerprint

@@ -38,7 +38,7 @@ from inlaid_ray.model.prepare import prepare_smollm2
 from inlaid_ray.model.tokenizer import load_tokenizer
 from inlaid_ray.quant.calibration import CalibrationConfig
 from inlaid_ray.demo.quality import evaluate_dir
-from inlaid_ray.quant.gptq_format import load_gptq_checkpoint, split_layers
+from inlaid_ray.quantized_base.checkpoint import load_gptq_checkpoint, split_layers
 from inlaid_ray.quant.incremental import TaskSource, measure_incremental_vs_full, quantize_base
 from inlaid_ray.quant.mlgptq import GROUP_OF, MLGPTQConfig
 from inlaid_ray.quant.quantizer import QuantGrid

@@ -14,9 +14,9 @@ from inlaid_ray.lora import load_peft_adapter
 from inlaid_ray.lora.bank import AdapterBank
 from inlaid_ray.model import load_model, prefill_logits
 from inlaid_ray.model.transformer import fuse_projections
-from inlaid_ray.quant.gptq_linear import GPTQLinear
+from inlaid_ray.quantized_base.linear import GPTQLinear
 from inlaid_ray.quant.incremental import quantize_base
-from inlaid_ray.quant.loading import load_base
+from inlaid_ray.quantized_base.loading import load_base
 from inlaid_ray.quant.mlgptq import MLGPTQConfig
 from inlaid_ray.quant.quantizer import QuantGrid
 from test_engine_lora import ADAPTERS, PROMPTS, _adapter

@@ -17,8 +17,10 @@ from inlaid_ray.model.config import LINEAR_MODULES
 from inlaid_ray.quant import (
     HessianAccumulator,
     QuantGrid,
-    QuantizeConfig,
     gptq_quantize,
+)
+from inlaid_ray.quantized_base import (
+    QuantizeConfig,
     load_gptq_checkpoint,
     pack_gptq_result,
     save_gptq_checkpoint,

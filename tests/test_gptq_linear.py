@@ -17,12 +17,14 @@ from inlaid_ray.model.layers import AdaptedLinear, DenseLinear
 from inlaid_ray.model.runner import prefill_logits
 from inlaid_ray.model.transformer import Transformer
 from inlaid_ray.quant import (
-    GPTQLinear,
     HessianAccumulator,
     QuantGrid,
+    gptq_quantize,
+)
+from inlaid_ray.quantized_base import (
+    GPTQLinear,
     QuantizeConfig,
     gptq_linear_factory,
-    gptq_quantize,
     load_gptq_checkpoint,
     pack_gptq_result,
     save_gptq_checkpoint,

@@ -19,7 +19,7 @@ from inlaid_ray.model import load_model, load_tokenizer
 from inlaid_ray.model.config import LINEAR_MODULES
 from inlaid_ray.quant.calibration import CalibrationConfig, CalibrationSet
 from inlaid_ray.quant.gptq import rtn_quantize
-from inlaid_ray.quant.gptq_format import split_layers
+from inlaid_ray.quantized_base.checkpoint import split_layers
 from inlaid_ray.quant.incremental import checkpoints_identical, load_tasks, quantize_base
 from inlaid_ray.quant.mlgptq import (
     GROUP_OF,
@@ -168,7 +168,7 @@ def test_aggregate_is_elementwise_max_and_task_order_invariant(setup, full_run):
 def test_quantized_weights_use_the_max_aggregate(setup, full_run):
     """The checkpoint's codes are what GPTQ gives for (fp16 W, max-aggregated H): re-derive one layer."""
     from inlaid_ray.quant.gptq import gptq_quantize
-    from inlaid_ray.quant.gptq_format import pack_gptq_result
+    from inlaid_ray.quantized_base.checkpoint import pack_gptq_result
 
     root, base, _ = setup
     _, store = full_run

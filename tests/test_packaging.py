@@ -132,10 +132,29 @@ def _imports_of(path: Path) -> set[str]:
     return names
 
 
+def _in_package(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
 def test_model_package_knows_no_checkpoint_format():
-    """The serving model imports nothing from quant/: formats swap modules in at load time."""
-    offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports_of(p) if n.startswith("inlaid_ray.quant"))
+    """The serving model imports nothing from quant/ or quantized_base/: formats swap modules in
+    at load time."""
+    offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports_of(p)
+                                                   if _in_package(n, "inlaid_ray.quant")
+                                                   or _in_package(n, "inlaid_ray.quantized_base"))
                  for p in (REPO / "inlaid_ray" / "model").rglob("*.py")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_serving_code_imports_no_offline_quantization():
+    """Serving-time packages take from quant/ only the grid (`quant.quantizer`, the checkpoint's
+    settings) and the GPTQ result type: never the MLGPTQ driver, calibration or statistics."""
+    package = REPO / "inlaid_ray"
+    serving = ("model", "engine", "serve", "quantized_base", "registry", "lora", "sched")
+    allowed = {"inlaid_ray.quant.quantizer", "inlaid_ray.quant.gptq"}
+    offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports_of(p)
+                                                   if _in_package(n, "inlaid_ray.quant") and n not in allowed)
+                 for sub in serving for p in (package / sub).rglob("*.py")}
     assert not {k: v for k, v in offenders.items() if v}
 
 

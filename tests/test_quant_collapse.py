@@ -13,7 +13,7 @@ import torch
 from inlaid_ray.model.config import LINEAR_MODULES
 from inlaid_ray.model.loader import read_safetensors_dir
 from inlaid_ray.quant.calibration import CalibrationConfig
-from inlaid_ray.quant.gptq_format import load_gptq_checkpoint, split_layers
+from inlaid_ray.quantized_base.checkpoint import load_gptq_checkpoint, split_layers
 from inlaid_ray.quant.incremental import quantize_base
 from inlaid_ray.quant.mlgptq import GROUP_OF, MLGPTQConfig, hf_prefix
 from inlaid_ray.quant.quantizer import QuantGrid

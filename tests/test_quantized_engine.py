@@ -14,9 +14,9 @@ from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams
 from inlaid_ray.kernels.reference import gptq_dequantize_ref
 from inlaid_ray.lora import load_peft_adapter
 from inlaid_ray.model import ModelConfig, Transformer, load_model, prefill_logits
-from inlaid_ray.quant.loading import load_base
-from inlaid_ray.quant.gptq_format import load_gptq_checkpoint, split_layers
-from inlaid_ray.quant.gptq_linear import GPTQLinear
+from inlaid_ray.quantized_base.loading import load_base
+from inlaid_ray.quantized_base.checkpoint import load_gptq_checkpoint, split_layers
+from inlaid_ray.quantized_base.linear import GPTQLinear
 from inlaid_ray.quant.incremental import TaskSource, quantize_base
 from inlaid_ray.quant.mlgptq import MLGPTQConfig, proj
 from inlaid_ray.quant.quantizer import QuantGrid

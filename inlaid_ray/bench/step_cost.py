@@ -33,7 +33,7 @@ from inlaid_ray.lora import AdapterBank
 from inlaid_ray.errors import ModelLoadError
 from inlaid_ray.lora.synthetic import SMOLLM2_135M, random_lora_adapter
 from inlaid_ray.model import ModelConfig, PagedKVCache, random_model
-from inlaid_ray.quant.loading import load_base
+from inlaid_ray.quantized_base.loading import load_base
 from inlaid_ray.model.prepare import prepare_smollm2
 from inlaid_ray.sched.cost_model import StepSample, fit_cost_model
 

@@ -33,7 +33,7 @@ from inlaid_ray.lora.peft_io import load_peft_adapter
 from inlaid_ray.model.runner import prefill_logits
 from inlaid_ray.model.tokenizer import encode_chat
 from inlaid_ray.model.transformer import Transformer
-from inlaid_ray.quant.loading import is_gptq_dir, load_base
+from inlaid_ray.quantized_base.loading import is_gptq_dir, load_base
 
 
 def round_to_fp16(model: Transformer) -> Transformer:

@@ -1,7 +1,7 @@
 """The one engine builder: base model directory (dense or GPTQ) + named PEFT adapters + compressed
 cluster banks -> a ready `LLMEngine`, for every entry point (CLI `generate`, evaluation, the
 Serve replica via `serve/engine_builder.py`, benchmarks). Device and dtype names resolve by
-`inlaid_ray.devices`; the GPTQ dequantized-weight cache follows `quant.loading`'s one policy."""
+`inlaid_ray.devices`; the GPTQ dequantized-weight cache follows `quantized_base.loading`'s one policy."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from inlaid_ray.lora import AdapterBank, LoRAAdapter, load_peft_adapter
 from inlaid_ray.lora.cluster_bank import ClusterBanks, load_cluster_banks
 from inlaid_ray.model import ModelConfig, load_tokenizer
 from inlaid_ray.model.transformer import fuse_projections
-from inlaid_ray.quant.loading import load_base
+from inlaid_ray.quantized_base.loading import load_base
 from inlaid_ray.sched.policy import SchedulingPolicy
 
 
@@ -108,7 +108,7 @@ def build_engine(
     adapters: task name -> PEFT directory (served raw). compressed: cluster-bank directories
     (written by `inlaid-ray compress` / `save_cluster_banks`); each adapter they hold is a task
     of that name served compressed. dtype/device: names as `inlaid_ray.devices` resolves them
-    ("auto": bfloat16 on CUDA, float32 on CPU). gptq_cache_dequantized: None = `quant.loading`'s policy.
+    ("auto": bfloat16 on CUDA, float32 on CPU). gptq_cache_dequantized: None = `quantized_base.loading`'s policy.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

@@ -26,7 +26,7 @@ import torch
 
 from inlaid_ray.devices import parse_dtype, resolve_device
 from inlaid_ray.model import ModelConfig, load_tokenizer
-from inlaid_ray.quant.loading import load_base
+from inlaid_ray.quantized_base.loading import load_base
 from inlaid_ray.quant.calibration import CalibrationConfig
 from inlaid_ray.quant.incremental import TaskSource, compute_missing_stats, load_tasks, quantize_base
 from inlaid_ray.quant.incremental import hessian_settings

@@ -1,7 +1,7 @@
 """Building blocks of the Llama-family forward: RMSNorm and the pluggable projections.
 
 Every projection is an `AdaptedLinear`: a base linear (dense here; GPTQ-packed in
-`inlaid_ray.quant.gptq_linear`) plus the multi-LoRA term from the adapter bank. Neither
+`inlaid_ray.quantized_base.linear`) plus the multi-LoRA term from the adapter bank. Neither
 knows the other's storage (docs/style.md rule 11).
 """
 

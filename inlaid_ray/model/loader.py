@@ -1,7 +1,7 @@
 """Load a Llama-family HF directory (safetensors, single file or sharded) into `Transformer`.
 
 This module knows dense checkpoints only. Quantized formats plug their projection modules in
-at load time (gpt-fast style): `inlaid_ray.quant.loading.load_base` reads a GPTQ checkpoint,
+at load time (gpt-fast style): `inlaid_ray.quantized_base.loading.load_base` reads a GPTQ checkpoint,
 builds the model with its `GPTQLinear` factory and hands the tensors to `load_weights` here;
 the `prefix.qweight/qzeros/scales/g_idx(/bias)` names map to `prefix.base.*` like dense ones.
 """
@@ -82,7 +82,7 @@ def load_model(
     model_dir = Path(model_dir)
     if make_linear is None and quantization_config(model_dir) is not None:
         raise ModelLoadError(f"{model_dir} holds a quantized checkpoint: load it with "
-                             "inlaid_ray.quant.loading.load_base (the engine builders do)")
+                             "inlaid_ray.quantized_base.loading.load_base (the engine builders do)")
     config = ModelConfig.from_dir(model_dir)
     model = Transformer(config, dtype=dtype, device=device, make_linear=make_linear, adapter_bank=adapter_bank)
     return load_weights(model, map_hf_names(read_safetensors_dir(model_dir, device), config), model_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from inlaid_ray.kernels.reference import gptq_dequantize_ref
-from inlaid_ray.quant.gptq_format import load_gptq_checkpoint, split_layers
+from inlaid_ray.quantized_base.checkpoint import load_gptq_checkpoint, split_layers
 from inlaid_ray.quant.mlgptq import GROUP_OF, aggregate_hessians
 from inlaid_ray.quant.stats_store import StatsStore
 

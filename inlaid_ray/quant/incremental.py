@@ -38,8 +38,8 @@ from inlaid_ray.quant.calibration import (
     load_calibration_file,
     resolve_budget,
 )
-from inlaid_ray.quant.gptq_format import QuantizeConfig, save_gptq_checkpoint
-from inlaid_ray.quant.loading import load_base
+from inlaid_ray.quantized_base.checkpoint import QuantizeConfig, save_gptq_checkpoint
+from inlaid_ray.quantized_base.loading import load_base
 from inlaid_ray.quant.measure import ResourceMeter
 from inlaid_ray.quant.mlgptq import (
     CalibrationTask,

@@ -40,7 +40,7 @@ from inlaid_ray.model.runner import build_prefill_batch
 from inlaid_ray.model.transformer import Transformer
 from inlaid_ray.quant.calibration import CalibrationSet
 from inlaid_ray.quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
-from inlaid_ray.quant.gptq_format import pack_gptq_result
+from inlaid_ray.quantized_base.checkpoint import pack_gptq_result
 from inlaid_ray.quant.hessian import (
     HessianAccumulator,
     channel_max_aggregate_hessians,

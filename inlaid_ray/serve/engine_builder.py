@@ -3,7 +3,7 @@ base model, adapter bank, `LLMEngine` and its asyncio front. No Ray here: the re
 signature (`build_engine` by default), as Ray Serve LLM injects its engine class.
 
 A base directory holding a GPTQ checkpoint (`quantize_config.json`, e.g. the MLGPTQ 4-bit
-base) loads with `GPTQLinear` projections through `inlaid_ray.quant.loading.load_base`, like a
+base) loads with `GPTQLinear` projections through `inlaid_ray.quantized_base.loading.load_base`, like a
 dense one, under its one dequantized-weight cache policy. Adapters come as raw PEFT directories (`load_cluster_adapter`) or as
 compressed cluster banks (`load_bank`, `ClusterSpec.format == "jd_bank"`); the bank reserves
 `max_compressed_clusters` cluster slots for the latter.

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -27,8 +27,10 @@ from inlaid_ray import __version__
 from inlaid_ray.errors import ModelLoadError
 from inlaid_ray.kernels.reference import gptq_dequantize_ref, pack_codes
 from inlaid_ray.model.config import ModelConfig
-from inlaid_ray.quant.gptq import GPTQResult
 from inlaid_ray.quant.quantizer import SUPPORTED_BITS, QuantGrid
+
+if TYPE_CHECKING:  # the offline GPTQ result is only read here, by attribute
+    from inlaid_ray.quant.gptq import GPTQResult
 
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 WEIGHTS_FILE = "model.safetensors"

@@ -13,9 +13,9 @@ import torch
 from inlaid_ray.model.config import ModelConfig
 from inlaid_ray.model.loader import load_model, load_weights, map_hf_names, quantization_config
 from inlaid_ray.model.transformer import Transformer
-from inlaid_ray.quant.gptq_format import load_gptq_checkpoint
+from inlaid_ray.quantized_base.checkpoint import load_gptq_checkpoint
 from inlaid_ray.kernels.reference import gptq_matmul_ref
-from inlaid_ray.quant.gptq_linear import gptq_linear_factory, select_gptq_matmul
+from inlaid_ray.quantized_base.linear import gptq_linear_factory, select_gptq_matmul
 
 log = logging.getLogger(__name__)
 

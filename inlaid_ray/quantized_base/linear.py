@@ -27,7 +27,7 @@ from torch import nn
 
 from inlaid_ray.kernels import ops
 from inlaid_ray.kernels.reference import gptq_dequantize_ref, gptq_matmul_ref
-from inlaid_ray.quant.gptq_format import check_gptq_tensors
+from inlaid_ray.quantized_base.checkpoint import check_gptq_tensors
 
 GPTQMatmul = Callable[..., torch.Tensor]  # (x, qweight, qzeros, scales, g_idx, bits, bias) -> y
 LinearFactory = Callable[[int, str, int, int, bool], nn.Module]
