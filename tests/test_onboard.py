@@ -112,7 +112,7 @@ def reference(app, smollm2_dir):
     threads = torch.get_num_threads()
     a = app.args
     spec = ReplicaSpec(model_dir=str(smollm2_dir), artifact_dir="/", dtype="float32", device="cpu", torch_threads=1,
-                       max_adapters=4, max_lora_rank=a.max_lora_rank,
+                       max_adapters_per_replica=4, max_lora_rank=a.max_lora_rank,
                        engine=EngineConfig(num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
                                            max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=MAX_MODEL_LEN))
     bundle = build_engine(spec)

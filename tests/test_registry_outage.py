@@ -122,6 +122,22 @@ def test_the_apps_watcher_restarts_a_killed_embedded_server(tmp_path):
     assert _servers_of(tmp_path) == []  # the last lease stopped it
 
 
+def test_every_client_takes_its_lease_again_after_a_restart(tmp_path):
+    """After a supervised restart a second long-lived client (another replica or router) counts
+    again: when the supervisor exits, the server keeps running for it, and its own exit stops it."""
+    owner = connect_redis(None, tmp_path)
+    other = connect_redis(None, tmp_path)
+    other.set("k", "v")
+    first = owner.server_pid
+    _kill(first)
+    assert owner.ensure_server()
+    assert other.get("k") == "v"  # its pool reconnects to the new server, and takes its lease again
+    owner.close()  # the supervisor's process exits first
+    assert _servers_of(tmp_path) != [] and other.ping() and other.server_pid != first
+    other.close()
+    assert _servers_of(tmp_path) == []  # the last lease stopped it
+
+
 def _servers_of(data_dir) -> list[int]:
     """Live (not zombie) redis-server processes started for `data_dir`."""
     pids = []

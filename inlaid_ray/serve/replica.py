@@ -123,7 +123,7 @@ class EngineReplica:
         self._residency = None if self._bank is None else \
             ClusterResidency(_CurrentEngine(self._bases), self._read_adapter, spec.drain_timeout_s, self._read_bank)
         # Decorated here, not on the class, so that the LRU bound comes from the spec.
-        self._load_cluster = serve.multiplexed(max_num_models_per_replica=spec.max_clusters)(self._make_cluster_loader())
+        self._load_cluster = serve.multiplexed(max_num_models_per_replica=spec.max_clusters_per_replica)(self._make_cluster_loader())
 
     # ---- Ray Serve hooks -----------------------------------------------------------------
 

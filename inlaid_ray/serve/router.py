@@ -144,7 +144,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @dataclass(frozen=True)
 class RouterSpec:
-    """The ingress's settings (resolved from AppArgs by build_app)."""
+    """The ingress's settings (derived from AppArgs by `serve.app.app_specs`)."""
 
     model_dir: str
     base_model_id: str
@@ -156,7 +156,7 @@ class RouterSpec:
     default_slo_s: float | None = None
     auth_cache_s: float = 5.0
     registry_refresh_s: float = 30.0
-    seed: RegistrySeed | None = None
+    registry_seed: RegistrySeed | None = None  # keys and manifest tasks registered at start
     max_request_bytes: int = 2 << 20
     max_json_depth: int = 64
     metrics_need_admin_key: bool = True
@@ -209,8 +209,8 @@ class Router:
         self._vocab_size = self._model_config.vocab_size
         self._redis = connect_redis(spec.redis_url, spec.data_dir)
         self._registry = TaskRegistry(self._redis, spec.namespace)
-        if spec.seed is not None:
-            tasks = seed_registry(self._registry, spec.seed)
+        if spec.registry_seed is not None:
+            tasks = seed_registry(self._registry, spec.registry_seed)
             log.info("registry seeded: tasks %s live", tasks)
         self._watcher = RegistryWatcher(self._registry, refresh_interval_s=spec.registry_refresh_s,
                                         supervise=True).start()
