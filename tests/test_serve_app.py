@@ -594,6 +594,38 @@ def test_client_disconnect_aborts_the_generation(served):
     assert cancelled >= 1 and stats["in_flight"] == 0 and stats["running"] == 0
 
 
+def _gauge(text: str, name: str, replica: str) -> float | None:
+    """The value of engine gauge `name` for `replica` in a Prometheus exposition, None if absent."""
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{replica="{replica}"}} '):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_engine_gauges_follow_the_replica_between_finished_requests(served):
+    """The running gauge shows a generation while it runs, and drops after it is aborted, with no
+    request finishing in between: gauges come from Serve's periodic routing stats."""
+    task = DEMO_CLUSTERS["demo-long"][0]
+    body = dict(model=task, prompt="Tell me a long story.", max_tokens=MAX_MODEL_LEN - 32, ignore_eos=True, stream=True)
+    running = None
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, headers=served.headers(), timeout=120) as response:
+        assert response.status_code == 200
+        replica = response.headers[REPLICA_HEADER]
+        lines = response.iter_lines()
+        for _ in range(POLL):
+            assert next(lines).startswith("data: ")  # still generating
+            running = _gauge(served.get("/metrics", ADMIN_KEY).text, "inlaid_num_requests_running", replica)
+            if running:
+                break
+        assert running == 1
+    for _ in range(POLL):  # hung up: the replica stops it, and the next broadcast says so
+        running = _gauge(served.get("/metrics", ADMIN_KEY).text, "inlaid_num_requests_running", replica)
+        if running == 0:
+            break
+        time.sleep(0.05)
+    assert running == 0
+
+
 def _metric_counts(text: str, name: str) -> Counter:
     """{task: value} summed over the other labels of counter `name`."""
     out: Counter = Counter()

@@ -75,6 +75,7 @@ from inlaid_ray.serve.openai_protocol import (
 )
 from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_completion
 from inlaid_ray.serve.replica_liveness import live_replica_ids
+from inlaid_ray.serve.request_router import ROUTING_STATS
 from inlaid_ray.serve.replica_protocol import ENGINE_DEPLOYMENT, ReplicaRequest
 from inlaid_ray.serve.request_body import read_json_body
 from inlaid_ray.serve.base_residency import BaseRef
@@ -256,6 +257,7 @@ class Router:
         names (scrape with `authorization: {credentials: <admin key>}`)."""
         if self._spec.metrics_need_admin_key:
             await self._admin(request)
+        self._take_published_stats()
         await self._forget_stopped_replicas()
         return Response(self._metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
@@ -400,10 +402,20 @@ class Router:
 
     @api.get("/v1/admin/replicas")
     async def admin_replicas(self, request: Request) -> dict[str, Any]:
-        """The last routing stats each replica reported with a finished request."""
+        """The last routing stats of each replica: from Serve's periodic broadcast, or from a
+        finished request's last chunk, whichever is newer."""
         await self._admin(request)
+        self._take_published_stats()
         await self._forget_stopped_replicas()
         return {"object": "list", "data": [self._replica_stats[r] for r in sorted(self._replica_stats)]}
+
+    def _take_published_stats(self) -> None:
+        """Engine gauges and replica stats from the routing stats Serve last broadcast to this
+        process (about every routing_stats_period_s), where newer than a finished request's."""
+        for replica, stats in (ROUTING_STATS.read(self._app_name, ENGINE_DEPLOYMENT) or {}).items():
+            if float(stats.get("ts", 0.0)) > float(self._replica_stats.get(replica, {}).get("ts", 0.0)):
+                self._replica_stats[replica] = stats
+                self._metrics.record_replica_stats(replica, stats)
 
     async def _forget_stopped_replicas(self) -> None:
         """Drop the stats and gauges of engine replicas that no longer run (killed, scaled down).
