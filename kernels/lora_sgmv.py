@@ -99,8 +99,8 @@ def block_r(rank: int) -> int:
 @triton.jit
 def _sgmv_shrink_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ids_ptr, seg_ids_ptr, counts_ptr, offsets_ptr, ranks_ptr,
-    K, R, stride_xm, stride_ws, stride_wr, stride_wk, stride_hm, k_per_split,
-    HAS_RANKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    K, R, slice_r, stride_xm, stride_ws, stride_wr, stride_wk, stride_hm, k_per_split,
+    HAS_RANKS: tl.constexpr, SLICED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     seg = tl.program_id(0)
@@ -112,16 +112,21 @@ def _sgmv_shrink_kernel(
     if pid_m * BLOCK_M >= count:  # past the end of this segment
         return
     s = tl.load(seg_ids_ptr + seg).to(tl.int64)
-    rank = R
-    if HAS_RANKS:
-        rank = tl.load(ranks_ptr + s).to(tl.int32)
-    if pid_r * BLOCK_R >= rank:  # only zero padding left
-        return
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    if SLICED:  # R = slices x slice_r rows: slice p's row j is p * slice_r + j, real while j < rank
+        mask_r = offs_r < R
+        if HAS_RANKS:
+            mask_r = mask_r & ((offs_r % slice_r) < tl.load(ranks_ptr + s).to(tl.int32))
+    else:
+        rank = R
+        if HAS_RANKS:
+            rank = tl.load(ranks_ptr + s).to(tl.int32)
+        if pid_r * BLOCK_R >= rank:  # only zero padding left
+            return
+        mask_r = offs_r < rank
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
     tok = tl.load(sorted_ids_ptr + tl.load(offsets_ptr + seg) + offs_m, mask=mask_m, other=0).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < rank
     w_base = w_ptr + s * stride_ws
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -146,9 +151,9 @@ def _sgmv_shrink_kernel(
 @triton.jit
 def _sgmv_expand_kernel(
     y_ptr, h_ptr, w_ptr, sigma_ptr, rows_ptr, sorted_ids_ptr, seg_ids_ptr, counts_ptr, offsets_ptr, ranks_ptr,
-    N, R, stride_ym, stride_hm, stride_ws, stride_wn, stride_wr, stride_ss, stride_sn,
-    HAS_RANKS: tl.constexpr, HAS_SIGMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    starts_ptr, N, R, n_blocks, stride_ym, stride_hm, stride_ws, stride_wn, stride_wr, stride_ss, stride_sn,
+    HAS_RANKS: tl.constexpr, HAS_SIGMA: tl.constexpr, SLICED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
 ):
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -160,11 +165,21 @@ def _sgmv_expand_kernel(
     rank = R
     if HAS_RANKS:
         rank = tl.load(ranks_ptr + s).to(tl.int32)
+    if SLICED:  # output columns [starts[p], starts[p+1]) read h columns [p * R, (p + 1) * R)
+        p = pid_n // n_blocks
+        n_start = tl.load(starts_ptr + p) + (pid_n % n_blocks) * BLOCK_N
+        n_end = tl.load(starts_ptr + p + 1)
+        if n_start >= n_end:  # past the end of this slice
+            return
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_end
+        h_ptr = h_ptr + p * R
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
     tok = tl.load(sorted_ids_ptr + tl.load(offsets_ptr + seg) + offs_m, mask=mask_m, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     w_base = w_ptr + s * stride_ws
     if HAS_SIGMA:  # diagonal core of a compressed adapter, gathered per token's row
         sig_base = sigma_ptr + s * stride_ss + tl.load(rows_ptr + tok, mask=mask_m, other=0).to(tl.int64) * stride_sn
@@ -198,23 +213,25 @@ def _check_segments(sorted_ids: torch.Tensor, seg_ids: torch.Tensor, counts: tor
 def sgmv_shrink(
     h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], rank: int,
     sorted_ids: torch.Tensor, seg_ids: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
-    launch: tuple[int, int], ranks: torch.Tensor | None, config: ShrinkConfig | None,
+    launch: tuple[int, int], ranks: torch.Tensor | None, config: ShrinkConfig | None, slice_rank: int = 0,
 ) -> None:
     """h[t, :rank] += W[seg] x[t] for segment tokens; W element (s, r, k) at w + s*ws + r*wr + k*wk.
-    `launch` = (segments, tokens per segment) the grid covers; programs past a segment's count exit."""
+    `launch` = (segments, tokens per segment) the grid covers; programs past a segment's count exit.
+    slice_rank > 0: the `rank` rows are slices of `slice_rank` rows each, and `ranks` bounds each slice."""
     num_segments, max_count = launch
     if not num_segments or not max_count:
         return
     k = x.shape[1]
     cfg = config or select_shrink_config(max_count, x.device)
-    br = block_r(rank)
+    br = block_r(slice_rank or rank)
     split_k = max(1, min(cfg.split_k, cdiv(k, cfg.block_k)))
     k_per_split = cdiv(cdiv(k, split_k), cfg.block_k) * cfg.block_k
     grid = (num_segments, cdiv(max_count, cfg.block_m) * cdiv(rank, br), split_k)
     _sgmv_shrink_kernel[grid](
         x, w, h, sorted_ids, seg_ids, counts, offsets, ranks if ranks is not None else counts,
-        k, rank, x.stride(0), *w_strides, h.stride(0), k_per_split,
-        HAS_RANKS=ranks is not None, BLOCK_M=cfg.block_m, BLOCK_R=br, BLOCK_K=cfg.block_k, ATOMIC=split_k > 1,
+        k, rank, slice_rank or rank, x.stride(0), *w_strides, h.stride(0), k_per_split,
+        HAS_RANKS=ranks is not None, SLICED=slice_rank > 0, BLOCK_M=cfg.block_m, BLOCK_R=br, BLOCK_K=cfg.block_k,
+        ATOMIC=split_k > 1,
         UPCAST=interp_upcast(_sgmv_shrink_kernel, x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -224,20 +241,25 @@ def sgmv_expand(
     sorted_ids: torch.Tensor, seg_ids: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
     launch: tuple[int, int], ranks: torch.Tensor | None, config: ExpandConfig | None,
     sigma: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+    slices: tuple[tuple[int, ...], torch.Tensor] | None = None,
 ) -> None:
-    """y[t] += W[seg] (h[t] * sigma[seg, rows[t]]) for segment tokens; W element (s, n, r) at w + s*ws + n*wn + r*wr."""
+    """y[t] += W[seg] (h[t] * sigma[seg, rows[t]]) for segment tokens; W element (s, n, r) at w + s*ws + n*wn + r*wr.
+    slices = (output widths, device int tensor of their boundaries [0, w0, w0 + w1, ...]): output
+    slice p (its columns of y and rows of W) reads h columns [p * rank, (p + 1) * rank)."""
     num_segments, max_count = launch
     if not num_segments or not max_count:
         return
     n = y.shape[1]
     cfg = config or select_expand_config(max_count, y.device)
-    grid = (num_segments, cdiv(max_count, cfg.block_m), cdiv(n, cfg.block_n))
+    n_blocks = cdiv(max(slices[0]) if slices else n, cfg.block_n)
+    grid = (num_segments, cdiv(max_count, cfg.block_m), n_blocks * (len(slices[0]) if slices else 1))
     _sgmv_expand_kernel[grid](
         y, h, w, sigma if sigma is not None else h, rows if rows is not None else counts,
         sorted_ids, seg_ids, counts, offsets, ranks if ranks is not None else counts,
-        n, rank, y.stride(0), h.stride(0), *w_strides,
+        slices[1] if slices else counts, n, rank, n_blocks, y.stride(0), h.stride(0), *w_strides,
         sigma.stride(0) if sigma is not None else 0, sigma.stride(1) if sigma is not None else 0,
-        HAS_RANKS=ranks is not None, HAS_SIGMA=sigma is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_RANKS=ranks is not None, HAS_SIGMA=sigma is not None, SLICED=slices is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_R=block_r(rank), UPCAST=interp_upcast(_sgmv_expand_kernel, w.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -254,7 +276,7 @@ def _check_lora(x: torch.Tensor, w: torch.Tensor, batch: LoRABatch, ranks: torch
               None if ranks is None else (ranks.shape, ranks.device))
     if layout not in _CHECKED_LAYOUTS:
         assert x.dim() == 2 and x.stride(1) == 1, f"{what}: activations must be [T, d] with contiguous rows"
-        assert w.dim() == 3 and w.is_contiguous(), f"{what}: bank must be a contiguous 3-D tensor, got {tuple(w.shape)}"
+        assert w.dim() == 3 and w.stride(2) == 1, f"{what}: bank must be 3-D with contiguous rows, got {tuple(w.shape)}"
         assert w.dtype in TOLERANCES, f"{what}: dtype {w.dtype} not in {list(TOLERANCES)}"
         assert x.device == w.device, f"{what}: activations on {x.device}, bank on {w.device}"
         assert x.is_cuda or is_interpreted(_sgmv_shrink_kernel), "CPU tensors need TRITON_INTERPRET=1"
@@ -330,3 +352,35 @@ def lora_shrink_expand(
         return
     h = lora_shrink(x, lora_a, batch, ranks=ranks, config=shrink_config)
     lora_expand(y, h, lora_b, batch, ranks=ranks, config=expand_config)
+
+
+def lora_shrink_expand_slices(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch,
+    slices: tuple[tuple[int, ...], torch.Tensor], *, ranks: torch.Tensor | None = None,
+    shrink_config: ShrinkConfig | None = None, expand_config: ExpandConfig | None = None,
+) -> None:
+    """The LoRA terms of projections fused along their outputs (q/k/v, gate/up), in two launches
+    for every slice and adapter: y[t, slice p] += lora_b[s, slice p] @ (lora_a[s, p*R:(p+1)*R] @ x[t]).
+
+    Args:
+        y: [T, sum of widths], the fused projection's output; modified in place.
+        x: [T, d_in], the input every slice reads.
+        lora_a: [num_slots, P * R, d_in], slice p's A in rows [p*R, (p+1)*R).
+        lora_b: [num_slots, sum of widths, R], slice p's B in the rows of its output columns.
+        slices: (output widths, their boundaries [0, w0, w0 + w1, ...] as an int tensor on y's device).
+        ranks: optional [num_slots], promise that rows j >= ranks[s] of every slice of lora_a[s] are 0.
+    Equal to `lora_shrink_expand` on each slice's views (tests/kernels/test_lora_sgmv.py).
+    """
+    if not batch.num_active_slots and batch.max_count is None:
+        return
+    widths, _ = slices
+    rank = lora_b.shape[2]
+    _check_lora(x, lora_a, batch, ranks, "lora_shrink_slices")
+    _check_lora(y, lora_b, batch, ranks, "lora_expand_slices")
+    assert x.dtype == lora_a.dtype == y.dtype == lora_b.dtype, (x.dtype, lora_a.dtype, y.dtype, lora_b.dtype)
+    assert lora_a.shape[1] == len(widths) * rank and lora_b.shape[1] == y.shape[1] == sum(widths), (
+        f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)} and y {tuple(y.shape)} do not fit slices {widths}")
+    h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    seg = (batch.sorted_token_ids, batch.slots, batch.counts, batch.offsets, batch.launch)
+    sgmv_shrink(h, x, lora_a, lora_a.stride(), lora_a.shape[1], *seg, ranks, shrink_config, slice_rank=rank)
+    sgmv_expand(y, h, lora_b, lora_b.stride(), rank, *seg, ranks, expand_config, slices=slices)

@@ -10,7 +10,12 @@ from __future__ import annotations
 import torch
 
 from inlaid_ray.kernels.compressed_lora_batch import CompressedLoRABatch
-from inlaid_ray.kernels.reference import compressed_lora_ref, gptq_matmul_ref, lora_shrink_expand_ref
+from inlaid_ray.kernels.reference import (
+    compressed_lora_ref,
+    gptq_matmul_ref,
+    lora_shrink_expand_ref,
+    lora_shrink_expand_slices_ref,
+)
 from inlaid_ray.model.forward_batch import LoRABatch
 
 GPTQ_KERNEL_BITS = (2, 4, 8)  # bit widths the Triton GEMM unpacks; 3-bit codes straddle int32 words
@@ -51,6 +56,26 @@ def lora_shrink_expand(
         triton_op(y, x, lora_a, lora_b, batch, ranks=ranks)
     else:
         lora_shrink_expand_ref(y, x, lora_a, lora_b, batch)
+
+
+def lora_shrink_expand_slices(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    batch: LoRABatch,
+    slices: tuple[tuple[int, ...], torch.Tensor],
+    *,
+    ranks: torch.Tensor | None = None,
+) -> None:
+    """The LoRA terms of output-fused projections (q/k/v, gate/up) in one shrink and one expand;
+    see `lora_sgmv.lora_shrink_expand_slices` for the layout."""
+    if x.is_cuda:
+        from inlaid_ray.kernels.lora_sgmv import lora_shrink_expand_slices as triton_op
+
+        triton_op(y, x, lora_a, lora_b, batch, slices, ranks=ranks)
+    else:
+        lora_shrink_expand_slices_ref(y, x, lora_a, lora_b, batch, slices[0])
 
 
 def compressed_lora(

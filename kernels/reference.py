@@ -133,6 +133,20 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batc
 GATHER_ELEMENTS_PER_SEGMENT = 1 << 15
 
 
+def lora_shrink_expand_slices_ref(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch,
+    widths: tuple[int, ...],
+) -> None:
+    """Reference of `lora_shrink_expand_slices`: `lora_shrink_expand_ref` on each slice's views
+    (y's and lora_b's columns of slice p, lora_a's rows p*R:(p+1)*R)."""
+    rank = lora_b.shape[2]
+    start = 0
+    for p, width in enumerate(widths):
+        lora_shrink_expand_ref(y[:, start:start + width], x, lora_a[:, p * rank:(p + 1) * rank],
+                               lora_b[:, start:start + width], batch)
+        start += width
+
+
 def lora_shrink_expand_ref(
     y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch
 ) -> None:

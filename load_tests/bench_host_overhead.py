@@ -46,6 +46,7 @@ from inlaid_ray.lora.bank import AdapterBank  # noqa: E402
 from inlaid_ray.lora.synthetic import random_lora_adapter  # noqa: E402
 from inlaid_ray.model import LINEAR_MODULES, ModelConfig, random_model  # noqa: E402
 from inlaid_ray.model.attention import select_decode_attention  # noqa: E402
+from inlaid_ray.model.transformer import fuse_projections  # noqa: E402
 from inlaid_ray.progress import Progress  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -201,6 +202,7 @@ def engine_stepper(batch: int, adapters: int, steps: int, cuda_path: bool = Fals
         else:
             bank = make_bank(SHAPE, torch.float32, torch.device("cpu"), BankCapacity(adapters, 8), loaded)
     model = random_model(SHAPE, dtype=torch.float32, seed=0)
+    fuse_projections(model)  # q/k/v and gate/up as one GEMM each, as the serving builder does
     if cuda_path:
         model.decode_attention = select_decode_attention("cpu", "triton")
     max_len = PROMPT_TOKENS + 3 * steps + 8

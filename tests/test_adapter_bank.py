@@ -214,7 +214,8 @@ def test_stats_count_allocated_and_adapter_bytes(adapters, model_config):
     for a in (adapters["qv_r2"], adapters["mlp_r4_l1"]):
         bank.add(a)
     stats = bank.stats()
-    modules = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    # q/k/v and gate/up are allocated as groups (one launch pair each): k_proj comes with q and v.
+    modules = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
     per_module = {m: sum(model_config.module_shape(m)) for m in modules}
     want = sum(model_config.num_layers * 5 * 8 * (d_sum) * 2 for d_sum in per_module.values())
     assert stats["modules_allocated"] == modules

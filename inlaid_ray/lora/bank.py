@@ -14,6 +14,11 @@ costs nothing for modules no adapter uses (q,k,v-only adapters on a 7B shape nee
 all-linear bytes) while the number of allocations stays <= 7, so tensor addresses change at
 most 7 times (`generation` counts every change so pointer tables / CUDA graphs can rebuild).
 Per-layer-per-slot allocation would save a little more but make addresses change on every add.
+Projections the model fuses along their outputs (`FUSED_PROJECTIONS`: q/k/v, gate/up) are
+allocated together, side by side: one `[L, S, P * max_rank, d_in]` A and one `[L, S, sum of
+d_out, max_rank]` B per group, whose slices are the members' tensors. The group's LoRA term is
+then one shrink and one expand launch (`add_fused_delta`), at the price of allocating a whole
+group when an adapter targets one member of it.
 
 Compressed adapters (Compress then Serve) live in the same bank, in cluster slots of a
 `CompressedStore` (inlaid_ray/lora/compressed_bank.py): a name resolves to a raw slot or to a
@@ -35,6 +40,7 @@ thread); other threads read `view`, an immutable snapshot replaced at the end of
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,7 +54,7 @@ from inlaid_ray.lora.adapter import LoRAAdapter, check_adapter_fits
 from inlaid_ray.lora.cluster_bank import ClusterBank
 from inlaid_ray.lora.adapter import ModuleKey
 from inlaid_ray.lora.compressed_bank import CompressedStore, Kernels, StepPlan, split_lora_batch
-from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
+from inlaid_ray.model.config import FUSED_PROJECTIONS, LINEAR_MODULES, ModelConfig
 from inlaid_ray.model.forward_batch import LoRABatch
 
 # (y [T, d_out] in place, x [T, d_in], lora_a [S, R, d_in], lora_b [S, d_out, R], batch, *, ranks [S]) -> None
@@ -58,6 +64,31 @@ LoRAOp = Callable[..., None]
 def _reference_lora_op(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                        batch: LoRABatch, *, ranks: torch.Tensor | None = None) -> None:
     lora_shrink_expand_ref(y, x, lora_a, lora_b, batch)  # ranks is only a skip hint for kernels
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """Side-by-side LoRA storage of one group of output-fused projections (see module doc)."""
+
+    modules: tuple[str, ...]
+    a: torch.Tensor  # [L, S, P * max_rank, d_in]
+    b: torch.Tensor  # [L, S, sum of d_out, max_rank]
+    slices: tuple[tuple[int, ...], torch.Tensor]  # (d_out per member, their boundaries on the device)
+
+
+def select_lora_slices_op(device: torch.device, kernels: Kernels = "auto") -> LoRAOp | None:
+    """The fused-group op where one launch pair serves a group (Triton: CUDA, or CPU under
+    TRITON_INTERPRET=1 for tests); None where the reference runs, which adds member by member
+    and skips members no adapter of the step targets (fewer CPU ops)."""
+    if kernels == "reference" or (kernels == "auto" and torch.device(device).type != "cuda"):
+        return None
+    if kernels == "auto":
+        from inlaid_ray.kernels import ops
+
+        return ops.lora_shrink_expand_slices
+    from inlaid_ray.kernels.lora_sgmv import lora_shrink_expand_slices
+
+    return lora_shrink_expand_slices
 
 
 def select_lora_op(device: torch.device, kernels: Kernels = "auto") -> LoRAOp:
@@ -137,7 +168,9 @@ class AdapterBank:
         self._slot_keys: list[frozenset[tuple[int, str]]] = [frozenset()] * max_slots
         self._slot_bytes: list[int] = [0] * max_slots
         self._targeting: dict[tuple[int, str], set[int]] = {}  # (layer, module) -> slots
+        self._groups: dict[tuple[str, ...], FusedGroup] = {}  # by member names, in output order
         self._lora_op = select_lora_op(self.device, kernels)
+        self._lora_slices_op = select_lora_slices_op(self.device, kernels)
         self.compressed = CompressedStore(model_config, max_slots, max_clusters, max_cluster_rank,
                                           max_cluster_size, dtype, self.device, kernels)
         self._compressed_hashes: dict[str, str] = {}
@@ -323,6 +356,34 @@ class AdapterBank:
             self._lora_op(y, x, self._a[module][layer_idx], self._b[module][layer_idx], plan.raw, ranks=self.ranks)
         self.compressed.add_delta(y, x, layer_idx, module, plan)
 
+    def add_fused_delta(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        layer_idx: int,
+        columns: list[tuple[str, int, int]],
+        lora_batch: LoRABatch | None,
+    ) -> None:
+        """`add_delta` for projections fused along their outputs: y [T, sum of d_out] holds member
+        `name`'s output in columns [start, end) of `columns`. Raw adapters go through one launch
+        pair for the whole group where the group is stored side by side and the Triton op runs."""
+        static = lora_batch is not None and lora_batch.max_count is not None
+        if lora_batch is None or not (lora_batch.slots_list or static):
+            return
+        group = self._groups.get(tuple(name for name, _, _ in columns))
+        if group is None or self._lora_slices_op is None:
+            for name, start, end in columns:
+                self.add_delta(y[:, start:end], x, layer_idx, name, lora_batch)
+            return
+        plan = self._step_plan(lora_batch)
+        if plan.raw is not None:
+            targeting = [self._targeting.get((layer_idx, name)) for name in group.modules]
+            if static and any(targeting) or any(t and not t.isdisjoint(plan.raw_slots) for t in targeting):
+                self._lora_slices_op(y, x, group.a[layer_idx], group.b[layer_idx], plan.raw, group.slices,
+                                     ranks=self.ranks)
+        for name, start, end in columns:
+            self.compressed.add_delta(y[:, start:end], x, layer_idx, name, plan)
+
     def stats(self) -> dict[str, object]:
         """Slots used, bank bytes allocated (padded) and adapter bytes (unpadded) resident."""
         allocated = sum(t.numel() * t.element_size() for t in (*self._a.values(), *self._b.values()))
@@ -409,10 +470,21 @@ class AdapterBank:
     def _ensure_module(self, module: str) -> None:
         if module in self._a:
             return
-        d_out, d_in = self.config.module_shape(module)
         shape = (self.config.num_layers, self.max_slots)
-        self._a[module] = torch.zeros(*shape, self.max_rank, d_in, dtype=self.dtype, device=self.device)
-        self._b[module] = torch.zeros(*shape, d_out, self.max_rank, dtype=self.dtype, device=self.device)
+        members = next((g for g in FUSED_PROJECTIONS if module in g), (module,))
+        widths = tuple(self.config.module_shape(m)[0] for m in members)
+        d_in = self.config.module_shape(module)[1]
+        r = self.max_rank
+        a = torch.zeros(*shape, len(members) * r, d_in, dtype=self.dtype, device=self.device)
+        b = torch.zeros(*shape, sum(widths), r, dtype=self.dtype, device=self.device)
+        start = 0
+        for p, (member, width) in enumerate(zip(members, widths)):
+            self._a[member] = a[:, :, p * r:(p + 1) * r]
+            self._b[member] = b[:, :, start:start + width]
+            start += width
+        if len(members) > 1:
+            bounds = torch.tensor([0, *itertools.accumulate(widths)], dtype=torch.int32, device=self.device)
+            self._groups[members] = FusedGroup(members, a, b, (widths, bounds))
 
     def _zero(self, slot: int, key: tuple[int, str]) -> None:
         layer, module = key

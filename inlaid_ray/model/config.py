@@ -12,6 +12,9 @@ from inlaid_ray.errors import ModelLoadError
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Projections a LoRA adapter (or a quantizer) may target, in forward order within a block.
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Projections that read the same input, fused along their outputs at load time (one GEMM each);
+# the adapter bank stores their LoRA factors side by side, so one launch pair serves the group.
+FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @dataclass(frozen=True)

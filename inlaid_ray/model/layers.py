@@ -67,7 +67,7 @@ class DenseLinear(nn.Module):
 class LoRAContext:
     """The adapter bank and this step's token->slot mapping, passed down the forward."""
 
-    bank: Any  # inlaid_ray.lora.bank.AdapterBank (or anything with add_delta)
+    bank: Any  # inlaid_ray.lora.bank.AdapterBank (or anything with add_delta and add_fused_delta)
     batch: LoRABatch
 
 
@@ -113,9 +113,8 @@ class FusedAdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoRAContext | None = None) -> tuple[torch.Tensor, ...]:
         """Every part's output, in `parts` order (views of one [T, sum of parts] tensor)."""
         y = self.base(x)
-        if lora is not None:
-            for name, start, end in self._columns:
-                lora.bank.add_delta(y[:, start:end], x, self.layer_idx, name, lora.batch)
+        if lora is not None and (lora.batch.num_active_slots or lora.batch.max_count is not None):
+            lora.bank.add_fused_delta(y, x, self.layer_idx, self._columns, lora.batch)
         return y.split(self.sizes, dim=-1)
 
 

@@ -18,7 +18,7 @@ from inlaid_ray.model.attention import (
     select_decode_attention,
     select_prefill_attention,
 )
-from inlaid_ray.model.config import ModelConfig
+from inlaid_ray.model.config import FUSED_PROJECTIONS, ModelConfig
 from inlaid_ray.model.forward_batch import ForwardBatch
 from inlaid_ray.model.kv_cache import PagedKVCache
 from inlaid_ray.model.layers import AdaptedLinear, DenseLinear, FusedAdaptedLinear, LoRAContext, RMSNorm, fuse_linears
@@ -168,8 +168,8 @@ def fuse_projections(model: Transformer) -> int:
     per-module layout. Returns the number of fused groups."""
     fused = 0
     for block in model.model.layers:
-        for owner, names, attr in ((block.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
-                                   (block.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
+        qkv, gate_up = FUSED_PROJECTIONS
+        for owner, names, attr in ((block.self_attn, qkv, "qkv_proj"), (block.mlp, gate_up, "gate_up_proj")):
             if getattr(owner, attr) is not None:
                 continue
             group = fuse_linears(getattr(owner, names[0]).layer_idx, [getattr(owner, n) for n in names])

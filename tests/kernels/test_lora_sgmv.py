@@ -14,8 +14,14 @@ from inlaid_ray.kernels.lora_sgmv import (
     lora_expand,
     lora_shrink,
     lora_shrink_expand,
+    lora_shrink_expand_slices,
 )
-from inlaid_ray.kernels.reference import lora_expand_ref, lora_shrink_expand_ref, lora_shrink_ref
+from inlaid_ray.kernels.reference import (
+    lora_expand_ref,
+    lora_shrink_expand_ref,
+    lora_shrink_expand_slices_ref,
+    lora_shrink_ref,
+)
 from inlaid_ray.model.forward_batch import LoRABatch
 
 NUM_SLOTS = 6
@@ -128,6 +134,58 @@ def test_odd_output_size_and_strided_rows(device):
     lora_shrink_expand(ybuf[:, 2:3], x, a, b, batch, shrink_config=SMALL, expand_config=EXPAND)
     lora_shrink_expand_ref(ref, x, a, b, batch)
     check(ybuf[:, 2:3], ref, torch.float16)
+
+
+def make_sliced_bank(d_in, widths, slice_rank, ranks, dtype, device, gen):
+    """A fused projection's bank: A [S, P*R, d_in] with slice p in rows p*R.., B [S, sum(widths), R];
+    slot s has rank ranks[s] in every slice (rows and columns beyond it zero)."""
+    a = torch.randn(NUM_SLOTS, len(widths) * slice_rank, d_in, generator=gen) / d_in**0.5
+    b = torch.randn(NUM_SLOTS, sum(widths), slice_rank, generator=gen) / slice_rank**0.5
+    for s, r in enumerate(ranks):
+        for p in range(len(widths)):
+            a[s, p * slice_rank + r:(p + 1) * slice_rank] = 0
+        b[s, :, r:] = 0
+    return a.to(dtype).to(device), b.to(dtype).to(device), torch.tensor(ranks, dtype=torch.int32, device=device)
+
+
+def dense_sliced_delta(x, a, b, slots, widths, slice_rank):
+    """float64, token by token: every slice's B_p (A_p x) concatenated (0 for base-only tokens)."""
+    out = torch.zeros(x.shape[0], sum(widths), dtype=torch.float64)
+    for t, s in enumerate(slots.tolist()):
+        if s < 0:
+            continue
+        start = 0
+        for p, width in enumerate(widths):
+            a_p = a[s, p * slice_rank:(p + 1) * slice_rank].double().cpu()
+            out[t, start:start + width] = b[s, start:start + width].double().cpu() @ (a_p @ x[t].double().cpu())
+            start += width
+    return out
+
+
+@pytest.mark.parametrize("shape", ["uniform", "mixed-base", "skewed", "all-base"])
+@pytest.mark.parametrize("slice_rank,use_ranks", [(16, True), (16, False), (8, True), (12, True)])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_sliced_shrink_expand_equals_each_slice_and_dense(device, shape, slice_rank, use_ranks, dtype):
+    """q/k/v-like slices of unequal widths (one narrower than a column block, one spanning two) in
+    two launches: equal to the per-slice reference and to a dense float64 product."""
+    dt = torch.float32 if dtype == "fp32" else torch.float16
+    gen = torch.Generator().manual_seed(sum(map(ord, shape)) + slice_rank)
+    widths = (64, 24, 24)
+    ranks = [slice_rank, 8 if slice_rank > 8 else 4, 1, slice_rank, 4, min(12, slice_rank)]
+    a, b, rank_t = make_sliced_bank(96, widths, slice_rank, ranks, dt, device, gen)
+    slots = popularity(shape, 20, gen)
+    batch = batch_on(slots, device)
+    x = torch.randn(20, 96, generator=gen).to(dt).to(device)
+    y0 = torch.randn(20, sum(widths), generator=gen).to(dt).to(device)
+    bounds = torch.tensor([0, 64, 88, 112], dtype=torch.int32, device=device)
+    out, ref = y0.clone(), y0.clone()
+    lora_shrink_expand_slices(out, x, a, b, batch, (widths, bounds), ranks=rank_t if use_ranks else None,
+                              shrink_config=SMALL, expand_config=EXPAND)
+    lora_shrink_expand_slices_ref(ref, x, a, b, batch, widths)
+    check(out, ref, dt)
+    dense = y0.double().cpu() + dense_sliced_delta(x, a, b, slots, widths, slice_rank)
+    check(out.cpu(), dense, dt)
+    assert torch.equal(out[batch.token_slots < 0], y0[batch.token_slots < 0]), "base-only tokens must be untouched"
 
 
 def test_launcher_rejects_mismatched_inputs(device):
