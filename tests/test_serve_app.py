@@ -611,9 +611,9 @@ def test_engine_gauges_follow_the_replica_between_finished_requests(served):
     with httpx.stream("POST", served.url + "/v1/completions", json=body, headers=served.headers(), timeout=120) as response:
         assert response.status_code == 200
         replica = response.headers[REPLICA_HEADER]
-        lines = response.iter_lines()
+        events = (line for line in response.iter_lines() if line)  # SSE events, without the blank separators
         for _ in range(POLL):
-            assert next(lines).startswith("data: ")  # still generating
+            assert next(events).startswith("data: {")  # still generating
             running = _gauge(served.get("/metrics", ADMIN_KEY).text, "inlaid_num_requests_running", replica)
             if running:
                 break

@@ -22,7 +22,8 @@ report and other routers' load counts through stats.
 
 Every broadcast of the running replicas (Serve sends one whenever a replica's routing stats
 change, about every `request_routing_stats_period_s`) is also published on `ROUTING_STATS`, the
-process's board the ingress reads for its engine gauges, so /metrics is as fresh as routing.
+process's board the ingress reads for its engine gauges (`serve/routing_stats_board.py`), so
+/metrics is as fresh as routing.
 """
 
 from __future__ import annotations
@@ -34,27 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
-
-
-class RoutingStatsBoard:
-    """The latest routing stats of each running replica of a deployment, as Serve last broadcast
-    them to this process's request router. Process-wide because Serve builds the request router
-    itself: the router publishes, the ingress of the same process reads. A publish replaces a
-    deployment's whole mapping in one assignment, so a reader never sees half an update."""
-
-    def __init__(self) -> None:
-        self._by_deployment: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-
-    def publish(self, app: str, deployment: str, stats: dict[str, dict[str, Any]]) -> None:
-        """Replace the stats of `deployment`'s running replicas (by replica id)."""
-        self._by_deployment[(app, deployment)] = stats
-
-    def read(self, app: str, deployment: str) -> dict[str, dict[str, Any]] | None:
-        """The last published stats by replica id; None until a request router has published."""
-        return self._by_deployment.get((app, deployment))
-
-
-ROUTING_STATS = RoutingStatsBoard()
 
 
 @dataclass(frozen=True)
@@ -140,6 +120,10 @@ class ClusterAffinityRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Serve's broadcast of the running replicas (and their routing stats): publish the stats."""
         super().update_replicas(replicas)
+        # Imported here, not at module level: Serve may hand this class over by value, with its
+        # own copy of this module's globals, and the ingress must read the board it imports.
+        from inlaid_ray.serve.routing_stats_board import ROUTING_STATS
+
         ROUTING_STATS.publish(self._deployment_id.app_name, self._deployment_id.name,
                               {r.replica_id.unique_id: dict(r.routing_stats) for r in replicas if r.routing_stats})
 

@@ -75,7 +75,6 @@ from inlaid_ray.serve.openai_protocol import (
 )
 from inlaid_ray.serve.prompts import PreparedPrompt, prepare_chat, prepare_completion
 from inlaid_ray.serve.replica_liveness import live_replica_ids
-from inlaid_ray.serve.request_router import ROUTING_STATS
 from inlaid_ray.serve.replica_protocol import ENGINE_DEPLOYMENT, ReplicaRequest
 from inlaid_ray.serve.request_body import read_json_body
 from inlaid_ray.serve.base_residency import BaseRef
@@ -412,6 +411,10 @@ class Router:
     def _take_published_stats(self) -> None:
         """Engine gauges and replica stats from the routing stats Serve last broadcast to this
         process (about every routing_stats_period_s), where newer than a finished request's."""
+        # Imported here: Serve ships this class by value (the ingress decorator makes it a new
+        # class), so a module-level name would be a pickled copy of the board, not this process's.
+        from inlaid_ray.serve.routing_stats_board import ROUTING_STATS
+
         for replica, stats in (ROUTING_STATS.read(self._app_name, ENGINE_DEPLOYMENT) or {}).items():
             if float(stats.get("ts", 0.0)) > float(self._replica_stats.get(replica, {}).get("ts", 0.0)):
                 self._replica_stats[replica] = stats
