@@ -40,6 +40,9 @@ if [[ $what == all || $what == tests ]]; then
     # with both kernels against transformers' greedy tokens.
     step gpu_attention_tests 300 python -m pytest -q -p no:cacheprovider tests/kernels/test_paged_prefill.py \
         tests/kernels/test_paged_attention.py -k "triton_decode_attention_matches or sliding_window or prefill"
+    # The slice-batched LoRA op of fused q/k/v and gate/up (one launch pair per group) on CUDA,
+    # against its per-slice reference and a dense float64 product.
+    step gpu_sliced_lora_tests 240 python -m pytest -q -p no:cacheprovider tests/kernels/test_lora_sgmv.py -k sliced
 fi
 if [[ $what == all || $what == kernels ]]; then
     # #6: W4A16 vs cuBLAS fp16 and dequantize-then-matmul, bandwidth vs copy, multi-LoRA overhead.

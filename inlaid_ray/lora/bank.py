@@ -71,8 +71,8 @@ class FusedGroup:
     """Side-by-side LoRA storage of one group of output-fused projections (see module doc)."""
 
     modules: tuple[str, ...]
-    a: torch.Tensor  # [L, S, P * max_rank, d_in]
-    b: torch.Tensor  # [L, S, sum of d_out, max_rank]
+    a: tuple[torch.Tensor, ...]  # per layer: [S, P * max_rank, d_in]
+    b: tuple[torch.Tensor, ...]  # per layer: [S, sum of d_out, max_rank]
     slices: tuple[tuple[int, ...], torch.Tensor]  # (d_out per member, their boundaries on the device)
 
 
@@ -169,6 +169,8 @@ class AdapterBank:
         self._slot_bytes: list[int] = [0] * max_slots
         self._targeting: dict[tuple[int, str], set[int]] = {}  # (layer, module) -> slots
         self._groups: dict[tuple[str, ...], FusedGroup] = {}  # by member names, in output order
+        # Per module, its layers' (a, b) views, made once: indexing a layer each step is an op.
+        self._layer_views: dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         self._lora_op = select_lora_op(self.device, kernels)
         self._lora_slices_op = select_lora_slices_op(self.device, kernels)
         self.compressed = CompressedStore(model_config, max_slots, max_clusters, max_cluster_rank,
@@ -353,7 +355,8 @@ class AdapterBank:
         # A static batch launches whenever a resident adapter adapts this projection, so the
         # launches do not depend on the step's mix (the kernels skip empty segments).
         if plan.raw is not None and targeting and (static or not targeting.isdisjoint(plan.raw_slots)):
-            self._lora_op(y, x, self._a[module][layer_idx], self._b[module][layer_idx], plan.raw, ranks=self.ranks)
+            a, b = self._layer_views[module]
+            self._lora_op(y, x, a[layer_idx], b[layer_idx], plan.raw, ranks=self.ranks)
         self.compressed.add_delta(y, x, layer_idx, module, plan)
 
     def add_fused_delta(
@@ -381,8 +384,9 @@ class AdapterBank:
             if static and any(targeting) or any(t and not t.isdisjoint(plan.raw_slots) for t in targeting):
                 self._lora_slices_op(y, x, group.a[layer_idx], group.b[layer_idx], plan.raw, group.slices,
                                      ranks=self.ranks)
-        for name, start, end in columns:
-            self.compressed.add_delta(y[:, start:end], x, layer_idx, name, plan)
+        if plan.compressed is not None:  # (column views cost ops: only when compressed tokens run)
+            for name, start, end in columns:
+                self.compressed.add_delta(y[:, start:end], x, layer_idx, name, plan)
 
     def stats(self) -> dict[str, object]:
         """Slots used, bank bytes allocated (padded) and adapter bytes (unpadded) resident."""
@@ -481,10 +485,11 @@ class AdapterBank:
         for p, (member, width) in enumerate(zip(members, widths)):
             self._a[member] = a[:, :, p * r:(p + 1) * r]
             self._b[member] = b[:, :, start:start + width]
+            self._layer_views[member] = (tuple(self._a[member].unbind(0)), tuple(self._b[member].unbind(0)))
             start += width
         if len(members) > 1:
             bounds = torch.tensor([0, *itertools.accumulate(widths)], dtype=torch.int32, device=self.device)
-            self._groups[members] = FusedGroup(members, a, b, (widths, bounds))
+            self._groups[members] = FusedGroup(members, tuple(a.unbind(0)), tuple(b.unbind(0)), (widths, bounds))
 
     def _zero(self, slot: int, key: tuple[int, str]) -> None:
         layer, module = key
