@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 CRD_DIR = Path(__file__).resolve().parents[1] / "k8s" / "crds"  # vendored, see its README
 IMPORT_PATH = "inlaid_ray.serve.app:build_app"
-SERVE_ARGS = {"model_dir", "artifact_dir", "redis_url", "policy", "num_replicas", "num_gpus_per_replica"}
+SERVE_ARGS = {"model_dir", "artifact_dir", "redis_url", "policy", "autoscaling", "num_gpus_per_replica"}
 MAX_NAME_LEN = 47  # KubeRay MaxRayServiceNameLength / MaxRayJobNameLength (53 - 6)
 OBJECT_META = {"name", "namespace", "labels", "annotations", "finalizers", "generateName", "ownerReferences"}
 # CEL rules (x-kubernetes-validations) of the CRDs, mirrored in Python. Rules using oldSelf
@@ -364,7 +364,11 @@ def test_serve_resources_fit_the_gpu_group():
     gpus = int(limits["nvidia.com/gpu"])
     assert args["num_gpus_per_replica"] <= gpus
     per_worker = gpus // args["num_gpus_per_replica"]
-    assert args["num_replicas"] <= group["replicas"] * per_worker, (args, group["replicas"], gpus)
+    # Serve's replica bounds fit the worker group's pod bounds, which the Ray autoscaler moves between.
+    scaling = args["autoscaling"]
+    assert scaling["min_replicas"] <= group["minReplicas"] * per_worker, (scaling, group)
+    assert scaling["max_replicas"] <= group["maxReplicas"] * per_worker, (scaling, group)
+    assert _one("rayservice.yaml", "RayService")["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
 
 
 # ---- tests: cross references --------------------------------------------------------------

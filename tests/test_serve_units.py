@@ -92,6 +92,26 @@ def test_deployment_specs_carry_every_app_arg(smollm2_dir, tmp_path):
     assert replica.artifact_dir == str(tmp_path / "artifacts") and router.data_dir == str(tmp_path / "registry")
 
 
+def test_engine_replicas_are_a_fixed_count_or_serve_autoscaling():
+    """A fixed num_replicas, or Ray Serve's autoscaling config (validated by Ray's own model),
+    never both."""
+    from ray.serve.config import AutoscalingConfig
+
+    from inlaid_ray.serve.app import engine_deployment_options
+
+    fixed = engine_deployment_options(AppArgs(num_replicas=3))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    scaled = engine_deployment_options(AppArgs(autoscaling={"min_replicas": 1, "max_replicas": 2,
+                                                            "target_ongoing_requests": 2}))
+    assert "num_replicas" not in scaled
+    ray_config = AutoscalingConfig(**scaled["autoscaling_config"])
+    assert (ray_config.min_replicas, ray_config.max_replicas, ray_config.target_ongoing_requests) == (1, 2, 2.0)
+    with pytest.raises(ValidationError, match="num_replicas and autoscaling both given"):
+        AppArgs(num_replicas=2, autoscaling={"max_replicas": 4})
+    with pytest.raises(ValidationError, match="max_replicas=1 < min_replicas=2"):
+        AppArgs(autoscaling={"min_replicas": 2, "max_replicas": 1})
+
+
 def test_serve_flags_default_to_app_args():
     """`inlaid-ray serve` with no flag is AppArgs' defaults but for the CLI's KV cap; a flag given wins."""
     import argparse
@@ -106,6 +126,8 @@ def test_serve_flags_default_to_app_args():
     assert (args.num_kv_blocks, args.policy, args.num_gpus_per_replica, args.dtype) == (None, "fifo", 1.0, "float16")
     with pytest.raises(SystemExit):
         parser.parse_args(["--policy", "lottery"])  # choices come from AppArgs' Literal
+    scaled = AppArgs.model_validate(app_fields_from_cli(parser.parse_args(["--arg", 'autoscaling={"max_replicas": 4}'])))
+    assert scaled.autoscaling.max_replicas == 4 and "num_replicas" not in scaled.model_fields_set
 
 
 @pytest.mark.parametrize("bad", [

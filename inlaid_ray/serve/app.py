@@ -29,7 +29,7 @@ from inlaid_ray.serve.router import Router, RouterSpec
 from inlaid_ray.serve.seed import RegistrySeed, cluster_banks_root
 
 REQUEST_ROUTER_PATH = "inlaid_ray.serve.request_router:ClusterAffinityRouter"
-__all__ = ["AppArgs", "AppSpecs", "app_specs", "bind_app", "build_app", "derive_spec"]
+__all__ = ["AppArgs", "AppSpecs", "app_specs", "bind_app", "build_app", "derive_spec", "engine_deployment_options"]
 
 Spec = TypeVar("Spec")
 
@@ -104,11 +104,11 @@ def app_specs(args: AppArgs, settings: Settings) -> AppSpecs:
     return AppSpecs(replica=replica, router=router)
 
 
-def bind_app(args: AppArgs, settings: Settings) -> Application:
-    """Router (ingress) bound to EngineReplica with cluster-affinity routing."""
-    specs = app_specs(args, settings)
-    replicas = EngineReplica.options(
-        num_replicas=args.num_replicas,
+def engine_deployment_options(args: AppArgs) -> dict[str, Any]:
+    """`EngineReplica.options(...)` of `args`: a fixed replica count or Serve's autoscaling."""
+    count: dict[str, Any] = ({"num_replicas": args.num_replicas} if args.autoscaling is None
+                             else {"autoscaling_config": args.autoscaling.model_dump()})
+    return count | dict(
         max_ongoing_requests=args.max_ongoing_requests,
         graceful_shutdown_timeout_s=args.shutdown_drain_timeout_s,
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica},
@@ -118,7 +118,13 @@ def bind_app(args: AppArgs, settings: Settings) -> Application:
                                    "max_clusters_per_replica": args.max_clusters_per_replica},
             request_routing_stats_period_s=args.routing_stats_period_s,
         ),
-    ).bind(specs.replica, args.engine_factory)
+    )
+
+
+def bind_app(args: AppArgs, settings: Settings) -> Application:
+    """Router (ingress) bound to EngineReplica with cluster-affinity routing."""
+    specs = app_specs(args, settings)
+    replicas = EngineReplica.options(**engine_deployment_options(args)).bind(specs.replica, args.engine_factory)
     return Router.options(
         num_replicas=args.num_router_replicas,
         max_ongoing_requests=args.router_max_ongoing_requests,

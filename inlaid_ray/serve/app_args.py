@@ -14,6 +14,26 @@ from inlaid_ray.sched.policy import make_policy
 from inlaid_ray.serve.length_prediction import default_predictor
 
 
+class ReplicaAutoscaling(BaseModel):
+    """Ray Serve autoscaling of the engine replicas (its `autoscaling_config`), on the requests each
+    replica carries: queued at the routers plus running on the replica ("ongoing requests")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(1, ge=1, description="fewest engine replicas (at least one serves at all times)")
+    max_replicas: int = Field(4, ge=1, description="most engine replicas")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="queued + running requests per replica the autoscaler aims at")
+    upscale_delay_s: float = Field(10.0, ge=0, description="how long demand must stay above target before adding a replica")
+    downscale_delay_s: float = Field(60.0, ge=0, description="how long demand must stay below target before removing one")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ReplicaAutoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas={self.max_replicas} < min_replicas={self.min_replicas}")
+        return self
+
+
 class AppArgs(BaseModel):
     """Arguments of the Serve application (YAML `args:`); every field has a default."""
 
@@ -50,7 +70,10 @@ class AppArgs(BaseModel):
     imbalance_tokens: float = Field(4096.0, ge=0, description="outstanding-token gap at which a cluster spills to another replica")
     routing_stats_period_s: float = Field(1.0, gt=0, description="how often replicas push routing stats")
     # --- deployments
-    num_replicas: int = Field(2, ge=1, description="engine replicas")
+    num_replicas: int = Field(2, ge=1, description="engine replicas (a fixed count; see autoscaling)")
+    autoscaling: ReplicaAutoscaling | None = Field(
+        None, description="Ray Serve autoscaling of the engine replicas instead of a fixed num_replicas, e.g. "
+                          "{min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}; None = num_replicas")
     num_gpus_per_replica: float = Field(0, ge=0, description="GPUs per engine replica (0 = CPU serving)")
     num_cpus_per_replica: float = Field(1, ge=0, description="CPUs reserved per engine replica")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica; None = max(1, num_cpus_per_replica)")
@@ -92,6 +115,8 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "AppArgs":
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("num_replicas and autoscaling both given: a fixed count or autoscaling bounds, not both")
         if self.max_model_len is not None and self.max_model_len > self.max_num_batched_tokens:
             raise ValueError(f"max_model_len={self.max_model_len} > max_num_batched_tokens={self.max_num_batched_tokens}: "
                              "a prompt is prefilled in one step")
