@@ -1,14 +1,39 @@
-"""Prometheus metrics of the serving path, vLLM's set renamed `inlaid_*` with unit suffixes.
+"""Prometheus metrics of the serving path, vLLM's set renamed `inlaid_*` with unit suffixes, and
+the same series under vLLM's names where the meaning matches (`VLLM_NAMES`), so dashboards and
+alerts written for vLLM read them unchanged.
 
 Per-request metrics carry a `task` label and are recorded by the router (it sees every
 request end to end; replicas report queue time in the final chunk). Engine gauges carry a
 `replica` label and come from the replicas' routing stats. One `CollectorRegistry` per
-process, owned by the object that exposes /metrics (no module-level state).
+process, owned by the object that exposes /metrics (no module-level state). The vLLM-named
+series are derived at scrape time from the `inlaid_*` ones (one observation, two names):
+`task` becomes vLLM's `model_name` (a task is a model id of the API), `replica` becomes `engine`
+(with `model_name` the base model), `finish_reason` becomes `finished_reason`.
+No `_created` series (as vLLM: `disable_created_metrics`, process-wide in prometheus_client).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+
+# inlaid family -> vLLM family of the same meaning (vLLM v1's names).
+VLLM_NAMES = {
+    "inlaid_requests": "vllm:request_success",
+    "inlaid_prompt_tokens": "vllm:prompt_tokens",
+    "inlaid_generation_tokens": "vllm:generation_tokens",
+    "inlaid_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "inlaid_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+    "inlaid_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "inlaid_request_queue_time_seconds": "vllm:request_queue_time_seconds",
+    "inlaid_num_requests_running": "vllm:num_requests_running",
+    "inlaid_num_requests_waiting": "vllm:num_requests_waiting",
+    "inlaid_kv_cache_usage_ratio": "vllm:kv_cache_usage_perc",  # vLLM's "perc" is a 0-1 fraction too
+}
+_VLLM_LABELS = {"task": "model_name", "replica": "engine", "finish_reason": "finished_reason"}
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
@@ -18,9 +43,12 @@ _TOKEN_ERROR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class ServeMetrics:
     """All serving metrics in one registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+    def __init__(self, base_model: str = "base") -> None:
+        disable_created_metrics()
+        self._inlaid = CollectorRegistry()  # the series recorded here
+        self.registry = CollectorRegistry()  # what /metrics exposes: those plus their vLLM names
+        self.registry.register(_WithVllmNames(self._inlaid, base_model))
+        r = self._inlaid
         self.requests = Counter("inlaid_requests", "Finished requests by finish reason", ["task", "finish_reason"], registry=r)
         self.errors = Counter("inlaid_request_errors", "Rejected or failed requests by HTTP status", ["status"], registry=r)
         self.ttft = Histogram("inlaid_time_to_first_token_seconds", "Time to first token", ["task"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -85,3 +113,25 @@ class ServeMetrics:
     def exposition(self) -> bytes:
         """Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+
+class _WithVllmNames:
+    """A collector exposing every family of `source`, and a copy under its vLLM name where one exists."""
+
+    def __init__(self, source: CollectorRegistry, base_model: str) -> None:
+        self._source, self._base_model = source, base_model
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            yield family
+            name = VLLM_NAMES.get(family.name)
+            if name is None:
+                continue
+            copy = Metric(name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labels = {_VLLM_LABELS.get(k, k): v for k, v in sample.labels.items()}
+                if "replica" in sample.labels:
+                    labels["model_name"] = self._base_model
+                copy.samples.append(Sample(name + sample.name[len(family.name):], labels, sample.value,
+                                           sample.timestamp, sample.exemplar))
+            yield copy

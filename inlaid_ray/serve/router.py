@@ -220,7 +220,7 @@ class Router:
         self._predict_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inlaid-predictor")
         # Tokenizing a long prompt takes seconds: never on the event loop (/health must answer meanwhile).
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inlaid-tokenizer")
-        self._metrics = ServeMetrics()
+        self._metrics = ServeMetrics(spec.base_model_id)
         self._replica_stats: dict[str, dict[str, Any]] = {}  # by replica id; one entry per live replica
         self._app_name = serve.get_replica_context().app_name
         self._replicas_ready = False

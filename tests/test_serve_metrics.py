@@ -1,0 +1,70 @@
+"""The /metrics exposition, read back with prometheus_client's own text parser: every vLLM-named
+family carries exactly the samples of its inlaid_* family (labels renamed as vLLM names them), no
+`_created` series, a stopped replica's gauges leave under both names, and every metric the
+Grafana dashboard in deploy/ queries is exposed."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from inlaid_ray.serve.metrics import VLLM_NAMES, ServeMetrics
+
+REPO = Path(__file__).resolve().parents[1]
+RENAMED = {"task": "model_name", "replica": "engine", "finish_reason": "finished_reason"}
+
+
+def _families(metrics: ServeMetrics) -> dict[str, list]:
+    return {f.name: f.samples for f in text_string_to_metric_families(metrics.exposition().decode())}
+
+
+def _recorded() -> ServeMetrics:
+    m = ServeMetrics(base_model="smollm2")
+    m.record_finished("sentiment", "stop", 12, 5, e2e_s=0.8, ttft_s=0.2, queue_s=0.05, slo_s=1.0, predicted_len=6)
+    m.record_finished("email", "length", 30, 64, e2e_s=3.1, ttft_s=0.4, queue_s=0.1, slo_s=2.0, predicted_len=40)
+    m.itl.labels("email").observe(0.03)
+    m.errors.labels("400").inc()
+    m.record_replica_stats("r1", {"running": 3, "waiting": 2, "kv_usage": 0.25, "distinct_adapters_last_step": 2,
+                                  "loaded_clusters": ["c0"]})
+    return m
+
+
+def test_vllm_names_carry_the_inlaid_samples_and_no_created_series():
+    families = _families(_recorded())
+    assert not any(s.name.endswith("_created") for samples in families.values() for s in samples)
+    for inlaid, vllm in VLLM_NAMES.items():
+        ours, theirs = families[inlaid], families[vllm]
+        assert ours, inlaid
+        expected = set()
+        for s in ours:
+            labels = {RENAMED.get(k, k): v for k, v in s.labels.items()}
+            if "replica" in s.labels:
+                labels["model_name"] = "smollm2"
+            expected.add((vllm + s.name[len(inlaid):], tuple(sorted(labels.items())), s.value))
+        assert {(s.name, tuple(sorted(s.labels.items())), s.value) for s in theirs} == expected, vllm
+    running = {s.labels["engine"]: s.value for s in families["vllm:num_requests_running"]}
+    assert running == {"r1": 3.0}
+    success = {(s.labels["model_name"], s.labels["finished_reason"]): s.value for s in families["vllm:request_success"]
+               if s.name.endswith("_total")}
+    assert success == {("sentiment", "stop"): 1.0, ("email", "length"): 1.0}
+
+
+def test_a_forgotten_replica_leaves_under_both_names():
+    m = _recorded()
+    m.forget_replica("r1")
+    families = _families(m)
+    for name in ("inlaid_num_requests_running", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+        assert families.get(name, []) == [], name
+
+
+def test_every_metric_the_dashboard_queries_is_exposed():
+    dashboard = json.loads((REPO / "deploy" / "grafana_dashboard.json").read_text())
+    exposed = set(_families(_recorded()))
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    names = {re.sub(r"_(bucket|total|count|sum)$", "", n) for e in exprs for n in re.findall(r"\b(?:inlaid_|vllm:)[a-z0-9_:]+", e)}
+    assert names and names <= exposed, names - exposed
+    assert len({p["title"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    assert all(t["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"] for t in p["targets"])
