@@ -138,6 +138,25 @@ def test_every_client_takes_its_lease_again_after_a_restart(tmp_path):
     assert _servers_of(tmp_path) == []  # the last lease stopped it
 
 
+def test_a_server_that_stops_answering_is_not_restarted_on_top_of_itself(tmp_path):
+    """A stopped (SIGSTOP) server accepts connections but answers nothing: supervision must not
+    start a second server on its append-only file; once it runs again, nothing is lost."""
+    owner = connect_redis(None, tmp_path)
+    try:
+        owner.set("k", "v")
+        pid = owner.server_pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert owner.ensure_server() is False
+            assert _servers_of(tmp_path) == [pid]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert owner.get("k") == "v" and owner.server_pid == pid
+    finally:
+        owner.close()
+    assert _servers_of(tmp_path) == []
+
+
 def _servers_of(data_dir) -> list[int]:
     """Live (not zombie) redis-server processes started for `data_dir`."""
     pids = []

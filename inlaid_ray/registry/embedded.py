@@ -106,19 +106,31 @@ def _locked(path: Path):
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _ping(socket: Path) -> bool:
+UP, BUSY, DOWN = "up", "busy", "down"
+
+
+def _probe(socket: Path) -> str:
+    """UP: the server answers (or is loading its data, which callers' commands wait out); BUSY:
+    it accepted the connection but did not answer in 5 s (stopped, swapping, stuck in a slow
+    command): alive, so never restarted on top of its append-only file; DOWN: nothing listens."""
     if not socket.exists():
-        return False
+        return DOWN
     probe = redis.Redis(unix_socket_path=str(socket), socket_connect_timeout=2, socket_timeout=5,
                         retry=Retry(NoBackoff(), 0))
     try:
-        return bool(probe.ping())
+        return UP if probe.ping() else DOWN
     except redis.BusyLoadingError:
-        return True  # up, still loading its data; callers' commands wait it out
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
-        return False
+        return UP
+    except redis.TimeoutError:
+        return BUSY
+    except (redis.ConnectionError, OSError):
+        return DOWN
     finally:
         probe.close()
+
+
+def _ping(socket: Path) -> bool:
+    return _probe(socket) == UP
 
 
 def _wait_gone(pid: int, timeout_s: float) -> bool:
@@ -293,7 +305,7 @@ class EmbeddedRedis(redis.Redis):
         self.lease_name = f"{LEASE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.start_timeout_s = start_timeout_s
         with _locked(self.paths.lock):
-            if not _ping(self.paths.socket):
+            if _probe(self.paths.socket) == DOWN:  # (BUSY: alive; the lease below waits for it)
                 _stop_orphan(self.paths)
                 _start_server(self.paths, start_timeout_s)
             # Take the lease under the lock so a concurrent last-holder cannot stop the server
@@ -310,7 +322,12 @@ class EmbeddedRedis(redis.Redis):
         append-only file, then take this client's lease again, so a short-lived client (the CLI)
         that connects meanwhile does not stop it when it exits. Returns whether it restarted."""
         with _locked(self.paths.lock):
-            restarted = not _ping(self.paths.socket)
+            state = _probe(self.paths.socket)
+            if state == BUSY:  # alive but not answering: restarting it would run two servers on one file
+                log.warning("embedded redis-server of %s accepts connections but does not answer; left running",
+                            self.paths.data_dir)
+                return False
+            restarted = state == DOWN
             if restarted:
                 _stop_orphan(self.paths)
                 _start_server(self.paths, self.start_timeout_s)
