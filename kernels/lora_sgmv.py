@@ -380,6 +380,10 @@ def lora_shrink_expand_slices(
     assert x.dtype == lora_a.dtype == y.dtype == lora_b.dtype, (x.dtype, lora_a.dtype, y.dtype, lora_b.dtype)
     assert lora_a.shape[1] == len(widths) * rank and lora_b.shape[1] == y.shape[1] == sum(widths), (
         f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)} and y {tuple(y.shape)} do not fit slices {widths}")
+    assert x.shape[1] == lora_a.shape[2], f"x {tuple(x.shape)} does not match lora_a {tuple(lora_a.shape)}"
+    bounds = slices[1]  # its values are the caller's promise (checking them would sync the device)
+    assert bounds.shape == (len(widths) + 1,) and bounds.device == y.device and bounds.dtype in (torch.int32, torch.int64), (
+        f"slice boundaries {tuple(bounds.shape)} {bounds.dtype} on {bounds.device}, expected {len(widths) + 1} ints on {y.device}")
     h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     seg = (batch.sorted_token_ids, batch.slots, batch.counts, batch.offsets, batch.launch)
     sgmv_shrink(h, x, lora_a, lora_a.stride(), lora_a.shape[1], *seg, ranks, shrink_config, slice_rank=rank)

@@ -174,3 +174,22 @@ def test_every_package_is_installed():
     listed = set(_pyproject()["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "inlaid_ray").rglob("__init__.py")}
     assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"
+
+
+def test_every_module_imports():
+    """Every module of the package imports in the dev environment (a stale import path fails here,
+    not at run time in a rarely used command)."""
+    import importlib
+    import pkgutil
+
+    import inlaid_ray
+
+    names = [m.name for m in pkgutil.walk_packages(inlaid_ray.__path__, "inlaid_ray.")]
+    assert len(names) > 100
+    failed = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - report every failing module at once
+            failed[name] = repr(exc)
+    assert not failed, failed

@@ -157,6 +157,18 @@ def test_a_server_that_stops_answering_is_not_restarted_on_top_of_itself(tmp_pat
     assert _servers_of(tmp_path) == []
 
 
+def test_a_closed_client_used_again_takes_no_lease(tmp_path):
+    """A client used after close() (a thread still running while its owner shuts down) must not
+    take a lease nobody will release: the last open client's exit still stops the server."""
+    closed = connect_redis(None, tmp_path)
+    other = connect_redis(None, tmp_path)
+    closed.close()
+    closed.set("late", "write")  # a new pooled connection of a closed client
+    other.close()
+    assert _servers_of(tmp_path) == []
+    closed.connection_pool.disconnect()
+
+
 def _servers_of(data_dir) -> list[int]:
     """Live (not zombie) redis-server processes started for `data_dir`."""
     pids = []

@@ -68,3 +68,14 @@ def test_every_metric_the_dashboard_queries_is_exposed():
     assert names and names <= exposed, names - exposed
     assert len({p["title"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     assert all(t["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"] for t in p["targets"])
+
+
+def test_older_replica_stats_do_not_replace_newer_ones():
+    """Stats arrive from finished requests and from Serve's broadcast in any order: the gauges keep the newest."""
+    m = ServeMetrics()
+    m.record_replica_stats("r1", {"ts": 20.0, "running": 4})
+    m.record_replica_stats("r1", {"ts": 10.0, "running": 1})
+    assert [s.value for s in _families(m)["inlaid_num_requests_running"]] == [4.0]
+    m.forget_replica("r1")
+    m.record_replica_stats("r1", {"ts": 5.0, "running": 2})  # a restarted replica id starts afresh
+    assert [s.value for s in _families(m)["inlaid_num_requests_running"]] == [2.0]

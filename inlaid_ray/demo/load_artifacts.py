@@ -15,11 +15,11 @@ from pathlib import Path
 
 from inlaid_ray.demo import demo_adapter_dir
 from inlaid_ray.demo.paths import demo_data_path
-from inlaid_ray.model.loader import is_gptq_dir
 from inlaid_ray.quant.calibration import CalibrationConfig
 from inlaid_ray.quant.incremental import TaskSource, quantize_base
 from inlaid_ray.quant.mlgptq import MLGPTQConfig
 from inlaid_ray.quant.quantizer import QuantGrid
+from inlaid_ray.quantized_base.loading import is_gptq_dir
 
 
 def quantized_dir_name(bits: int, group_size: int, method: str) -> str:

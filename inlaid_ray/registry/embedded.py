@@ -255,14 +255,16 @@ def _retake_lease(paths: EmbeddedServerPaths, lease_box: list[redis.Redis], leas
 
 
 def _lease_keeper(paths: EmbeddedServerPaths, lease_box: list[redis.Redis], lease_name: str, owner_pid: int):
-    """`redis_connect_func` of an EmbeddedRedis pool: every new connection (pooled sockets are
-    opened again only after they broke, e.g. by a server restart) checks the lease first."""
+    """`redis_connect_func` of an EmbeddedRedis pool: every new pooled connection (one more for
+    concurrency or pub/sub, or one replacing a socket that broke, e.g. by a server restart) checks
+    that the lease is held, one CLIENT GETNAME, and takes it again if not. A closed client's lease
+    stays released."""
     def on_connect(connection: redis.connection.AbstractConnection) -> None:
         connection.on_connect()
-        if os.getpid() != owner_pid or _lease_held(lease_box[0], lease_name):
-            return  # (a forked child's connections: the lease belongs to the parent)
+        if os.getpid() != owner_pid or lease_box[0] is None or _lease_held(lease_box[0], lease_name):
+            return  # (a forked child's connections: the lease belongs to the parent; None: closed)
         with _locked(paths.lock):
-            if not _lease_held(lease_box[0], lease_name):
+            if lease_box[0] is not None and not _lease_held(lease_box[0], lease_name):
                 _retake_lease(paths, lease_box, lease_name)
                 log.info("embedded redis of %s answered on a new connection without %s: lease taken again",
                          paths.data_dir, lease_name)
@@ -275,6 +277,7 @@ def _release_lease(paths: EmbeddedServerPaths, lease_box: list[redis.Redis], lea
     if os.getpid() != owner_pid:
         return  # a forked child inherited the object; the lease belongs to the parent
     lease = lease_box[0]
+    lease_box[0] = None  # released: a later connection of this (closed) client takes no new lease
     try:
         with _locked(paths.lock):
             clients = lease.client_list()
@@ -321,6 +324,8 @@ class EmbeddedRedis(redis.Redis):
         no longer answers (killed, crashed), stop what is left of it and start it again on the same
         append-only file, then take this client's lease again, so a short-lived client (the CLI)
         that connects meanwhile does not stop it when it exits. Returns whether it restarted."""
+        if self._lease_box[0] is None:
+            raise redis.ConnectionError(f"client of {self.paths.data_dir} is closed")
         with _locked(self.paths.lock):
             state = _probe(self.paths.socket)
             if state == BUSY:  # alive but not answering: restarting it would run two servers on one file

@@ -40,6 +40,12 @@ _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2
 _TOKEN_ERROR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def newer_stats(stats: dict, than: dict | None) -> bool:
+    """Whether a replica's routing stats `stats` were taken after `than` (their `ts`): stats arrive
+    from finished requests and from Serve's broadcast, not in order, and older ones must not win."""
+    return than is None or float(stats.get("ts", 0.0)) >= float(than.get("ts", 0.0))
+
+
 class ServeMetrics:
     """All serving metrics in one registry."""
 
@@ -65,6 +71,7 @@ class ServeMetrics:
         self.adapters_per_step = Gauge("inlaid_distinct_adapters_per_step", "Distinct adapters in the replica's last step", ["replica"], registry=r)
         self.loaded_clusters = Gauge("inlaid_loaded_clusters", "Adapter clusters resident on a replica", ["replica"], registry=r)
         self.replicas: set[str] = set()  # replica labels the engine gauges carry
+        self._shown: dict[str, dict] = {}  # the stats each replica's gauges show
 
     def record_finished(
         self,
@@ -93,7 +100,10 @@ class ServeMetrics:
             self.length_error.labels(task).observe(abs(predicted_len - completion_tokens))
 
     def record_replica_stats(self, replica: str, stats: dict) -> None:
-        """Engine gauges from a replica's routing stats."""
+        """Engine gauges from a replica's routing stats, unless newer ones are already shown."""
+        if not newer_stats(stats, self._shown.get(replica)):
+            return
+        self._shown[replica] = stats
         self.replicas.add(replica)
         self.running.labels(replica).set(stats.get("running", 0))
         self.waiting.labels(replica).set(stats.get("waiting", 0))
@@ -104,6 +114,7 @@ class ServeMetrics:
     def forget_replica(self, replica: str) -> None:
         """Drop a stopped replica's engine gauges (a dead replica's last values would read as live)."""
         self.replicas.discard(replica)
+        self._shown.pop(replica, None)
         for gauge in (self.running, self.waiting, self.kv_usage, self.adapters_per_step, self.loaded_clusters):
             try:
                 gauge.remove(replica)

@@ -65,7 +65,7 @@ from inlaid_ray.serve.http_errors import (
     from_validation_error,
 )
 from inlaid_ray.serve.length_prediction import bounded_prediction, make_predictor
-from inlaid_ray.serve.metrics import ServeMetrics
+from inlaid_ray.serve.metrics import ServeMetrics, newer_stats
 from inlaid_ray.serve.openai_protocol import (
     UNSUPPORTED_FIELDS,
     ChatCompletionRequest,
@@ -416,7 +416,7 @@ class Router:
         from inlaid_ray.serve.routing_stats_board import ROUTING_STATS
 
         for replica, stats in (ROUTING_STATS.read(self._app_name, ENGINE_DEPLOYMENT) or {}).items():
-            if float(stats.get("ts", 0.0)) > float(self._replica_stats.get(replica, {}).get("ts", 0.0)):
+            if newer_stats(stats, self._replica_stats.get(replica)):
                 self._replica_stats[replica] = stats
                 self._metrics.record_replica_stats(replica, stats)
 
@@ -591,7 +591,8 @@ class Router:
         return self._tokenizer.decode([token_id])
 
     def _on_finished(self, ctx: ResponseContext, tracker: StreamTracker) -> None:
-        if tracker.stats is not None and tracker.replica:
+        if tracker.stats is not None and tracker.replica and \
+                newer_stats(tracker.stats, self._replica_stats.get(tracker.replica)):
             self._replica_stats[tracker.replica] = tracker.stats
         if tracker.completion_tokens < 1:
             return
