@@ -148,3 +148,21 @@ def test_stats_ship_with_each_step():
     seen = asyncio.run(main())
     assert [s.num_steps for s in seen] == [1, 2, 3, 4]
     assert [s.num_running for s in seen] == [1, 1, 1, 0] and seen[-1].num_finished == 1
+
+
+def test_stats_name_the_adapters_of_running_and_waiting_requests():
+    """What vLLM's lora_requests_info reports: tasks with requests running (or paused) and waiting."""
+    engine, _, _ = _engine()
+    for name, seed in (("a", 1), ("b", 2)):
+        engine.apply_adapter_command(LoadAdapter(_adapter(name, seed)))
+    engine.add_request(PROMPT, PARAMS, task="a")
+    engine.add_request(PROMPT, PARAMS, task="b")
+    engine.add_request(PROMPT, PARAMS)  # the base model: no adapter
+    s = engine.stats()
+    assert (s.running_adapters, s.waiting_adapters) == ((), ("a", "b"))
+    engine.step()
+    s = engine.stats()
+    assert (s.running_adapters, s.waiting_adapters) == (("a", "b"), ())
+    while engine.has_unfinished():
+        engine.step()
+    assert (engine.stats().running_adapters, engine.stats().waiting_adapters) == ((), ())

@@ -27,8 +27,10 @@ def _recorded() -> ServeMetrics:
     m.record_finished("email", "length", 30, 64, e2e_s=3.1, ttft_s=0.4, queue_s=0.1, slo_s=2.0, predicted_len=40)
     m.itl.labels("email").observe(0.03)
     m.errors.labels("400").inc()
-    m.record_replica_stats("r1", {"running": 3, "waiting": 2, "kv_usage": 0.25, "distinct_adapters_last_step": 2,
-                                  "loaded_clusters": ["c0"]})
+    m.record_replica_stats("r1", {"ts": 100.0, "running": 3, "waiting": 2, "kv_usage": 0.25,
+                                  "distinct_adapters_last_step": 2, "loaded_clusters": ["c0"],
+                                  "running_adapters": ["email", "sentiment"], "waiting_adapters": ["extract"],
+                                  "max_adapters": 16})
     return m
 
 
@@ -56,7 +58,8 @@ def test_a_forgotten_replica_leaves_under_both_names():
     m = _recorded()
     m.forget_replica("r1")
     families = _families(m)
-    for name in ("inlaid_num_requests_running", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+    for name in ("inlaid_num_requests_running", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                 "vllm:lora_requests_info"):
         assert families.get(name, []) == [], name
 
 
@@ -79,3 +82,16 @@ def test_older_replica_stats_do_not_replace_newer_ones():
     m.forget_replica("r1")
     m.record_replica_stats("r1", {"ts": 5.0, "running": 2})  # a restarted replica id starts afresh
     assert [s.value for s in _families(m)["inlaid_num_requests_running"]] == [2.0]
+
+
+def test_lora_requests_info_follows_the_adapter_lists_as_vllm_reports_them():
+    """vLLM's info gauge: one series per replica whose labels are the current adapter lists and
+    whose value is when they were reported; a new report replaces the old series."""
+    m = _recorded()
+    [info] = _families(m)["vllm:lora_requests_info"]
+    assert info.labels == {"engine": "r1", "model_name": "smollm2", "max_lora": "16",
+                           "running_lora_adapters": "email,sentiment", "waiting_lora_adapters": "extract"}
+    assert info.value == 100.0
+    m.record_replica_stats("r1", {"ts": 101.0, "running_adapters": ["email"], "waiting_adapters": [], "max_adapters": 16})
+    [info] = _families(m)["vllm:lora_requests_info"]
+    assert (info.labels["running_lora_adapters"], info.labels["waiting_lora_adapters"], info.value) == ("email", "", 101.0)

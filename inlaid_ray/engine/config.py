@@ -68,3 +68,5 @@ class EngineStats:
     last_step_num_adapters: int  # distinct adapters (tasks) in the last step
     num_adapters_resident: int = 0  # in the adapter bank, raw and compressed
     num_adapters_compressed: int = 0
+    running_adapters: tuple[str, ...] = ()  # tasks of running or paused requests (vLLM's lora_requests_info)
+    waiting_adapters: tuple[str, ...] = ()  # tasks of waiting requests

@@ -343,6 +343,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         seqs, tokens, adapters = self._last_step
         view = self.adapter_bank.view if self.adapter_bank is not None else None
+        running_adapters, waiting_adapters = self.scheduler.adapters()
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_paused=self.scheduler.num_paused,
@@ -358,6 +359,8 @@ class LLMEngine:
             last_step_num_adapters=adapters,
             num_adapters_resident=len(view.raw) + len(view.compressed) if view is not None else 0,
             num_adapters_compressed=len(view.compressed) if view is not None else 0,
+            running_adapters=running_adapters,
+            waiting_adapters=waiting_adapters,
         )
 
     # ----------------------------------------------------------------- set-up helpers

@@ -122,3 +122,9 @@ class Scheduler:
     @property
     def num_paused(self) -> int:
         return sum(r.status is RequestStatus.PAUSED for r in list(self.holding.values()))
+
+    def adapters(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(adapters of running or paused requests, adapters of waiting ones), each sorted, distinct."""
+        holding = {r.task for r in list(self.holding.values()) if r.task is not None}
+        waiting = {r.task for r in list(self.waiting.values()) if r.task is not None}
+        return tuple(sorted(holding)), tuple(sorted(waiting))

@@ -32,6 +32,7 @@ VLLM_NAMES = {
     "inlaid_num_requests_running": "vllm:num_requests_running",
     "inlaid_num_requests_waiting": "vllm:num_requests_waiting",
     "inlaid_kv_cache_usage_ratio": "vllm:kv_cache_usage_perc",  # vLLM's "perc" is a 0-1 fraction too
+    "inlaid_lora_requests_info": "vllm:lora_requests_info",
 }
 _VLLM_LABELS = {"task": "model_name", "replica": "engine", "finish_reason": "finished_reason"}
 
@@ -70,8 +71,12 @@ class ServeMetrics:
         self.kv_usage = Gauge("inlaid_kv_cache_usage_ratio", "Fraction of KV blocks in use", ["replica"], registry=r)
         self.adapters_per_step = Gauge("inlaid_distinct_adapters_per_step", "Distinct adapters in the replica's last step", ["replica"], registry=r)
         self.loaded_clusters = Gauge("inlaid_loaded_clusters", "Adapter clusters resident on a replica", ["replica"], registry=r)
+        # vLLM's info-style gauge: the labels carry the adapter lists, the value is when they were reported.
+        self.lora_info = Gauge("inlaid_lora_requests_info", "Adapters (tasks) of a replica's running and waiting requests",
+                               ["replica", "max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         self.replicas: set[str] = set()  # replica labels the engine gauges carry
         self._shown: dict[str, dict] = {}  # the stats each replica's gauges show
+        self._lora_labels: dict[str, tuple[str, ...]] = {}  # each replica's current lora_info label values
 
     def record_finished(
         self,
@@ -110,6 +115,11 @@ class ServeMetrics:
         self.kv_usage.labels(replica).set(stats.get("kv_usage", 0.0))
         self.adapters_per_step.labels(replica).set(stats.get("distinct_adapters_last_step", 0))
         self.loaded_clusters.labels(replica).set(len(stats.get("loaded_clusters", ())))
+        self._remove_lora_info(replica)
+        labels = (replica, str(stats.get("max_adapters", "")), ",".join(stats.get("running_adapters", ())),
+                  ",".join(stats.get("waiting_adapters", ())))
+        self.lora_info.labels(*labels).set(float(stats.get("ts", 0.0)))
+        self._lora_labels[replica] = labels
 
     def forget_replica(self, replica: str) -> None:
         """Drop a stopped replica's engine gauges (a dead replica's last values would read as live)."""
@@ -120,6 +130,13 @@ class ServeMetrics:
                 gauge.remove(replica)
             except KeyError:  # no stats had arrived from it for this gauge
                 pass
+        self._remove_lora_info(replica)
+
+    def _remove_lora_info(self, replica: str) -> None:
+        """Drop `replica`'s lora_info series (its labels change with the adapter lists)."""
+        labels = self._lora_labels.pop(replica, None)
+        if labels is not None:
+            self.lora_info.remove(*labels)
 
     def exposition(self) -> bytes:
         """Prometheus text format of every metric."""
