@@ -41,7 +41,7 @@ _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2
 _TOKEN_ERROR_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-def newer_stats(stats: dict, than: dict | None) -> bool:
+def _newer_stats(stats: dict, than: dict | None) -> bool:
     """Whether a replica's routing stats `stats` were taken after `than` (their `ts`): stats arrive
     from finished requests and from Serve's broadcast, not in order, and older ones must not win."""
     return than is None or float(stats.get("ts", 0.0)) >= float(than.get("ts", 0.0))
@@ -74,8 +74,8 @@ class ServeMetrics:
         # vLLM's info-style gauge: the labels carry the adapter lists, the value is when they were reported.
         self.lora_info = Gauge("inlaid_lora_requests_info", "Adapters (tasks) of a replica's running and waiting requests",
                                ["replica", "max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
-        self.replicas: set[str] = set()  # replica labels the engine gauges carry
-        self._shown: dict[str, dict] = {}  # the stats each replica's gauges show
+        # The newest routing stats of each replica: what its engine gauges and /v1/admin/replicas show.
+        self.replica_stats: dict[str, dict] = {}
         self._lora_labels: dict[str, tuple[str, ...]] = {}  # each replica's current lora_info label values
 
     def record_finished(
@@ -106,10 +106,9 @@ class ServeMetrics:
 
     def record_replica_stats(self, replica: str, stats: dict) -> None:
         """Engine gauges from a replica's routing stats, unless newer ones are already shown."""
-        if not newer_stats(stats, self._shown.get(replica)):
+        if not _newer_stats(stats, self.replica_stats.get(replica)):
             return
-        self._shown[replica] = stats
-        self.replicas.add(replica)
+        self.replica_stats[replica] = stats
         self.running.labels(replica).set(stats.get("running", 0))
         self.waiting.labels(replica).set(stats.get("waiting", 0))
         self.kv_usage.labels(replica).set(stats.get("kv_usage", 0.0))
@@ -123,8 +122,7 @@ class ServeMetrics:
 
     def forget_replica(self, replica: str) -> None:
         """Drop a stopped replica's engine gauges (a dead replica's last values would read as live)."""
-        self.replicas.discard(replica)
-        self._shown.pop(replica, None)
+        self.replica_stats.pop(replica, None)
         for gauge in (self.running, self.waiting, self.kv_usage, self.adapters_per_step, self.loaded_clusters):
             try:
                 gauge.remove(replica)

@@ -65,7 +65,7 @@ from inlaid_ray.serve.http_errors import (
     from_validation_error,
 )
 from inlaid_ray.serve.length_prediction import bounded_prediction, make_predictor
-from inlaid_ray.serve.metrics import ServeMetrics, newer_stats
+from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.openai_protocol import (
     UNSUPPORTED_FIELDS,
     ChatCompletionRequest,
@@ -221,7 +221,6 @@ class Router:
         # Tokenizing a long prompt takes seconds: never on the event loop (/health must answer meanwhile).
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inlaid-tokenizer")
         self._metrics = ServeMetrics(spec.base_model_id)
-        self._replica_stats: dict[str, dict[str, Any]] = {}  # by replica id; one entry per live replica
         self._app_name = serve.get_replica_context().app_name
         self._replicas_ready = False
 
@@ -401,12 +400,13 @@ class Router:
 
     @api.get("/v1/admin/replicas")
     async def admin_replicas(self, request: Request) -> dict[str, Any]:
-        """The last routing stats of each replica: from Serve's periodic broadcast, or from a
-        finished request's last chunk, whichever is newer."""
+        """The newest routing stats of each replica: from Serve's periodic broadcast, or from a
+        finished request's last chunk (`ServeMetrics.replica_stats`)."""
         await self._admin(request)
         self._take_published_stats()
         await self._forget_stopped_replicas()
-        return {"object": "list", "data": [self._replica_stats[r] for r in sorted(self._replica_stats)]}
+        stats = self._metrics.replica_stats
+        return {"object": "list", "data": [stats[r] for r in sorted(stats)]}
 
     def _take_published_stats(self) -> None:
         """Engine gauges and replica stats from the routing stats Serve last broadcast to this
@@ -416,14 +416,12 @@ class Router:
         from inlaid_ray.serve.routing_stats_board import ROUTING_STATS
 
         for replica, stats in (ROUTING_STATS.read(self._app_name, ENGINE_DEPLOYMENT) or {}).items():
-            if newer_stats(stats, self._replica_stats.get(replica)):
-                self._replica_stats[replica] = stats
-                self._metrics.record_replica_stats(replica, stats)
+            self._metrics.record_replica_stats(replica, stats)
 
     async def _forget_stopped_replicas(self) -> None:
         """Drop the stats and gauges of engine replicas that no longer run (killed, scaled down).
         Best effort: a scrape never fails because Ray's control store did not answer."""
-        known = set(self._replica_stats) | self._metrics.replicas
+        known = set(self._metrics.replica_stats)
         if not known:
             return
         try:
@@ -433,7 +431,6 @@ class Router:
             log.warning("could not list live engine replicas: %r", exc)
             return
         for replica in known - live:
-            self._replica_stats.pop(replica, None)
             self._metrics.forget_replica(replica)
 
     # ---- generation ------------------------------------------------------------------------
@@ -591,9 +588,7 @@ class Router:
         return self._tokenizer.decode([token_id])
 
     def _on_finished(self, ctx: ResponseContext, tracker: StreamTracker) -> None:
-        if tracker.stats is not None and tracker.replica and \
-                newer_stats(tracker.stats, self._replica_stats.get(tracker.replica)):
-            self._replica_stats[tracker.replica] = tracker.stats
+        # (the tracker already gave the replica's stats to the metrics, which own them)
         if tracker.completion_tokens < 1:
             return
         if self._predictor.blocking:
