@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections import Counter
@@ -53,6 +54,47 @@ OVERRIDES = dict(
     max_clusters_per_replica=1, max_adapters_per_replica=4, auth_cache_s=0.0, namespace="t" + uuid.uuid4().hex[:8],
     max_request_bytes=BODY_LIMIT,
 )
+
+
+def test_structured_output_through_the_openai_client(served):
+    """response_format (json_schema, json_object) and vLLM's guided_choice / guided_regex through
+    the official client, checked with `jsonschema`, `json` and `re`; bad grammars, two grammars
+    at once and settings a grammar would override get a 400 naming the parameter."""
+    import jsonschema
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                               "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "The largest city of France and its population, as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
+    chat = client.chat.completions.create(model="email", messages=messages, max_tokens=60, temperature=0.7, seed=3,
+                                          n=2, response_format=fmt)
+    for choice in chat.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
+    stream = client.chat.completions.create(model="sentiment", messages=messages, max_tokens=60, temperature=0,
+                                            response_format={"type": "json_object"}, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "stop" and isinstance(json.loads(text), dict), text
+    choices = ["positive", "negative"]
+    picked = client.completions.create(model="sentiment", prompt="Great film!", max_tokens=5,
+                                       extra_body={"guided_choice": choices})
+    assert picked.choices[0].text in choices
+    digits = client.completions.create(model="sentiment", prompt="Year:", max_tokens=8, temperature=1.0, seed=1,
+                                       extra_body={"guided_regex": "(19|20)[0-9]{2}"})
+    assert re.fullmatch("(19|20)[0-9]{2}", digits.choices[0].text), digits.choices[0].text
+    bad = [({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+            "response_format"),
+           ({"extra_body": {"guided_regex": "a(b"}}, "guided_regex"),
+           ({"extra_body": {"guided_choice": ["a"], "guided_regex": "a"}}, None),
+           ({"extra_body": {"guided_choice": ["a"], "min_tokens": 2}}, "min_tokens")]
+    for kwargs, param in bad:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="sentiment", messages=messages, max_tokens=4, **kwargs)
+        assert err.value.body["param"] == param, (kwargs, err.value.body)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -399,8 +441,7 @@ def test_openai_client_models_aliases_and_parameters(served):
     both = client.chat.completions.create(model="email", messages=messages, max_tokens=8, max_completion_tokens=2,
                                           temperature=0, extra_body={"ignore_eos": True})
     assert both.usage.completion_tokens == 2 and both.choices[0].finish_reason == "length"  # not max_tokens' 8
-    refused_chat = {"response_format": {"type": "json_object"},
-                    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    refused_chat = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
                     "tool_choice": "required"}
     for name, value in refused_chat.items():
         with pytest.raises(openai.BadRequestError) as err:

@@ -33,6 +33,7 @@ from inlaid_ray.engine.request import FinishReason, Request, RequestOutput, Requ
 from inlaid_ray.engine.sampling import GREEDY_EPS, sample
 from inlaid_ray.engine.scheduler import Scheduler, SchedulerLimits
 from inlaid_ray.engine.static_decode import StaticDecodeInputs
+from inlaid_ray.engine.structured_output import StructuredOutputManager
 from inlaid_ray.errors import InvalidRequest, TaskNotFound
 from inlaid_ray.model.kv_cache import PagedKVCache
 from inlaid_ray.sched.policy import SchedulingPolicy, make_replica_policy
@@ -88,6 +89,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.policy, self.allocator, limits)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self.structured_output = (StructuredOutputManager(tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                                          config.max_num_seqs) if tokenizer is not None else None)
         self._requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
@@ -123,6 +126,11 @@ class LLMEngine:
                                  f"vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise InvalidRequest(f"stop strings {params.stop!r} need a tokenizer; this engine has none")
+        grammar = None
+        if params.structured_output is not None:
+            if self.structured_output is None:
+                raise InvalidRequest("structured output needs a tokenizer; this engine has none")
+            grammar = self.structured_output.matcher(params.structured_output)
         self._slot_of(task)  # unknown task -> TaskNotFound now, not in the middle of a step
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -143,6 +151,7 @@ class LLMEngine:
             predicted_output_len=predicted_output_len,
             sample_seed=sample_seed,
             detokenizer=detok,
+            grammar=grammar,
         )
 
     def add(self, request: Request) -> str:
@@ -221,6 +230,8 @@ class LLMEngine:
                 )
                 logits = self.model(input_ids, batch, self.kv_cache)  # [S, vocab] fp32
         adjusted = adjust_logits(logits, scheduled, self.eos_token_ids)
+        if self.structured_output is not None:
+            adjusted = self.structured_output.mask(adjusted, scheduled)
         tokens = sample(adjusted, [r.params for r in scheduled], [r.sample_seed for r in scheduled],
                         [r.num_output_tokens for r in scheduled])
         logprobs = token_logprobs(logits, tokens, scheduled)
@@ -265,6 +276,13 @@ class LLMEngine:
         p = req.params
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
         reason: FinishReason | None = "stop" if stop_token else None
+        if req.grammar is not None:
+            try:
+                if StructuredOutputManager.advance(req, token):
+                    reason = "stop"  # the grammar is complete: nothing else may follow
+            except RuntimeError:
+                log.exception("aborting %s", req.request_id)
+                reason = "abort"
         if reason is None and (req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len):
             reason = "length"
         delta = ""

@@ -6,13 +6,22 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 
 from inlaid_ray.errors import InvalidRequest
 
 FinishReason = Literal["stop", "length", "abort"]
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
+StructuredOutputKind = Literal["json_schema", "json_object", "regex", "choice"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Constrain a request's output to a grammar (compiled in engine/grammar.py)."""
+
+    kind: StructuredOutputKind
+    spec: str = ""  # json_schema: the schema as JSON text; regex: the pattern; choice: a JSON list of strings
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/vLLM: logits of prompt and output tokens / this (> 0) if positive, * if not
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to its logit
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's log-probability and the k most likely
+    structured_output: StructuredOutput | None = None  # None: free text
 
     @property
     def greedy(self) -> bool:
@@ -87,6 +97,16 @@ class SamplingParams:
             raise InvalidRequest(f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {self.logit_bias!r}")
         if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidRequest(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        so = self.structured_output
+        if so is not None:
+            if not (isinstance(so, StructuredOutput) and so.kind in get_args(StructuredOutputKind)
+                    and isinstance(so.spec, str)):
+                raise InvalidRequest(f"structured_output must be a StructuredOutput, got {so!r}")
+            # A complete grammar ends the request, so neither can be honoured beside one.
+            if self.ignore_eos:
+                raise InvalidRequest("ignore_eos cannot be combined with structured output (the grammar's end stops it)")
+            if self.min_tokens:
+                raise InvalidRequest("min_tokens cannot be combined with structured output (the grammar's end stops it)")
 
 
 def _is_int(x: Any) -> bool:
@@ -122,6 +142,7 @@ class Request:
     finish_time: float | None = None
     sample_seed: int | None = None  # seed of its sampling uniforms (engine/sampling.py); None for greedy
     detokenizer: Any = field(default=None, repr=False)  # IncrementalDetokenizer or None
+    grammar: Any = field(default=None, repr=False)  # llguidance matcher of a structured-output request, or None
 
     @property
     def num_prompt_tokens(self) -> int:

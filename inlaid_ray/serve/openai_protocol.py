@@ -7,9 +7,12 @@ import math
 import time
 import uuid
 
+import json
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from inlaid_ray.engine.request import MAX_LOGPROBS
+from inlaid_ray.engine.request import MAX_LOGPROBS, StructuredOutput
 from inlaid_ray.model.tokenizer import ChatRole
 
 
@@ -22,16 +25,12 @@ class StreamOptions(BaseModel):
 # Sent with any other value they are refused with a 400 naming them, never ignored; a field that
 # is neither here nor a declared field is refused too (extra="forbid").
 UNSUPPORTED_FIELDS: dict[str, tuple[object, ...]] = {
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none"),
     "suffix": (None, ""),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
     "guided_grammar": (None,),
 }
 MAX_CHOICES = 16  # most choices (n, best_of) per request; each is one engine request
@@ -45,6 +44,34 @@ def unsupported_field(body: dict) -> str | None:
         if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in off):
             return name
     return None
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema` (OpenAI): the schema the output must follow."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {} = any JSON value
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format.json_schema is required with type 'json_schema' and only then")
+        return self
+
+
+# Fields that constrain the output to a grammar (OpenAI's, then vLLM's extensions): at most one.
+STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
 
 
 class _SamplingFields(BaseModel):
@@ -75,6 +102,10 @@ class _SamplingFields(BaseModel):
     store: bool | None = None
     service_tier: str | None = None
     return_token_ids: bool = Field(default=False, description="vLLM extension: add prompt_token_ids and token_ids")
+    response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema")
+    guided_json: dict[str, Any] | str | None = Field(default=None, description="vLLM extension: a JSON schema")
+    guided_regex: str | None = Field(default=None, min_length=1, description="vLLM extension: a regular expression")
+    guided_choice: list[str] | None = Field(default=None, min_length=1, description="vLLM extension: one of these")
 
     @field_validator("temperature")
     @classmethod
@@ -128,6 +159,38 @@ class _SamplingFields(BaseModel):
         if v is not None and any(t < 0 for t in v):
             raise ValueError(f"stop_token_ids must be token ids >= 0, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _one_structured_output(self) -> "_SamplingFields":
+        named = [f for f in STRUCTURED_OUTPUT_FIELDS if self._structured_output_of(f) is not None]
+        if len(named) > 1:
+            raise ValueError(f"send at most one of {', '.join(named)}")
+        return self
+
+    def _structured_output_of(self, field: str) -> StructuredOutput | None:
+        value = getattr(self, field)
+        if value is None:
+            return None
+        if field == "response_format":
+            if value.type == "text":
+                return None
+            if value.type == "json_object":
+                return StructuredOutput("json_object")
+            return StructuredOutput("json_schema", json.dumps(value.json_schema.json_schema))
+        if field == "guided_json":
+            return StructuredOutput("json_schema", value if isinstance(value, str) else json.dumps(value))
+        if field == "guided_regex":
+            return StructuredOutput("regex", value)
+        return StructuredOutput("choice", json.dumps(value))
+
+    @property
+    def structured_output(self) -> tuple[str, StructuredOutput] | None:
+        """The field that constrains the output and its grammar spec; None for free text."""
+        for f in STRUCTURED_OUTPUT_FIELDS:
+            spec = self._structured_output_of(f)
+            if spec is not None:
+                return f, spec
+        return None
 
     @property
     def include_usage_in_stream(self) -> bool:

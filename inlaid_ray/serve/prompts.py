@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inlaid_ray.engine import SamplingParams
+from inlaid_ray.engine.grammar import grammar_of
 from inlaid_ray.engine.limits import ContextLengthExceeded, check_fits, check_prompt
 from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.model import encode_chat, encode_text
@@ -78,6 +79,9 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: 
         if outside:
             raise OpenAIHTTPError(400, f"token ids {outside[:5]} are outside the vocabulary [0, {vocab_size})",
                                   param=param)
+    structured = req.structured_output
+    if structured is not None:
+        _check(lambda: grammar_of(structured[1]), structured[0])  # a bad schema or pattern: 400 here
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -93,10 +97,11 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: 
         repetition_penalty=req.repetition_penalty,
         logit_bias=req.logit_bias_pairs,
         logprobs=req.engine_logprobs,
+        structured_output=structured[1] if structured else None,
     )
     try:
         params.validate(max_model_len)
     except InvalidRequest as exc:
-        param = next((f for f in ("min_tokens", "max_tokens") if str(exc).startswith(f)), None)
+        param = next((f for f in ("min_tokens", "max_tokens", "ignore_eos") if str(exc).startswith(f)), None)
         raise OpenAIHTTPError(400, str(exc), param=param) from exc
     return params
