@@ -53,6 +53,8 @@ OVERRIDES = dict(
     device="cpu", max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=1024, max_num_seqs=32, num_kv_blocks=320,
     max_clusters_per_replica=1, max_adapters_per_replica=4, auth_cache_s=0.0, namespace="t" + uuid.uuid4().hex[:8],
     max_request_bytes=BODY_LIMIT,
+    # Renders like the model's own template unless a request has tools (tests/test_tool_calls.py).
+    chat_template=str(REPO / "deploy" / "chat_templates" / "smollm2_tools.jinja"),
 )
 
 
@@ -95,6 +97,57 @@ def test_structured_output_through_the_openai_client(served):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="sentiment", messages=messages, max_tokens=4, **kwargs)
         assert err.value.body["param"] == param, (kwargs, err.value.body)
+
+
+def test_tool_calls_through_the_openai_client(served):
+    """tools with tool_choice named / required (a grammar holds the call; arguments checked with
+    `jsonschema`), streamed and not, auto and none, a second turn that sends the call's result
+    back, and tools refused where they cannot apply."""
+    import jsonschema
+    import openai
+
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+               "required": ["city"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+                                               "parameters": weather}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = client.chat.completions.create(
+        model="email", messages=messages, tools=tools, max_tokens=60, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), weather)
+    stream = client.chat.completions.create(model="email", messages=messages, tools=tools, max_tokens=80,
+                                            temperature=0.7, seed=2, tool_choice="required", stream=True,
+                                            parallel_tool_calls=False)
+    deltas = [c.choices[0] for c in stream if c.choices]
+    streamed = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
+    assert deltas[-1].finish_reason == "tool_calls" and len(streamed) == 1, deltas
+    assert streamed[0].index == 0 and streamed[0].function.name in ("get_weather", "get_time")
+    json.loads(streamed[0].function.arguments)
+    for tool_choice in ("auto", "none"):  # the model may answer in text; any call it makes must parse
+        answer = client.chat.completions.create(model="email", messages=messages, tools=tools, max_tokens=40,
+                                                temperature=0, tool_choice=tool_choice).choices[0]
+        assert answer.finish_reason in ("stop", "length", "tool_calls"), answer
+        assert tool_choice == "auto" or not answer.message.tool_calls
+        for c in answer.message.tool_calls or ():
+            assert c.function.name in ("get_weather", "get_time") and isinstance(json.loads(c.function.arguments), dict)
+    second = client.chat.completions.create(
+        model="email", tools=tools, max_tokens=20, temperature=0,
+        messages=messages + [choice.message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny", "c": 21}'}])
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with pytest.raises(openai.BadRequestError) as err:  # completions have no tools
+        client.completions.create(model="email", prompt="Hi", max_tokens=2, extra_body={"tools": tools})
+    assert err.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="email", messages=messages, max_tokens=2, tools=tools,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert "not among the tools" in err.value.body["message"]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -441,8 +494,7 @@ def test_openai_client_models_aliases_and_parameters(served):
     both = client.chat.completions.create(model="email", messages=messages, max_tokens=8, max_completion_tokens=2,
                                           temperature=0, extra_body={"ignore_eos": True})
     assert both.usage.completion_tokens == 2 and both.choices[0].finish_reason == "length"  # not max_tokens' 8
-    refused_chat = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-                    "tool_choice": "required"}
+    refused_chat = {"functions": [{"name": "f", "parameters": {"type": "object"}}]}  # OpenAI's deprecated form
     for name, value in refused_chat.items():
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="sentiment", messages=messages, max_tokens=2, **{name: value})

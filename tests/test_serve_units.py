@@ -137,6 +137,7 @@ def test_serve_flags_default_to_app_args():
     dict(policy="lottery"),
     dict(policy_options={"no_such_knob": 1}),
     dict(step_cost_model="/no/such/cost_model.json"),
+    dict(chat_template="/no/such/template.jinja"),
     dict(no_such_field=1),
 ])
 def test_app_args_reject_inconsistent_values(bad):

@@ -1,5 +1,5 @@
 """Grammars of structured output: a request's `StructuredOutput` spec (a JSON schema, any JSON
-object, a regular expression, or a list of choices) as llguidance grammar text.
+object, a regular expression, a list of choices, or Lark) as llguidance grammar text.
 
 Checked without a tokenizer, so the HTTP router refuses a bad schema or pattern with a 400 before
 any replica sees it; the engine compiles the same text into a per-request matcher
@@ -38,6 +38,8 @@ def grammar_of(spec: StructuredOutput) -> str:
             raise InvalidRequest(f"choices must be a non-empty list of non-empty strings, got {choices!r}")
         # JSON string literals are valid Lark string literals: any text, quotes and escapes included.
         grammar = LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+    elif spec.kind == "lark":
+        grammar = LLMatcher.grammar_from_lark(spec.spec)
     else:
         raise InvalidRequest(f"unknown structured output kind {spec.kind!r}")
     error = LLMatcher.validate_grammar(grammar)

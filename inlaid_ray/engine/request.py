@@ -13,7 +13,7 @@ from inlaid_ray.errors import InvalidRequest
 
 FinishReason = Literal["stop", "length", "abort"]
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
-StructuredOutputKind = Literal["json_schema", "json_object", "regex", "choice"]
+StructuredOutputKind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class StructuredOutput:
     """Constrain a request's output to a grammar (compiled in engine/grammar.py)."""
 
     kind: StructuredOutputKind
-    spec: str = ""  # json_schema: the schema as JSON text; regex: the pattern; choice: a JSON list of strings
+    spec: str = ""  # json_schema: the schema as JSON text; regex: the pattern; choice: a JSON list of strings;
+    # lark: a grammar in llguidance's Lark dialect (built by the server, e.g. for tool calls)
 
 
 @dataclass(frozen=True)

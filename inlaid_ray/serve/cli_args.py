@@ -17,7 +17,7 @@ from inlaid_ray.serve.app_args import AppArgs
 CLI_FIELDS = (
     "model_dir", "seed_manifest", "num_replicas", "num_gpus_per_replica", "num_cpus_per_replica", "policy",
     "step_cost_model", "max_clusters_per_replica", "max_model_len", "num_kv_blocks", "dtype", "device",
-    "api_key", "admin_key", "predictor",
+    "api_key", "admin_key", "predictor", "chat_template",
 )
 # The one default the CLI sets differently: AppArgs sizes the KV cache from free memory (right for a
 # GPU replica); the local CLI, mostly run on CPU, caps it at 1024 blocks unless told 0.

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from inlaid_ray.engine.request import MAX_LOGPROBS, StructuredOutput
 from inlaid_ray.model.tokenizer import ChatRole
+from inlaid_ray.serve.tool_calls import call_grammar
 
 
 class StreamOptions(BaseModel):
@@ -25,9 +26,6 @@ class StreamOptions(BaseModel):
 # Sent with any other value they are refused with a 400 naming them, never ignored; a field that
 # is neither here nor a declared field is refused too (extra="forbid").
 UNSUPPORTED_FIELDS: dict[str, tuple[object, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none"),
     "suffix": (None, ""),
@@ -249,11 +247,43 @@ class CompletionRequest(_SamplingFields):
         return v
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call an earlier assistant turn made (sent back in `messages`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: ChatRole
-    content: str
+    role: ChatRole | Literal["tool"]
+    content: str | None = None  # None only for an assistant turn that made tool calls
     name: str | None = None  # OpenAI's participant name: informational, the chat template has no slot for it
+    tool_calls: list[ToolCall] | None = None  # assistant turns only
+    tool_call_id: str | None = None  # tool turns only: the call this result answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, got role {self.role!r}")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages need a tool_call_id, and only they carry one")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def template_input(self) -> dict[str, Any]:
+        """What the chat template reads of this message."""
+        return self.model_dump(include={"role", "content", "tool_calls", "tool_call_id"}, exclude_none=True) | (
+            {"content": self.content} if self.content is None else {})
 
     @field_validator("content", mode="before")
     @classmethod
@@ -267,8 +297,38 @@ class ChatMessage(BaseModel):
         return v
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None  # the arguments always follow `parameters` when a grammar holds them
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: _FunctionName
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = Field(default=None, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description='"auto" when tools are given (OpenAI\'s default); "required" or a named '
+                                  "function hold the output to a call with a grammar")
+    parallel_tool_calls: bool = Field(default=True, description="with tool_choice required: one or more calls")
     max_completion_tokens: int | None = None
     logprobs: bool = Field(default=False, description="log-probabilities of the sampled tokens")
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
@@ -289,6 +349,47 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def num_candidates(self) -> int:
         return self.n
+
+    @model_validator(mode="after")
+    def _tools(self) -> "ChatCompletionRequest":
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tools: function names must be unique, got {names}")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice other than none/auto needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools {names}")
+        if self.forced_functions and super().structured_output is not None:
+            raise ValueError(f"tool_choice {self._tool_choice_name} holds the output to a tool call; "
+                             f"it cannot be combined with {super().structured_output[0]}")
+        return self
+
+    @property
+    def _tool_choice_name(self) -> str:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else str(self.tool_choice)
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may hold tool calls (tools given and tool_choice is not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_functions(self) -> list[dict[str, Any]]:
+        """The functions a grammar must hold the output to: the named one, or all for "required"."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return []
+        functions = [t.function.model_dump(include={"name", "parameters"}) for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [f for f in functions if f["name"] == self.tool_choice.function.name]
+        return functions
+
+    @property
+    def structured_output(self) -> tuple[str, StructuredOutput] | None:
+        if self.forced_functions:
+            parallel = self.parallel_tool_calls and not isinstance(self.tool_choice, NamedToolChoice)
+            return "tool_choice", call_grammar(self.forced_functions, parallel)
+        return super().structured_output
 
     @model_validator(mode="after")
     def _max_completion_tokens(self) -> "ChatCompletionRequest":

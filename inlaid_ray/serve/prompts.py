@@ -19,6 +19,7 @@ from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.model import encode_chat, encode_text
 from inlaid_ray.serve.http_errors import OpenAIHTTPError
 from inlaid_ray.serve.openai_protocol import ChatCompletionRequest, CompletionRequest
+from inlaid_ray.serve.tool_calls import template_renders_tools
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -58,12 +59,18 @@ def _check(rule: Callable[[], None], prompt_param: str) -> None:
 
 def prepare_chat(req: ChatCompletionRequest, tokenizer: Any, vocab_size: int, max_model_len: int) -> PreparedPrompt:
     """Apply the chat template and build the sampling params (default: rest of the context)."""
+    tool_turns = any(m.role == "tool" or m.tool_calls for m in req.messages)
+    if (req.tools or tool_turns) and not template_renders_tools(getattr(tokenizer, "chat_template", None)):
+        raise OpenAIHTTPError(400, "this model's chat template does not render tools or tool calls; serve it with "
+                                   "a chat template that does (AppArgs.chat_template, e.g. "
+                                   "deploy/chat_templates/smollm2_tools.jinja)", param="tools" if req.tools else "messages")
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
-        ids = encode_chat(tokenizer, [m.model_dump(include={"role", "content"}) for m in req.messages])
+        ids = encode_chat(tokenizer, [m.template_input() for m in req.messages], tools=tools)
     except ValueError as exc:
         raise OpenAIHTTPError(400, str(exc), param="messages") from exc
     users = [m.content for m in req.messages if m.role == "user"]
-    text = users[-1] if users else req.messages[-1].content
+    text = users[-1] if users else (req.messages[-1].content or "")
     _check(lambda: check_prompt(ids, vocab_size, max_model_len), "messages")
     default = max(1, max_model_len - len(ids))
     return PreparedPrompt(tuple(ids), text, sampling_params(req, len(ids), vocab_size, max_model_len, default, "messages"))
@@ -81,7 +88,8 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: 
                                   param=param)
     structured = req.structured_output
     if structured is not None:
-        _check(lambda: grammar_of(structured[1]), structured[0])  # a bad schema or pattern: 400 here
+        # A bad schema or pattern: 400 here, naming the field (a tool call grammar comes from `tools`).
+        _check(lambda: grammar_of(structured[1]), "tools" if structured[0] == "tool_choice" else structured[0])
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from inlaid_ray.serve.http_errors import OpenAIHTTPError, from_exception
 from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.openai_protocol import Usage, chat_body, chat_chunk, completion_body, usage_chunk
+from inlaid_ray.serve.tool_calls import parse_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class ResponseContext:
     arrival: float = field(default_factory=time.perf_counter)
     token_text: Callable[[int], str] | None = None  # set when the client asked for logprobs
     echo_text: str = ""  # completions with echo: the prompt, sent before the completion
+    tool_names: frozenset[str] | None = None  # chat with tools (tool_choice not "none"): calls are parsed out
 
 
 def logprobs_object(ctx: ResponseContext, entries: list[list[Any]], text_offset: int = 0) -> dict[str, Any] | None:
@@ -223,12 +225,24 @@ def _usage(ctx: ResponseContext, choices: list[Choice]) -> Usage:
     return Usage(prompt_tokens=n, completion_tokens=generated, total_tokens=n + generated)
 
 
+def assistant_message(ctx: ResponseContext, tracker: StreamTracker) -> tuple[dict[str, Any], str | None]:
+    """A chat choice's message (content, and tool_calls parsed out of a finished answer) and its
+    finish reason: "tool_calls" when it made any (OpenAI's), else the engine's."""
+    if ctx.tool_names is not None and tracker.finish_reason == "stop":
+        content, calls = parse_tool_calls(tracker.text, ctx.tool_names)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": tracker.text}, tracker.finish_reason
+
+
 def _choice_body(ctx: ResponseContext, index: int, tracker: StreamTracker) -> dict[str, Any]:
+    finish_reason = tracker.finish_reason
     if ctx.kind == "completion":
         body = {"index": index, "text": ctx.echo_text + tracker.text}
     else:
-        body = {"index": index, "message": {"role": "assistant", "content": tracker.text}}
-    body |= {"logprobs": logprobs_object(ctx, tracker.logprobs), "finish_reason": tracker.finish_reason}
+        message, finish_reason = assistant_message(ctx, tracker)
+        body = {"index": index, "message": message}
+    body |= {"logprobs": logprobs_object(ctx, tracker.logprobs), "finish_reason": finish_reason}
     if ctx.return_token_ids:
         body["token_ids"] = list(tracker.token_ids)
     return body
@@ -279,6 +293,10 @@ async def _choice_chunks(index: int, choice: Choice) -> AsyncIterator[dict[str, 
         yield role | ({"usage": None} if ctx.include_usage else {})
     elif ctx.echo_text:
         yield _delta(ctx, index, ctx.echo_text, None, None)
+    if ctx.tool_names is not None:  # calls are known only once the answer is complete
+        async for chunk in _tool_call_chunks(index, choice):
+            yield chunk
+        return
     offset = 0
     async for chunk in choice.stream:
         tracker.add(chunk)
@@ -292,6 +310,25 @@ async def _choice_chunks(index: int, choice: Choice) -> AsyncIterator[dict[str, 
                 offset += sum(len(t) for t in logprobs["tokens"])
     if ctx.kind == "chat":
         yield _delta(ctx, index, "", None, tracker.finish_reason)
+
+
+async def _tool_call_chunks(index: int, choice: Choice) -> AsyncIterator[dict[str, Any]]:
+    """A chat choice that may call tools, streamed once complete: one delta with its content and
+    tool_calls (each with its `index`, OpenAI's streaming shape) and logprobs, then the finish."""
+    tracker = choice.tracker
+    ctx = tracker.ctx
+    async for chunk in choice.stream:
+        tracker.add(chunk)
+    message, finish_reason = assistant_message(ctx, tracker)
+    delta = {k: v for k, v in message.items() if k != "role" and v is not None}
+    if "tool_calls" in delta:
+        delta["tool_calls"] = [{"index": i} | call for i, call in enumerate(delta["tool_calls"])]
+    obj = chat_chunk(ctx.request_id, ctx.model, delta, None)
+    obj["choices"][0] |= {"index": index, "logprobs": logprobs_object(ctx, tracker.logprobs) if tracker.logprobs else None}
+    if ctx.return_token_ids:
+        obj["choices"][0]["token_ids"] = list(tracker.token_ids)
+    yield obj | ({"usage": None} if ctx.include_usage else {})
+    yield _delta(ctx, index, "", None, finish_reason)
 
 
 async def _merged(sources: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:

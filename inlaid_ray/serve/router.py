@@ -161,6 +161,7 @@ class RouterSpec:
     max_json_depth: int = 64
     metrics_need_admin_key: bool = True
     max_lora_rank: int = 16  # what the replicas' banks hold: the runtime adapter endpoint's rank limit
+    chat_template: str | None = None  # Jinja text replacing the model's chat template
 
 
 def _log_observe_failure(done: Future) -> None:
@@ -205,6 +206,8 @@ class Router:
         self._replica = replica
         self._spec = spec
         self._tokenizer = load_tokenizer(spec.model_dir)
+        if spec.chat_template is not None:
+            self._tokenizer.chat_template = spec.chat_template
         self._model_config = ModelConfig.from_dir(spec.model_dir)
         self._vocab_size = self._model_config.vocab_size
         self._redis = connect_redis(spec.redis_url, spec.data_dir)
@@ -581,6 +584,8 @@ class Router:
             return_token_ids=req.return_token_ids,
             token_text=self._token_text if req.engine_logprobs is not None else None,
             echo_text=prepared.prompt_text if isinstance(req, CompletionRequest) and req.echo else "",
+            tool_names=(frozenset(t.function.name for t in req.tools)
+                        if isinstance(req, ChatCompletionRequest) and req.calls_tools else None),
         )
 
     def _token_text(self, token_id: int) -> str:
