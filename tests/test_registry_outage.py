@@ -157,6 +157,39 @@ def test_a_server_that_stops_answering_is_not_restarted_on_top_of_itself(tmp_pat
     assert _servers_of(tmp_path) == []
 
 
+def test_a_server_that_stops_answering_does_not_block_the_watcher(tmp_path):
+    """With the server stopped (SIGSTOP) a read gives up after the client's socket timeout
+    instead of hanging: the watcher reports itself disconnected and keeps serving its cache,
+    and it reconnects once the server runs again."""
+    client = connect_redis(None, tmp_path, socket_timeout_s=1.0)
+    registry = TaskRegistry(client, "hung")
+    live = registry.upsert_task(TaskRecord(name="sql", tenant="acme", adapter_uri="file:///a/sql", status="live"))
+    watcher = RegistryWatcher(registry, refresh_interval_s=0.2, poll_s=POLL_S, supervise=True).start()
+    pid = client.server_pid
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(redis.TimeoutError):
+                registry.snapshot()
+            for _ in range(POLLS):
+                if not watcher.connected:
+                    break
+                time.sleep(POLL_S)
+            assert not watcher.connected and watcher.get_task("sql") == live
+            assert _servers_of(tmp_path) == [pid]  # supervision left the stopped server alone
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for _ in range(POLLS):
+            if watcher.connected:
+                break
+            time.sleep(POLL_S)
+        assert watcher.connected and watcher.num_server_restarts == 0 and client.server_pid == pid
+    finally:
+        watcher.stop()
+        client.close()
+    assert _servers_of(tmp_path) == []
+
+
 def test_a_closed_client_used_again_takes_no_lease(tmp_path):
     """A client used after close() (a thread still running while its owner shuts down) must not
     take a lease nobody will release: the last open client's exit still stops the server."""

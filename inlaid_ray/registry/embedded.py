@@ -58,12 +58,22 @@ DB_FILENAME = "registry.rdb"
 AOF_FILENAME = "registry.aof"
 
 
-def connect_redis(url: str | None, data_dir: Path | str, decode_responses: bool = True) -> redis.Redis:
-    """A Redis client: `url` if given (redis://, rediss://, unix://), else the shared
-    embedded server of `data_dir` (started on first use, persisting there)."""
+# Registry commands are small (a snapshot of 10k tasks reads in milliseconds): a reply slower than
+# this means a stopped or stuck server, and the caller's fallback (the watcher's cache, a 503)
+# beats waiting for it forever. Subscriptions wait with their own timeouts and are not cut by it.
+SOCKET_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+def connect_redis(url: str | None, data_dir: Path | str, decode_responses: bool = True,
+                  socket_timeout_s: float = SOCKET_TIMEOUT_S) -> redis.Redis:
+    """A Redis client: `url` if given (redis://, rediss://, unix://; timeouts in its query string
+    win), else the shared embedded server of `data_dir` (started on first use, persisting there).
+    A command the server does not answer within `socket_timeout_s` raises redis.TimeoutError."""
     if url:
-        return redis.Redis.from_url(url, decode_responses=decode_responses)
-    return EmbeddedRedis(Path(data_dir), decode_responses=decode_responses)
+        return redis.Redis.from_url(url, decode_responses=decode_responses, socket_timeout=socket_timeout_s,
+                                    socket_connect_timeout=CONNECT_TIMEOUT_S)
+    return EmbeddedRedis(Path(data_dir), decode_responses=decode_responses, socket_timeout_s=socket_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -302,7 +312,7 @@ class EmbeddedRedis(redis.Redis):
     """A `redis.Redis` on the shared embedded server of `data_dir`, holding a lease on it."""
 
     def __init__(self, data_dir: Path, decode_responses: bool = True, start_timeout_s: float = 30.0,
-                 stop_timeout_s: float = 30.0) -> None:
+                 stop_timeout_s: float = 30.0, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.paths = EmbeddedServerPaths.for_dir(data_dir)
         self.lease_name = f"{LEASE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
@@ -315,6 +325,7 @@ class EmbeddedRedis(redis.Redis):
             # between our ping and our lease.
             self._lease_box = [_take_lease(self.paths, self.lease_name)]
         super().__init__(unix_socket_path=str(self.paths.socket), decode_responses=decode_responses,
+                         socket_timeout=socket_timeout_s, socket_connect_timeout=CONNECT_TIMEOUT_S,
                          redis_connect_func=_lease_keeper(self.paths, self._lease_box, self.lease_name, os.getpid()))
         self._finalizer = weakref.finalize(self, _release_lease, self.paths, self._lease_box, self.lease_name,
                                            os.getpid(), stop_timeout_s)
