@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Registry key namespace shared by `inlaid-ray serve`, `onboard` and `tasks` unless told otherwise.
+DEFAULT_NAMESPACE = "inlaid"
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -26,3 +26,10 @@ class InvalidRequest(InlaidError, ValueError):
 
 class NoFreeSlot(InlaidError, RuntimeError):
     """The adapter bank (or KV cache) has no room left for what was asked."""
+
+
+def first_validation_error(exc: Exception) -> str:
+    """One line for a pydantic ValidationError: the first error's field path and message."""
+    first = exc.errors(include_url=False)[0]  # type: ignore[attr-defined]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -92,7 +95,7 @@ def app(smollm2_dir, tmp_path_factory):
     client = connect_redis(None, data_dir)
     try:
         url = run_serve(args, host="127.0.0.1", port=free_port(), blocking=False, settings=settings,
-                        ray_init_kwargs=dict(num_cpus=2, include_dashboard=False))
+                        ray_init_kwargs=dict(num_cpus=2, include_dashboard=True))  # Ray jobs need it
         options = OnboardOptions(
             base_dir=str(smollm2_dir), artifact_dir=str(tmp_path_factory.mktemp("artifacts")), data_dir=str(data_dir),
             namespace=args.namespace, endpoint=url, requantize="never", tokens_per_task=64, num_cpus=0,
@@ -213,8 +216,13 @@ def _check(response: httpx.Response, stream: bool) -> str | None:
 
 def _greedy_chat(app: App, task: str, max_tokens: int = 24) -> tuple[list[int], list[int]]:
     """(prompt ids, served greedy tokens) for the first eval example of a demo task, over HTTP."""
-    messages = load_examples(task, "eval")[0]["messages"][:1]
-    response = app.post("/v1/chat/completions", dict(model=task, messages=messages, max_tokens=max_tokens,
+    return _greedy_chat_as(app, task, task, max_tokens)
+
+
+def _greedy_chat_as(app: App, demo_task: str, model: str, max_tokens: int = 24) -> tuple[list[int], list[int]]:
+    """The same for the eval example of `demo_task`, sent to `model`."""
+    messages = load_examples(demo_task, "eval")[0]["messages"][:1]
+    response = app.post("/v1/chat/completions", dict(model=model, messages=messages, max_tokens=max_tokens,
                                                      temperature=0, return_token_ids=True))
     assert response.status_code == 200, response.text
     return encode_chat(app.tokenizer, messages), response.json()["choices"][0]["token_ids"]
@@ -369,3 +377,27 @@ def test_retired_task_gets_404_while_its_request_in_flight_finishes(app, referen
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
     assert app.get("/v1/admin/tasks?status=bogus").status_code == 400
     assert task not in _models(app)
+
+
+def test_onboarding_submitted_as_a_ray_job(app, reference, tmp_path):
+    """`inlaid-ray onboard --submit` with no RAY_ADDRESS, RAY_AUTH_MODE or --endpoint: the serve
+    app recorded its URL and Ray dashboard in the registry, the job goes there, joins the serving
+    cluster, probes the recorded endpoint, and the task answers like the engine with its adapter."""
+    location = app.registry.service_location()
+    assert location is not None and location.url == app.url and location.ray_dashboard
+    name, report_path = "email-job", tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in ("REDIS_URL", "INLAID_ADMIN_KEY")}
+    opts = app.options
+    cmd = [sys.executable, "-m", "inlaid_ray.cli", "onboard", "--submit", "--task", name, "--tenant", "demo",
+           "--adapter", str(demo_adapter_dir(NEW)), "--calib", str(demo_data_path(NEW, "calib")),
+           "--base-dir", opts.base_dir, "--artifact-dir", opts.artifact_dir, "--data-dir", opts.data_dir,
+           "--namespace", opts.namespace, "--requantize", "never", "--tokens-per-task", "64", "--num-cpus", "0",
+           "--admin-key", ADMIN_KEY, "--report", str(report_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
+    assert "submitted onboard-email-job-" in done.stderr
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "live" and report["probe"]["endpoint"] == app.url and report["probe"]["status"] == 200
+    assert ADMIN_KEY not in report_path.read_text()
+    ids, served = _greedy_chat_as(app, NEW, name)
+    assert served == reference(ids, SamplingParams(max_tokens=24), NEW)  # the same adapter files

@@ -120,12 +120,30 @@ def test_the_mask_allows_exactly_the_tokens_the_grammar_accepts(engine, tokenize
     (StructuredOutput("json_schema", json.dumps({"type": "nonsense"})), "invalid json schema"),
     (StructuredOutput("json_schema", "[1]"), "must be an object"),
     (StructuredOutput("regex", "a(b"), "invalid regex"),
+    (StructuredOutput("json_schema", json.dumps({"const": "\ud800"})), "invalid json schema"),  # lone surrogate
     (StructuredOutput("choice", "[]"), "non-empty list"),
     (StructuredOutput("choice", json.dumps(["a", ""])), "non-empty strings"),
 ])
 def test_bad_grammars_are_refused_by_name(spec, message):
     with pytest.raises(InvalidRequest, match=message):
         grammar_of(spec)
+
+
+def test_a_failed_matcher_aborts_its_request_alone(engine, tokenizer):
+    """A matcher in error (here: fed a token its grammar forbids) allows only EOS and would accept
+    it; the engine must abort that request, not end it as a normal stop, and serve the others."""
+    prompt = tokenizer.encode("Pick one.", add_special_tokens=False)
+    broken = engine.make_request(prompt, SamplingParams(max_tokens=8, structured_output=_so("choice", CHOICES)))
+    assert not broken.grammar.consume_token(tokenizer.encode("zebra", add_special_tokens=False)[0])
+    engine.add(broken)
+    other = engine.add_request(prompt, SamplingParams(max_tokens=8, structured_output=_so("choice", CHOICES)))
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals[broken.request_id].finish_reason == "abort" and finals[broken.request_id].token_ids == ()
+    assert finals[other].finish_reason == "stop"
 
 
 def test_settings_a_grammar_would_override_are_refused(engine):

@@ -41,6 +41,8 @@ def test_parse_hermes_calls():
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
     assert len({c["id"] for c in calls}) == 2
     assert parse_tool_calls("just text", {"add"}) == ("just text", [])
+    assert [c["function"]["name"] for c in parse_tool_calls(text, {"get_weather", "add"}, parallel=False)[1]] == [
+        "get_weather"]  # parallel_tool_calls false: the first call only
     for broken in ('<tool_call>{"name": "add", "arguments": {"a": 1</tool_call>',  # not JSON
                    '<tool_call>{"name": "sub", "arguments": {}}</tool_call>',  # unknown function
                    '<tool_call>{"name": "add", "arguments": "a=1"}</tool_call>'):  # arguments not an object
@@ -79,6 +81,28 @@ def test_call_grammar_makes_a_random_model_call_with_valid_arguments(engine, tok
             assert [c["function"]["name"] for c in calls] == ["get_weather"]
 
 
+def test_call_grammar_keeps_each_schema_a_root_document(engine, tokenizer):
+    """`$ref`s into `$defs` and to the root (`#`, recursion) resolve inside each function's own
+    schema, as `jsonschema` resolves them."""
+    located = {"type": "object", "properties": {"where": {"$ref": "#/$defs/Place"}}, "required": ["where"],
+               "additionalProperties": False,
+               "$defs": {"Place": {"type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}},
+                                   "required": ["city"], "additionalProperties": False}}}
+    tree = {"type": "object", "properties": {"child": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+            "required": ["child"], "additionalProperties": False}
+    functions = [{"name": "locate", "parameters": located}, {"name": "tree", "parameters": tree}]
+    prompt = tokenizer.encode("Call a tool.", add_special_tokens=False)
+    params = [SamplingParams(max_tokens=150, temperature=1.0, seed=s, structured_output=call_grammar([f], parallel=False))
+              for s in range(3) for f in functions]
+    outs = engine.generate([prompt] * len(params), params)
+    finished = [o for o in outs if o.finish_reason == "stop"]
+    assert len(finished) >= 4, [o.text for o in outs]  # a recursion may run to max_tokens
+    for out in finished:
+        (call,) = parse_tool_calls(out.text, {"locate", "tree"})[1]
+        schema = next(f["parameters"] for f in functions if f["name"] == call["function"]["name"])
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+
+
 def test_tools_template_renders_like_the_models_own_without_tools(tokenizer):
     tools_template = TOOLS_TEMPLATE.read_text()
     assert template_renders_tools(tools_template) and not template_renders_tools(tokenizer.chat_template)
@@ -93,6 +117,7 @@ def test_tools_template_renders_like_the_models_own_without_tools(tokenizer):
         finally:
             tokenizer.chat_template = saved
         assert all(json.dumps(t) in with_tools for t in TOOLS)
+    assert not template_renders_tools("{# tools are not rendered #}" + tools_template.replace("tools", "tool_list"))
 
 
 def _chat(**fields) -> ChatCompletionRequest:
@@ -118,13 +143,33 @@ def test_tool_requests_need_a_template_that_renders_tools(tokenizer):
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(tool_choice="required"), "needs tools"),
-    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "not among the tools"),
     (dict(tools=TOOLS + TOOLS[:1]), "unique"),
-    (dict(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}), "cannot be combined"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]), "object schema"),
     (dict(messages=[{"role": "tool", "content": "3"}]), "tool_call_id"),
     (dict(messages=[{"role": "user", "content": None}]), "needs content"),
 ])
-def test_inconsistent_tool_fields_are_refused(fields, message):
+def test_malformed_tool_fields_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         _chat(**({"messages": [{"role": "user", "content": "hi"}]} | fields))
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    (dict(tool_choice="required"), "tool_choice", "needs tools"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice",
+     "not among the tools"),
+    (dict(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}), "response_format",
+     "cannot be combined with tools"),
+    (dict(tools=TOOLS, guided_regex="[a-z]+"), "guided_regex", "cannot be combined with tools"),  # auto, too
+    (dict(tools=[{"type": "function", "function": {"name": "f", "strict": True}}]), "tools", "strict"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": "nope"}}}}}]),
+     "tools", "parameters of function 'f'"),
+])
+def test_inconsistent_tool_requests_get_a_400_naming_the_field(tokenizer, fields, param, message):
+    tokenizer.chat_template, saved = TOOLS_TEMPLATE.read_text(), tokenizer.chat_template
+    try:
+        with pytest.raises(OpenAIHTTPError) as err:
+            prepare_chat(_chat(messages=[{"role": "user", "content": "hi"}], **fields), tokenizer, 49152, 2048)
+    finally:
+        tokenizer.chat_template = saved
+    body = err.value.body()["error"]
+    assert err.value.status == 400 and body["param"] == param and message in body["message"], body

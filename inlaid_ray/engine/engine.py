@@ -269,20 +269,22 @@ class LLMEngine:
 
     def _append_token(self, req: Request, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
         """Record a sampled token, detokenize, and finish the request if it should stop."""
+        grammar_done = False
+        if req.grammar is not None:
+            try:
+                grammar_done = StructuredOutputManager.advance(req, token)
+            except RuntimeError as exc:  # a failed matcher: this request ends, its token unsent
+                log.error("aborting %s: %s", req.request_id, exc)
+                self._finish(req, "abort", now)
+                return self._output(req, "", ())
         req.num_computed_tokens = req.num_tokens
         req.output_token_ids.append(token)
         if req.first_token_time is None:
             req.first_token_time = now
         p = req.params
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
-        reason: FinishReason | None = "stop" if stop_token else None
-        if req.grammar is not None:
-            try:
-                if StructuredOutputManager.advance(req, token):
-                    reason = "stop"  # the grammar is complete: nothing else may follow
-            except RuntimeError:
-                log.exception("aborting %s", req.request_id)
-                reason = "abort"
+        # A complete grammar ends the request: nothing else may follow.
+        reason: FinishReason | None = "stop" if stop_token or grammar_done else None
         if reason is None and (req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len):
             reason = "length"
         delta = ""

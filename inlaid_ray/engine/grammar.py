@@ -3,7 +3,7 @@ object, a regular expression, a list of choices, or Lark) as llguidance grammar 
 
 Checked without a tokenizer, so the HTTP router refuses a bad schema or pattern with a 400 before
 any replica sees it; the engine compiles the same text into a per-request matcher
-(engine/structured_output.py). No torch here.
+(engine/structured_output.py). This module uses no torch itself.
 """
 
 from __future__ import annotations
@@ -18,11 +18,22 @@ from inlaid_ray.errors import InvalidRequest
 # Compact JSON: no free whitespace between JSON tokens. With free whitespace a small model can
 # emit blanks until max_tokens (vLLM's `disable_any_whitespace` exists for the same reason).
 JSON_OPTIONS = {"whitespace_flexible": False}
-_MAX_ERROR_CHARS = 300
+MAX_ERROR_CHARS = 300  # of a grammar compiler's message shown to the client
 
 
 def grammar_of(spec: StructuredOutput) -> str:
     """llguidance grammar text of `spec`; InvalidRequest naming what is wrong."""
+    try:
+        grammar = _grammar_text(spec)
+    except (ValueError, TypeError) as exc:  # llguidance refusing its input (e.g. a lone surrogate)
+        raise InvalidRequest(f"invalid {spec.kind.replace('_', ' ')}: {str(exc)[:MAX_ERROR_CHARS]}") from None
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise InvalidRequest(f"invalid {spec.kind.replace('_', ' ')}: {_first_line(error)}")
+    return grammar
+
+
+def _grammar_text(spec: StructuredOutput) -> str:
     if spec.kind == "json_object":
         grammar = LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     elif spec.kind == "json_schema":
@@ -42,9 +53,6 @@ def grammar_of(spec: StructuredOutput) -> str:
         grammar = LLMatcher.grammar_from_lark(spec.spec)
     else:
         raise InvalidRequest(f"unknown structured output kind {spec.kind!r}")
-    error = LLMatcher.validate_grammar(grammar)
-    if error:
-        raise InvalidRequest(f"invalid {spec.kind.replace('_', ' ')}: {_first_line(error)}")
     return grammar
 
 
@@ -57,4 +65,4 @@ def _json(text: str, what: str) -> object:
 
 def _first_line(error: str) -> str:
     line = error.strip().splitlines()[0] if error.strip() else "rejected by the grammar compiler"
-    return line[:_MAX_ERROR_CHARS]
+    return line[:MAX_ERROR_CHARS]

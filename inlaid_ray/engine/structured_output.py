@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from llguidance import LLMatcher, LLTokenizer
 
-from inlaid_ray.engine.grammar import grammar_of
+from inlaid_ray.engine.grammar import MAX_ERROR_CHARS, grammar_of
 from inlaid_ray.engine.request import Request, StructuredOutput
 from inlaid_ray.errors import InvalidRequest
 
@@ -48,7 +48,7 @@ class StructuredOutputManager:
         """A fresh matcher for one request (InvalidRequest if the grammar does not compile)."""
         matcher = LLMatcher(self._tokenizer(), grammar_of(spec), log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(f"invalid {spec.kind.replace('_', ' ')}: {matcher.get_error()[:300]}")
+            raise InvalidRequest(f"invalid {spec.kind.replace('_', ' ')}: {matcher.get_error()[:MAX_ERROR_CHARS]}")
         return matcher
 
     def mask(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
@@ -57,6 +57,9 @@ class StructuredOutputManager:
         rows = [i for i, r in enumerate(requests) if r.grammar is not None]
         if not rows:
             return logits
+        # Refilled every step: safe because the previous step's copy of it has landed (sample()
+        # reads its tokens back to the host, which waits for the stream). Keep that in mind if
+        # sampling ever stays on the device.
         bitmask = self._bitmask[: len(rows)]
         for j, i in enumerate(rows):
             word_row = bitmask[j]
@@ -69,12 +72,18 @@ class StructuredOutputManager:
 
     @staticmethod
     def advance(req: Request, token: int) -> bool:
-        """Feed the sampled token to the request's matcher; True when the grammar is complete."""
-        if not req.grammar.consume_token(token):
-            # Cannot happen for a masked row; say so rather than go on with a broken matcher.
-            raise RuntimeError(f"request {req.request_id}: token {token} rejected by its grammar: "
-                               f"{req.grammar.get_error()}")
-        return req.grammar.is_stopped()
+        """Feed the sampled token to the request's matcher; True when the grammar is complete.
+        RuntimeError when the matcher failed (a parser limit hit while computing the mask leaves
+        it allowing only EOS, which it would then accept): the engine aborts that request."""
+        grammar = req.grammar
+        if grammar.is_error() or not grammar.consume_token(token) or grammar.is_error():
+            raise RuntimeError(f"request {req.request_id}: its grammar failed at token {token}: {grammar.get_error()}")
+        return grammar.is_stopped()
+
+    def prepare(self) -> None:
+        """Build the llguidance tokenizer now (~0.4-1 s), not on the first constrained request,
+        which would hold up the serving event loop that many requests share."""
+        self._tokenizer()
 
     def _tokenizer(self) -> LLTokenizer:
         if self._ll_tokenizer is None:

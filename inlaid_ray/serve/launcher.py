@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import time
@@ -20,8 +21,8 @@ import httpx
 from pydantic import ValidationError
 
 from inlaid_ray.config import Settings
-from inlaid_ray.errors import InvalidRequest
-from inlaid_ray.registry import TaskRegistry, connect_redis
+from inlaid_ray.errors import InvalidRequest, first_validation_error
+from inlaid_ray.registry import ServiceLocation, TaskRegistry, connect_redis
 from inlaid_ray.serve.app import AppArgs, bind_app, registry_location, registry_seed, resolve_model_dir
 from inlaid_ray.serve.cli_args import app_fields_from_cli
 from inlaid_ray.serve.seed import seed_registry
@@ -56,13 +57,12 @@ def wait_healthy(url: str, timeout_s: float = 600.0) -> None:
 
 def seed_app_registry(args: AppArgs, settings: Settings) -> list[str]:
     """Seed the registry the app will use (keys, the manifest's tasks); returns the seeded tasks."""
-    redis_url, data_dir = registry_location(args, settings)
     model_dir = resolve_model_dir(args, settings)
     artifact_dir = args.artifact_dir or str(settings.cache_dir / "artifacts")
-    client = connect_redis(redis_url, data_dir)
+    registry, client = _registry(args, settings)
     try:
         seed = registry_seed(args, settings, model_dir, artifact_dir, args.base_model_id or model_dir.name)
-        return seed_registry(TaskRegistry(client, args.namespace), seed)
+        return seed_registry(registry, seed)
     finally:
         client.close()
 
@@ -85,10 +85,11 @@ def run_serve(
     print(f"inlaid-ray: user API key {'set' if key else 'not set (INLAID_API_KEY)'}; "
           f"seeded tasks: {', '.join(tasks) or 'none'}", flush=True)
     started_ray = not ray.is_initialized()
+    ray_context = None
     if started_ray:
         # "local" unless RAY_ADDRESS is set: a stale /tmp/ray/ray_current_cluster (a cluster that
         # has since died) would otherwise make ray.init wait on it; join one with RAY_ADDRESS=auto.
-        ray.init(address=settings.ray_address or "local", **(ray_init_kwargs or {}))
+        ray_context = ray.init(address=settings.ray_address or "local", **(ray_init_kwargs or {}))
     if blocking:
         # After ray.init, whose driver handler aborts the process on SIGTERM: SIGTERM now stops
         # the server as Ctrl-C does, at any point of start-up or serving.
@@ -99,7 +100,11 @@ def run_serve(
         # The router seeds again (idempotent) so that `serve run` of the YAML works alone.
         serve.run(bind_app(args, settings), name=APP_NAME, route_prefix="/")
         wait_healthy(url)
+        location = record_service_location(args, settings, host, port, ray_context)
         print(f"inlaid-ray: serving the OpenAI API at {url}/v1 (health: {url}/health)", flush=True)
+        if location.ray_dashboard:
+            print(f"inlaid-ray: Ray dashboard (jobs) at {location.ray_dashboard}; onboard a task with "
+                  f"`inlaid-ray onboard --submit ...`", flush=True)
         while blocking:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -109,8 +114,55 @@ def run_serve(
         print("inlaid-ray: stopping: requests in flight finish first", flush=True)
     finally:
         if blocking:
+            forget_service_location(args, settings)
             _stop(started_ray)
     return url
+
+
+def _registry(args: AppArgs, settings: Settings) -> tuple[TaskRegistry, Any]:
+    redis_url, data_dir = registry_location(args, settings)
+    client = connect_redis(redis_url, data_dir)
+    return TaskRegistry(client, args.namespace), client
+
+
+def record_service_location(args: AppArgs, settings: Settings, host: str, port: int, ray_context: Any) -> ServiceLocation:
+    """Tell the registry where this service answers (the onboarding job's probe and `--submit`
+    read it, so neither depends on a default port or on RAY_ADDRESS)."""
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    location = ServiceLocation(url=f"http://{reachable}:{port}", ray_dashboard=_dashboard_url(ray_context),
+                               pid=os.getpid())
+    registry, client = _registry(args, settings)
+    try:
+        registry.set_service_location(location)
+    finally:
+        client.close()
+    return location
+
+
+def forget_service_location(args: AppArgs, settings: Settings) -> None:
+    """Remove this process's record on the way out (a record another process wrote is left)."""
+    try:
+        registry, client = _registry(args, settings)
+        try:
+            current = registry.service_location()
+            if current is not None and current.pid == os.getpid():
+                registry.set_service_location(None)
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - a registry that is gone must not stop the shutdown
+        log.warning("could not remove the service location from the registry", exc_info=True)
+
+
+def _dashboard_url(ray_context: Any) -> str | None:
+    """Ray's dashboard (job submission) URL, None when Ray runs without a dashboard."""
+    if ray_context is not None:
+        info = ray_context.address_info
+    else:  # joined a Ray that was initialised before: the driver's node knows its addresses
+        import ray
+
+        info = ray._private.worker.global_worker.node.address_info
+    address = info.get("webui_url") or ""
+    return (address if "://" in address else f"http://{address}") if address else None
 
 
 def _stop(started_ray: bool) -> None:
@@ -136,8 +188,6 @@ def run_from_cli(ns: argparse.Namespace, settings: Settings) -> int:
     try:
         args = AppArgs.model_validate(app_fields_from_cli(ns))
     except ValidationError as exc:  # a user error: one line (the CLI prints it and exits 2)
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise InvalidRequest(f"inlaid-ray serve: {where}: {first.get('msg')}" if where else str(first.get("msg"))) from None
+        raise InvalidRequest(f"inlaid-ray serve: {first_validation_error(exc)}") from None
     run_serve(args, host=ns.host, port=ns.port, blocking=True, settings=settings)
     return 0

@@ -158,12 +158,10 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"stop_token_ids must be token ids >= 0, got {v}")
         return v
 
-    @model_validator(mode="after")
-    def _one_structured_output(self) -> "_SamplingFields":
-        named = [f for f in STRUCTURED_OUTPUT_FIELDS if self._structured_output_of(f) is not None]
-        if len(named) > 1:
-            raise ValueError(f"send at most one of {', '.join(named)}")
-        return self
+    def output_form_fields(self) -> list[str]:
+        """The fields set that decide the output's form (a grammar, or tools); serve/prompts.py
+        refuses more than one, naming the second."""
+        return [f for f in STRUCTURED_OUTPUT_FIELDS if self._structured_output_of(f) is not None]
 
     def _structured_output_of(self, field: str) -> StructuredOutput | None:
         value = getattr(self, field)
@@ -302,7 +300,16 @@ class FunctionDefinition(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
-    strict: bool | None = None  # the arguments always follow `parameters` when a grammar holds them
+    # true: the arguments must follow `parameters`, which only a grammar guarantees (tool_choice
+    # required or named); with auto it is refused (serve/prompts.py)
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if v.get("type", "object") != "object":  # arguments are a JSON object (OpenAI's rule)
+            raise ValueError(f"function parameters must be an object schema, got type {v.get('type')!r}")
+        return v
 
 
 class ToolDefinition(BaseModel):
@@ -350,24 +357,30 @@ class ChatCompletionRequest(_SamplingFields):
     def num_candidates(self) -> int:
         return self.n
 
-    @model_validator(mode="after")
-    def _tools(self) -> "ChatCompletionRequest":
-        names = [t.function.name for t in self.tools or ()]
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, v: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [t.function.name for t in v or ()]
         if len(set(names)) != len(names):
-            raise ValueError(f"tools: function names must be unique, got {names}")
+            raise ValueError(f"function names must be unique, got {names}")
+        return v
+
+    def tool_choice_error(self) -> str | None:
+        """Why tool_choice does not fit the tools, or None."""
+        names = [t.function.name for t in self.tools or ()]
         choice = self.tool_choice
         if choice not in (None, "none", "auto") and not names:
-            raise ValueError("tool_choice other than none/auto needs tools")
+            return "tool_choice other than none/auto needs tools"
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools {names}")
-        if self.forced_functions and super().structured_output is not None:
-            raise ValueError(f"tool_choice {self._tool_choice_name} holds the output to a tool call; "
-                             f"it cannot be combined with {super().structured_output[0]}")
-        return self
+            return f"tool_choice names {choice.function.name!r}, which is not among the tools {names}"
+        return None
 
     @property
-    def _tool_choice_name(self) -> str:
-        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else str(self.tool_choice)
+    def named_tool_choice(self) -> bool:
+        return isinstance(self.tool_choice, NamedToolChoice)
+
+    def output_form_fields(self) -> list[str]:
+        return (["tools"] if self.calls_tools else []) + super().output_form_fields()
 
     @property
     def calls_tools(self) -> bool:
@@ -387,7 +400,7 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def structured_output(self) -> tuple[str, StructuredOutput] | None:
         if self.forced_functions:
-            parallel = self.parallel_tool_calls and not isinstance(self.tool_choice, NamedToolChoice)
+            parallel = self.parallel_tool_calls and not self.named_tool_choice
             return "tool_choice", call_grammar(self.forced_functions, parallel)
         return super().structured_output
 

@@ -8,11 +8,13 @@ context is nearly full) and chat generates up to the end of the context.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from inlaid_ray.engine import SamplingParams
+from inlaid_ray.engine.request import StructuredOutput
 from inlaid_ray.engine.grammar import grammar_of
 from inlaid_ray.engine.limits import ContextLengthExceeded, check_fits, check_prompt
 from inlaid_ray.errors import InvalidRequest
@@ -59,6 +61,7 @@ def _check(rule: Callable[[], None], prompt_param: str) -> None:
 
 def prepare_chat(req: ChatCompletionRequest, tokenizer: Any, vocab_size: int, max_model_len: int) -> PreparedPrompt:
     """Apply the chat template and build the sampling params (default: rest of the context)."""
+    _check_tools(req)
     tool_turns = any(m.role == "tool" or m.tool_calls for m in req.messages)
     if (req.tools or tool_turns) and not template_renders_tools(getattr(tokenizer, "chat_template", None)):
         raise OpenAIHTTPError(400, "this model's chat template does not render tools or tool calls; serve it with "
@@ -76,6 +79,23 @@ def prepare_chat(req: ChatCompletionRequest, tokenizer: Any, vocab_size: int, ma
     return PreparedPrompt(tuple(ids), text, sampling_params(req, len(ids), vocab_size, max_model_len, default, "messages"))
 
 
+def _check_tools(req: ChatCompletionRequest) -> None:
+    """tool_choice fits the tools, `strict` only where a grammar holds the arguments, and every
+    function's parameters compile as a JSON schema (the error names the function)."""
+    error = req.tool_choice_error()
+    if error is not None:
+        raise OpenAIHTTPError(400, error, param="tool_choice")
+    for tool in req.tools or ():
+        f = tool.function
+        if f.strict and req.calls_tools and not req.forced_functions:
+            raise OpenAIHTTPError(400, f"function {f.name!r} is strict, which only tool_choice \"required\" or a named "
+                                       "function can guarantee (a grammar holds the arguments there)", param="tools")
+        try:
+            grammar_of(StructuredOutput("json_schema", json.dumps(f.parameters)))
+        except InvalidRequest as exc:
+            raise OpenAIHTTPError(400, f"parameters of function {f.name!r}: {exc}", param="tools") from exc
+
+
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: int, vocab_size: int,
                     max_model_len: int, default_max_tokens: int, prompt_param: str) -> SamplingParams:
     """Engine params for `req`; 400 when the prompt or max_tokens do not fit in max_model_len."""
@@ -86,6 +106,10 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: 
         if outside:
             raise OpenAIHTTPError(400, f"token ids {outside[:5]} are outside the vocabulary [0, {vocab_size})",
                                   param=param)
+    forms = req.output_form_fields()
+    if len(forms) > 1:
+        raise OpenAIHTTPError(400, f"{forms[1]} cannot be combined with {forms[0]}: each decides the form of the output",
+                              param=forms[1])
     structured = req.structured_output
     if structured is not None:
         # A bad schema or pattern: 400 here, naming the field (a tool call grammar comes from `tools`).

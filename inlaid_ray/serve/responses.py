@@ -17,7 +17,7 @@ from typing import Any, Literal
 from inlaid_ray.serve.http_errors import OpenAIHTTPError, from_exception
 from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.openai_protocol import Usage, chat_body, chat_chunk, completion_body, usage_chunk
-from inlaid_ray.serve.tool_calls import parse_tool_calls
+from inlaid_ray.serve.tool_calls import ToolCallParsing, parse_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ResponseContext:
     arrival: float = field(default_factory=time.perf_counter)
     token_text: Callable[[int], str] | None = None  # set when the client asked for logprobs
     echo_text: str = ""  # completions with echo: the prompt, sent before the completion
-    tool_names: frozenset[str] | None = None  # chat with tools (tool_choice not "none"): calls are parsed out
+    tool_calls: ToolCallParsing | None = None  # chat with tools (tool_choice not "none"): calls are parsed out
 
 
 def logprobs_object(ctx: ResponseContext, entries: list[list[Any]], text_offset: int = 0) -> dict[str, Any] | None:
@@ -227,11 +227,12 @@ def _usage(ctx: ResponseContext, choices: list[Choice]) -> Usage:
 
 def assistant_message(ctx: ResponseContext, tracker: StreamTracker) -> tuple[dict[str, Any], str | None]:
     """A chat choice's message (content, and tool_calls parsed out of a finished answer) and its
-    finish reason: "tool_calls" when it made any (OpenAI's), else the engine's."""
-    if ctx.tool_names is not None and tracker.finish_reason == "stop":
-        content, calls = parse_tool_calls(tracker.text, ctx.tool_names)
+    finish reason (OpenAI's for an answer with calls, else the engine's)."""
+    parsing = ctx.tool_calls
+    if parsing is not None and tracker.finish_reason == "stop":
+        content, calls = parse_tool_calls(tracker.text, parsing.names, parsing.parallel)
         if calls:
-            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            return {"role": "assistant", "content": content, "tool_calls": calls}, parsing.finish_reason
     return {"role": "assistant", "content": tracker.text}, tracker.finish_reason
 
 
@@ -293,7 +294,7 @@ async def _choice_chunks(index: int, choice: Choice) -> AsyncIterator[dict[str, 
         yield role | ({"usage": None} if ctx.include_usage else {})
     elif ctx.echo_text:
         yield _delta(ctx, index, ctx.echo_text, None, None)
-    if ctx.tool_names is not None:  # calls are known only once the answer is complete
+    if ctx.tool_calls is not None:  # calls are known only once the answer is complete
         async for chunk in _tool_call_chunks(index, choice):
             yield chunk
         return

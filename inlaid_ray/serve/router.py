@@ -42,6 +42,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inlaid_ray.config import DEFAULT_NAMESPACE
 from inlaid_ray.lora.validation import AdapterLimits
 from inlaid_ray.model import ModelConfig, load_tokenizer
 from inlaid_ray.errors import TaskNotFound
@@ -66,6 +67,7 @@ from inlaid_ray.serve.http_errors import (
 )
 from inlaid_ray.serve.length_prediction import bounded_prediction, make_predictor
 from inlaid_ray.serve.metrics import ServeMetrics
+from inlaid_ray.serve.tool_calls import ToolCallParsing
 from inlaid_ray.serve.openai_protocol import (
     UNSUPPORTED_FIELDS,
     ChatCompletionRequest,
@@ -151,7 +153,7 @@ class RouterSpec:
     max_model_len: int
     redis_url: str | None
     data_dir: str
-    namespace: str = "inlaid"
+    namespace: str = DEFAULT_NAMESPACE
     predictor: str = "task_quantile"
     default_slo_s: float | None = None
     auth_cache_s: float = 5.0
@@ -167,6 +169,14 @@ class RouterSpec:
 def _log_observe_failure(done: Future) -> None:
     if done.exception() is not None:
         log.error("length predictor failed to learn from a finished request", exc_info=done.exception())
+
+
+def _tool_call_parsing(req: Any) -> ToolCallParsing | None:
+    """How calls are read back from a chat answer that may make them (None: it may not)."""
+    if not (isinstance(req, ChatCompletionRequest) and req.calls_tools):
+        return None
+    return ToolCallParsing(frozenset(t.function.name for t in req.tools), parallel=req.parallel_tool_calls,
+                           finish_reason="stop" if req.named_tool_choice else "tool_calls")
 
 
 def _probe_avoid(caller: Caller, request: Request) -> tuple[str, ...]:
@@ -584,8 +594,7 @@ class Router:
             return_token_ids=req.return_token_ids,
             token_text=self._token_text if req.engine_logprobs is not None else None,
             echo_text=prepared.prompt_text if isinstance(req, CompletionRequest) and req.echo else "",
-            tool_names=(frozenset(t.function.name for t in req.tools)
-                        if isinstance(req, ChatCompletionRequest) and req.calls_tools else None),
+            tool_calls=_tool_call_parsing(req),
         )
 
     def _token_text(self, token_id: int) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import dataclass
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -26,29 +27,47 @@ _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _CALL_JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+@dataclass(frozen=True)
+class ToolCallParsing:
+    """How the calls of a chat answer are read back (serve/responses.py)."""
+
+    names: frozenset[str]  # the request's functions
+    parallel: bool  # every call, or only the first (parallel_tool_calls: false)
+    # OpenAI's finish reason of an answer with calls: "tool_calls", but "stop" when tool_choice
+    # named the function (the call was forced, not chosen)
+    finish_reason: str = "tool_calls"
+
+
 def template_renders_tools(chat_template: str | None) -> bool:
-    """Whether a Jinja chat template reads the `tools` it is given (else tools would be dropped)."""
-    return bool(chat_template) and re.search(r"\btools\b", chat_template) is not None
+    """Whether a Jinja chat template reads the `tools` it is given (else tools would be dropped):
+    `tools` is among the template's free variables (a mention in a comment does not count)."""
+    if not chat_template:
+        return False
+    from jinja2 import Environment, meta
+
+    return "tools" in meta.find_undeclared_variables(Environment().parse(chat_template))
 
 
 def call_grammar(functions: Sequence[dict[str, Any]], parallel: bool) -> StructuredOutput:
     """A grammar for one call (or, with `parallel`, one or more) to one of `functions` (OpenAI
-    function objects: name, parameters), in the Hermes form, arguments held to each schema."""
-    options = [{"type": "object",
-                "properties": {"name": {"const": f["name"]},
-                               "arguments": f.get("parameters") or {"type": "object"}},
-                "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
-    schema = (options[0] if len(options) == 1 else {"anyOf": options}) | {"x-guidance": _CALL_JSON_FORMAT}
+    function objects: name, parameters), in the Hermes form. Each function's arguments are their
+    own `%json` rule, so its `parameters` stay a root schema (its `$ref`s resolve as written)."""
+    rules = []
+    for i, f in enumerate(functions):
+        head = '<tool_call>\n{"name": ' + json.dumps(f["name"]) + ', "arguments": '
+        schema = dict(f.get("parameters") or {"type": "object"}) | {"x-guidance": _CALL_JSON_FORMAT}
+        rules.append(f"call_{i}: {json.dumps(head)} args_{i} " + json.dumps("}\n</tool_call>") + "\n"
+                     f"args_{i}: %json {json.dumps(schema)}\n")
     start = 'start: call ("\\n" call)*' if parallel else "start: call"
-    lark = f'{start}\ncall: "<tool_call>\\n" args "\\n</tool_call>"\nargs: %json {json.dumps(schema)}\n'
-    return StructuredOutput("lark", lark)
+    calls = " | ".join(f"call_{i}" for i in range(len(functions)))
+    return StructuredOutput("lark", f"{start}\ncall: {calls}\n" + "".join(rules))
 
 
-def parse_tool_calls(text: str, names: Collection[str]) -> tuple[str | None, list[dict[str, Any]]]:
+def parse_tool_calls(text: str, names: Collection[str], parallel: bool = True) -> tuple[str | None, list[dict[str, Any]]]:
     """(content, OpenAI `tool_calls`) of a completion: the text before the first call is the
     content (None when empty); every `<tool_call>` block naming a known function with an object
-    of arguments is a call. When any block does not parse, the whole text is content and there
-    are no calls (vLLM's hermes parser does the same)."""
+    of arguments is a call (only the first without `parallel`, as vLLM does). When any block
+    does not parse, the whole text is content and there are no calls (vLLM's hermes parser)."""
     blocks = list(_CALL.finditer(text))
     if not blocks:
         return text, []
@@ -63,4 +82,4 @@ def parse_tool_calls(text: str, names: Collection[str]) -> tuple[str | None, lis
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                       "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}})
     content = text[: blocks[0].start()].strip()
-    return content or None, calls
+    return content or None, calls if parallel else calls[:1]
