@@ -109,3 +109,17 @@ def test_keys_create_list_revoke(server, capsys, tmp_path):
         _run(common + ["revoke", created["key_hash"]], capsys, settings)
     with pytest.raises(InvalidRequest, match="'ghost' does not exist"):
         _run(common + ["create", "--tenant", "ghost"], capsys, settings)
+
+
+def test_serve_onboard_and_tasks_share_the_registry_namespace_by_default():
+    """A regression: `inlaid-ray serve` once defaulted to another namespace than the onboarding
+    job and the task CLI, so neither saw the tasks it served."""
+    from inlaid_ray.jobs.onboard_args import OnboardOptions
+    from inlaid_ray.serve.app_args import AppArgs
+    from inlaid_ray.serve.cli_args import add_cli_arguments, app_fields_from_cli
+
+    serve_parser = argparse.ArgumentParser()
+    add_cli_arguments(serve_parser)
+    serve_args = AppArgs.model_validate(app_fields_from_cli(serve_parser.parse_args([])))
+    tasks_args = _parser().parse_args(["tasks", "list"])
+    assert serve_args.namespace == OnboardOptions().namespace == tasks_args.namespace
