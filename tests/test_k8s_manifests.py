@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib.util
 import inspect
 import re
@@ -387,21 +388,30 @@ def _ray_pods() -> list[tuple[str, dict]]:
     return pods
 
 
-# What `openssl rand -hex 24` gives: the Secret k8s/README.md tells the operator to create.
-OPERATOR_PASSWORD = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c"
-
-
-def _documented_secret() -> tuple[str, str]:
-    """(name, key) of the Secret that k8s/README.md's `kubectl create secret` command makes."""
+def _documented_secrets() -> dict[tuple[str, str], str]:
+    """(name, key) -> value of each Secret k8s/README.md's `kubectl create secret` commands make,
+    with a value of the shape `openssl rand -hex N` gives (distinct per Secret)."""
     readme = (K8S / "README.md").read_text()
-    m = re.search(r"kubectl create secret generic (\S+) --from-literal=(\w+)=\$\(openssl rand -hex \d+\)", readme)
-    assert m, "k8s/README.md must show how to create the Redis password Secret"
-    return m.group(1), m.group(2)
+    found = re.findall(r"kubectl create secret generic (\S+) --from-literal=([\w-]+)=\$\(openssl rand -hex (\d+)\)", readme)
+    assert found, "k8s/README.md must show how to create the Secrets"
+    return {(name, key): hashlib.sha256(name.encode()).hexdigest()[: 2 * int(n)] for name, key, n in found}
 
 
 def _secret_value(name: str, key: str) -> str:
-    assert (name, key) == _documented_secret(), f"reference to secret {name!r} key {key!r}, not the documented one"
-    return OPERATOR_PASSWORD
+    secrets = _documented_secrets()
+    assert (name, key) in secrets, f"reference to secret {name!r} key {key!r}, not a documented one"
+    return secrets[(name, key)]
+
+
+def test_the_onboarding_job_probes_the_service_with_the_services_admin_key():
+    """The RayJob runs on its own cluster: its probe must name the RayService's serve Service, and
+    its pods must hold the same admin key as the serving pods (else validation refuses the job)."""
+    service, job = _one("rayservice.yaml", "RayService"), _one("rayjob-onboard.yaml", "RayJob")
+    endpoint = re.search(r"--endpoint (\S+)", job["spec"]["entrypoint"])
+    assert endpoint and endpoint.group(1) == f"http://{service['metadata']['name']}-serve-svc:8000"
+    keys = {name: {_resolve_env(c).get("INLAID_ADMIN_KEY") for c in spec["containers"]} for name, spec in _ray_pods()}
+    assert all(len(k) == 1 and None not in k for k in keys.values()), keys
+    assert len({k for ks in keys.values() for k in ks}) == 1, keys
 
 
 def test_no_manifest_ships_a_secret_value():

@@ -55,7 +55,7 @@ def add_onboard_parser(subparsers: Any) -> argparse.ArgumentParser:
     """`inlaid-ray onboard --task NAME --tenant T --adapter DIR --calib FILE [options]`."""
     p = subparsers.add_parser(
         "onboard", help="add a task to the running service (validate, quantize, compress, roll out, probe)",
-        description="Runs the onboarding job; submit it with `ray job submit -- inlaid-ray onboard ...`. "
+        description="Runs the onboarding job here, or with --submit as a Ray job on the serving cluster. "
                     "On any failure everything is rolled back and the service is left as it was.")
     p.add_argument("--task", required=True, help="task name (the API's `model`)")
     p.add_argument("--tenant", required=True, help="tenant that owns the task")
