@@ -40,7 +40,10 @@ LOADS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0)
 POLICIES = ("fifo", "mlfq", "srtf-task-cap", "srtf-cost")
 ABLATION = {  # srtf-cost with one change each
     "srtf-cost (default)": {},
-    "aging: 10x the median latency (the spec's rule)": {"starvation_rule": "median"},
+    "aging: 2x the request's isolated latency": {"starvation_rule": "isolated"},
+    "cost rule at every load (no work-conserving phase)": {"batching": "marginal_cost"},
+    "previous default: cost rule at every load, aging 2x isolated": {"batching": "marginal_cost",
+                                                                     "starvation_rule": "isolated"},
     "admission order only (work-conserving)": {"batching": "all"},
     "queue term counts waiting requests too": {"queue_term": "all"},
     "closed-system shaping (no queue term)": {"queue_term": "off"},
@@ -50,7 +53,8 @@ ABLATION = {  # srtf-cost with one change each
     "no SRTF": {"srtf": False},
     "rank by output length only (no prefill term)": {"prefill_token_weight": 0.0},
 }
-SWAP_ABLATION = ("srtf-cost (default)", "no grouping (no adapter terms)", "queue term counts waiting requests too")
+SWAP_ABLATION = ("srtf-cost (default)", "no grouping (no adapter terms)", "queue term counts waiting requests too",
+                 "previous default: cost rule at every load, aging 2x isolated")
 TASK_CAPS = (10, 25, 50, 100)  # srtf-task-cap's beta against the 100 live tasks of the first scenario
 PLOT_METRICS = (
     ("slo_attainment_5x", "SLO attainment (5x isolated)"),

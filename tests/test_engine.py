@@ -266,8 +266,8 @@ def test_engine_gives_cost_aware_policies_the_replicas_step_cost_model(model, tm
     inlaid = LLMEngine(model, None, replace(CFG, policy="srtf-cost", step_cost_model=str(tmp_path / "cost.json")))
     assert inlaid.policy.config.cost == fitted
     assert LLMEngine(model, None, replace(CFG, policy="srtf-cost")).policy.config.cost == StepCostModel()
-    median = LLMEngine(model, None, replace(CFG, policy="srtf-cost", policy_options={"starvation_rule": "median"}))
-    assert median.policy.config.starvation_rule == "median"  # AppArgs.policy_options reach the replica's policy
+    isolated = LLMEngine(model, None, replace(CFG, policy="srtf-cost", policy_options={"starvation_rule": "isolated"}))
+    assert isolated.policy.config.starvation_rule == "isolated"  # AppArgs.policy_options reach the replica's policy
     fifo = LLMEngine(model, None, replace(CFG, policy="fifo", step_cost_model=str(tmp_path / "cost.json")))
     assert isinstance(fifo.policy, FifoPolicy)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -395,9 +396,12 @@ def test_onboarding_submitted_as_a_ray_job(app, reference, tmp_path):
            "--admin-key", ADMIN_KEY, "--report", str(report_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
-    assert "submitted onboard-email-job-" in done.stderr
+    job_id = re.search(r"submitted (onboard-email-job-\S+) to", done.stderr).group(1)
     report = json.loads(report_path.read_text())
     assert report["status"] == "live" and report["probe"]["endpoint"] == app.url and report["probe"]["status"] == 200
-    assert ADMIN_KEY not in report_path.read_text()
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(location.ray_dashboard).get_job_info(job_id)
+    assert info.status == "SUCCEEDED" and ADMIN_KEY not in info.entrypoint  # the key travels in its env
     ids, served = _greedy_chat_as(app, NEW, name)
     assert served == reference(ids, SamplingParams(max_tokens=24), NEW)  # the same adapter files

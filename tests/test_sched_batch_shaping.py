@@ -19,6 +19,7 @@ from inlaid_ray.bench.simulator import ReplicaConfig, SimJob, Simulator
 from inlaid_ray.bench.workload import RequestSpec
 
 # attention reads dominate a step: long-context requests are worth deferring behind short ones
+COST_RULE = {"batching": "marginal_cost"}  # the join rule at every load (the default applies it only when full)
 ATTENTION_HEAVY = StepCostModel(a_s=1e-3, b_s_per_token=0.0, c_s_per_adapter=0.0, d_s_per_kv_token=1e-5, e_s_per_adapter_load=0.0)
 
 
@@ -48,7 +49,7 @@ def test_long_context_request_joins_exactly_when_the_rule_says(queued):
     running = [job(f"r{i}", g=1, pred=40 + i) for i in range(4)]
     y = job("y", p=1500, pred=60, arrival=1.0)  # shorter than nothing running: ranked last but one group
     behind = [job(f"q{i}", p=10, g=1, pred=500 + i, arrival=2.0) for i in range(queued)]  # running, ranked after y
-    pol = SrtfCostPolicy(cost=ATTENTION_HEAVY)
+    pol = SrtfCostPolicy(cost=ATTENTION_HEAVY, **COST_RULE)
     plan = plan_step(pol, [y], running + behind, budget())
     expected = joins(ATTENTION_HEAVY, y, running, queued, new_task=False)
     assert ("y" in ids(plan.scheduled)) == expected
@@ -67,14 +68,14 @@ def test_waiting_requests_behind_count_only_under_queue_term_all(queue_term, joi
     y = job("y", p=1500, pred=60, arrival=1.0)
     behind = [job(f"q{i}", p=10, pred=500 + i, arrival=2.0) for i in range(8)]
     assert not joins(ATTENTION_HEAVY, y, running, 0, new_task=False) and joins(ATTENTION_HEAVY, y, running, 8, new_task=False)
-    plan = plan_step(SrtfCostPolicy(cost=ATTENTION_HEAVY, queue_term=queue_term), [y] + behind, running, budget())
+    plan = plan_step(SrtfCostPolicy(cost=ATTENTION_HEAVY, queue_term=queue_term, **COST_RULE), [y] + behind, running, budget())
     assert ("y" in ids(plan.scheduled)) == joins_now
     with pytest.raises(ValueError, match="queue_term"):
         SrtfCostPolicy(queue_term="sometimes")
 
 
 def test_paused_long_request_keeps_its_blocks_and_resumes_when_the_batch_drains():
-    pol = SrtfCostPolicy(cost=ATTENTION_HEAVY, starvation_latency_multiple=0.0)
+    pol = SrtfCostPolicy(cost=ATTENTION_HEAVY, starvation_latency_multiple=0.0, **COST_RULE)
     long = job("long", p=1500, g=10, pred=800)
     shorts = [job(f"s{i}", g=1, pred=30) for i in range(3)]
     assert not joins(ATTENTION_HEAVY, long, shorts, 0, new_task=False)
@@ -95,14 +96,16 @@ def _fits_left(r, plan, b: StepBudget, running_ids: set[str]) -> bool:
     return seats >= 1 and tokens >= n and free >= blocks_for(n, b.block_size)
 
 
+@pytest.mark.parametrize("batching", ["cost_when_full", "marginal_cost"])
 @pytest.mark.parametrize("seed", range(25))
-def test_default_leaves_no_seat_idle_when_batching_pays(seed):
+def test_default_leaves_no_seat_idle_when_batching_pays(seed, batching):
     """When a step's fixed cost dominates the per-request terms (the default H100 model's
-    regime for short contexts), the default is work-conserving: no request that fits is left
+    regime for short contexts), the cost rule too is work-conserving: no request that fits is left
     waiting or paused, whatever the tasks, lengths and predictions."""
     rng = random.Random(seed)
     cost = StepCostModel(a_s=1.0, b_s_per_token=1e-6, c_s_per_adapter=1e-6, d_s_per_kv_token=1e-8)
-    pol = SrtfCostPolicy(cost=cost, adapter_slots=rng.choice([None, 2]), starvation_latency_multiple=0.0)
+    pol = SrtfCostPolicy(cost=cost, adapter_slots=rng.choice([None, 2]), starvation_latency_multiple=0.0,
+                         batching=batching)
     running = [job(f"r{i}", task=f"t{rng.randrange(6)}", p=rng.randint(1, 60), g=rng.randint(1, 30),
                    pred=rng.uniform(1, 300)) for i in range(rng.randint(0, 10))]
     waiting = [job(f"w{i}", task=rng.choice([None, *(f"t{k}" for k in range(6))]), p=rng.randint(1, 200),
@@ -116,21 +119,64 @@ def test_default_leaves_no_seat_idle_when_batching_pays(seed):
     assert not [r.request_id for r in left if _fits_left(r, plan, b, running_ids)]
 
 
+def test_default_runs_everyone_while_everyone_fits_and_prices_admissions_beyond():
+    """The default applies the join rule only when more requests are ready than the step can
+    take: y, which the rule would defer, runs at once while there are seats for all; with one
+    seat short it waits exactly as under the rule (a request too few to fit does not change
+    who runs among those that do)."""
+    running = [job(f"r{i}", g=1, pred=40 + i) for i in range(4)]
+    y = job("y", p=1500, pred=60, arrival=1.0)
+    assert not joins(ATTENTION_HEAVY, y, running, 0, new_task=False)
+    default = SrtfCostPolicy(cost=ATTENTION_HEAVY)
+    assert "y" in ids(plan_step(default, [y], running, budget()).scheduled)
+    extra = job("z", p=10, pred=900, arrival=2.0)  # 4 running + y + z: six requests for five seats
+    full = plan_step(SrtfCostPolicy(cost=ATTENTION_HEAVY), [y, extra], running, budget(seqs=5))
+    rule = plan_step(SrtfCostPolicy(cost=ATTENTION_HEAVY, **COST_RULE), [y, extra], running, budget(seqs=5))
+    assert "y" not in ids(full.scheduled) and ids(full.scheduled) == ids(rule.scheduled)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_default_schedules_everyone_whenever_everyone_fits(seed):
+    """Random states, watermark included: when every running and waiting request fits the step
+    (checked here by admitting them all in a plain loop, the reference), the default runs them
+    all, however the cost rule would have priced them."""
+    rng = random.Random(seed)
+    running = [job(f"r{i}", task=f"t{rng.randrange(4)}", p=rng.randint(1, 60), g=rng.randint(1, 30),
+                   pred=rng.uniform(1, 600)) for i in range(rng.randint(0, 6))]
+    waiting = [job(f"w{i}", task=f"t{rng.randrange(4)}", p=rng.randint(1, 600), arrival=rng.uniform(0, 5),
+                   pred=rng.uniform(1, 600)) for i in range(rng.randint(1, 6))]
+    held = sum(blocks_for(prefill_tokens(r) - 1, 16) for r in running)
+    b = StepBudget(rng.choice([8, 12]), rng.choice([512, 4096]), held + rng.randint(0, 150), 16, 5.0,
+                   reserve_blocks=rng.choice([0, 4]))
+    free, tokens, holders, fits = b.num_free_blocks, b.max_num_batched_tokens, len(running), True
+    for r in running:  # decode growth first, then every prefill under the watermark
+        free -= blocks_for(prefill_tokens(r), 16) - blocks_for(prefill_tokens(r) - 1, 16)
+        tokens -= 1
+    for r in waiting:
+        need = blocks_for(prefill_tokens(r), 16)
+        fits &= free - (b.reserve_blocks if holders else 0) >= need and tokens >= prefill_tokens(r)
+        free, tokens, holders = free - need, tokens - prefill_tokens(r), holders + 1
+    fits &= free >= 0 and len(running) + len(waiting) <= b.max_num_seqs
+    plan = plan_step(SrtfCostPolicy(cost=ATTENTION_HEAVY), waiting, running, b)
+    if fits:
+        assert sorted(ids(plan.scheduled)) == sorted(ids(running + waiting))
+
+
 def test_task_identity_matters_only_through_the_adapter_terms():
     running = [job(f"r{i}", task="a", g=1, pred=40) for i in range(4)]
     same = job("y", task="a", p=100, pred=60, arrival=1.0)
     other = job("y", task="b", p=100, pred=60, arrival=1.0)
     # c = 0: the task of y changes nothing
     no_c = replace(ATTENTION_HEAVY, d_s_per_kv_token=1e-7)
-    assert ids(plan_step(SrtfCostPolicy(cost=no_c), [same], running, budget()).scheduled) == ids(
-        plan_step(SrtfCostPolicy(cost=no_c), [other], running, budget()).scheduled)
+    assert ids(plan_step(SrtfCostPolicy(cost=no_c, **COST_RULE), [same], running, budget()).scheduled) == ids(
+        plan_step(SrtfCostPolicy(cost=no_c, **COST_RULE), [other], running, budget()).scheduled)
     # c > 0: a request of a task already in the batch joins where one of a new task waits
     with_c = replace(no_c, c_s_per_adapter=5e-4)
     assert joins(with_c, same, running, 0, new_task=False) and not joins(with_c, other, running, 0, new_task=True)
-    assert "y" in ids(plan_step(SrtfCostPolicy(cost=with_c), [same], running, budget()).scheduled)
-    assert "y" not in ids(plan_step(SrtfCostPolicy(cost=with_c), [other], running, budget()).scheduled)
+    assert "y" in ids(plan_step(SrtfCostPolicy(cost=with_c, **COST_RULE), [same], running, budget()).scheduled)
+    assert "y" not in ids(plan_step(SrtfCostPolicy(cost=with_c, **COST_RULE), [other], running, budget()).scheduled)
     # ... and the ablation without adapter terms treats both alike
-    off = SrtfCostPolicy(cost=with_c, grouping="off")
+    off = SrtfCostPolicy(cost=with_c, grouping="off", **COST_RULE)
     assert "y" in ids(plan_step(off, [other], running, budget()).scheduled)
 
 

@@ -63,12 +63,13 @@ def test_engine_scheduler_and_simulator_admission_agree(policy, seed):
     scheduler, waiting, running, limits = random_state(seed)
     now = 12.0
     scheduler.policy = make_policy(policy, beta=2) if policy == "srtf-cost" else make_policy(policy)
-    budget = StepBudget(limits.max_num_seqs, limits.max_num_batched_tokens, scheduler.allocator.num_free, BLOCK, now)
+    budget = StepBudget(limits.max_num_seqs, limits.max_num_batched_tokens, scheduler.allocator.num_free, BLOCK, now,
+                        reserve_blocks=limits.watermark_blocks)
     preemptions_before = {r.request_id: r.num_preemptions for r in list(scheduler.waiting.values()) + list(scheduler.holding.values())}
     holding_before = list(scheduler.holding)
     scheduled, _ = scheduler.schedule(now)
     sim_policy = make_policy(policy, beta=2) if policy == "srtf-cost" else make_policy(policy)
-    plan = plan_step(sim_policy, waiting, running, budget, limits.watermark_blocks)
+    plan = plan_step(sim_policy, waiting, running, budget)
 
     assert [r.request_id for r in scheduled] == [r.request_id for r in plan.scheduled]
     everyone = list(scheduler.waiting.values()) + list(scheduler.holding.values())

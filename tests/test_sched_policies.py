@@ -41,8 +41,8 @@ def test_srtf_ranks_running_and_waiting_together_by_predicted_remaining():
     running = [job("r1", g=5, pred=100), job("r2", g=30, pred=40)]
     waiting = [job("w1", arrival=1, pred=80), job("w2", arrival=2, pred=20), job("w3", arrival=3, pred=60)]
     rem = lambda r: r.predicted_output_len - r.num_output_tokens  # noqa: E731
-    # default: one ranking (SRTF preempts by pausing); all of them are worth batching here
-    order = SrtfCostPolicy(**MEDIAN).order(waiting, running, budget(now=5))
+    # the cost rule: one ranking (SRTF preempts by pausing); all of them are worth batching here
+    order = SrtfCostPolicy(batching="marginal_cost", **MEDIAN).order(waiting, running, budget(now=5))
     assert ids(order) == ids(sorted(running + waiting, key=rem))
     # admission order only: running requests first, then waiting ones
     order = SrtfCostPolicy(batching="all", **MEDIAN).order(waiting, running, budget(now=5))

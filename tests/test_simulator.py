@@ -67,7 +67,7 @@ def test_aging_bounds_the_wait_of_a_long_request_under_a_stream_of_short_ones():
 
 
 def test_isolated_rule_serves_overdue_requests_by_deadline():
-    """The default rule gives each request its own deadline, arrival + k x its isolated latency
+    """The isolated rule gives each request its own deadline, arrival + k x its isolated latency
     (not a fixed or median-based bound); overdue requests run earliest deadline first. Under
     this overload every request becomes overdue, so the long request starts after exactly the
     short ones with earlier deadlines, before every later one."""
@@ -75,8 +75,8 @@ def test_isolated_rule_serves_overdue_requests_by_deadline():
     short = [RequestSpec(f"s{i:03d}", "a", 0.002 * i, 8, 4, 1000, 4.0) for i in range(400)]
     long = RequestSpec("long", "b", 0.005, 8, 50, 1000, 50.0)
     k = 4.0
-    policy = make_policy("srtf-cost", starvation_isolated_multiple=k, starvation_min_s=0.0)
-    assert policy.config.starvation_rule == "isolated"  # the default
+    policy = make_policy("srtf-cost", starvation_rule="isolated", starvation_isolated_multiple=k, starvation_min_s=0.0,
+                         batching="marginal_cost")
     res = Simulator(policy, ReplicaConfig(max_num_seqs=1), cost).run(short + [long])
     deadline = {r.request_id: r.arrival_time + k * cost.isolated_latency(8, r.output_tokens) for r in short + [long]}
     start = {j.request_id: j.first_scheduled for j in res.jobs}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,23 @@ def test_serve_onboard_and_tasks_share_the_registry_namespace_by_default():
     serve_args = AppArgs.model_validate(app_fields_from_cli(serve_parser.parse_args([])))
     tasks_args = _parser().parse_args(["tasks", "list"])
     assert serve_args.namespace == OnboardOptions().namespace == tasks_args.namespace
+
+
+def test_a_submitted_job_gets_the_same_options_without_its_secrets(tmp_path):
+    """`onboard --submit` rebuilds the job's command line: parsed back it gives the same options,
+    with paths made absolute and the admin key and Redis URL left out (they travel in the job's
+    environment), whatever the values look like (a value starting with '-' included)."""
+    from inlaid_ray.jobs.cli import _ONBOARD_FLAGS, _options
+    from inlaid_ray.jobs.submit import job_argv
+
+    given = ["onboard", "--task", "t1", "--tenant", "acme", "--adapter", "rel/adapter", "--calib", "c.jsonl",
+             "--artifact-dir", "art", "--namespace=-ns", "--admin-key=-secret", "--redis-url",
+             "redis://:pw@host:6379/0", "--requantize", "never", "--max-rank", "32", "--no-ray", "--submit"]
+    args = _parser().parse_args(given)
+    argv = job_argv(args, tuple(_ONBOARD_FLAGS))
+    assert not any("secret" in a or "pw@" in a for a in argv) and "--no-progress" in argv
+    back = _parser().parse_args(["onboard", *argv])
+    assert back.adapter == str((Path.cwd() / "rel/adapter").resolve()) and back.tenant == "acme"
+    want = _options(args).model_copy(update={"admin_key": None, "redis_url": None, "progress": False,
+                                            "artifact_dir": str(Path("art").resolve())})
+    assert _options(back) == want

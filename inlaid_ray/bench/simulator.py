@@ -140,8 +140,9 @@ class Simulator:
             if not waiting and not running:
                 now = pending[idx].arrival_time
                 continue
-            budget = StepBudget(rc.max_num_seqs, rc.max_num_batched_tokens, rc.num_blocks - used_blocks, rc.block_size, now)
-            plan = plan_step(policy, list(waiting.values()), list(running.values()), budget, rc.reserve_blocks)
+            budget = StepBudget(rc.max_num_seqs, rc.max_num_batched_tokens, rc.num_blocks - used_blocks, rc.block_size, now,
+                                reserve_blocks=rc.reserve_blocks)
+            plan = plan_step(policy, list(waiting.values()), list(running.values()), budget)
             for v in plan.preempted:  # recompute: drop the cache, back to the waiting queue
                 used_blocks -= v.blocks
                 v.recomputed_tokens += cached_tokens(v)

@@ -52,14 +52,13 @@ class Scheduler:
 
     def budget(self, now: float) -> StepBudget:
         lim = self.limits
-        return StepBudget(lim.max_num_seqs, lim.max_num_batched_tokens, self.allocator.num_free, lim.block_size, now)
+        return StepBudget(lim.max_num_seqs, lim.max_num_batched_tokens, self.allocator.num_free, lim.block_size, now,
+                          reserve_blocks=lim.watermark_blocks)
 
     def schedule(self, now: float) -> tuple[list[Request], StepBudget]:
         """Requests to run this step (each feeds tokens num_computed_tokens..num_tokens)."""
         budget = self.budget(now)
-        plan = plan_step(
-            self.policy, list(self.waiting.values()), list(self.holding.values()), budget, self.limits.watermark_blocks
-        )
+        plan = plan_step(self.policy, list(self.waiting.values()), list(self.holding.values()), budget)
         for req in plan.preempted:  # frees first; the plan's block accounting covers the rest
             self.preempt(req, now)
         for req in plan.prefills:

@@ -109,8 +109,8 @@ def run_onboard(args: argparse.Namespace, settings: Settings) -> int:
     if args.submit:
         from inlaid_ray.jobs.submit import submit_and_follow
 
-        _options(args)  # a bad option is refused here, before a job is submitted
-        return submit_and_follow(args, tuple(_ONBOARD_FLAGS), settings)
+        options = _options(args)  # a bad option is refused here, before a job is submitted
+        return submit_and_follow(args, tuple(_ONBOARD_FLAGS), options, settings)
     logging.getLogger("inlaid_ray").setLevel(min(logging.getLogger().level, logging.INFO))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -8,6 +8,10 @@ Why not only `ray job submit`: since Ray 2.59 a cluster that `ray.init()` starts
 authentication on, but Ray's job CLI sends the token only when RAY_AUTH_MODE=token is set in its
 environment (`ray job submit` then fails with "Authentication token is missing"). Here the token
 is used exactly when `ray start` would use it: RAY_AUTH_MODE unset and a token available.
+
+Secrets: the job inherits the serving cluster's environment (INLAID_ADMIN_KEY, REDIS_URL of
+`inlaid-ray serve`). An admin key or Redis URL given here travels in the job's runtime_env,
+which the dashboard shows to whoever holds the cluster's token; never in its command line.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import asyncio
 import shlex
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,80 +30,111 @@ from inlaid_ray.errors import InvalidRequest
 
 # Flags whose value is a local path: sent absolute, since the job's working directory is not ours.
 _PATH_FLAGS = ("adapter", "calib", "base_dir", "artifact_dir", "data_dir", "report")
+# Flags sent through the job's environment instead of its command line (env var, flag).
+_SECRET_FLAGS = {"admin_key": "INLAID_ADMIN_KEY", "redis_url": "REDIS_URL"}
+# How long a stopped job may take to roll back before Ray kills it (Ray's default is 3 s).
+ROLLBACK_WAIT_S = 120
 
 
 def job_argv(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
-    """The `inlaid-ray onboard` arguments of the job: what was given here, paths made absolute,
-    without --submit, --ray-dashboard and --admin-key (the key travels in the job's environment,
-    not in its command line that the dashboard lists), and without progress bars (job logs are
-    not a terminal)."""
-    argv = ["--task", args.task, "--tenant", args.tenant]
+    """The `inlaid-ray onboard` arguments of the job: what was given here as `--flag=value`,
+    paths made absolute, without --submit, --ray-dashboard and the secret flags, and without
+    progress bars (job logs are not a terminal)."""
+    argv = [f"--task={args.task}", f"--tenant={args.tenant}"]
     for name in ("adapter", "calib", *(f.replace("-", "_") for f in flags)):
         value = getattr(args, name, None)
-        if value is None or name == "admin_key":
+        if value is None or name in _SECRET_FLAGS:
             continue
         if name in _PATH_FLAGS:
             value = str(Path(value).resolve())
-        argv += [f"--{name.replace('_', '-')}", str(value)]
+        argv.append(f"--{name.replace('_', '-')}={value}")
     if args.no_ray:
         argv.append("--no-ray")
     if args.report:
-        argv += ["--report", str(Path(args.report).resolve())]
+        argv.append(f"--report={Path(args.report).resolve()}")
     return argv + ["--no-progress"]
 
 
-def dashboard_address(args: argparse.Namespace, settings: Settings) -> str:
-    """--ray-dashboard, else the dashboard `inlaid-ray serve` recorded in the registry."""
+def dashboard_address(args: argparse.Namespace, registry: Any) -> str:
+    """--ray-dashboard, else the dashboard `inlaid-ray serve` recorded in `registry`."""
     if args.ray_dashboard:
         return args.ray_dashboard
-    from inlaid_ray.registry import TaskRegistry, connect_redis
-
-    data_dir = args.data_dir or settings.cache_dir / "registry"
-    client = connect_redis(args.redis_url or settings.redis_url, data_dir)
-    try:
-        location = TaskRegistry(client, args.namespace).service_location()
-    finally:
-        client.close()
+    location = registry.service_location()
     if location is None or not location.ray_dashboard:
         raise InvalidRequest(f"no running `inlaid-ray serve` with a Ray dashboard is recorded in namespace "
-                             f"{args.namespace!r} of the registry; pass --ray-dashboard URL")
+                             f"{registry.namespace!r} of the registry; pass --ray-dashboard URL")
     return location.ray_dashboard
 
 
 def _use_cluster_token() -> None:
     # Ray's own rule for `ray start`: RAY_AUTH_MODE unset + a token on disk -> token mode.
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # Ray < 2.59: no token authentication to set up
+        return
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def submit_and_follow(args: argparse.Namespace, flags: tuple[str, ...], settings: Settings) -> int:
+def submit_and_follow(args: argparse.Namespace, flags: tuple[str, ...], options: Any, settings: Settings) -> int:
     """Submit the job, stream its log here, and return its driver's exit code (2: the input was
-    refused, 1: the job failed and rolled back). Ctrl-C stops the job, which then rolls back."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    refused, 1: the job failed and rolled back). Ctrl-C stops the job and waits for its rollback."""
+    from ray.job_submission import JobSubmissionClient
 
-    address = dashboard_address(args, settings)
-    _use_cluster_token()
-    client = JobSubmissionClient(address)
-    env = {"INLAID_ADMIN_KEY": args.admin_key or settings.admin_key or ""}
-    entrypoint = shlex.join(["inlaid-ray", "onboard", *job_argv(args, flags)])
-    job_id = client.submit_job(entrypoint=entrypoint, submission_id=f"onboard-{args.task}-{uuid.uuid4().hex[:8]}",
-                               runtime_env={"env_vars": {k: v for k, v in env.items() if v}})
-    print(f"inlaid-ray: submitted {job_id} to {address}", file=sys.stderr, flush=True)
+    from inlaid_ray.registry import TaskRegistry, connect_redis
+    from inlaid_ray.registry.records import check_name, check_task_name
+
+    check_task_name(args.task)  # it names the submission, and a bad one should not travel
+    check_name("tenant", args.tenant)
+    client = connect_redis(options.redis_url or settings.redis_url, options.data_dir or settings.cache_dir / "registry")
     try:
-        asyncio.run(_follow(client, job_id))
+        address = dashboard_address(args, TaskRegistry(client, options.namespace))
+    finally:
+        client.close()
+    _use_cluster_token()
+    try:
+        jobs = JobSubmissionClient(address)
+    except ConnectionError as exc:
+        raise InvalidRequest(f"the Ray dashboard at {address} does not answer ({exc}); is `inlaid-ray serve` "
+                             "still running? pass --ray-dashboard URL otherwise") from None
+    env = {var: getattr(args, name) for name, var in _SECRET_FLAGS.items() if getattr(args, name)}
+    env["RAY_JOB_STOP_WAIT_TIME_S"] = str(ROLLBACK_WAIT_S)
+    job_id = None
+    try:
+        job_id = jobs.submit_job(entrypoint=shlex.join(["inlaid-ray", "onboard", *job_argv(args, flags)]),
+                                 submission_id=f"onboard-{args.task}-{uuid.uuid4().hex[:8]}",
+                                 runtime_env={"env_vars": env})
+        print(f"inlaid-ray: submitted {job_id} to {address}", file=sys.stderr, flush=True)
+        asyncio.run(_follow(jobs, job_id))
     except KeyboardInterrupt:
-        client.stop_job(job_id)
-        print(f"inlaid-ray: stopping {job_id}; it rolls back", file=sys.stderr, flush=True)
+        if job_id is None:
+            raise
+        print(f"inlaid-ray: stopping {job_id}; waiting for its rollback", file=sys.stderr, flush=True)
+        jobs.stop_job(job_id)
+        _wait_final(jobs, job_id, ROLLBACK_WAIT_S + 30)
         return 130
-    info = client.get_job_info(job_id)
+    return _exit_code(_wait_final(jobs, job_id, 60), job_id)
+
+
+async def _follow(jobs: Any, job_id: str) -> None:
+    async for lines in jobs.tail_job_logs(job_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
+
+def _wait_final(jobs: Any, job_id: str, timeout_s: float) -> Any:
+    """The job's info once its status is final (or the last one seen after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    info = jobs.get_job_info(job_id)
+    while not info.status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        info = jobs.get_job_info(job_id)
+    return info
+
+
+def _exit_code(info: Any, job_id: str) -> int:
+    from ray.job_submission import JobStatus
+
     if info.status == JobStatus.SUCCEEDED:
         return 0
     print(f"inlaid-ray: {job_id} {info.status.value.lower()}: {info.message or ''}".rstrip(), file=sys.stderr)
     return info.driver_exit_code if info.driver_exit_code in (1, 2) else 1
-
-
-async def _follow(client: Any, job_id: str) -> None:
-    async for lines in client.tail_job_logs(job_id):
-        sys.stdout.write(lines)
-        sys.stdout.flush()

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import psutil
 import redis
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,13 @@ SOCKET_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
 
 
+def _client_retry() -> Retry:
+    """redis-py's default retry (10 tries, jittered backoff capped at 1 s) for lost connections,
+    which rides out a server restart; but not for timeouts, which would multiply the wait on a
+    server that does not answer by the number of tries."""
+    return Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), 10, supported_errors=(redis.ConnectionError,))
+
+
 def connect_redis(url: str | None, data_dir: Path | str, decode_responses: bool = True,
                   socket_timeout_s: float = SOCKET_TIMEOUT_S) -> redis.Redis:
     """A Redis client: `url` if given (redis://, rediss://, unix://; timeouts in its query string
@@ -72,7 +79,7 @@ def connect_redis(url: str | None, data_dir: Path | str, decode_responses: bool 
     A command the server does not answer within `socket_timeout_s` raises redis.TimeoutError."""
     if url:
         return redis.Redis.from_url(url, decode_responses=decode_responses, socket_timeout=socket_timeout_s,
-                                    socket_connect_timeout=CONNECT_TIMEOUT_S)
+                                    socket_connect_timeout=CONNECT_TIMEOUT_S, retry=_client_retry())
     return EmbeddedRedis(Path(data_dir), decode_responses=decode_responses, socket_timeout_s=socket_timeout_s)
 
 
@@ -325,7 +332,7 @@ class EmbeddedRedis(redis.Redis):
             # between our ping and our lease.
             self._lease_box = [_take_lease(self.paths, self.lease_name)]
         super().__init__(unix_socket_path=str(self.paths.socket), decode_responses=decode_responses,
-                         socket_timeout=socket_timeout_s, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                         socket_timeout=socket_timeout_s, socket_connect_timeout=CONNECT_TIMEOUT_S, retry=_client_retry(),
                          redis_connect_func=_lease_keeper(self.paths, self._lease_box, self.lease_name, os.getpid()))
         self._finalizer = weakref.finalize(self, _release_lease, self.paths, self._lease_box, self.lease_name,
                                            os.getpid(), stop_timeout_s)

@@ -11,7 +11,7 @@ Rules (the seam of `policy.py`, made exact):
   (`max_num_batched_tokens`) and blocks allow. A waiting misfit ends the admission of
   waiting requests when the policy has `head_of_line_blocking` (strict FIFO), otherwise it
   is skipped; running requests after it are still tried.
-- `reserve_blocks` (vLLM's watermark) are kept free from prefills while anyone holds blocks.
+- `budget.reserve_blocks` (vLLM's watermark) are kept free from prefills while anyone holds blocks.
 - A running request short of a block asks `policy.preemption_victim` among running
   requests not yet scheduled this step (itself included); the victim's blocks are freed and
   it is recomputed later. Waiting requests never evict anyone.
@@ -72,11 +72,10 @@ def plan_step(
     waiting: Sequence[R],
     running: Sequence[R],
     budget: StepBudget,
-    reserve_blocks: int = 0,
 ) -> StepPlan[R]:
     """Ask `policy` for an order and admit it under `budget` (see module docstring).
 
-    `reserve_blocks` are kept free from new prefills while anyone holds blocks (vLLM's
+    `budget.reserve_blocks` are kept free from new prefills while anyone holds blocks (vLLM's
     watermark) so admitted requests can decode a while before anyone must be preempted.
     """
     order = policy.order(waiting, running, budget)
@@ -122,7 +121,7 @@ def plan_step(
                 continue
             n = prefill_tokens(r)
             need = blocks_for(n, bs)
-            reserve = reserve_blocks if holders else 0
+            reserve = budget.reserve_blocks if holders else 0
             if seats < 1 or tokens < n or free - reserve < need:
                 if policy.head_of_line_blocking:
                     admit_waiting = False  # strict FIFO: nobody overtakes the head

@@ -49,6 +49,9 @@ class StepBudget:
     num_free_blocks: int
     block_size: int
     now: float
+    # kept free from new prefills while anyone holds blocks (vLLM's watermark), so admitted
+    # requests can decode a while before anyone must be preempted
+    reserve_blocks: int = 0
 
 
 class SchedulingPolicy(ABC):

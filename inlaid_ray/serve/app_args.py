@@ -100,7 +100,7 @@ class AppArgs(BaseModel):
     policy: Literal["fifo", "mlfq", "srtf-task-cap", "srtf-cost"] = Field(
         "srtf-cost", description="per-replica scheduling policy (srtf-task-cap: the paper's rule; srtf-cost: this project's)")
     policy_options: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="fields of the policy's config, e.g. {starvation_rule: median} or "
+        default_factory=dict, description="fields of the policy's config, e.g. {starvation_rule: isolated} or "
         "{starvation_isolated_multiple: 4.0} (sched/policies/srtf_cost.py); unknown fields are refused")
     step_cost_model: str | None = Field(
         None, description="step-cost model JSON fitted on the replicas' device (inlaid_ray/bench/step_cost.py) "

@@ -127,15 +127,20 @@ def _registry(args: AppArgs, settings: Settings) -> tuple[TaskRegistry, Any]:
 
 def record_service_location(args: AppArgs, settings: Settings, host: str, port: int, ray_context: Any) -> ServiceLocation:
     """Tell the registry where this service answers (the onboarding job's probe and `--submit`
-    read it, so neither depends on a default port or on RAY_ADDRESS)."""
+    read it, so neither depends on a default port or on RAY_ADDRESS). Best effort; the record is
+    removed when the blocking CLI stops, and a crashed server's record is found stale by
+    `--submit` (its dashboard does not answer) or by the probe (which then rolls back)."""
     reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     location = ServiceLocation(url=f"http://{reachable}:{port}", ray_dashboard=_dashboard_url(ray_context),
                                pid=os.getpid())
-    registry, client = _registry(args, settings)
     try:
-        registry.set_service_location(location)
-    finally:
-        client.close()
+        registry, client = _registry(args, settings)
+        try:
+            registry.set_service_location(location)
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - serving goes on; onboarding then needs --endpoint / --ray-dashboard
+        log.warning("could not record the service location in the registry", exc_info=True)
     return location
 
 

@@ -3,9 +3,12 @@
 - `srtf-task-cap` is LoRA-Inlaid's rule as the paper states it: shortest predicted remaining
   output first (SRTF), at most `beta` = 10 distinct tasks per step with the previous step's
   tasks preferred, running requests keep running, and aging (`starvation_rule="median"`).
-- `srtf-cost` (this project's) ranks the same way but prices each admission with the replica's
-  step-cost model: task grouping, batch size and deferral follow from what a step costs, with
-  no task cap, and its aging bound is each request's own isolated latency times a multiple.
+- `srtf-cost` (this project's) ranks the same way and runs everyone while everyone fits the
+  step (work-conserving: below capacity nobody waits longer than under FIFO); when more requests
+  are ready than one step can take, it prices each admission with the replica's step-cost model:
+  task grouping, batch size and deferral follow from what a step costs, with no task cap. Its
+  aging bound is the paper's (10x the median latency); a per-request bound (a multiple of the
+  request's own isolated latency) is an option.
 
 Per request: predicted output length `L` (from the length predictor at arrival, else the
 task's recent median, else a default) and generated tokens `g`. Remaining work
@@ -13,7 +16,9 @@ task's recent median, else a default) and generated tokens `g`. Remaining work
 `L <- g + max(16, 0.25 L)` (item 17 of docs/algorithms.md section 11), so estimates are
 refreshed as tokens are generated.
 
-Default step (`batching="marginal_cost"`, `grouping="cost"`): rank every request, running
+Default step (`batching="cost_when_full"`): when every running request can decode and every
+waiting one be admitted this step, run them all (`batching="all"` below). Otherwise
+(`batching="marginal_cost"`, `grouping="cost"`): rank every request, running
 and waiting: aged ones first (oldest first), then by `rem` (+ the steps an adapter reload is
 worth when a waiting request's load would evict a resident adapter, with `adapter_slots`).
 Walk the ranking and run a request when it fits and when the batch gains more than it loses
@@ -28,16 +33,19 @@ Aging: a request's unserved time is the time since arrival during which it did n
 runs everyone every step. Past the bound it is aged: it runs before any non-aged request
 until it finishes, skips the cost rule, and when the oldest aged waiting request does not
 fit, no later waiting request is admitted until it does. The bound
-(`starvation_rule`): "isolated" (srtf-cost's default) = `starvation_isolated_multiple` x the
-request's own isolated latency under the cost model (its prompt and predicted output alone on
-the replica), at least `starvation_min_s`, so a short request is not made to wait as long as a
-long one and the bound does not grow with load; "median" (the spec's rule, srtf-task-cap's) =
+(`starvation_rule`): "median" (the spec's rule; both policies' default) =
 `starvation_latency_multiple` x the median e2e latency of recent finished requests, or
-`starvation_s` while none has finished or when the multiple is 0. KV exhaustion evicts the
+`starvation_s` while none has finished or when the multiple is 0; "isolated" =
+`starvation_isolated_multiple` x the request's own isolated latency under the cost model (its
+prompt and predicted output alone on the replica), at least `starvation_min_s`, so a short
+request is not made to wait as long as a long one and the bound does not grow with load. With
+work-conserving admission below capacity the bound acts only at overload, where the isolated
+bound gives back most of SRTF's gain (load_tests/results/sched_policies.json, ablations). KV exhaustion evicts the
 request with the largest `rem` (recompute).
 
-Ablations: `batching="all"` runs every request that fits, running ones first (SRTF as an
-admission order only, never idling a seat); `grouping="off"` drops the adapter terms;
+Ablations: `batching="marginal_cost"` prices admissions at every load (the earlier default: it
+defers requests below capacity too); `batching="all"` runs every request that fits, running
+ones first (SRTF as an admission order only, never idling a seat); `grouping="off"` drops the adapter terms;
 `grouping="hard_cap"` is the paper's rule, at most `beta` distinct tasks per step (running
 tasks, then the previous step's, then the best waiting ones; requests of other tasks wait
 even when seats are free); `grouping="preference"` lists those tasks first, others after;
@@ -54,13 +62,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from inlaid_ray.sched.admission import blocks_for, prefill_tokens
+from inlaid_ray.sched.admission import blocks_for, cached_tokens, prefill_tokens
 from inlaid_ray.sched.cost_model import StepCostModel
 from inlaid_ray.sched.policies.batch_shaping import QUEUE_TERMS, AdapterResidency, load_penalty_steps, shape_batch
 from inlaid_ray.sched.policy import R, SchedulableRequest, SchedulingPolicy, StepBudget, register_policy
 
 GROUPING_MODES = ("cost", "hard_cap", "preference", "off")
-BATCHING_MODES = ("marginal_cost", "all")
+BATCHING_MODES = ("marginal_cost", "all", "cost_when_full")
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ class SrtfCostConfig:
     """Knobs of the LoRA-Inlaid policy (module docstring); `batching`, `grouping`, `srtf`,
     `use_prediction`, `pause_running` and `queue_term` exist for ablations."""
 
-    batching: Literal["marginal_cost", "all"] = "marginal_cost"
+    batching: Literal["marginal_cost", "all", "cost_when_full"] = "cost_when_full"
     grouping: Literal["cost", "hard_cap", "preference", "off"] = "cost"
     beta: int = 10  # tasks per step of "hard_cap" / "preference" (paper default 10)
     # the replica's step-cost model (the simulator's, or one fitted on the engine's device by
@@ -80,7 +88,7 @@ class SrtfCostConfig:
     # running requests ranked behind it ("running"), every request behind it ("all", ablation)
     # or nobody ("off": closed system, ablation)
     queue_term: Literal["running", "all", "off"] = "running"
-    starvation_rule: Literal["isolated", "median"] = "isolated"  # how the aging bound is set (module docstring)
+    starvation_rule: Literal["isolated", "median"] = "median"  # how the aging bound is set (module docstring)
     starvation_isolated_multiple: float = 2.0  # "isolated": bound = this x the request's isolated latency (sim_aging_tuning.py)
     starvation_min_s: float = 1.0  # "isolated": the bound is at least this
     starvation_s: float = 30.0  # "median": bound while no request has finished (or multiple = 0)
@@ -206,6 +214,12 @@ class SrtfCostPolicy(SchedulingPolicy):
         cfg = self.config
         running_ids = {r.request_id for r in running}
         self._update_aging(list(running) + list(waiting), running_ids, budget.now)
+        if cfg.batching == "cost_when_full":
+            # Work-conserving while everyone fits (nobody waits when FIFO would not make them);
+            # the cost rule decides only among more requests than the step can take. (A task
+            # cap would leave requests out however many fit: it keeps the cost rule.)
+            everyone = _all_fit(waiting, running, budget) and cfg.grouping in ("cost", "off")
+            cfg = replace(cfg, batching="all" if everyone else "marginal_cost")
         if cfg.batching == "all" or not cfg.pause_running:  # running first: never paused by the order
             head = sorted(running, key=lambda r: (self.remaining(r), r.arrival_time, r.request_id))
             ranked = head + self._rank(waiting, running)
@@ -305,13 +319,28 @@ class SrtfCostPolicy(SchedulingPolicy):
         return bound
 
 
+def _all_fit(waiting: Sequence[SchedulableRequest], running: Sequence[SchedulableRequest], budget: StepBudget) -> bool:
+    """Whether every running request can decode and every waiting one be admitted this step, as
+    admission.plan_step counts (the watermark kept free from prefills while anyone holds blocks)."""
+    bs = budget.block_size
+    growth = sum(blocks_for(cached_tokens(r) + 1, bs) - blocks_for(cached_tokens(r), bs) for r in running)
+    prefill = [prefill_tokens(r) for r in waiting]
+    reserve = budget.reserve_blocks if running or len(waiting) > 1 else 0
+    return (
+        len(running) + len(waiting) <= budget.max_num_seqs
+        and len(running) + sum(prefill) <= budget.max_num_batched_tokens
+        and growth + sum(blocks_for(n, bs) for n in prefill) + (reserve if waiting else 0) <= budget.num_free_blocks
+    )
+
+
 def _fits_now(r: SchedulableRequest, num_running: int, budget: StepBudget) -> bool:
     """Whether waiting `r` can be admitted this step after every running request decodes."""
     n = prefill_tokens(r)
+    reserve = budget.reserve_blocks if num_running else 0
     return (
         budget.max_num_seqs - num_running >= 1
         and budget.max_num_batched_tokens - num_running >= n
-        and budget.num_free_blocks >= blocks_for(n, budget.block_size)
+        and budget.num_free_blocks - reserve >= blocks_for(n, budget.block_size)
     )
 
 
