@@ -5,6 +5,7 @@ registry seeding from a manifest against a real embedded redis-server."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import json
 import uuid
 from pathlib import Path
@@ -20,6 +21,7 @@ from inlaid_ray.serve.seed import RegistrySeed, seed_registry
 from inlaid_ray.serve.http_errors import OpenAIHTTPError
 from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.responses import Choice, ChoiceStreams, DONE, ResponseContext, StreamTracker, collect, next_chunk, sse_events
+from inlaid_ray.serve.tool_calls import ToolCallParsing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,6 +221,26 @@ def test_chat_stream_shape_and_usage():
     assert all(e["usage"] is None for e in events[:-1])
     exposition = metrics.exposition().decode()
     assert 'inlaid_requests_total{finish_reason="stop",task="sentiment"} 1.0' in exposition
+
+
+def test_a_chat_stream_that_may_call_tools_streams_its_content_and_holds_back_only_calls():
+    """Content streams as it comes, except a suffix that could start `<tool_call>`; a call is
+    sent once complete, in OpenAI's delta shape; text that only looked like a call start is
+    sent as content in the end, so the content streamed equals the whole answer."""
+    ctx = replace(_ctx("chat"), tool_calls=ToolCallParsing(frozenset({"f"}), parallel=True))
+    call = '\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    chunks = [_chunk("Sure, ", [1], 1), _chunk("let me <to", [2], 2), _chunk("ol_call>" + call, [3], 3, "stop")]
+    events = _data(_run_sse(ctx, chunks, ServeMetrics()))
+    deltas = [e["choices"][0]["delta"] for e in events[1:]]
+    assert [d["content"] for d in deltas[:2]] == ["Sure, ", "let me "]  # before the answer ended
+    (sent,) = deltas[2]["tool_calls"]
+    assert sent["index"] == 0 and sent["function"] == {"name": "f", "arguments": '{"a": 1}'}
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    plain = [_chunk("a <", [1], 1), _chunk("b <tool", [2], 2), _chunk("kit>", [3], 3, "stop")]
+    events = _data(_run_sse(ctx, plain, ServeMetrics()))
+    content = [e["choices"][0]["delta"].get("content", "") for e in events[1:]]
+    assert content[:2] == ["a ", "<b "] and "".join(content) == "a <b <toolkit>"
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_completion_stream_carries_finish_in_last_text_chunk_and_token_ids():

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from inlaid_ray.serve.http_errors import OpenAIHTTPError, from_exception
 from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.openai_protocol import Usage, chat_body, chat_chunk, completion_body, usage_chunk
-from inlaid_ray.serve.tool_calls import ToolCallParsing, parse_tool_calls
+from inlaid_ray.serve.tool_calls import ToolCallParsing, content_before_calls, parse_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -314,16 +314,24 @@ async def _choice_chunks(index: int, choice: Choice) -> AsyncIterator[dict[str, 
 
 
 async def _tool_call_chunks(index: int, choice: Choice) -> AsyncIterator[dict[str, Any]]:
-    """A chat choice that may call tools, streamed once complete: one delta with its content and
-    tool_calls (each with its `index`, OpenAI's streaming shape) and logprobs, then the finish."""
+    """A chat choice that may call tools: its text streams as content up to where a tool call
+    could begin (a suffix that may be the start of `<tool_call>` is held back); the rest waits for
+    the end, then one delta carries the calls (each with its `index`, OpenAI's streaming shape)
+    or, when none parses, the held text as content, with the choice's logprobs; then the finish."""
     tracker = choice.tracker
     ctx = tracker.ctx
+    sent = 0  # characters of the text already sent as content
     async for chunk in choice.stream:
         tracker.add(chunk)
+        safe = content_before_calls(tracker.text)
+        if safe > sent:
+            yield _delta(ctx, index, tracker.text[sent:safe], None, None)
+            sent = safe
     message, finish_reason = assistant_message(ctx, tracker)
-    delta = {k: v for k, v in message.items() if k != "role" and v is not None}
-    if "tool_calls" in delta:
-        delta["tool_calls"] = [{"index": i} | call for i, call in enumerate(delta["tool_calls"])]
+    if message.get("tool_calls"):
+        delta: dict[str, Any] = {"tool_calls": [{"index": i} | call for i, call in enumerate(message["tool_calls"])]}
+    else:
+        delta = {"content": tracker.text[sent:]} if tracker.text[sent:] else {}
     obj = chat_chunk(ctx.request_id, ctx.model, delta, None)
     obj["choices"][0] |= {"index": index, "logprobs": logprobs_object(ctx, tracker.logprobs) if tracker.logprobs else None}
     if ctx.return_token_ids:

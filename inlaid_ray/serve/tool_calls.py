@@ -22,6 +22,7 @@ from typing import Any
 
 from inlaid_ray.engine.request import StructuredOutput
 
+CALL_OPEN = "<tool_call>"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 # The separators the template shows; the grammar keeps to them (no free whitespace).
 _CALL_JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -61,6 +62,19 @@ def call_grammar(functions: Sequence[dict[str, Any]], parallel: bool) -> Structu
     start = 'start: call ("\\n" call)*' if parallel else "start: call"
     calls = " | ".join(f"call_{i}" for i in range(len(functions)))
     return StructuredOutput("lark", f"{start}\ncall: {calls}\n" + "".join(rules))
+
+
+def content_before_calls(text: str) -> int:
+    """How much of a partial answer is content for sure: up to its first `<tool_call>`, or,
+    without one, all but a suffix that could be the start of one (streamed text never has to be
+    taken back)."""
+    start = text.find(CALL_OPEN)
+    if start >= 0:
+        return start
+    for keep in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
+        if CALL_OPEN.startswith(text[-keep:]):
+            return len(text) - keep
+    return len(text)
 
 
 def parse_tool_calls(text: str, names: Collection[str], parallel: bool = True) -> tuple[str | None, list[dict[str, Any]]]:
