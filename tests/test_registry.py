@@ -404,3 +404,31 @@ def test_create_task_is_atomic_and_replaces_only_retired(registry):
     registry.retire("racy")
     again = registry.create_task(TaskRecord(name="racy", tenant="t", adapter_uri="file:///new", status="live"))
     assert again is not None and again.version == winners[0].version + 1 and again.status == "live"
+
+
+def test_a_service_record_left_by_a_dead_process_is_ignored(registry):
+    """`inlaid-ray serve` records where it answers; the onboarding job trusts a record from a
+    live process (or from another host) and falls back when its writer on this host is gone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from inlaid_ray.jobs.onboard_args import AUTO_ENDPOINT, FALLBACK_ENDPOINT, probe_endpoint
+    from inlaid_ray.jobs.service import running_service
+    from inlaid_ray.registry import ServiceLocation
+
+    assert running_service(registry) is None and probe_endpoint(AUTO_ENDPOINT, registry) == FALLBACK_ENDPOINT
+    live = ServiceLocation(url="http://127.0.0.1:8123", ray_dashboard="http://127.0.0.1:8265", pid=os.getpid(),
+                           host=socket.gethostname())
+    registry.set_service_location(live)
+    assert running_service(registry) == live and probe_endpoint(AUTO_ENDPOINT, registry) == live.url
+    assert probe_endpoint("http://elsewhere:9000", registry) == "http://elsewhere:9000"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    registry.set_service_location(replace(live, pid=int(gone.stdout)))
+    assert running_service(registry) is None and probe_endpoint(AUTO_ENDPOINT, registry) == FALLBACK_ENDPOINT
+    remote = replace(live, pid=int(gone.stdout), host="another-host")
+    registry.set_service_location(remote)
+    assert running_service(registry) == remote  # its process cannot be checked from here
+    registry.set_service_location(None)
+    assert registry.service_location() is None

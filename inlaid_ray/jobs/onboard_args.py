@@ -27,7 +27,9 @@ def probe_endpoint(endpoint: str, registry: Any) -> str:
     `registry` (a TaskRegistry), else FALLBACK_ENDPOINT."""
     if endpoint != AUTO_ENDPOINT:
         return endpoint
-    location = registry.service_location()
+    from inlaid_ray.jobs.service import running_service
+
+    location = running_service(registry)
     return location.url if location is not None else FALLBACK_ENDPOINT
 
 

@@ -59,7 +59,9 @@ def dashboard_address(args: argparse.Namespace, registry: Any) -> str:
     """--ray-dashboard, else the dashboard `inlaid-ray serve` recorded in `registry`."""
     if args.ray_dashboard:
         return args.ray_dashboard
-    location = registry.service_location()
+    from inlaid_ray.jobs.service import running_service
+
+    location = running_service(registry)
     if location is None or not location.ray_dashboard:
         raise InvalidRequest(f"no running `inlaid-ray serve` with a Ray dashboard is recorded in namespace "
                              f"{registry.namespace!r} of the registry; pass --ray-dashboard URL")

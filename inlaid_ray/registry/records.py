@@ -142,7 +142,8 @@ class ServiceLocation:
 
     url: str  # base URL of the OpenAI API, as reachable from the serving host
     ray_dashboard: str | None = None  # job submission address; None when Ray runs without a dashboard
-    pid: int = 0  # the serving process
+    pid: int = 0  # the serving process ...
+    host: str = ""  # ... on this host (socket.gethostname()), so a record left by a crash is recognised there
     started_at: float = field(default_factory=time.time)
 
 

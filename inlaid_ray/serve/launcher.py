@@ -132,7 +132,7 @@ def record_service_location(args: AppArgs, settings: Settings, host: str, port: 
     `--submit` (its dashboard does not answer) or by the probe (which then rolls back)."""
     reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     location = ServiceLocation(url=f"http://{reachable}:{port}", ray_dashboard=_dashboard_url(ray_context),
-                               pid=os.getpid())
+                               pid=os.getpid(), host=socket.gethostname())
     try:
         registry, client = _registry(args, settings)
         try:
