@@ -25,6 +25,21 @@ def smollm2_dir() -> Path:
     return prepare_smollm2(Settings.from_env().cache_dir)
 
 
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    """SmolLM2's tokenizer (a module may override this name with its own)."""
+    from inlaid_ray.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_vocab_dir(tmp_path_factory, tokenizer) -> Path:
+    """A random tiny Llama with SmolLM2's vocabulary: real tokens, no learned behaviour (it follows
+    no format unless something forces it to)."""
+    return write_tiny_hf_model(tmp_path_factory.mktemp("tiny_smol_vocab"), vocab_size=len(tokenizer))
+
+
 def write_tiny_hf_model(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
     """Save a tiny random GQA model of `model_type` with transformers and return its directory."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -9,12 +9,7 @@ import random
 import pytest
 
 from inlaid_ray.engine import IncrementalDetokenizer
-from inlaid_ray.model import encode_text, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    return load_tokenizer(smollm2_dir)
+from inlaid_ray.model import encode_text
 
 
 def _stream(tokenizer, ids, prompt=(), stop=(), final_at_end=True):

@@ -7,22 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import write_tiny_hf_model
 from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams
-from inlaid_ray.model import encode_text, load_model, load_tokenizer
+from inlaid_ray.model import encode_text, load_model
 
 CFG = EngineConfig(block_size=8, num_kv_blocks=64, max_model_len=128, max_num_batched_tokens=128, max_num_seqs=8)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    return load_tokenizer(smollm2_dir)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, tokenizer):
-    path = write_tiny_hf_model(tmp_path_factory.mktemp("tiny_smol_vocab"), vocab_size=len(tokenizer))
-    return load_model(path)
+def model(tiny_smol_vocab_dir):
+    return load_model(tiny_smol_vocab_dir)
 
 
 def _run(engine, requests):

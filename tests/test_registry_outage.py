@@ -169,11 +169,8 @@ def test_a_server_that_stops_answering_does_not_block_the_watcher(tmp_path):
     try:
         os.kill(pid, signal.SIGSTOP)
         try:
-            started = time.monotonic()
             with pytest.raises(redis.TimeoutError):
                 registry.snapshot()
-            # one timeout, not one per retry (redis-py retries lost connections 10 times)
-            assert time.monotonic() - started < 5.0
             for _ in range(POLLS):
                 if not watcher.connected:
                     break
@@ -191,6 +188,30 @@ def test_a_server_that_stops_answering_does_not_block_the_watcher(tmp_path):
         watcher.stop()
         client.close()
     assert _servers_of(tmp_path) == []
+
+
+def test_a_command_to_a_stopped_server_is_tried_once(tmp_path):
+    """A timeout is not retried (redis-py's default retry would try 10 times, so one command to
+    a stopped server would wait 10 timeouts): counted by the server itself, which accepts the
+    connections queued while it was stopped once it runs again."""
+    owner = connect_redis(None, tmp_path)
+    client = connect_redis(owner.url, tmp_path, socket_timeout_s=0.5)  # a plain client: no lease traffic
+    try:
+        client.ping()
+        pid = owner.server_pid
+        before = int(owner.info("stats")["total_connections_received"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(redis.TimeoutError):
+                client.get("k")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        client.ping()  # reconnects: one more connection of its own
+        after = int(owner.info("stats")["total_connections_received"])
+        assert after - before <= 2, after - before  # this reconnect (+ owner's if it reconnected), not ten
+    finally:
+        client.close()
+        owner.close()
 
 
 def test_a_closed_client_used_again_takes_no_lease(tmp_path):

@@ -19,8 +19,6 @@ from inlaid_ray.engine.request import StructuredOutput
 from inlaid_ray.engine.structured_output import unpack_bitmask
 from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.model import load_model
-from inlaid_ray.model.tokenizer import load_tokenizer
-from conftest import write_tiny_hf_model
 
 CFG = EngineConfig(block_size=4, num_kv_blocks=512, max_model_len=256, max_num_batched_tokens=512, max_num_seqs=8)
 SCHEMA = {
@@ -39,15 +37,8 @@ CHOICES = ["yes", "no", 'say "maybe"']
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    return load_tokenizer(smollm2_dir)
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, tokenizer):
-    """A random tiny Llama with SmolLM2's vocabulary: it follows no format unless forced to."""
-    path = write_tiny_hf_model(tmp_path_factory.mktemp("tiny_smol_vocab"), vocab_size=len(tokenizer))
-    return LLMEngine(load_model(path), tokenizer, CFG)
+def engine(tiny_smol_vocab_dir, tokenizer):
+    return LLMEngine(load_model(tiny_smol_vocab_dir), tokenizer, CFG)
 
 
 def _so(kind: str, spec: object = "") -> StructuredOutput:

@@ -13,12 +13,11 @@ import pytest
 
 from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams
 from inlaid_ray.model import load_model
-from inlaid_ray.model.tokenizer import encode_chat, load_tokenizer
+from inlaid_ray.model.tokenizer import encode_chat
 from inlaid_ray.serve.http_errors import OpenAIHTTPError
 from inlaid_ray.serve.openai_protocol import ChatCompletionRequest
 from inlaid_ray.serve.prompts import prepare_chat
 from inlaid_ray.serve.tool_calls import call_grammar, parse_tool_calls, template_renders_tools
-from conftest import write_tiny_hf_model
 
 TOOLS_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "chat_templates" / "smollm2_tools.jinja"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -50,15 +49,9 @@ def test_parse_hermes_calls():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    return load_tokenizer(smollm2_dir)
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, tokenizer):
-    path = write_tiny_hf_model(tmp_path_factory.mktemp("tiny_smol_vocab"), vocab_size=len(tokenizer))
+def engine(tiny_smol_vocab_dir, tokenizer):
     cfg = EngineConfig(block_size=4, num_kv_blocks=512, max_model_len=256, max_num_batched_tokens=512, max_num_seqs=8)
-    return LLMEngine(load_model(path), tokenizer, cfg)
+    return LLMEngine(load_model(tiny_smol_vocab_dir), tokenizer, cfg)
 
 
 def test_call_grammar_makes_a_random_model_call_with_valid_arguments(engine, tokenizer):

@@ -4,9 +4,10 @@ get a token bitmask filled on the host and applied to their logits in one tensor
 sampling; after sampling each matcher consumes its token. A matcher that reaches the end of its
 grammar finishes the request ("stop"), as EOS would.
 
-One owner: the engine's `StructuredOutputManager` holds the llguidance tokenizer (built once, on
-the first constrained request) and the bitmask buffer, preallocated for `max_num_seqs` rows and
-refilled every step (vLLM's structured-output manager does the same).
+One owner: the engine's `StructuredOutputManager` holds the llguidance tokenizer (built once:
+by `prepare()` when a replica starts, else on the first constrained request) and the bitmask
+buffer, preallocated for `max_num_seqs` rows and refilled every step (vLLM's structured-output
+manager does the same).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ engine/grammar.py), so the call always parses and its arguments follow the funct
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -39,6 +40,7 @@ class ToolCallParsing:
     finish_reason: str = "tool_calls"
 
 
+@functools.lru_cache(maxsize=8)  # asked per request with tools; a server has one or two templates
 def template_renders_tools(chat_template: str | None) -> bool:
     """Whether a Jinja chat template reads the `tools` it is given (else tools would be dropped):
     `tools` is among the template's free variables (a mention in a comment does not count)."""

@@ -214,18 +214,19 @@ class SrtfCostPolicy(SchedulingPolicy):
         cfg = self.config
         running_ids = {r.request_id for r in running}
         self._update_aging(list(running) + list(waiting), running_ids, budget.now)
-        if cfg.batching == "cost_when_full":
+        batching = cfg.batching
+        if batching == "cost_when_full":
             # Work-conserving while everyone fits (nobody waits when FIFO would not make them);
             # the cost rule decides only among more requests than the step can take. (A task
             # cap would leave requests out however many fit: it keeps the cost rule.)
-            everyone = _all_fit(waiting, running, budget) and cfg.grouping in ("cost", "off")
-            cfg = replace(cfg, batching="all" if everyone else "marginal_cost")
-        if cfg.batching == "all" or not cfg.pause_running:  # running first: never paused by the order
+            everyone = cfg.grouping in ("cost", "off") and _all_fit(waiting, running, budget)
+            batching = "all" if everyone else "marginal_cost"
+        if batching == "all" or not cfg.pause_running:  # running first: never paused by the order
             head = sorted(running, key=lambda r: (self.remaining(r), r.arrival_time, r.request_id))
             ranked = head + self._rank(waiting, running)
         else:
             ranked = self._rank(list(running) + list(waiting), running)
-        if cfg.batching == "all":
+        if batching == "all":
             return self._reserve_for_aged(ranked, waiting, running, budget)
         # the rule's "ranked behind" is the SRTF order, which `ranked` is unless running go first
         priority = None if cfg.pause_running else self._rank(list(running) + list(waiting), running)
