@@ -78,11 +78,8 @@ def test_beats_per_task_mean_on_synthetic_tasks(encoder):
 def test_beats_per_task_mean_on_demo_data(encoder):
     from inlaid_ray.demo.data import load_examples
 
-    try:
-        train = [(t, r["prompt"], r["completion_tokens"]) for t in DEMO_TASKS for r in load_examples(t, "train")[:40]]
-        evals = [(t, r["prompt"], r["completion_tokens"]) for t in DEMO_TASKS for r in load_examples(t, "eval")[:25]]
-    except FileNotFoundError as e:
-        pytest.skip(f"demo data not generated yet: {e}")
+    train = [(t, r["prompt"], r["completion_tokens"]) for t in DEMO_TASKS for r in load_examples(t, "train")[:40]]
+    evals = [(t, r["prompt"], r["completion_tokens"]) for t in DEMO_TASKS for r in load_examples(t, "eval")[:25]]
     model, base = _fit_and_compare(encoder, train, evals)
     assert model["mae_tokens"] < base["mae_tokens"]
     assert model["bucket_accuracy"] >= base["bucket_accuracy"]
@@ -134,3 +131,39 @@ def test_prompts_longer_than_any_fitted_do_not_extrapolate(encoder):
     assert all(1.0 <= p <= 2 * 24 for p in predicted), predicted
     # within the fitted range nothing changes: the short prompts still predict short outputs
     assert all(p <= 8 for p in pred.predict(tasks, ["Request 7: tell me"] * 4))
+
+
+@pytest.mark.slow
+def test_a_predicted_prompt_is_not_encoded_again_when_it_is_learned(encoder):
+    """The refit reuses the features computed when the request was predicted, and learns the
+    same head as a predictor that never predicted (it encodes every record itself)."""
+    first = [(r.task, r.prompt, r.output_len) for r in make_records(4, 12, seed=0)]
+    later = [(r.task, r.prompt, r.output_len) for r in make_records(4, 6, seed=2)]
+    probe = [(r.task, r.prompt) for r in make_records(4, 3, seed=3)]
+    reference = LengthPredictor(encoder=encoder)
+    cached = LengthPredictor(encoder=encoder)
+    for p in (reference, cached):
+        p.observe_many([r[0] for r in first], [r[1] for r in first], [r[2] for r in first])
+        p.refit()
+    cached.predict([r[0] for r in later], [r[1] for r in later])  # the requests arrive ...
+    encoded: list[str] = []
+    encode = encoder.encode
+
+    def counting_encode(texts, batch_size=32):
+        encoded.extend(texts)
+        return encode(texts, batch_size)
+
+    encoder.encode = counting_encode
+    try:
+        for p in (reference, cached):  # ... and finish
+            p.observe_many([r[0] for r in later], [r[1] for r in later], [r[2] for r in later])
+            before = len(encoded)
+            p.refit()
+            if p is cached:
+                assert len(encoded) == before  # every new record was predicted: nothing to encode
+            else:
+                assert len(encoded) - before == len(later)
+    finally:
+        encoder.encode = encode
+    tasks, prompts = [t for t, _ in probe], [q for _, q in probe]
+    assert cached.predict(tasks, prompts) == pytest.approx(reference.predict(tasks, prompts), rel=1e-4)

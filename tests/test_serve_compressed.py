@@ -121,23 +121,25 @@ def test_residency_mixes_a_compressed_cluster_with_raw_adapters(tmp_path):
     asyncio.run(scenario())
 
 
-# ----------------------------------------------------------------------------- app (slow)
-
-
-def _router_sends_format() -> bool:
-    """Whether the router's spec builder (serve/access.py) carries a cluster's format and bank."""
+def test_the_router_sends_a_clusters_format_and_bank_with_its_live_members():
     from inlaid_ray.serve.access import cluster_spec_for
 
-    task = TaskRecord(name="t", tenant="x", adapter_uri="t", base_model="m", cluster="c", status="live")
+    tasks = {n: TaskRecord(name=n, tenant="x", adapter_uri=f"/a/{n}", base_model="m", cluster="c", status=st)
+             for n, st in (("t", "live"), ("u", "live"), ("r", "retired"))}
 
     class Records:  # the two RegistryWatcher reads cluster_spec_for makes
         def get_cluster(self, cid):
-            return ClusterRecord(cluster_id="c", bank_uri="b", members=("t",), format="jd_bank")
+            return ClusterRecord(cluster_id="c", bank_uri="b", members=tuple(tasks), format="jd_bank")
 
         def get_task(self, name):
-            return task
+            return tasks[name]
 
-    return cluster_spec_for(task, Records()).format == "jd_bank"  # type: ignore[arg-type]
+    spec = cluster_spec_for(tasks["t"], Records())  # type: ignore[arg-type]
+    assert (spec.cluster_id, spec.format, spec.bank_uri) == ("c", "jd_bank", "b")
+    assert sorted(e.task for e in spec.adapters) == ["t", "u"]
+
+
+# ----------------------------------------------------------------------------- app (slow)
 
 
 @pytest.mark.slow
@@ -148,10 +150,7 @@ def test_app_serves_demo_clusters_compressed(smollm2_dir, tmp_path_factory):
     from inlaid_ray.registry import connect_redis
     from inlaid_ray.serve.launcher import free_port, run_serve
 
-    if not all(adapter_ready(demo_adapter_dir(n)) for n in DEMO_TASKS):
-        pytest.skip("the trained demo adapters are not in the package")
-    if not _router_sends_format():
-        pytest.skip("serve/access.py cluster_spec_for does not pass ClusterRecord.format/bank_uri to ClusterSpec yet")
+    assert all(adapter_ready(demo_adapter_dir(n)) for n in DEMO_TASKS), "the demo adapters ship with the package"
     data_dir = tmp_path_factory.mktemp("registry")
     cache = tmp_path_factory.mktemp("cache")
     args = AppArgs(

@@ -46,7 +46,7 @@ from inlaid_ray.bench.http_report import (
 )
 from inlaid_ray.bench.load_stats import RequestRecord
 from inlaid_ray.bench.loadgen import CHAT_PATH, LoadConfig, PlannedRequest, TaskLoad, make_client, plan_mix, report, run_plan
-from inlaid_ray.jobs.artifacts import write_json_atomic
+from inlaid_ray.atomic_files import write_json_atomic
 
 RESULTS = Path("load_tests") / "results"  # the repository's result files, from its root
 APP_NAME = "inlaid"  # launcher.APP_NAME

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -28,33 +27,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from inlaid_ray.atomic_files import fsync_dir, write_json_atomic
 from inlaid_ray.registry.records import check_name
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["tasks", "clusters", "bases"]
 LOCK_NAME = ".onboard.lock"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write JSON to a temporary sibling, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 class ArtifactStore:
@@ -88,7 +67,7 @@ class ArtifactStore:
             if not tmp.is_dir():
                 raise FileNotFoundError(f"the {kind} builder wrote nothing at {tmp}")
             os.rename(tmp, final)  # atomic: readers see no directory or the whole one
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

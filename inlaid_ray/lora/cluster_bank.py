@@ -24,8 +24,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from inlaid_ray.atomic_files import replacing_dir
 from inlaid_ray.errors import AdapterError
 from inlaid_ray.lora.adapter import Kind, ModuleKey
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
@@ -210,10 +209,7 @@ def save_cluster_banks(banks: ClusterBanks, path: str | Path, overwrite: bool = 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with replacing_dir(path) as tmp:
         files = []
         for cl in banks.clusters:
             fname = f"cluster_{cl.cluster_id:05d}.safetensors"
@@ -228,16 +224,6 @@ def save_cluster_banks(banks: ClusterBanks, path: str | Path, overwrite: bool = 
             json.dump(_index(banks, files), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from inlaid_ray.atomic_files import write_bytes_atomic
 from inlaid_ray.errors import AdapterError
 from inlaid_ray.lora.adapter import LoRAAdapter, LoRAFactors, check_adapter_fits
 from inlaid_ray.model.config import LINEAR_MODULES, ModelConfig
@@ -128,8 +128,8 @@ def save_peft_adapter(adapter: LoRAAdapter, path: str | Path) -> str:
         "init_lora_weights": True,
     }
     data = safetensors_save(tensors, metadata={"format": "pt"})
-    _write_atomic(out / WEIGHTS_NAME, data)
-    _write_atomic(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    write_bytes_atomic(out / WEIGHTS_NAME, data)
+    write_bytes_atomic(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return hashlib.sha256(data).hexdigest()
 
 
@@ -380,9 +380,3 @@ def _check_family(adapter_base: str | None, model_name: str, cfg_path: Path) -> 
     if a is not None and m is not None and a != m:
         raise AdapterError(f"{cfg_path}: base_model_name_or_path {adapter_base!r} ({a}) is a "
                            f"different model family from the served base {model_name!r} ({m})")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # readers never see a half-written file

@@ -10,11 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from inlaid_ray.atomic_files import replacing_dir
 from inlaid_ray.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -52,8 +50,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with replacing_dir(out_dir) as tmp:
         src, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name)
@@ -67,12 +64,6 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "SOURCE").write_text(f"converted from {gguf_path.name} (dequantized Q4_1)\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from inlaid_ray.atomic_files import write_json_atomic
 from inlaid_ray.quant.hessian import max_aggregate_hessians
 
 STORE_FORMAT = "inlaid-ray-mlgptq-stats"
@@ -85,12 +85,6 @@ def _layer_file(layer: int) -> str:
     return f"layer_{layer:03d}.safetensors"
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _save_hessians(path: Path, hs: Mapping[str, torch.Tensor]) -> None:
     save_file({g: h.detach().to("cpu", torch.float32).contiguous() for g, h in hs.items()}, str(path))
 
@@ -120,7 +114,7 @@ class StatsStore:
         manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "base": dict(base),
                     "settings": json.loads(json.dumps(dict(settings))), "num_layers": num_layers,
                     "tasks": {}, "aggregate": {"method": "max", "tasks": []}}
-        _write_json_atomic(root / MANIFEST, manifest)
+        write_json_atomic(root / MANIFEST, manifest)
         return cls(root, manifest)
 
     @classmethod
@@ -181,7 +175,7 @@ class StatsStore:
         if self.manifest["tasks"].pop(name, None) is None:
             raise KeyError(f"task {name!r} is not in the store {self.root}")
         self.manifest["aggregate"]["tasks"] = []  # stale: recomputed from the per-task files
-        _write_json_atomic(self.root / MANIFEST, self.manifest)
+        write_json_atomic(self.root / MANIFEST, self.manifest)
         shutil.rmtree(self.root / "tasks" / name, ignore_errors=True)
 
     def _commit_task(self, record: TaskRecord, partial: Path) -> None:
@@ -193,7 +187,7 @@ class StatsStore:
         self.manifest["tasks"][record.name] = asdict(record)
         if replaced:  # the old H_t may be inside the running max: rebuild it from the task files
             self.manifest["aggregate"]["tasks"] = []
-        _write_json_atomic(self.root / MANIFEST, self.manifest)
+        write_json_atomic(self.root / MANIFEST, self.manifest)
 
     # ------------------------------------------------------------------ running max
     @property
@@ -235,7 +229,7 @@ class StatsStore:
             final.rename(old)
         partial.rename(final)
         self.manifest["aggregate"]["tasks"] = tasks
-        _write_json_atomic(self.root / MANIFEST, self.manifest)
+        write_json_atomic(self.root / MANIFEST, self.manifest)
         shutil.rmtree(old, ignore_errors=True)
         return new
 

@@ -13,7 +13,6 @@ import json
 import math
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from inlaid_ray.atomic_files import replacing_dir
 from inlaid_ray import __version__
 from inlaid_ray.errors import ModelLoadError
 from inlaid_ray.kernels.reference import gptq_dequantize_ref, pack_codes
@@ -257,9 +257,7 @@ def save_gptq_checkpoint(
     config = {**dict(hf_config), "quantization_config": qdict}
     if other_dtype in (torch.float16, torch.bfloat16):
         config["torch_dtype"] = str(other_dtype).removeprefix("torch.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with replacing_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / QUANTIZE_CONFIG_FILE).write_text(json.dumps(qdict, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -267,16 +265,6 @@ def save_gptq_checkpoint(
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        if out_dir.exists():  # overwrite: move the old one aside first, drop it after the swap
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "d")
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
