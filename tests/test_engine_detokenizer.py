@@ -86,3 +86,11 @@ def test_text_that_may_start_a_stop_string_is_held_then_flushed(tokenizer):
     assert streamed == "one two " and detok.text == "one two thr"  # 'thr' may begin 'three'
     delta, stopped = detok.update([], final=True)  # the request ends for another reason
     assert (streamed + delta, stopped) == ("one two thr", False)
+
+
+def test_a_prompt_ending_inside_a_character_adds_nothing_to_the_output(tokenizer):
+    prompt = encode_text(tokenizer, "x 日")[:-1]  # its last character cut in the middle
+    assert tokenizer.decode(prompt).endswith("\ufffd")
+    ids = encode_text(tokenizer, " again and again")
+    deltas, _, detok = _stream(tokenizer, ids, prompt)
+    assert "".join(deltas) == detok.text == tokenizer.decode(ids, skip_special_tokens=True)
