@@ -38,6 +38,33 @@ def test_per_task_baseline_mean_and_median():
     assert per_task_baseline(tasks, lens, ["a"], "median") == [2.0]
 
 
+@pytest.mark.parametrize("num_tasks,rows", [(1, 30), (7, 200), (60, 150)])
+def test_per_task_ridge_equals_the_dense_one_hot_ridge(num_tasks, rows):
+    """The block elimination solves the same problem as ridge on explicit one-hot columns
+    (a dense float64 solve), also with tasks of one row and tasks without rows."""
+    import torch
+
+    from inlaid_ray.sched.predictor import _ridge_per_task
+
+    g = torch.Generator().manual_seed(num_tasks)
+    x = torch.cat([torch.ones(rows, 1, dtype=torch.float64), torch.randn(rows, 6, generator=g, dtype=torch.float64)], 1)
+    z = x[:, -1]
+    task_idx = torch.randint(0, num_tasks, (rows,), generator=g)
+    task_idx[0] = num_tasks - 1  # at least one row of the last task; some others may have none
+    y = torch.randn(rows, generator=g, dtype=torch.float64) + task_idx.double() * 0.1
+    alpha = 0.7
+    onehot = torch.nn.functional.one_hot(task_idx, num_tasks).double()
+    dense = torch.cat([x, onehot, onehot * z[:, None]], 1)
+    reg = torch.full((dense.shape[1],), alpha, dtype=torch.float64)
+    reg[0] = 0.0
+    ref = torch.linalg.solve(dense.T @ dense + torch.diag(reg), dense.T @ y)
+    w, coef = _ridge_per_task(x, z, task_idx, num_tasks, y, alpha)
+    f = x.shape[1]
+    assert torch.allclose(w, ref[:f], atol=1e-9)
+    assert torch.allclose(coef[:, 0], ref[f:f + num_tasks], atol=1e-9)
+    assert torch.allclose(coef[:, 1], ref[f + num_tasks:], atol=1e-9)
+
+
 # -- with the real encoder -------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from inlaid_ray.engine import EngineConfig, LLMEngine, SamplingParams
 from inlaid_ray.model import load_model
 from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.replica_protocol import merge_outputs
-from inlaid_ray.serve.responses import ResponseContext, StreamTracker
+from inlaid_ray.serve.responses import ResponseContext, StreamTracker, server_timing
 
 # One seat: the second request waits for the first to finish.
 CFG = EngineConfig(block_size=4, num_kv_blocks=64, max_model_len=48, max_num_batched_tokens=64, max_num_seqs=1)
@@ -42,15 +42,16 @@ def _run(model):
     engine.add_request([1, 5, 7], params, request_id="a")
     engine.add_request([4, 4, 4, 9], params, request_id="b")
     arrival = {rid: engine.get_request(rid).arrival_time for rid in ("a", "b")}
-    outputs, step_starts = [], []
+    outputs, step_starts, step_ends = [], [], []
     while engine.has_unfinished():
         step_starts.append(clock.t + 1.0)  # step() reads the clock first: that read is its `now`
         outputs.append(engine.step())
-    return arrival, step_starts, outputs
+        step_ends.append(clock.t)  # ... and last after sampling: when its requests finished
+    return arrival, step_starts, outputs, step_ends
 
 
 def test_queue_time_is_first_scheduled_minus_arrival(model):
-    arrival, step_starts, outputs = _run(model)
+    arrival, step_starts, outputs, _ = _run(model)
     by_id: dict[str, list] = {"a": [], "b": []}
     first_step = {}
     for i, step in enumerate(outputs):
@@ -70,7 +71,7 @@ def test_queue_time_is_first_scheduled_minus_arrival(model):
 
 
 def test_serving_path_records_the_engine_queue_time_in_the_histogram(model):
-    _, _, outputs = _run(model)
+    _, _, outputs, _ = _run(model)
     outs_b = [o for step in outputs for o in step if o.request_id == "b"]
     metrics = ServeMetrics()
     ctx = ResponseContext(kind="completion", request_id="b", model="task-x", task=None, prompt_text="",
@@ -87,3 +88,36 @@ def test_serving_path_records_the_engine_queue_time_in_the_histogram(model):
                for s in fam.samples}
     assert samples[("inlaid_request_queue_time_seconds_count", "task-x")] == 1.0
     assert samples[("inlaid_request_queue_time_seconds_sum", "task-x")] == pytest.approx(outs_b[-1].queue_time_s)
+
+
+def test_engine_time_is_finish_minus_arrival_and_only_on_the_last_output(model):
+    arrival, _, outputs, step_ends = _run(model)
+    for rid in ("a", "b"):
+        steps = [i for i, step in enumerate(outputs) for o in step if o.request_id == rid]
+        outs = [o for step in outputs for o in step if o.request_id == rid]
+        assert all(o.engine_time_s is None for o in outs[:-1])
+        # It finishes in the step that sampled its last token, once that token is sampled.
+        assert outs[-1].engine_time_s == step_ends[steps[-1]] - arrival[rid]
+        assert merge_outputs(outs)["engine_time_s"] == outs[-1].engine_time_s
+
+
+def test_server_timing_names_the_router_parts_and_the_engine_time(model):
+    import time
+
+    _, _, outputs, _ = _run(model)
+    outs_b = [o for step in outputs for o in step if o.request_id == "b"]
+    arrival = time.perf_counter()
+    ctx = ResponseContext(kind="completion", request_id="b", model="task-x", task=None, prompt_text="",
+                          prompt_token_ids=(4, 4, 4, 9), predicted_len=None, slo_s=None, include_usage=False,
+                          return_token_ids=False, arrival=arrival, tokenize_s=0.0012, predict_s=0.0034)
+    tracker = StreamTracker(ctx, ServeMetrics())
+    for o in outs_b:
+        tracker.add(merge_outputs([o]))
+    time.sleep(0.01)
+    value = server_timing(ctx, [tracker])
+    elapsed_ms = (time.perf_counter() - arrival) * 1e3
+    parts = dict(p.split(";dur=") for p in value.split(", "))
+    assert list(parts) == ["tokenize", "predict", "engine", "router"]
+    assert float(parts["tokenize"]) == 1.2 and float(parts["predict"]) == 3.4
+    assert float(parts["engine"]) == pytest.approx(outs_b[-1].engine_time_s * 1e3, abs=0.01)
+    assert 10.0 <= float(parts["router"]) <= elapsed_ms

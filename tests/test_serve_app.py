@@ -310,9 +310,15 @@ def test_served_output_equals_engine_with_same_seed(served, reference, endpoint,
     else:
         body["messages"] = [{"role": "user", "content": prompt}]
         ids = encode_chat(served.tokenizer, body["messages"])
+    started = time.perf_counter()
     response = served.post(f"/v1/{'chat/' if endpoint == 'chat' else ''}completions", body)
+    client_ms = (time.perf_counter() - started) * 1e3
     assert response.status_code == 200, response.text
     assert response.headers[REPLICA_HEADER]
+    if not stream:  # where the time went, within what the client measured
+        timing = {k: float(v) for k, v in (p.split(";dur=") for p in response.headers["server-timing"].split(", "))}
+        assert set(timing) == {"tokenize", "predict", "engine", "router"}
+        assert 0 < timing["tokenize"] + timing["predict"] + timing["engine"] <= timing["router"] <= client_ms
     if stream:
         events = _sse(response)
         usage = events[-1]["usage"]

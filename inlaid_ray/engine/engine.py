@@ -322,6 +322,7 @@ class LLMEngine:
             arrival_time=req.arrival_time,
             first_scheduled_time=req.first_scheduled_time,
             logprobs=logprobs,
+            finish_time=req.finish_time,
         )
 
     # ----------------------------------------------------------------- convenience

@@ -200,6 +200,7 @@ class RequestOutput:
     arrival_time: float | None = None  # engine clock
     first_scheduled_time: float | None = None  # engine clock; None while it has not run yet
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `token_ids` when requested
+    finish_time: float | None = None  # engine clock; set on the output that finishes the request
 
     @property
     def queue_time_s(self) -> float | None:
@@ -207,3 +208,10 @@ class RequestOutput:
         if self.arrival_time is None or self.first_scheduled_time is None:
             return None
         return self.first_scheduled_time - self.arrival_time
+
+    @property
+    def engine_time_s(self) -> float | None:
+        """Seconds from arrival at the engine to the end of the request; None before it ends."""
+        if self.arrival_time is None or self.finish_time is None:
+            return None
+        return self.finish_time - self.arrival_time

@@ -6,7 +6,10 @@ online. Tasks with little history fall back to their running quantile of recent 
 
 Features of one request: [embedding (384), z, onehot(task), onehot(task) * z] with
 z = log(prompt tokens) standardised, so every task gets its own intercept and its own
-length-vs-prompt-size slope, and the embedding term is shared across tasks.
+length-vs-prompt-size slope, and the embedding term is shared across tasks. The one-hot
+columns are never built: the fit eliminates each task's 2x2 block exactly (`_ridge_per_task`),
+so a refit costs O(N F + T F^2 + F^3) with F = 386 shared features, instead of a dense solve in
+F + 2T unknowns, which with thousands of live tasks stalls the prediction worker for seconds.
 Imports only torch and transformers.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +83,7 @@ class PredictorConfig:
     max_records: int = 50_000  # training records kept (oldest dropped first)
     refit_every: int = 0  # refit automatically after this many observe() calls (0 = only refit())
     encode_batch_size: int = 32
+    max_pending_features: int = 4096  # features of predicted, not yet observed prompts kept for observe()
     default_len: float = 128.0  # nothing known about the task and no global history
     min_log_tokens_std: float = 0.1  # floor of the std that standardizes log(prompt tokens + 1)
     max_len_factor: float = 2.0  # predictions are at most this x the longest output fitted on
@@ -104,8 +108,13 @@ class LengthPredictor:
         self._history: dict[str | None, deque[int]] = {}
         self._all_history: deque[int] = deque(maxlen=4 * self.config.history_per_task)
         self._since_refit = 0
-        self._tasks: dict[str | None, int] = {}  # task -> one-hot column, tasks the head knows
-        self._weights: torch.Tensor | None = None  # [F] ridge weights (intercept included)
+        # prompt -> (embedding, token count) of recent predictions: when the request finishes,
+        # observe() takes its features from here, so a refit encodes only prompts never predicted
+        # (it would otherwise encode every request twice, and stall the predictions queued behind it).
+        self._predicted: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()
+        self._tasks: dict[str | None, int] = {}  # task -> row of `_task_coef`, tasks the head knows
+        self._weights: torch.Tensor | None = None  # [F] shared ridge weights (intercept included)
+        self._task_coef = torch.zeros(0, 2, dtype=torch.float64)  # [T, 2] each task's intercept and z slope
         self._z_mean = self._z_std = 0.0
         # The head is linear in log space, so it must not extrapolate: prompt lengths are clamped to
         # the range it was fitted on, and predictions to `max_len_factor` x the longest output seen.
@@ -125,7 +134,8 @@ class LengthPredictor:
         for task, prompt, n in zip(tasks, prompts, lengths):
             if n < 1:
                 raise ValueError(f"actual output length must be >= 1, got {n} for task {task!r}")
-            self._records.append(_Record(task, prompt, int(n)))
+            emb, num_tokens = self._predicted.pop(prompt, (None, 0))
+            self._records.append(_Record(task, prompt, int(n), emb, num_tokens))
             self._history.setdefault(task, deque(maxlen=self.config.history_per_task)).append(int(n))
             self._all_history.append(int(n))
         self._since_refit += len(tasks)
@@ -158,22 +168,25 @@ class LengthPredictor:
         zs = (z - self._z_mean) / self._z_std
         self._z_range = (float(zs.min()), float(zs.max()))
         self._max_log_len = math.log(self.config.max_len_factor * max(r.length for r in rows))
-        x = self._features(torch.stack([r.emb for r in rows]), [r.num_tokens for r in rows], [r.task for r in rows])
+        x = self._features(torch.stack([r.emb for r in rows]), [r.num_tokens for r in rows])
+        task_idx = torch.tensor([self._tasks[r.task] for r in rows])
         y = torch.tensor([math.log(r.length) for r in rows], dtype=torch.float64)
-        self._weights = _ridge(x, y, self.config.ridge_alpha)
-        resid = x @ self._weights - y
+        self._weights, self._task_coef = _ridge_per_task(x, x[:, -1], task_idx, len(self._tasks), y,
+                                                         self.config.ridge_alpha)
+        resid = self._log_len(x, task_idx) - y
         return {"records": len(rows), "tasks_fitted": len(self._tasks), "train_log_rmse": float(resid.pow(2).mean().sqrt())}
 
-    def _features(self, emb: torch.Tensor, num_tokens: Sequence[int], tasks: Sequence[str | None]) -> torch.Tensor:
-        """[N, 1 + dim + 1 + 2T] float64: intercept, embedding, z, task one-hot, task one-hot * z."""
-        n, t = emb.shape[0], len(self._tasks)
+    def _features(self, emb: torch.Tensor, num_tokens: Sequence[int]) -> torch.Tensor:
+        """[N, 1 + dim + 1] float64 shared features: intercept, embedding, z (last)."""
         z = (torch.tensor([math.log(c + 1) for c in num_tokens], dtype=torch.float64) - self._z_mean) / self._z_std
         z = z.clamp(*self._z_range)  # a no-op on the training rows
-        onehot = torch.zeros(n, t, dtype=torch.float64)
-        for i, task in enumerate(tasks):
-            if task in self._tasks:
-                onehot[i, self._tasks[task]] = 1.0
-        return torch.cat([torch.ones(n, 1, dtype=torch.float64), emb.double(), z[:, None], onehot, onehot * z[:, None]], 1)
+        return torch.cat([torch.ones(emb.shape[0], 1, dtype=torch.float64), emb.double(), z[:, None]], 1)
+
+    def _log_len(self, x: torch.Tensor, task_idx: torch.Tensor) -> torch.Tensor:
+        """Predicted log length: shared head + the task's intercept + its slope x z."""
+        assert self._weights is not None
+        coef = self._task_coef[task_idx]
+        return x @ self._weights + coef[:, 0] + coef[:, 1] * x[:, -1]
 
     # -- prediction --------------------------------------------------------------------------
 
@@ -194,8 +207,15 @@ class LengthPredictor:
         if idx:
             sel = [prompts[i] for i in idx]
             emb = self.encoder.encode(sel, self.config.encode_batch_size)
-            x = self._features(emb, self.encoder.count_tokens(sel), [tasks[i] for i in idx])
-            for i, v in zip(idx, (x @ self._weights).tolist()):
+            counts = self.encoder.count_tokens(sel)
+            for prompt, e, c in zip(sel, emb, counts):
+                self._predicted[prompt] = (e, c)
+                self._predicted.move_to_end(prompt)
+            while len(self._predicted) > self.config.max_pending_features:
+                self._predicted.popitem(last=False)  # requests that never finished
+            x = self._features(emb, counts)
+            task_idx = torch.tensor([self._tasks[tasks[i]] for i in idx])
+            for i, v in zip(idx, self._log_len(x, task_idx).tolist()):
                 if math.isfinite(v):  # else the fallback stays
                     out[i] = math.exp(min(v, self._max_log_len))
         return [max(v, 1.0) for v in out]
@@ -205,11 +225,31 @@ class LengthPredictor:
         return self.predict([task], [prompt])[0]
 
 
-def _ridge(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
-    """argmin |x w - y|^2 + alpha |w[1:]|^2 (the intercept column 0 is not penalised)."""
+def _ridge_per_task(x: torch.Tensor, z: torch.Tensor, task_idx: torch.Tensor, num_tasks: int, y: torch.Tensor,
+                    alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ridge fit on [x, onehot(task), onehot(task) * z], without building the one-hot columns:
+    argmin over w [F] and c [T, 2] of |x w + c[t, 0] + c[t, 1] z - y|^2 + alpha (|w[1:]|^2 + |c|^2)
+    (the intercept x[:, 0] is not penalised). Each task's block of the normal equations is the
+    2x2 matrix M_t = D_t^T D_t + alpha I (D_t = [1, z] on its rows); eliminating it leaves an FxF
+    system for w (its Schur complement), then c_t = M_t^-1 D_t^T (y - x w) on each task's rows."""
+    def per_task(values: torch.Tensor) -> torch.Tensor:  # sums over each task's rows
+        return torch.zeros((num_tasks,) + values.shape[1:], dtype=values.dtype).index_add_(0, task_idx, values)
+
+    ones = torch.ones_like(z)
+    n, sz, szz = per_task(ones), per_task(z), per_task(z * z)
+    m11, m12, m22 = n + alpha, sz, szz + alpha
+    det = m11 * m22 - m12 * m12
+    i11, i12, i22 = m22 / det, -m12 / det, m11 / det  # M_t^-1
+    s1, s2 = per_task(x), per_task(x * z[:, None])  # [T, F]: D_t^T x
+    b1, b2 = per_task(y), per_task(y * z)  # D_t^T y
     reg = torch.full((x.shape[1],), alpha, dtype=x.dtype)
     reg[0] = 0.0
-    return torch.linalg.solve(x.T @ x + torch.diag(reg), x.T @ y)
+    cross = s2.T @ (i12[:, None] * s1)
+    schur = (x.T @ x + torch.diag(reg) - s1.T @ (i11[:, None] * s1) - cross - cross.T - s2.T @ (i22[:, None] * s2))
+    rhs = x.T @ y - s1.T @ (i11 * b1 + i12 * b2) - s2.T @ (i12 * b1 + i22 * b2)
+    w = torch.linalg.solve(schur, rhs)
+    r1, r2 = b1 - s1 @ w, b2 - s2 @ w  # D_t^T (y - x w)
+    return w, torch.stack([i11 * r1 + i12 * r2, i12 * r1 + i22 * r2], 1)
 
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512)

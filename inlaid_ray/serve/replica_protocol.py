@@ -8,7 +8,7 @@ multiplexed model id, which is what the request router keys affinity on.
 Chunks streamed back are plain dicts:
     {"replica": str (first chunk), "text": str, "token_ids": [int], "finish_reason": str | None,
      "num_prompt_tokens": int, "num_completion_tokens": int, "queue_time_s": float | None,
-     "stats": {...} (last chunk)}
+     "engine_time_s": float | None (last chunk), "stats": {...} (last chunk)}
 or, for a failure, `{"error": {"status", "message", "type", "code", "param"}}` (http_errors.py).
 """
 
@@ -105,6 +105,7 @@ def merge_outputs(outputs: Sequence[RequestOutput], index: int = 0) -> dict[str,
         "num_prompt_tokens": last.num_prompt_tokens,
         "num_completion_tokens": last.num_completion_tokens,
         "queue_time_s": last.queue_time_s,  # arrival at the engine -> first step (None until it ran)
+        "engine_time_s": last.engine_time_s,  # arrival at the engine -> its end (None until it ended)
         # one [token id, logprob, [[alternative id, logprob], ...]] per token, when requested
         "logprobs": [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for o in outputs for lp in o.logprobs],
     }

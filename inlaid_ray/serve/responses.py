@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,7 +38,9 @@ class ResponseContext:
     slo_s: float | None
     include_usage: bool
     return_token_ids: bool
-    arrival: float = field(default_factory=time.perf_counter)
+    arrival: float = field(default_factory=time.perf_counter)  # when the router got the request
+    tokenize_s: float = 0.0  # router work before the replica: the prompt's tokenization ...
+    predict_s: float = 0.0  # ... and its output-length prediction
     token_text: Callable[[int], str] | None = None  # set when the client asked for logprobs
     echo_text: str = ""  # completions with echo: the prompt, sent before the completion
     tool_calls: ToolCallParsing | None = None  # chat with tools (tool_choice not "none"): calls are parsed out
@@ -80,6 +82,7 @@ class StreamTracker:
         self.completion_tokens = 0
         self.stats: dict[str, Any] | None = None
         self.queue_time_s: float | None = None  # reported by the replica's engine
+        self.engine_time_s: float | None = None  # likewise: its arrival at the engine -> its end
         self.first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._recorded = False
@@ -104,6 +107,8 @@ class StreamTracker:
         self.finish_reason = chunk.get("finish_reason") or self.finish_reason
         if chunk.get("queue_time_s") is not None:
             self.queue_time_s = chunk["queue_time_s"]
+        if chunk.get("engine_time_s") is not None:
+            self.engine_time_s = chunk["engine_time_s"]
         if chunk.get("stats") is not None:
             self.stats = chunk["stats"]
 
@@ -138,6 +143,19 @@ class StreamTracker:
                 self.on_finished(self.ctx, self)
             except Exception:  # a predictor bug must not fail a finished request
                 log.exception("on_finished hook failed for %s", self.ctx.request_id)
+
+
+def server_timing(ctx: ResponseContext, trackers: Sequence[StreamTracker]) -> str:
+    """A W3C `Server-Timing` value (ms) for a finished request: the router's tokenization and
+    length prediction, the engine's time (the slowest choice), and the router's whole time; the
+    rest of the router's time is the hop to the replica and back, the rest of the client's is
+    HTTP and Serve's proxy."""
+    parts = [("tokenize", ctx.tokenize_s), ("predict", ctx.predict_s)]
+    engine = [t.engine_time_s for t in trackers if t.engine_time_s is not None]
+    if engine:
+        parts.append(("engine", max(engine)))
+    parts.append(("router", time.perf_counter() - ctx.arrival))
+    return ", ".join(f"{name};dur={seconds * 1e3:.2f}" for name, seconds in parts)
 
 
 async def next_chunk(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:

@@ -8,7 +8,8 @@ predict the output length, then call `EngineReplica.generate` with the task's cl
 multiplexed model id so `ClusterAffinityRouter` can prefer replicas holding it. The first
 chunk is awaited before answering, so failures up to the first token are real HTTP errors and
 the `x-inlaid-replica` header names the replica that serves the request; later failures
-arrive as an SSE error event. Routes: /v1/completions, /v1/chat/completions, /v1/models,
+arrive as an SSE error event. A non-streamed answer carries a `Server-Timing` header: the
+router's tokenization, length prediction and whole time, and the engine's time, in ms. Routes: /v1/completions, /v1/chat/completions, /v1/models,
 /health, /metrics, vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (admin key;
 serve/runtime_adapters.py), and admin routes under /v1/admin (admin key only): tasks (list,
 show, retire), tenants, keys, replicas.
@@ -28,7 +29,10 @@ it, so the next request through this router already gets 404); its requests in f
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -51,7 +55,7 @@ from inlaid_ray.registry import (
     TaskRecord,
     TaskRegistry,
     connect_redis,
-    list_tasks,
+    task_rows,
     new_api_key,
     retire_task,
     show_task,
@@ -87,6 +91,7 @@ from inlaid_ray.serve.responses import (
     StreamTracker,
     collect,
     next_chunk,
+    server_timing,
     sse_events,
 )
 from inlaid_ray.serve.openapi_doc import document_request_bodies
@@ -97,6 +102,7 @@ log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-inlaid-replica"
 BASE_VERSION_HEADER = "x-inlaid-base-version"
+SERVER_TIMING_HEADER = "server-timing"  # non-streamed responses: where the request's time went (responses.server_timing)
 PROBE_HEADER = "x-inlaid-probe"  # admin only: lets the onboarding job use a staged (onboarding) task
 PROBE_AVOID_HEADER = "x-inlaid-probe-avoid"  # admin probe only: replica ids that already answered it
 RETIRE_WAIT_S = 5.0  # how long the retire route waits for this router's cache to apply the retirement
@@ -177,6 +183,13 @@ def _tool_call_parsing(req: Any) -> ToolCallParsing | None:
         return None
     return ToolCallParsing(frozenset(t.function.name for t in req.tools), parallel=req.parallel_tool_calls,
                            finish_reason="stop" if req.named_tool_choice else "tool_calls")
+
+
+async def _list_response(rows: Callable[[], list[dict[str, Any]]]) -> Response:
+    """An OpenAI list object of `rows()`, built and serialised off the event loop: 10,000 entries
+    take tens of ms, and FastAPI's own encoder would take longer, on the loop."""
+    body = await asyncio.to_thread(lambda: json.dumps({"object": "list", "data": rows()}).encode())
+    return Response(body, media_type="application/json")
 
 
 def _probe_avoid(caller: Caller, request: Request) -> tuple[str, ...]:
@@ -273,10 +286,10 @@ class Router:
         return Response(self._metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
+    async def models(self, request: Request) -> Response:
         caller = await self._caller(request)
-        data = [self._model_entry(None)] + [self._model_entry(t) for t in visible_tasks(caller, self._watcher)]
-        return {"object": "list", "data": data}
+        return await _list_response(
+            lambda: [self._model_entry(None)] + [self._model_entry(t) for t in visible_tasks(caller, self._watcher)])
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: Request) -> dict[str, Any]:
@@ -302,16 +315,17 @@ class Router:
     # ---- admin routes ----------------------------------------------------------------------
 
     @api.get("/v1/admin/tasks")
-    async def admin_tasks(self, request: Request) -> dict[str, Any]:
-        """Every task (query: `tenant=T`, `status=S` repeatable), as `inlaid-ray tasks list`."""
+    async def admin_tasks(self, request: Request) -> Response:
+        """Every task (query: `tenant=T`, `status=S` repeatable), as `inlaid-ray tasks list`, from
+        the router's copy of the registry (current to the last event; the last known state while
+        the registry is away), so a listing of 10,000 tasks costs no Redis scan."""
         await self._admin(request)
         tenant = request.query_params.get("tenant")
         statuses = [v for s in request.query_params.getlist("status") for v in s.split(",") if v] or None
         try:
-            rows = await asyncio.to_thread(list_tasks, self._registry, tenant, statuses)
+            return await _list_response(lambda: task_rows(self._watcher.tasks(), tenant, statuses))
         except ValueError as exc:
             raise OpenAIHTTPError(400, str(exc), param="status") from None
-        return {"object": "list", "data": rows}
 
     @api.get("/v1/admin/tasks/{name}")
     async def admin_task(self, name: str, request: Request) -> dict[str, Any]:
@@ -473,19 +487,21 @@ class Router:
         return caller
 
     async def _generate(self, request: Request, kind: Literal["completion", "chat"]) -> Response:
+        arrival = time.perf_counter()
         try:
             caller = await self._auth.authenticate(request.headers.get("authorization"))
             req = _validate(CompletionRequest if kind == "completion" else ChatCompletionRequest,
                             await self._json_body(request))
             task = self._resolve(req.model, caller, request)
             loop = asyncio.get_running_loop()
+            tokenize_start = time.perf_counter()
             if kind == "completion":
                 prepared = await loop.run_in_executor(self._tokenize_pool, prepare_completion, req, self._tokenizer,
                                                       self._vocab_size, self._spec.max_model_len)
             else:
                 prepared = await loop.run_in_executor(self._tokenize_pool, prepare_chat, req, self._tokenizer,
                                                       self._vocab_size, self._spec.max_model_len)
-            ctx = await self._context(kind, req, task, prepared)
+            ctx = await self._context(kind, req, task, prepared, arrival, time.perf_counter() - tokenize_start)
             cluster = cluster_spec_for(task, self._watcher) if task is not None else None
             handle = self._replica.options(stream=True, multiplexed_model_id=cluster.cluster_id if cluster else "")
             params = prepared.params
@@ -527,6 +543,7 @@ class Router:
             streams, choices, headers = self._choices(ctx, req.num_candidates, stream, first)
         for choice in choices:
             choice.tracker.finish()
+        headers[SERVER_TIMING_HEADER] = server_timing(ctx, [choice.tracker for choice in choices])
         return JSONResponse(body, headers=headers)
 
     def _choices(self, ctx: ResponseContext, num_candidates: int, stream: Any,
@@ -576,10 +593,11 @@ class Router:
             streams.cancel()
 
     async def _context(self, kind: Literal["completion", "chat"], req: Any, task: TaskRecord | None,
-                       prepared: PreparedPrompt) -> ResponseContext:
+                       prepared: PreparedPrompt, arrival: float, tokenize_s: float) -> ResponseContext:
         extra = task.extra if task is not None else {}
         prior = extra.get("expected_output_tokens")
         name = task.name if task is not None else None
+        predict_start = time.perf_counter()
         predict = functools.partial(self._predictor.predict, name, prepared.prompt_text, prior)
         if self._predictor.blocking:
             loop = asyncio.get_running_loop()
@@ -594,7 +612,8 @@ class Router:
             return_token_ids=req.return_token_ids,
             token_text=self._token_text if req.engine_logprobs is not None else None,
             echo_text=prepared.prompt_text if isinstance(req, CompletionRequest) and req.echo else "",
-            tool_calls=_tool_call_parsing(req),
+            tool_calls=_tool_call_parsing(req), arrival=arrival, tokenize_s=tokenize_s,
+            predict_s=time.perf_counter() - predict_start,
         )
 
     def _token_text(self, token_id: int) -> str:
