@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the same path at a fraction of the cost (256 calibration tokens per task, 1 replica, "
                            "1 request per task; artifacts under <cache>/demo-smoke); CI runs it")
     demo.add_argument("--num-replicas", type=int, default=None, help="engine replicas (default 2; --smoke: 1)")
-    demo.add_argument("--policy", choices=["fifo", "mlfq", "srtf-task-cap", "srtf-cost"], default="srtf-cost")
+    demo.add_argument("--policy", choices=["fifo", "mlfq", "srtf-task-cap", "srtf-cost", "srtf-fifo-bound"],
+                      default="srtf-fifo-bound")
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--examples-per-task", type=int, default=None,
                       help="eval prompts sent to each task (default 3; --smoke: 1)")

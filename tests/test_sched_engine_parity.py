@@ -57,7 +57,7 @@ def random_state(seed: int):
     return scheduler, waiting, running, limits
 
 
-@pytest.mark.parametrize("policy", ["fifo", "mlfq", "srtf-cost"])
+@pytest.mark.parametrize("policy", ["fifo", "mlfq", "srtf-cost", "srtf-fifo-bound"])
 @pytest.mark.parametrize("seed", range(60))
 def test_engine_scheduler_and_simulator_admission_agree(policy, seed):
     scheduler, waiting, running, limits = random_state(seed)

@@ -293,7 +293,7 @@ def test_aging_counts_paused_time_and_then_runs_the_request_first():
     now = 0.0
     shorts = [job(f"s{i}", arrival=0.0, pred=5) for i in range(3)]
     while True:  # one seat: the short requests keep it while long waits paused
-        order = pol.order(shorts, [long], budget(now=now, seqs=1))
+        pol.order(shorts, [long], budget(now=now, seqs=1))
         plan = plan_step(pol, shorts, [long], budget(now=now, seqs=1))
         pol.on_step(plan.scheduled, budget(now=now, seqs=1))
         if "long" in ids(plan.scheduled):
@@ -321,3 +321,65 @@ def test_the_papers_rule_caps_tasks_per_step_and_never_pauses():
     plan = plan_step(pol, waiting, running, budget(now=2.0))
     assert "long" in ids(plan.scheduled)
     assert {r.task for r in plan.scheduled} == {f"t{i}" for i in range(10)}
+
+
+# -- srtf-fifo-bound: overtaking bounded relative to FIFO ----------------------------------------
+
+
+def test_fifo_turns_match_the_admission_order_computed_directly():
+    """A request's FIFO turn is the (k+1)-th admission (or departure without running), k its
+    arrival rank; reference: the same events replayed into sorted lists."""
+    from inlaid_ray.sched.policies.srtf_cost import FifoTurns
+
+    rng = np.random.default_rng(0)
+    arrivals = np.sort(rng.uniform(0, 10, 40))
+    jobs = [job(f"r{i}", arrival=float(a)) for i, a in enumerate(arrivals)]
+    turns, events, now, gone = FifoTurns(), [], 0.0, set()
+    pending = list(jobs)
+    while pending:  # each step sees the arrived requests and admits a random subset (SRTF-like overtaking)
+        now += 0.5
+        arrived = [j for j in pending if j.arrival_time <= now]
+        turns.see(arrived, set())
+        chosen = [j for j in arrived if rng.random() < 0.3]
+        turns.admitted(chosen, now)
+        events += [now] * len(chosen)
+        for j in chosen:
+            pending.remove(j)
+            if rng.random() < 0.5:
+                turns.left(j, now + 0.1)  # finishing after admission adds no turn
+                gone.add(j.request_id)
+        for j in (j for j in jobs if j.arrival_time <= now and j.request_id not in gone):
+            k = jobs.index(j)
+            expected = events[k] - j.arrival_time if k < len(events) else None
+            got = turns.wait_s(j.request_id)
+            assert got == (None if expected is None else pytest.approx(max(expected, 0.0)))
+
+
+def _long_request_admitted_at(pol) -> float | None:
+    """One seat; a long request queued at t=0 behind a new short request every second, each
+    running one step: when the long one is first admitted."""
+    long = job("long", arrival=0.0, pred=900)
+    now, n = 0.0, 0
+    while now < 100:
+        waiting = [long, job(f"s{n}", arrival=now, pred=5)]
+        plan = plan_step(pol, waiting, [], budget(now=now, seqs=1))
+        pol.on_step(plan.scheduled, budget(now=now, seqs=1))
+        if "long" in ids(plan.scheduled):
+            return now
+        for r in plan.scheduled:
+            pol.on_finished(r, now + 1.0)
+        n += 1
+        now += 1.0
+    return None
+
+
+def test_fifo_bound_ages_an_overtaken_request_after_its_multiple_of_the_fifo_wait():
+    """SRTF passes the long request over until it has waited 2x the wait FIFO would have given
+    it (FIFO admits it first, at t=0: a wait of 0, so the 1 s floor applies); srtf-cost's median
+    rule lets it wait 10x the median latency."""
+    pol = make_policy("srtf-fifo-bound")
+    assert (pol.config.batching, pol.config.starvation_rule, pol.config.starvation_fifo_multiple) == \
+        ("all", "fifo_turn", 2.0)
+    assert _long_request_admitted_at(pol) == pol.config.starvation_min_s + 1.0  # aged once unserved > 1 s
+    median = make_policy("srtf-cost", batching="all")
+    assert _long_request_admitted_at(median) > 10.0

@@ -164,7 +164,7 @@ PANELS = (
     ("slo_attainment", "SLO attainment"),
     ("tasks_per_step_mean", "tasks (adapters) per engine step"),
 )
-_COLORS = {"fifo": "tab:blue", "mlfq": "tab:orange", "srtf-cost": "tab:green"}
+_COLORS = {"fifo": "tab:blue", "mlfq": "tab:orange", "srtf-cost": "tab:green", "srtf-fifo-bound": "tab:red"}
 
 
 def plot_rows(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:

@@ -361,7 +361,7 @@ def _on_off(value: str) -> tuple[bool, ...]:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[DriverConfig, Path, Path]:
     d = DriverConfig()
     p = argparse.ArgumentParser(prog="inlaid-ray bench http", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policies", nargs="+", default=list(d.policies), choices=["fifo", "mlfq", "srtf-cost"])
+    p.add_argument("--policies", nargs="+", default=list(d.policies), choices=["fifo", "mlfq", "srtf-cost", "srtf-fifo-bound"])
     p.add_argument("--quantization", choices=["off", "on", "both"], default="both", help="4-bit MLGPTQ-channel base")
     p.add_argument("--compression", choices=["off", "on", "both"], default="off",
                    help="JD-compressed adapters (adapter_format=jd_bank: demo clusters served as compressed banks)")

@@ -35,7 +35,7 @@ class DemoConfig:
     bits: int = 4
     group_size: int = 64  # SmolLM2's 576-wide projections: 128 does not divide them
     num_replicas: int = 2
-    policy: str = "srtf-cost"
+    policy: str = "srtf-fifo-bound"
     host: str = "127.0.0.1"
     port: int = 8000
     examples_per_task: int = 3

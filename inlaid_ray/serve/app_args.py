@@ -97,8 +97,9 @@ class AppArgs(BaseModel):
     max_cluster_rank: int = Field(16, ge=1, description="largest shared rank of a compressed cluster")
     max_cluster_size: int = Field(8, ge=1, description="most members of a compressed cluster")
     # --- engine
-    policy: Literal["fifo", "mlfq", "srtf-task-cap", "srtf-cost"] = Field(
-        "srtf-cost", description="per-replica scheduling policy (srtf-task-cap: the paper's rule; srtf-cost: this project's)")
+    policy: Literal["fifo", "mlfq", "srtf-task-cap", "srtf-cost", "srtf-fifo-bound"] = Field(
+        "srtf-fifo-bound", description="per-replica scheduling policy (srtf-task-cap: the paper's rule; srtf-fifo-bound, "
+        "srtf-cost: this project's; README, Scheduling)")
     policy_options: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="fields of the policy's config, e.g. {starvation_rule: isolated} or "
         "{starvation_isolated_multiple: 4.0} (sched/policies/srtf_cost.py); unknown fields are refused")

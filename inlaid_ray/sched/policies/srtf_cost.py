@@ -3,6 +3,9 @@
 - `srtf-task-cap` is LoRA-Inlaid's rule as the paper states it: shortest predicted remaining
   output first (SRTF), at most `beta` = 10 distinct tasks per step with the previous step's
   tasks preferred, running requests keep running, and aging (`starvation_rule="median"`).
+- `srtf-fifo-bound` (this project's) admits in the same SRTF order, work-conserving, and bounds
+  how long a queued request may be overtaken: at most 2x the wait FIFO would have given it
+  (`starvation_rule="fifo_turn"`, `FifoTurns`).
 - `srtf-cost` (this project's) ranks the same way and runs everyone while everyone fits the
   step (work-conserving: below capacity nobody waits longer than under FIFO); when more requests
   are ready than one step can take, it prices each admission with the replica's step-cost model:
@@ -38,7 +41,11 @@ fit, no later waiting request is admitted until it does. The bound
 `starvation_s` while none has finished or when the multiple is 0; "isolated" =
 `starvation_isolated_multiple` x the request's own isolated latency under the cost model (its
 prompt and predicted output alone on the replica), at least `starvation_min_s`, so a short
-request is not made to wait as long as a long one and the bound does not grow with load. With
+request is not made to wait as long as a long one and the bound does not grow with load;
+"fifo_turn" = for a queued request whose FIFO turn has come (as many admissions have happened
+as requests arrived before it), `starvation_fifo_multiple` x its FIFO wait (turn - arrival), at
+least `starvation_min_s`, or the median rule's bound if smaller; running and paused requests,
+and queued ones before their turn, age by the median rule. With
 work-conserving admission below capacity the bound acts only at overload, where the isolated
 bound gives back most of SRTF's gain (load_tests/results/sched_policies.json, ablations). KV exhaustion evicts the
 request with the largest `rem` (recompute).
@@ -69,6 +76,7 @@ from inlaid_ray.sched.policy import R, SchedulableRequest, SchedulingPolicy, Ste
 
 GROUPING_MODES = ("cost", "hard_cap", "preference", "off")
 BATCHING_MODES = ("marginal_cost", "all", "cost_when_full")
+STARVATION_RULES = ("median", "isolated", "fifo_turn")
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,8 @@ class SrtfCostConfig:
     # running requests ranked behind it ("running"), every request behind it ("all", ablation)
     # or nobody ("off": closed system, ablation)
     queue_term: Literal["running", "all", "off"] = "running"
-    starvation_rule: Literal["isolated", "median"] = "median"  # how the aging bound is set (module docstring)
+    starvation_rule: Literal["isolated", "median", "fifo_turn"] = "median"  # how the aging bound is set (module docstring)
+    starvation_fifo_multiple: float = 2.0  # "fifo_turn": a queued request's bound = this x its FIFO wait
     starvation_isolated_multiple: float = 2.0  # "isolated": bound = this x the request's isolated latency (sim_aging_tuning.py)
     starvation_min_s: float = 1.0  # "isolated": the bound is at least this
     starvation_s: float = 30.0  # "median": bound while no request has finished (or multiple = 0)
@@ -111,11 +120,12 @@ class SrtfCostConfig:
                 f"beta={self.beta} must be >= 1, starvation_s={self.starvation_s} > 0, starvation_latency_multiple="
                 f"{self.starvation_latency_multiple} >= 0, default_output_len={self.default_output_len} >= 1"
             )
-        if self.starvation_rule not in ("isolated", "median") or self.starvation_isolated_multiple <= 0 \
-                or self.starvation_min_s < 0:
-            raise ValueError(f"starvation_rule={self.starvation_rule!r} must be 'isolated' or 'median', "
+        if self.starvation_rule not in STARVATION_RULES or self.starvation_isolated_multiple <= 0 \
+                or self.starvation_min_s < 0 or self.starvation_fifo_multiple < 1:
+            raise ValueError(f"starvation_rule={self.starvation_rule!r} must be one of {STARVATION_RULES}, "
                              f"starvation_isolated_multiple={self.starvation_isolated_multiple} > 0, "
-                             f"starvation_min_s={self.starvation_min_s} >= 0")
+                             f"starvation_min_s={self.starvation_min_s} >= 0, "
+                             f"starvation_fifo_multiple={self.starvation_fifo_multiple} >= 1")
         modes = (self.grouping in GROUPING_MODES, self.batching in BATCHING_MODES, self.queue_term in QUEUE_TERMS)
         if not all(modes):
             raise ValueError(
@@ -147,6 +157,7 @@ class SrtfCostPolicy(SchedulingPolicy):
         self._unserved: dict[str, float] = {}  # request_id -> seconds in the system not running
         self._aged: dict[str, float] = {}  # request_id -> when it was found aged (sticky)
         self._bounds: dict[str, float] = {}  # request_id -> its aging bound ("isolated" rule)
+        self._fifo = FifoTurns()  # "fifo_turn": when FIFO would have admitted each request
         self._offered: set[str] = set()  # ids ordered in the last step ...
         self._left_out: set[str] = set()  # ... and those of them that did not run
         self._last_now: float | None = None
@@ -196,11 +207,14 @@ class SrtfCostPolicy(SchedulingPolicy):
             if rid in self._unserved:
                 self._unserved[rid] += dt
         self._last_now = now
+        if self.config.starvation_rule == "fifo_turn":
+            self._fifo.see(candidates, running_ids)
         for r in candidates:
             if r.request_id not in self._unserved:  # first sight: queued since wait_start (running: unknown, 0)
                 self._unserved[r.request_id] = 0.0 if r.request_id in running_ids else max(now - r.wait_start, 0.0)
             u = self._unserved[r.request_id]
-            if u > self.starvation_bound_for(r) and r.request_id not in self._aged:
+            if u > self.starvation_bound_for(r, queued=r.request_id not in running_ids) \
+                    and r.request_id not in self._aged:
                 self._aged[r.request_id] = now
         self._offered = {r.request_id for r in candidates}
         self._left_out = set(self._offered)  # until on_step says who ran
@@ -287,11 +301,15 @@ class SrtfCostPolicy(SchedulingPolicy):
         return max(candidates, key=lambda r: (self.remaining(r), r.arrival_time, r.request_id))
 
     def on_step(self, scheduled: Sequence[R], budget: StepBudget) -> None:
+        if self.config.starvation_rule == "fifo_turn":
+            self._fifo.admitted(scheduled, budget.now)
         self._prev_tasks = {r.task for r in scheduled}
         self._residency.touch(self._prev_tasks)
         self._left_out = self._offered - {r.request_id for r in scheduled}
 
     def on_finished(self, request: SchedulableRequest, now: float) -> None:
+        if self.config.starvation_rule == "fifo_turn":
+            self._fifo.left(request, now)
         for table in (self._estimate, self._unserved, self._aged, self._bounds):
             table.pop(request.request_id, None)
         self._offered.discard(request.request_id)
@@ -307,9 +325,15 @@ class SrtfCostPolicy(SchedulingPolicy):
         """The "median" rule's aging bound in force now (seconds of unserved time)."""
         return self._starvation_s
 
-    def starvation_bound_for(self, r: SchedulableRequest) -> float:
-        """Seconds of unserved time after which `r` is aged (fixed at first sight for "isolated")."""
+    def starvation_bound_for(self, r: SchedulableRequest, queued: bool = True) -> float:
+        """Seconds of unserved time after which `r` is aged (fixed at first sight for "isolated");
+        `queued`: `r` is in the waiting queue (not a running or paused request)."""
         cfg = self.config
+        if cfg.starvation_rule == "fifo_turn":
+            fifo_wait = self._fifo.wait_s(r.request_id) if queued else None
+            if fifo_wait is None:  # running, or FIFO would not have admitted it yet either
+                return self._starvation_s
+            return min(self._starvation_s, max(cfg.starvation_min_s, cfg.starvation_fifo_multiple * fifo_wait))
         if cfg.starvation_rule == "median":
             return self._starvation_s
         bound = self._bounds.get(r.request_id)
@@ -318,6 +342,59 @@ class SrtfCostPolicy(SchedulingPolicy):
             isolated = cfg.cost.isolated_latency(r.num_prompt_tokens, output, with_adapter=r.task is not None)
             bound = self._bounds[r.request_id] = max(cfg.starvation_min_s, cfg.starvation_isolated_multiple * isolated)
         return bound
+
+
+class FifoTurns:
+    """When FIFO would have admitted each request, at the rate requests are being admitted: the
+    k-th request to arrive (0-based) has its turn when the k+1-th admission happens (a request
+    that leaves without running counts as one), so after its turn a queued request is being
+    overtaken. Its FIFO wait is turn - arrival."""
+
+    def __init__(self) -> None:
+        self._index: dict[str, int] = {}  # request id -> arrival rank
+        self._arrival: dict[str, float] = {}
+        self._admitted: set[str] = set()  # ids admitted (first time) or gone
+        self._turns: deque[float] = deque()  # time of the admission number `_base + i`
+        self._base = 0
+        self._next = 0
+
+    def see(self, candidates: Sequence[SchedulableRequest], running_ids: set[str]) -> None:
+        """Rank requests seen for the first time by arrival (running ones count as admitted)."""
+        new = sorted((r for r in candidates if r.request_id not in self._index),
+                     key=lambda r: (r.arrival_time, r.request_id))
+        for r in new:
+            self._index[r.request_id], self._arrival[r.request_id] = self._next, r.arrival_time
+            self._next += 1
+            if r.request_id in running_ids:  # running before the policy saw it: admitted then
+                self._count(r.request_id, r.arrival_time)
+
+    def admitted(self, scheduled: Sequence[SchedulableRequest], now: float) -> None:
+        for r in scheduled:
+            self._count(r.request_id, now)
+
+    def left(self, r: SchedulableRequest, now: float) -> None:
+        """`r` finished or was aborted; it no longer needs its turn."""
+        self._count(r.request_id, now)
+        self._index.pop(r.request_id, None)
+        self._arrival.pop(r.request_id, None)
+        self._admitted.discard(r.request_id)
+        # turns no request still waiting for its own turn can need
+        low = min(self._index.values(), default=self._next)
+        while self._turns and self._base < low:
+            self._turns.popleft()
+            self._base += 1
+
+    def _count(self, request_id: str, now: float) -> None:
+        if request_id in self._index and request_id not in self._admitted:
+            self._admitted.add(request_id)
+            self._turns.append(now)
+
+    def wait_s(self, request_id: str) -> float | None:
+        """turn - arrival of a request whose turn has come, else None."""
+        k = self._index.get(request_id)
+        if k is None or k - self._base >= len(self._turns):
+            return None
+        return max(self._turns[k - self._base] - self._arrival[request_id], 0.0)
 
 
 def _all_fit(waiting: Sequence[SchedulableRequest], running: Sequence[SchedulableRequest], budget: StepBudget) -> bool:
@@ -360,5 +437,23 @@ class SrtfTaskCapPolicy(SrtfCostPolicy):
         super().__init__(config or paper, **overrides)
 
 
+class SrtfFifoBoundPolicy(SrtfCostPolicy):
+    """SRTF on predicted remaining length as an admission order (work-conserving: every request
+    that fits runs, running ones never paused), with overtaking bounded relative to FIFO: a queued
+    request whose FIFO turn has come (`FifoTurns`) is aged once it has waited
+    `starvation_fifo_multiple` = 2 x the wait FIFO would have given it (at least 1 s), or by the
+    median rule if that comes first. The multiple was tuned on the tuning scenarios only
+    (load_tests/sim_policies.py). The step-cost model only weighs a waiting request's prompt
+    tokens against output tokens in the ranking (`prefill_token_weight`), as in srtf-cost."""
+
+    name = "srtf-fifo-bound"
+    uses_cost_model = True
+
+    def __init__(self, config: SrtfCostConfig | None = None, **overrides: Any) -> None:
+        bounded = SrtfCostConfig(batching="all", starvation_rule="fifo_turn", starvation_fifo_multiple=2.0)
+        super().__init__(config or bounded, **overrides)
+
+
 register_policy(SrtfCostPolicy)
 register_policy(SrtfTaskCapPolicy)
+register_policy(SrtfFifoBoundPolicy)
