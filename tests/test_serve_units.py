@@ -426,3 +426,19 @@ def test_serve_cli_user_errors_are_one_line_and_exit_2(capsys, argv, why):
     assert main(["serve", *argv]) == 2  # before Ray, Redis or the model are touched
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and why in err[0], err
+
+
+@pytest.mark.parametrize("header,key", [("Bearer sk-1", "sk-1"), ("bearer   sk-2  ", "sk-2"), ("BEARER sk-3", "sk-3"),
+                                        (None, None), ("", None), ("Bearer", None), ("Bearer   ", None),
+                                        ("Basic sk-4", None), ("sk-5", None)])
+def test_the_bearer_scheme_is_case_insensitive_and_anything_else_is_a_401(header, key):
+    """RFC 6750 / 7235: the scheme is case-insensitive; a missing or other scheme is refused."""
+    from inlaid_ray.serve.access import _bearer
+    from inlaid_ray.serve.http_errors import OpenAIHTTPError
+
+    if key is not None:
+        assert _bearer(header) == key
+    else:
+        with pytest.raises(OpenAIHTTPError) as err:
+            _bearer(header)
+        assert err.value.status == 401

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastapi.security.utils import get_authorization_scheme_param
+
 from inlaid_ray.registry import RegistryWatcher, TaskRecord, TaskRegistry, hash_api_key
 from inlaid_ray.serve.http_errors import REGISTRY_ERRORS, OpenAIHTTPError, registry_unavailable
 from inlaid_ray.serve.replica_protocol import AdapterEntry, ClusterSpec, solo_cluster_id
@@ -73,8 +75,9 @@ class Authenticator:
 
 
 def _bearer(authorization: str | None) -> str:
-    scheme, _, key = (authorization or "").partition(" ")
-    key = key.strip()
+    # FastAPI's own header parsing (what its HTTPBearer uses); not HTTPBearer itself, whose
+    # refusals are 403s in FastAPI's shape where OpenAI clients expect a 401 in OpenAI's.
+    scheme, key = get_authorization_scheme_param(authorization)
     if scheme.lower() != "bearer" or not key:
         raise OpenAIHTTPError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
     return key

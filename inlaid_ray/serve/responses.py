@@ -282,6 +282,10 @@ async def collect(choices: list[Choice], n: int) -> dict[str, Any]:
 
 
 def _event(obj: dict[str, Any]) -> str:
+    # OpenAI's SSE framing is this one line; sse-starlette would add a dependency for it. What it
+    # adds beyond framing: disconnects (Starlette already cancels this generator, which aborts the
+    # generation: tests/test_serve_app.py) and keep-alive comments, which this server does not
+    # send (a paused or long-queued request is silent until its next token).
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
