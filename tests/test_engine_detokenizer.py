@@ -94,3 +94,27 @@ def test_a_prompt_ending_inside_a_character_adds_nothing_to_the_output(tokenizer
     ids = encode_text(tokenizer, " again and again")
     deltas, _, detok = _stream(tokenizer, ids, prompt)
     assert "".join(deltas) == detok.text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_failing_decode_stream_leaves_the_request_decoding_whole(tokenizer):
+    """Fault injection: DecodeStream raises mid-request (tokenizers raises on a prefix it cannot
+    continue); the request's text still equals decoding the whole output at once."""
+    text = "Grüße — 日本語 and more words 🎉 here"
+    ids = encode_text(tokenizer, text)
+    detok = IncrementalDetokenizer(tokenizer, encode_text(tokenizer, "Say:"), ())
+    real = detok._stream
+
+    class FailingAfter:
+        def __init__(self, n):
+            self.n = n
+
+        def step(self, backend, token):
+            self.n -= 1
+            if self.n < 0:
+                raise Exception("Invalid prefix encountered while decoding stream")
+            return real.step(backend, token)
+
+    detok._stream = FailingAfter(5)
+    deltas = [detok.update([t], final=i == len(ids) - 1)[0] for i, t in enumerate(ids)]
+    assert "".join(deltas) == detok.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert detok._stream is None

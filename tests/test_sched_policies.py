@@ -383,3 +383,36 @@ def test_fifo_bound_ages_an_overtaken_request_after_its_multiple_of_the_fifo_wai
     assert _long_request_admitted_at(pol) == pol.config.starvation_min_s + 1.0  # aged once unserved > 1 s
     median = make_policy("srtf-cost", batching="all")
     assert _long_request_admitted_at(median) > 10.0
+
+
+def test_fifo_turns_count_departures_and_requests_first_seen_running():
+    """A request that leaves unserved counts as an admission (it no longer holds back the turns
+    of those after it); one first seen already running was admitted at its arrival."""
+    from inlaid_ray.sched.policies.srtf_cost import FifoTurns
+
+    a, b, c = job("a", arrival=0.0), job("b", arrival=1.0), job("c", arrival=2.0)
+    turns = FifoTurns()
+    turns.see([a, b, c], running_ids={"a"})  # a ran before the policy saw it
+    assert turns.wait_s("a") == 0.0  # the first admission, at its arrival
+    assert turns.wait_s("b") is None
+    turns.left(b, now=5.0)  # b aborted while queued: the 2nd admission slot, at 5
+    assert turns.wait_s("c") is None
+    turns.admitted([c], now=7.0)
+    assert turns.wait_s("c") == 7.0 - 2.0
+
+
+def test_fifo_bound_ages_a_preempted_request_as_fifo_readmits_it_first():
+    """A request preempted back into the queue keeps its first turn (FIFO wait 0 here), so it
+    ages once its unserved time passes the 1 s floor and then goes before shorter requests."""
+    pol = make_policy("srtf-fifo-bound")
+    long = job("long", arrival=0.0, pred=900)
+    plan = plan_step(pol, [long], [], budget(now=0.0))
+    pol.on_step(plan.scheduled, budget(now=0.0))
+    assert ids(plan.scheduled) == ["long"]
+    long.wait_start = 5.0  # preempted at t=5 (recompute): back in the queue
+    shorts = [job(f"s{i}", arrival=5.0, pred=5) for i in range(2)]
+    first = plan_step(pol, [long] + shorts, [], budget(now=5.0, seqs=1))
+    pol.on_step(first.scheduled, budget(now=5.0, seqs=1))
+    assert ids(first.scheduled) == ["s0"]  # within the floor: SRTF order
+    later = plan_step(pol, [long, shorts[1]], first.scheduled, budget(now=6.5, seqs=2))
+    assert ids(later.scheduled) == ["s0", "long"]  # unserved 1.5 s > 1 s: aged, takes the free seat

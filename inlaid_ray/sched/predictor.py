@@ -88,6 +88,10 @@ class PredictorConfig:
     min_log_tokens_std: float = 0.1  # floor of the std that standardizes log(prompt tokens + 1)
     max_len_factor: float = 2.0  # predictions are at most this x the longest output fitted on
 
+    def __post_init__(self) -> None:
+        if self.ridge_alpha <= 0:  # the per-task 2x2 blocks are singular without a penalty
+            raise ValueError(f"ridge_alpha={self.ridge_alpha} must be > 0")
+
 
 @dataclass
 class _Record:
@@ -209,7 +213,7 @@ class LengthPredictor:
             emb = self.encoder.encode(sel, self.config.encode_batch_size)
             counts = self.encoder.count_tokens(sel)
             for prompt, e, c in zip(sel, emb, counts):
-                self._predicted[prompt] = (e, c)
+                self._predicted[prompt] = (e.clone(), c)  # a row, not a view keeping the batch alive
                 self._predicted.move_to_end(prompt)
             while len(self._predicted) > self.config.max_pending_features:
                 self._predicted.popitem(last=False)  # requests that never finished

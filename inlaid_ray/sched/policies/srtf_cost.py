@@ -44,8 +44,10 @@ prompt and predicted output alone on the replica), at least `starvation_min_s`, 
 request is not made to wait as long as a long one and the bound does not grow with load;
 "fifo_turn" = for a queued request whose FIFO turn has come (as many admissions have happened
 as requests arrived before it), `starvation_fifo_multiple` x its FIFO wait (turn - arrival), at
-least `starvation_min_s`, or the median rule's bound if smaller; running and paused requests,
-and queued ones before their turn, age by the median rule. With
+least `starvation_min_s`, or the median rule's bound if smaller (a request preempted back into
+the queue keeps its first turn, so it ages once its unserved time passes that bound, as FIFO
+re-admits preempted requests first); running and paused requests, and queued ones before their
+turn, age by the median rule. With
 work-conserving admission below capacity the bound acts only at overload, where the isolated
 bound gives back most of SRTF's gain (load_tests/results/sched_policies.json, ablations). KV exhaustion evicts the
 request with the largest `rem` (recompute).
@@ -330,8 +332,10 @@ class SrtfCostPolicy(SchedulingPolicy):
         `queued`: `r` is in the waiting queue (not a running or paused request)."""
         cfg = self.config
         if cfg.starvation_rule == "fifo_turn":
+            # A preempted request back in the queue keeps its turn: it ages as soon as its wait
+            # passes the floor (or 2x its first FIFO wait), as FIFO puts it back at the front.
             fifo_wait = self._fifo.wait_s(r.request_id) if queued else None
-            if fifo_wait is None:  # running, or FIFO would not have admitted it yet either
+            if fifo_wait is None:  # running or paused, or FIFO would not have admitted it yet either
                 return self._starvation_s
             return min(self._starvation_s, max(cfg.starvation_min_s, cfg.starvation_fifo_multiple * fifo_wait))
         if cfg.starvation_rule == "median":
@@ -378,8 +382,9 @@ class FifoTurns:
         self._index.pop(r.request_id, None)
         self._arrival.pop(r.request_id, None)
         self._admitted.discard(r.request_id)
-        # turns no request still waiting for its own turn can need
-        low = min(self._index.values(), default=self._next)
+        # turns no request still waiting for its own turn can need (ranks are inserted in
+        # increasing order, so the first left is the lowest)
+        low = next(iter(self._index.values()), self._next)
         while self._turns and self._base < low:
             self._turns.popleft()
             self._base += 1
