@@ -66,11 +66,14 @@ def replacing_dir(path: str | Path) -> Iterator[Path]:
             old = _sibling(path, "old")
             path.rename(old)
         tmp.rename(path)
-        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            old.rename(path)  # the swap failed half-way: the old version stays
+        if old is not None:
+            if path.exists():  # another writer's version took the place meanwhile: it stays
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(path)  # the swap failed half-way: the old version stays
         raise
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

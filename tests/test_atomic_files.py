@@ -53,3 +53,26 @@ def test_a_failed_build_keeps_the_old_directory(tmp_path):
             raise RuntimeError("writer failed")
     assert (target / "old").read_text() == "kept" and not (target / "half").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bank"]
+
+
+def test_racing_directory_writers_leave_one_whole_version_and_no_debris(tmp_path):
+    target = tmp_path / "bank"
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            with replacing_dir(target) as build:
+                for k in range(20):
+                    (build / f"w{i}-{k}").write_text(str(i))
+        except OSError as exc:  # lost the race: the directory was taken meanwhile
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) < 8
+    writers = {p.name.split("-")[0] for p in target.iterdir()}
+    assert len(writers) == 1 and len(list(target.iterdir())) == 20  # one writer's whole version
+    assert [p.name for p in tmp_path.iterdir()] == ["bank"]
