@@ -442,3 +442,57 @@ def test_the_bearer_scheme_is_case_insensitive_and_anything_else_is_a_401(header
         with pytest.raises(OpenAIHTTPError) as err:
             _bearer(header)
         assert err.value.status == 401
+
+
+def _openai_sse_events(text: str) -> list[str]:
+    """The events the official openai SDK's SSE decoder reads from `text` (its data fields)."""
+    from openai._streaming import SSEDecoder
+
+    decoder, out = SSEDecoder(), []
+    for line in text.split("\n"):
+        sse = decoder.decode(line)
+        if sse is not None:
+            out.append(sse.data)
+    return out
+
+
+def test_a_silent_stream_gets_keepalive_comments_that_the_openai_client_skips():
+    from inlaid_ray.serve.responses import KEEPALIVE, with_keepalive
+
+    async def source():
+        yield 'data: {"a":1}\n\n'
+        await asyncio.sleep(0.35)  # queued or paused: nothing to send
+        yield 'data: {"b":2}\n\n'
+        yield "data: [DONE]\n\n"
+
+    async def run(interval):
+        return [e async for e in with_keepalive(source(), interval)]
+
+    plain = asyncio.run(run(10.0))
+    padded = asyncio.run(run(0.1))
+    assert KEEPALIVE not in plain and padded.count(KEEPALIVE) >= 2
+    assert [e for e in padded if e != KEEPALIVE] == plain  # nothing lost, reordered or cut
+    assert _openai_sse_events("".join(padded)) == _openai_sse_events("".join(plain)) == ['{"a":1}', '{"b":2}', "[DONE]"]
+
+
+def test_a_client_leaving_during_a_silence_stops_the_source():
+    from inlaid_ray.serve.responses import with_keepalive
+
+    cleaned = []
+
+    async def source():
+        try:
+            yield "data: 1\n\n"
+            await asyncio.sleep(60)
+            yield "data: 2\n\n"
+        finally:
+            cleaned.append(True)  # sse_events' finally records the request's end here
+
+    async def client():
+        stream = with_keepalive(source(), 0.05)
+        assert await stream.__anext__() == "data: 1\n\n"
+        assert (await stream.__anext__()).startswith(":")
+        await stream.aclose()  # what Starlette does when the client disconnects
+
+    asyncio.run(asyncio.wait_for(client(), 5))
+    assert cleaned == [True]

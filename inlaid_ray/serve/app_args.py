@@ -62,6 +62,8 @@ class AppArgs(BaseModel):
         "peft", description="how the manifest's clusters are served: raw PEFT, or a compressed bank built once")
     auth_cache_s: float = Field(5.0, ge=0, description="seconds a verified API key is trusted before re-checking")
     max_request_bytes: int = Field(2 << 20, ge=1024, description="largest request body accepted; larger ones get 413")
+    sse_keepalive_s: float = Field(15.0, gt=0, description="a stream silent this long (queued, paused) gets an SSE "
+                                   "comment, so proxies with idle timeouts keep it open")
     max_json_depth: int = Field(64, ge=4, description="deepest JSON nesting accepted in a request body (400 beyond)")
     metrics_need_admin_key: bool = Field(
         True, description="/metrics answers only the admin key (its series name tasks and tenants); false = open, "

@@ -282,10 +282,9 @@ async def collect(choices: list[Choice], n: int) -> dict[str, Any]:
 
 
 def _event(obj: dict[str, Any]) -> str:
-    # OpenAI's SSE framing is this one line; sse-starlette would add a dependency for it. What it
-    # adds beyond framing: disconnects (Starlette already cancels this generator, which aborts the
-    # generation: tests/test_serve_app.py) and keep-alive comments, which this server does not
-    # send (a paused or long-queued request is silent until its next token).
+    # OpenAI's SSE framing is this one line; sse-starlette would add a dependency for it and for
+    # what it adds beyond framing: disconnects (Starlette already cancels this generator, which
+    # aborts the generation: tests/test_serve_app.py) and keep-alive comments (`with_keepalive`).
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
@@ -393,6 +392,34 @@ async def _merged(sources: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator
     finally:
         for task in tasks:
             task.cancel()
+
+
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it (the openai SDK's decoder does)
+
+
+async def with_keepalive(events: AsyncIterator[str], interval_s: float) -> AsyncIterator[str]:
+    """`events`, plus a `KEEPALIVE` comment whenever `interval_s` passes without one: a request
+    queued or paused by the scheduler is silent, and proxies close idle connections (nginx and
+    cloud load balancers after 60 s by default). Waiting never cancels the pending event."""
+    it = events.__aiter__()
+    pending: asyncio.Future[str] = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield KEEPALIVE
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield event
+            pending = asyncio.ensure_future(it.__anext__())
+    finally:
+        if not pending.done():  # the client went away: stop the source where it waits
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await it.aclose()
 
 
 async def sse_events(choices: list[Choice]) -> AsyncIterator[str]:

@@ -93,6 +93,7 @@ from inlaid_ray.serve.responses import (
     next_chunk,
     server_timing,
     sse_events,
+    with_keepalive,
 )
 from inlaid_ray.serve.openapi_doc import document_request_bodies
 from inlaid_ray.serve.runtime_adapters import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, load_adapter
@@ -166,6 +167,7 @@ class RouterSpec:
     registry_refresh_s: float = 30.0
     registry_seed: RegistrySeed | None = None  # keys and manifest tasks registered at start
     max_request_bytes: int = 2 << 20
+    sse_keepalive_s: float = 15.0
     max_json_depth: int = 64
     metrics_need_admin_key: bool = True
     max_lora_rank: int = 16  # what the replicas' banks hold: the runtime adapter endpoint's rank limit
@@ -587,7 +589,7 @@ class Router:
 
     async def _sse(self, choices: list[Choice], streams: ChoiceStreams):
         try:
-            async for event in sse_events(choices):
+            async for event in with_keepalive(sse_events(choices), self._spec.sse_keepalive_s):
                 yield event
         finally:  # the client went away, or a choice failed: stop whatever still generates (no-op when done)
             streams.cancel()
