@@ -14,7 +14,10 @@ splits the router's time into tokenization, length prediction, the engine's time
 router's is HTTP and Serve's proxy. "hop" = client time - engine time: what the control plane adds.
 Also: GET /v1/models (user key), GET /v1/models/{id}, GET /v1/admin/tasks (admin key); the
 registry's memory (Redis `used_memory`), the router process's RSS; registration rate and the
-time until the router lists every task.
+time until the router lists every task. At the first scale, `--clients` concurrent clients then
+send `--concurrent-requests` more: requests per second and the parts' p50/p99 under concurrency,
+where a blocking predictor queues; "minilm@1" is minilm predicting one request per call (the
+router before PredictionBatcher), the baseline of "minilm" (up to 16 per call).
 
     python load_tests/control_plane.py                       # ~10 min on 2 cores
     python load_tests/control_plane.py --predictors task_quantile --requests 100
@@ -45,7 +48,7 @@ TASKS_PER_CLUSTER = 16
 PARTS = ("http_proxy", "tokenize", "predict", "router_other", "engine")  # a request's time, in order
 
 
-def start_app(work: Path, predictor: str) -> str:
+def start_app(work: Path, predictor: str, max_batch: int) -> str:
     from inlaid_ray.config import Settings
     from inlaid_ray.demo.manifest import DEMO_MANIFEST
     from inlaid_ray.model.prepare import prepare_smollm2
@@ -57,7 +60,8 @@ def start_app(work: Path, predictor: str) -> str:
         model_dir=str(prepare_smollm2(settings.cache_dir)), data_dir=str(work / "registry"), namespace=NAMESPACE,
         api_key=API_KEY, admin_key=ADMIN_KEY, seed_manifest=str(DEMO_MANIFEST), num_replicas=1,
         num_cpus_per_replica=1, torch_threads=1, dtype="float32", device="cpu", max_model_len=512,
-        max_num_batched_tokens=1024, max_num_seqs=16, num_kv_blocks=256, predictor=predictor))
+        max_num_batched_tokens=1024, max_num_seqs=16, num_kv_blocks=256, predictor=predictor,
+        predictor_max_batch=max_batch))
     return run_serve(args, host="127.0.0.1", port=free_port(), blocking=False, settings=settings,
                      ray_init_kwargs=dict(num_cpus=2, include_dashboard=False, log_to_driver=False))
 
@@ -160,32 +164,61 @@ def measure(http: httpx.Client, registry: Any, requests: int, bar: Progress) -> 
     }
 
 
-def run_predictor(predictor: str, scales: list[int], requests: int, warmup: int) -> dict[str, Any]:
+async def concurrent(url: str, clients: int, requests: int) -> dict[str, Any]:
+    """`clients` closed-loop clients sending `requests` 1-token completions in all."""
+    import asyncio
+
+    samples: list[dict[str, float]] = []
+    counter = iter(range(requests))
+
+    def one(http: httpx.Client, i: int) -> dict[str, float]:
+        return completion(http, DEMO_TASKS[i % len(DEMO_TASKS)], 10_000 + i)
+
+    async def client() -> None:
+        with httpx.Client(base_url=url, timeout=300, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            for i in counter:
+                samples.append(await asyncio.to_thread(one, http, i))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    return {"clients": clients, "requests": requests, "requests_per_s": round(requests / wall, 2),
+            "ms": {part: stats_ms([x[part] for x in samples]) for part in ("client", "hop", *PARTS)}}
+
+
+def run_predictor(label: str, scales: list[int], requests: int, warmup: int, clients: int,
+                  concurrent_requests: int) -> dict[str, Any]:
     import ray
     from ray import serve
 
     from inlaid_ray.registry.embedded import connect_redis
     from inlaid_ray.registry.store import TaskRegistry
 
+    predictor, _, batch = label.partition("@")
     with tempfile.TemporaryDirectory(prefix="inlaid-control-plane-") as work:
-        url = start_app(Path(work), predictor)
+        url = start_app(Path(work), predictor, int(batch or 16))
         client = connect_redis(None, Path(work) / "registry")
         try:
             registry = TaskRegistry(client, NAMESPACE)
             synthetic = SyntheticTasks(registry)
             out: dict[str, Any] = {"scales": {}}
             with httpx.Client(base_url=url, timeout=300, headers={"Authorization": f"Bearer {API_KEY}"}) as http, \
-                    Progress(desc=predictor, unit="req", total=warmup) as bar:
-                bar.set_description(f"{predictor}: warm-up")
+                    Progress(desc=label, unit="req", total=warmup) as bar:
+                bar.set_description(f"{label}: warm-up")
                 for i in range(warmup):
                     completion(http, DEMO_TASKS[i % len(DEMO_TASKS)], -i)
                     bar.update()
                 for total in scales:
-                    bar.set_description(f"{predictor}: registering {total} tasks")
+                    bar.set_description(f"{label}: registering {total} tasks")
                     register_s = synthetic.add_until(total, bar)
                     listed_s = wait_listed(http, total)
-                    bar.set_description(f"{predictor}: {total} tasks")
+                    bar.set_description(f"{label}: {total} tasks")
                     result = measure(http, registry, requests, bar)
+                    if total == scales[0] and clients > 0:
+                        bar.set_description(f"{label}: {clients} concurrent clients")
+                        import asyncio
+
+                        result["concurrent"] = asyncio.run(concurrent(url, clients, concurrent_requests))
                     added = total - len(DEMO_TASKS) - sum(s["synthetic_added"] for s in out["scales"].values())
                     result |= {"synthetic_added": added, "register_s": round(register_s, 2),
                                "registered_per_s": round(added / register_s, 1) if added else None,
@@ -206,7 +239,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     rows = [(p, s, r) for p, runs in result["predictors"].items() for s, r in runs["scales"].items()]
     labels = [f"{p}\n{int(s):,} tasks" for p, s, _ in rows]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
+    concurrent = {p: runs["scales"][min(runs["scales"], key=int)].get("concurrent")
+                  for p, runs in result["predictors"].items()}
+    concurrent = {p: c for p, c in concurrent.items() if c}
+    fig, axes = plt.subplots(1, 3 if concurrent else 2, figsize=(19 if concurrent else 13, 4.5))
+    ax, bx = axes[0], axes[1]
     bottom = np.zeros(len(rows))
     for part in PARTS:
         values = np.array([max(r["ms"][part]["p50"], 0.0) for _, _, r in rows])
@@ -226,17 +263,34 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bx.set_ylabel("ms (p50)")
     bx.set_title("Listings", fontsize=10)
     bx.legend(fontsize=8)
+    if concurrent:
+        cx = axes[2]
+        names = list(concurrent)
+        x = np.arange(len(names))
+        cx.bar(x - 0.2, [concurrent[n]["ms"]["predict"]["p50"] for n in names], 0.4, label="predict p50")
+        cx.bar(x + 0.2, [concurrent[n]["ms"]["predict"]["p99"] for n in names], 0.4, label="predict p99")
+        for i, n in enumerate(names):
+            cx.text(i, concurrent[n]["ms"]["predict"]["p99"], f"{concurrent[n]['requests_per_s']} req/s",
+                    ha="center", va="bottom", fontsize=8)
+        cx.set_xticks(x, names)
+        cx.set_ylabel("ms")
+        c0 = next(iter(concurrent.values()))
+        cx.set_title(f"{c0['clients']} concurrent clients: length prediction, with queueing", fontsize=10)
+        cx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--predictors", default="task_quantile,minilm", help="comma-separated length predictors")
+    parser.add_argument("--predictors", default="task_quantile,minilm,minilm@1",
+                        help="comma-separated length predictors, NAME or NAME@MAX_BATCH")
     parser.add_argument("--scales", default="10,10000", help="comma-separated registered task counts")
     parser.add_argument("--requests", type=int, default=200, help="sequential 1-token completions per scale")
     parser.add_argument("--warmup", type=int, default=48, help="requests before the first scale (>= 8 per task "
                         "for the learned predictor to be in use)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients at the first scale (0: none)")
+    parser.add_argument("--concurrent-requests", type=int, default=96)
     parser.add_argument("--out", type=Path, default=RESULTS)
     a = parser.parse_args()
     scales = sorted(int(s) for s in a.scales.split(","))
@@ -244,8 +298,10 @@ def main() -> None:
         parser.error(f"--scales: each must be at least the {len(DEMO_TASKS)} demo tasks")
     result = {
         "config": {"scales": scales, "requests": a.requests, "warmup": a.warmup, "tasks_per_cluster": TASKS_PER_CLUSTER,
+                   "concurrent_clients": a.clients, "concurrent_requests": a.concurrent_requests,
                    "engine_replicas": 1, "machine": {"cpus": 2, "platform": platform.platform()}},
-        "predictors": {p: run_predictor(p, scales, a.requests, a.warmup) for p in a.predictors.split(",")},
+        "predictors": {p: run_predictor(p, scales, a.requests, a.warmup, a.clients, a.concurrent_requests)
+                       for p in a.predictors.split(",")},
     }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "control_plane_cpu.json").write_text(json.dumps(result, indent=1))
@@ -259,6 +315,10 @@ def main() -> None:
                   f"{ms['engine']['p50']:.1f} ms; /v1/models p50 {r['list_models_ms']['p50']:.1f} ms, admin tasks "
                   f"{r['admin_list_tasks_ms']['p50']:.1f} ms; registry {r['registry_used_memory_mb']} MB, router RSS "
                   f"{r['router_rss_mb']} MB")
+        c = runs["scales"][str(scales[0])].get("concurrent")
+        if c:
+            print(f"{p:14s} {c['clients']} clients: {c['requests_per_s']} req/s; predict p50 {c['ms']['predict']['p50']:.1f} "
+                  f"/ p99 {c['ms']['predict']['p99']:.1f} ms, hop p50 {c['ms']['hop']['p50']:.1f} ms")
     print(f"wrote {a.out / 'control_plane_cpu.json'} and {a.out / 'control_plane_cpu.png'}")
 
 

@@ -71,6 +71,8 @@ class AppArgs(BaseModel):
     # --- routing and prediction
     predictor: str = Field(default_factory=default_predictor,
                            description="length predictor: task_quantile | minilm | module:factory; default minilm if installed")
+    predictor_max_batch: int = Field(16, ge=1, description="a blocking predictor (minilm) predicts up to this many "
+                                     "waiting requests in one call")
     default_slo_s: float | None = Field(None, gt=0, description="e2e SLO for tasks without extra.slo_s; None = not tracked")
     affinity_hint_s: float = Field(5.0, ge=0, description="seconds the router treats a replica as holding a cluster it just sent")
     imbalance_tokens: float = Field(4096.0, ge=0, description="outstanding-token gap at which a cluster spills to another replica")

@@ -69,7 +69,7 @@ from inlaid_ray.serve.http_errors import (
     from_exception,
     from_validation_error,
 )
-from inlaid_ray.serve.length_prediction import bounded_prediction, make_predictor
+from inlaid_ray.serve.length_prediction import PredictionBatcher, bounded_prediction, make_predictor
 from inlaid_ray.serve.metrics import ServeMetrics
 from inlaid_ray.serve.tool_calls import ToolCallParsing
 from inlaid_ray.serve.openai_protocol import (
@@ -162,6 +162,7 @@ class RouterSpec:
     data_dir: str
     namespace: str = DEFAULT_NAMESPACE
     predictor: str = "task_quantile"
+    predictor_max_batch: int = 16
     default_slo_s: float | None = None
     auth_cache_s: float = 5.0
     registry_refresh_s: float = 30.0
@@ -244,8 +245,9 @@ class Router:
                                         supervise=True).start()
         self._auth = Authenticator(self._registry, spec.auth_cache_s)
         self._predictor = make_predictor(spec.predictor)
-        # One worker: a blocking predictor (MiniLM) is neither thread-safe nor allowed on the loop.
-        self._predict_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inlaid-predictor")
+        # A blocking predictor (MiniLM) is neither thread-safe nor allowed on the loop: one worker,
+        # which predicts the requests that wait for it together.
+        self._batcher = PredictionBatcher(self._predictor, spec.predictor_max_batch) if self._predictor.blocking else None
         # Tokenizing a long prompt takes seconds: never on the event loop (/health must answer meanwhile).
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inlaid-tokenizer")
         self._metrics = ServeMetrics(spec.base_model_id)
@@ -260,6 +262,9 @@ class Router:
         redis_client = getattr(self, "_redis", None)
         if redis_client is not None:
             redis_client.close()
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None:
+            batcher.shutdown()
 
     # ---- service routes --------------------------------------------------------------------
 
@@ -600,12 +605,10 @@ class Router:
         prior = extra.get("expected_output_tokens")
         name = task.name if task is not None else None
         predict_start = time.perf_counter()
-        predict = functools.partial(self._predictor.predict, name, prepared.prompt_text, prior)
-        if self._predictor.blocking:
-            loop = asyncio.get_running_loop()
-            predicted = await loop.run_in_executor(self._predict_pool, bounded_prediction, predict,
-                                                   prepared.params.max_tokens, name)
+        if self._batcher is not None:
+            predicted = await self._batcher.predict(name, prepared.prompt_text, prior, prepared.params.max_tokens)
         else:
+            predict = functools.partial(self._predictor.predict, name, prepared.prompt_text, prior)
             predicted = bounded_prediction(predict, prepared.params.max_tokens, name)
         return ResponseContext(
             kind=kind, request_id=new_id("cmpl" if kind == "completion" else "chatcmpl"), model=req.model, task=name,
@@ -626,9 +629,8 @@ class Router:
         # (the tracker already gave the replica's stats to the metrics, which own them)
         if tracker.completion_tokens < 1:
             return
-        if self._predictor.blocking:
-            done = self._predict_pool.submit(self._predictor.observe, ctx.task, ctx.prompt_text,
-                                             tracker.completion_tokens)
+        if self._batcher is not None:
+            done = self._batcher.observe(ctx.task, ctx.prompt_text, tracker.completion_tokens)
             done.add_done_callback(_log_observe_failure)  # the pool would keep the exception to itself
         else:
             self._predictor.observe(ctx.task, ctx.prompt_text, tracker.completion_tokens)
