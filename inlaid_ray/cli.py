@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import typing
 from pathlib import Path
 
 from inlaid_ray.config import Settings
@@ -14,6 +15,7 @@ from inlaid_ray.jobs.cli import add_keys_parser, add_onboard_parser, add_tasks_p
 from inlaid_ray.compress.cli import add_compress_parser
 from inlaid_ray.demo.eval_cli import add_eval_parser
 from inlaid_ray.quant.cli import add_quantize_parser
+from inlaid_ray.serve.app_args import AppArgs
 from inlaid_ray.serve.cli_args import add_cli_arguments as add_serve_arguments
 
 
@@ -164,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the same path at a fraction of the cost (256 calibration tokens per task, 1 replica, "
                            "1 request per task; artifacts under <cache>/demo-smoke); CI runs it")
     demo.add_argument("--num-replicas", type=int, default=None, help="engine replicas (default 2; --smoke: 1)")
-    demo.add_argument("--policy", choices=["fifo", "mlfq", "srtf-task-cap", "srtf-cost", "srtf-fifo-bound"],
-                      default="srtf-fifo-bound")
+    demo.add_argument("--policy", choices=typing.get_args(AppArgs.model_fields["policy"].annotation), default=None,
+                      help=f"scheduling policy (default: the serving default, {AppArgs.model_fields['policy'].default})")
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--examples-per-task", type=int, default=None,
                       help="eval prompts sent to each task (default 3; --smoke: 1)")

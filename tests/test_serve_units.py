@@ -457,19 +457,29 @@ def _openai_sse_events(text: str) -> list[str]:
 
 
 def test_a_silent_stream_gets_keepalive_comments_that_the_openai_client_skips():
+    """The source stays silent until two keep-alives went out (no wall-clock assumption)."""
     from inlaid_ray.serve.responses import KEEPALIVE, with_keepalive
 
-    async def source():
-        yield 'data: {"a":1}\n\n'
-        await asyncio.sleep(0.35)  # queued or paused: nothing to send
-        yield 'data: {"b":2}\n\n'
-        yield "data: [DONE]\n\n"
+    async def run(interval: float, silent_until_keepalives: int) -> list[str]:
+        release = asyncio.Event()
 
-    async def run(interval):
-        return [e async for e in with_keepalive(source(), interval)]
+        async def source():
+            yield 'data: {"a":1}\n\n'
+            await release.wait()  # queued or paused: nothing to send
+            yield 'data: {"b":2}\n\n'
+            yield "data: [DONE]\n\n"
 
-    plain = asyncio.run(run(10.0))
-    padded = asyncio.run(run(0.1))
+        out = []
+        if silent_until_keepalives == 0:
+            release.set()
+        async for event in with_keepalive(source(), interval):
+            out.append(event)
+            if out.count(KEEPALIVE) == silent_until_keepalives:
+                release.set()
+        return out
+
+    plain = asyncio.run(run(10.0, 0))
+    padded = asyncio.run(run(0.01, 2))
     assert KEEPALIVE not in plain and padded.count(KEEPALIVE) >= 2
     assert [e for e in padded if e != KEEPALIVE] == plain  # nothing lost, reordered or cut
     assert _openai_sse_events("".join(padded)) == _openai_sse_events("".join(plain)) == ['{"a":1}', '{"b":2}', "[DONE]"]

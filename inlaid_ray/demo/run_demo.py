@@ -35,7 +35,7 @@ class DemoConfig:
     bits: int = 4
     group_size: int = 64  # SmolLM2's 576-wide projections: 128 does not divide them
     num_replicas: int = 2
-    policy: str = "srtf-fifo-bound"
+    policy: str | None = None  # None: the serving default (AppArgs.policy)
     host: str = "127.0.0.1"
     port: int = 8000
     examples_per_task: int = 3
@@ -131,9 +131,10 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> dict[str, Any]:
     quantized = quantize_demo_base(base_dir, work / f"smollm2-{cfg.quant_method}-{cfg.bits}bit", cfg)
     steps.start("3/4 compress the demo adapters per cluster and serve them on the quantized base (Ray Serve)")
     settings = replace(settings, api_key=settings.api_key or DEMO_API_KEY)
+    chosen_policy = {"policy": cfg.policy} if cfg.policy is not None else {}
     args = AppArgs(model_dir=str(quantized), base_model_id=f"smollm2-{cfg.quant_method}", num_replicas=cfg.num_replicas,
-                   policy=cfg.policy, data_dir=str(work / "registry"), artifact_dir=str(work / "artifacts"),
-                   adapter_format="jd_bank", seed_manifest=str(DEMO_MANIFEST))
+                   data_dir=str(work / "registry"), artifact_dir=str(work / "artifacts"),
+                   adapter_format="jd_bank", seed_manifest=str(DEMO_MANIFEST), **chosen_policy)
     url = run_serve(args, host=cfg.host, port=cfg.port, blocking=False, settings=settings)
     try:
         steps.start("4/4 send each task a few eval prompts over HTTP")
@@ -141,7 +142,8 @@ def run_demo(cfg: DemoConfig, settings: Settings) -> dict[str, Any]:
         steps.done()
     finally:
         serve.shutdown()
-    summary = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "quantized_base": str(quantized),
+    summary = {"config": {k: str(v) for k, v in asdict(cfg).items()} | {"policy": args.policy},
+               "quantized_base": str(quantized),
                "compressed_banks": str(work / "artifacts" / "seed-banks"),
                "step_seconds": steps.seconds, "tasks": results}
     out = work / "demo_summary.json"

@@ -45,7 +45,7 @@ class IncrementalDetokenizer:
         self._context_ids = self._context(prompt_token_ids)
         self._stream: DecodeStream | None = DecodeStream(ids=self._context_ids, skip_special_tokens=skip_special_tokens)
         self._output_ids: list[int] = []
-        self._held = 0  # trailing output ids the stream holds back (their character is incomplete)
+        self._holding = False  # the stream holds trailing output ids back (their character is incomplete)
         self.text = ""  # decoded output text up to the last complete character
         self.num_emitted = 0  # characters of `text` already streamed
         self.stopped = False
@@ -81,16 +81,14 @@ class IncrementalDetokenizer:
         for token in new_token_ids:
             self._output_ids.append(token)
             piece = self._step(token)
-            if piece is None:
-                self._held += 1
-            else:
+            self._holding = piece is None
+            if piece is not None:
                 self.text += piece
-                self._held = 0
-        if final and self._held:
+        if final and self._holding:
             # The output ends inside a character: as the whole output decodes, with U+FFFD.
             whole = self._whole_text()
             self.text = whole if whole.startswith(self.text) else self.text + _REPLACEMENT
-            self._held = 0
+            self._holding = False
         if not check_stop:
             return self._emit(len(self.text)), False
         hit = self._find_stop()

@@ -125,7 +125,9 @@ class PredictionBatcher:
         self._lock = threading.Lock()
         self._pending: list[tuple[str | None, str, float | None, int, asyncio.Future[float]]] = []
         self._draining = False
-        self.batch_sizes: deque[int] = deque(maxlen=1024)  # recent batch sizes (tests, diagnostics)
+        many = getattr(predictor, "predict_many", None)
+        self._predict_many: Callable[..., list[float]] = many if many is not None else (
+            lambda tasks, prompts, priors: [predictor.predict(*args) for args in zip(tasks, prompts, priors)])
 
     async def predict(self, task: str | None, prompt: str, prior: float | None, max_tokens: int) -> float:
         """The bounded prediction of one request (see `bounded_prediction`)."""
@@ -152,12 +154,8 @@ class PredictionBatcher:
                 if not batch:
                     self._draining = False
                     return
-            self.batch_sizes.append(len(batch))
-            tasks, prompts, priors = [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
-            many = getattr(self.predictor, "predict_many", None)
             try:
-                values = many(tasks, prompts, priors) if many is not None else \
-                    [self.predictor.predict(t, p, prior) for t, p, prior in zip(tasks, prompts, priors)]
+                values = self._predict_many([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch])
             except Exception:  # noqa: BLE001 - a failed prediction must not fail requests: rank them as long
                 log.exception("length prediction failed for a batch of %d; using max_tokens", len(batch))
                 values = [math.nan] * len(batch)

@@ -9,8 +9,9 @@ multiplexed model id so `ClusterAffinityRouter` can prefer replicas holding it. 
 chunk is awaited before answering, so failures up to the first token are real HTTP errors and
 the `x-inlaid-replica` header names the replica that serves the request; later failures
 arrive as an SSE error event. A non-streamed answer carries a `Server-Timing` header: the
-router's tokenization, length prediction and whole time, and the engine's time, in ms. Routes: /v1/completions, /v1/chat/completions, /v1/models,
-/health, /metrics, vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (admin key;
+router's tokenization, length prediction and whole time, and the engine's time, in ms; a silent
+stream gets an SSE keep-alive comment every `sse_keepalive_s`. Routes: /v1/completions,
+/v1/chat/completions, /v1/models, /health, /metrics, vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (admin key;
 serve/runtime_adapters.py), and admin routes under /v1/admin (admin key only): tasks (list,
 show, retire), tenants, keys, replicas.
 
