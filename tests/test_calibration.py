@@ -117,6 +117,11 @@ def test_sampling_is_seeded_and_independent_of_other_tasks(tokenizer, tmp_path):
     # every chosen sequence is a prefix of a file record
     records = load_calibration_file(a, tokenizer)
     assert all(any(tuple(r[: len(s)]) == s for r in records) for s in alone.sequences)
+    # the same data under another task name is the same sample (a copied task has the same statistics),
+    # and the sample is a proper subset of the file: the shuffle did choose
+    renamed = build_calibration_sets({"a-copy": a}, tokenizer, cfg)["a-copy"]
+    assert renamed.sequences == alone.sequences and renamed.digest == alone.digest
+    assert alone.num_tokens < sum(len(r) for r in records)
 
 
 def test_max_sequences_and_invalid_config(tokenizer):

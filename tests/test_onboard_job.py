@@ -15,6 +15,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from inlaid_ray.config import Settings
 from inlaid_ray.errors import AdapterError, InvalidRequest
@@ -200,6 +202,96 @@ def test_unchanged_statistics_or_requantize_never_keep_the_base(tiny, tmp_path, 
     assert not never.decision["requantize"] and never.decision["num_changed"] > 0
     assert never.statistics["computed"] == ["mlp"] and reg.snapshot().base_version.version == 1
     assert sorted(StatsStore.open(Path(opts.artifact_dir) / "stats").tasks) == ["mlp", "qv", "qv-copy"]
+
+
+@pytest.mark.parametrize("method", ["mlgptq-channel", "gptq-mixed"])
+def test_an_identical_task_never_changes_the_base(tiny, tmp_path, redis_client, method):
+    """A copy of a live task (same adapter, same calibration file, under another name) reuses its
+    statistics without a forward pass and moves no aggregate, even for the token-weighted methods
+    where a second copy would otherwise double the task's weight; the base stays, and a full run
+    over all three tasks gives that same base."""
+    root, base, sources, _ = tiny
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    opts = opts.model_copy(update={"quant_method": method})
+    for name in ("qv", "mlp"):
+        onboard_task(name, "acme", sources[name].adapter_dir, sources[name].calibration, opts, settings=settings)
+    base_v2 = reg.snapshot().base_version
+    assert base_v2.version == 2
+    copy = onboard_task("qv-copy", "acme", sources["qv"].adapter_dir, sources["qv"].calibration, opts,
+                        settings=settings)
+    assert copy.statistics["computed"] == ["qv-copy"] and copy.statistics["copied"] == {"qv-copy": "qv"}
+    assert not copy.decision["requantize"] and copy.decision["num_changed"] == 0, copy.decision
+    assert reg.snapshot().base_version == base_v2 and reg.snapshot().tasks["qv-copy"].status == "live"
+    cfg = MLGPTQConfig(method=method, grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
+    copy_source = replace(sources["qv"], name="qv-copy")
+    full = quantize_base(base, [copy_source, sources["mlp"], sources["qv"]], tmp_path / "full", cfg,
+                         CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
+    assert full["copied_tasks"] == {"qv": "qv-copy"}  # here the copy was computed and qv copied it
+    weights = lambda d: {k: v for k, v in load_file(str(Path(d) / "model.safetensors")).items()}  # noqa: E731
+    got, want = weights(base_v2.uri), weights(tmp_path / "full")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def _greedy_examples(base: Path, adapter: Path, words: list[str], out: Path, seed: int) -> Path:
+    """Held-out text the unquantized base with `adapter` continues greedily (transformers + PEFT):
+    every target is that model's own top choice, which a coarser base scores worse."""
+    import random
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
+    rng = random.Random(seed)
+    with out.open("w") as f:
+        for _ in range(6):
+            ids = tok(rng.choice(words), return_tensors="pt")["input_ids"]  # one word: the rest is the model's
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids, max_new_tokens=32, do_sample=False, pad_token_id=2,
+                                     bad_words_ids=[[i] for i in (0, 1, 2, *range(len(tok), model.config.vocab_size))])
+            f.write(json.dumps({"text": tok.decode(gen[0], skip_special_tokens=True)}) + "\n")
+    return out
+
+
+def test_rollout_gate_keeps_the_base_when_a_live_task_would_lose(tmp_path, redis_client):
+    """A candidate base is scored on every live task's held-out examples: refused (the task still
+    goes live, on the current base; the candidate's directory is removed) when a task's loss rises
+    by more than the margin, accepted otherwise. The losses it reports are transformers + PEFT's."""
+    from test_heldout import reference_loss
+
+    # A base with confident predictions (the shared tiny one is near-uniform: on it quantization
+    # noise may as well lower a loss), its own adapters and calibration files.
+    base = write_tiny_base(tmp_path / "sharp", seed=7, initializer_range=0.3)
+    sources = {s.name: s for s in make_task_sources(tmp_path, base)}
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    artifacts = Path(opts.artifact_dir)
+    held = {n: _greedy_examples(base, sources[n].adapter_dir, list(TASKS[n][3]), tmp_path / f"eval_{n}.jsonl", seed=i)
+            for i, n in enumerate(("qv", "mlp"))}
+    # qv goes live on the unquantized base, with held-out examples
+    onboard_task("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration,
+                 opts.model_copy(update={"requantize": "never", "eval_data": str(held["qv"])}), settings=settings)
+    assert reg.snapshot().tasks["qv"].extra["eval_uri"].endswith("eval.jsonl")
+    # A 2-bit candidate with no margin at all: qv's held-out loss rises, so the base stays.
+    strict = opts.model_copy(update={"bits": 2, "gate_max_loss_increase": 0.0, "eval_data": str(held["mlp"])})
+    refused = onboard_task("mlp", "acme", sources["mlp"].adapter_dir, sources["mlp"].calibration, strict,
+                           settings=settings)
+    gate = refused.gate
+    assert refused.status == "live" and refused.decision["requantize"] and not gate["passed"], gate
+    assert gate["tasks"]["qv"]["gated"] and gate["tasks"]["qv"]["increase"] > 0 and "qv" in gate["reason"]
+    assert not gate["tasks"]["mlp"]["gated"] and gate["unchecked"] == []
+    assert "base" not in refused.artifacts and list_versions(artifacts, "bases") == []
+    snap = reg.snapshot()
+    assert snap.tasks["mlp"].status == "live" and (snap.base_version is None or snap.base_version.quant_method == "none")
+    assert "mlp" in StatsStore.open(artifacts / "stats").tasks  # the next re-quantization includes it
+    # the gate's numbers for the current (unquantized) base are transformers + PEFT's
+    want = reference_loss(base, sources["qv"].adapter_dir, held["qv"])[0]
+    assert gate["tasks"]["qv"]["current"] == pytest.approx(want, rel=1e-5)
+    # A wide margin accepts the next candidate; both live tasks are scored ("all" brought no held-out data).
+    accepted = onboard_task("all", "acme", sources["all"].adapter_dir, sources["all"].calibration,
+                            opts.model_copy(update={"gate_max_loss_increase": 100.0}), settings=settings)
+    assert accepted.gate["passed"] and set(accepted.gate["tasks"]) == {"qv", "mlp"}, accepted.gate
+    assert accepted.gate["unchecked"] == [] and reg.snapshot().base_version.version == 1
+    assert reg.snapshot().base_version.uri == accepted.artifacts["base"]
 
 
 def test_auto_method_follows_the_current_base_gptq_mixed(tiny, tmp_path, redis_client):

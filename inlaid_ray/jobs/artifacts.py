@@ -2,7 +2,7 @@
 directories under one root, each built in a hidden temporary sibling and renamed into place
 (a rename within one file system is atomic), so no reader ever sees a half-written version.
 
-    <root>/tasks/<task>/v0003-1f2e3d4c/       raw PEFT adapter + calibration data of one attempt
+    <root>/tasks/<task>/v0003-1f2e3d4c/       raw PEFT adapter + calibration (+ held-out) data of one attempt
     <root>/clusters/<cluster>/v0002-9a8b7c6d/ compressed cluster bank (lora/cluster_bank.py format)
     <root>/bases/v0001-5e6f7a8b/              quantized base (GPTQ v1 checkpoint, MLGPTQ meta)
     <root>/stats/                             MLGPTQ per-task statistics (quant/stats_store.py)
@@ -76,18 +76,22 @@ class ArtifactStore:
 
     def discard_published(self) -> list[Path]:
         """Remove every directory this store published (rollback); returns them."""
-        gone = []
-        for path in reversed(self.published):
-            # Rename first so a concurrent reader sees the version vanish at once, then delete.
-            trash = path.parent / f".{path.name}.trash-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(path, trash)
-            except FileNotFoundError:
-                continue
-            shutil.rmtree(trash, ignore_errors=True)
-            gone.append(path)
+        gone = [path for path in reversed(self.published) if self.discard(path)]
         self.published.clear()
         return gone
+
+    def discard(self, path: Path) -> bool:
+        """Remove one published directory (a refused candidate base); False if it was already gone."""
+        if path in self.published:
+            self.published.remove(path)
+        # Rename first so a concurrent reader sees the version vanish at once, then delete.
+        trash = path.parent / f".{path.name}.trash-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
 
     def write_report(self, name: str, data: dict[str, Any]) -> Path:
         """`<root>/reports/<name>.json`, written atomically."""

@@ -37,6 +37,9 @@ _ONBOARD_FLAGS: dict[str, tuple[type | None, str]] = {
     "requantize": (str, "auto | always | never: new base version only when the statistics changed (auto)"),
     "quant-method": (str, "auto | mlgptq | mlgptq-channel | gptq-mixed: aggregation of a re-quantized base (auto: the current base's, else mlgptq-channel)"),
     "tokens-per-task": (int, "calibration tokens per task when the statistics store is created (512)"),
+    "requant-min-change": (float, "smallest change of an aggregate entry, relative to its group's largest, that makes a new base (1e-4)"),
+    "eval-data": (str, "held-out examples of this task (JSONL, calibration's record shapes): the rollout gate scores it on every later candidate base"),
+    "gate-max-loss-increase": (str, "refuse a re-quantized base when any live task's held-out loss rises by more than this many nats per token (0.05; 'none' = no gate)"),
     "group-size": (int, "GPTQ group size (default: largest of 128/64/32 dividing the input dims)"),
     "max-rank": (int, "largest adapter rank the replicas hold (16)"),
     "max-delta-ratio": (float, "largest norm of an adapter's update relative to its base weight (1.0)"),
@@ -84,8 +87,9 @@ def _options(args: argparse.Namespace) -> Any:
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:
             fields[flag.replace("-", "_")] = value
-    if str(fields.get("endpoint", "")).lower() == "none":
-        fields["endpoint"] = None
+    for flag in ("endpoint", "gate_max_loss_increase"):
+        if str(fields.get(flag, "")).lower() == "none":
+            fields[flag] = None
     if args.no_ray:
         fields["use_ray"] = False
     if args.no_progress:

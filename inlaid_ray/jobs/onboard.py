@@ -6,7 +6,9 @@ Steps, each timed in the report: validate the adapter and calibration file (noth
 before this passes) -> register the task `onboarding` -> copy the adapter + calibration into a
 new versioned task directory -> MLGPTQ statistics of the task in a Ray task (GPU when present)
 -> decide whether the base must be re-quantized (which layer groups' max-aggregated Hessians
-changed) and if so run incremental MLGPTQ into a new base version -> join or create a cluster
+changed) and if so run incremental MLGPTQ into a new base version -> the rollout gate: score every
+live task's held-out examples on the current and the new base, and keep the current base when any
+task would lose more than a margin (rollout_gate.py) -> join or create a cluster
 and write its next compressed bank version -> stage everything in ONE registry transaction
 (task still `onboarding`; the events are the rollout announcement) -> probe the endpoint with
 the task on every running replica (probe.py) -> mark it `live` (`task_added`). The base-model
@@ -46,6 +48,8 @@ from inlaid_ray.jobs.onboard_base import (
     task_statistics,
 )
 from inlaid_ray.jobs.probe import probe_task
+from inlaid_ray.jobs.remote import run_step
+from inlaid_ray.jobs.rollout_gate import EVAL_FILE, HeldOutTask, check_candidate
 from inlaid_ray.jobs.validate import validate_calibration
 from inlaid_ray.lora.validation import validate_adapter
 from inlaid_ray.lora import load_peft_adapter
@@ -65,7 +69,7 @@ from inlaid_ray.registry.rollout import (
 
 log = logging.getLogger(__name__)
 
-STEPS = ("validate", "register", "task_artifacts", "statistics", "decide", "quantize", "cluster", "stage",
+STEPS = ("validate", "register", "task_artifacts", "statistics", "decide", "quantize", "gate", "cluster", "stage",
          "probe", "activate")
 FaultHook = Callable[[str], None]  # called after each step; raising there injects a crash
 
@@ -92,6 +96,7 @@ class OnboardReport:
     decision: dict[str, Any] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)  # the rollout gate's verdict on a re-quantized base
     cluster: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=dict)
@@ -169,7 +174,10 @@ def onboard_task(task: str, tenant: str, adapter: str | Path, calib: str | Path,
                                      "INLAID_ADMIN_KEY); pass --endpoint none to go live without a probe")
             model_config = ModelConfig.from_dir(res.base_dir)
             lora = validate_adapter(adapter, model_config, res.limits, name=task, base_dir=res.base_dir)
-            calib_check = validate_calibration(calib, load_tokenizer(res.base_dir), opts.min_calib_tokens)
+            tokenizer = load_tokenizer(res.base_dir)
+            calib_check = validate_calibration(calib, tokenizer, opts.min_calib_tokens)
+            if opts.eval_data:
+                validate_calibration(opts.eval_data, tokenizer, 2, what="held-out examples file")
     except Exception as exc:
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
         raise OnboardingFailed(f"onboarding of task {task!r} failed validation, nothing was changed: {exc}",
@@ -206,6 +214,8 @@ def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any,
                 for name in (CONFIG_NAME, WEIGHTS_NAME):
                     shutil.copy2(adapter_dir / name, tmp / name)
                 shutil.copy2(calib_path, tmp / "calibration.jsonl")
+                if opts.eval_data:
+                    shutil.copy2(opts.eval_data, tmp / EVAL_FILE)
             task_dir = store.published[-1]
             report.artifacts["task"] = str(task_dir)
         snapshot = registry.snapshot()
@@ -227,6 +237,13 @@ def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any,
                 report.artifacts["base"] = base.uri
                 report.quantization.update(version=base.version, tasks=qreport.get("tasks"),
                                            resources=qreport.get("resources"))
+            with steps("gate"):
+                report.gate = _gate(task, task_dir, snapshot, base, res)
+                if not report.gate["passed"]:
+                    log.warning("onboard %s: base version %d refused: %s", task, base.version, report.gate["reason"])
+                    store.discard(Path(base.uri))
+                    report.artifacts.pop("base")
+                    base = None
         with steps("cluster"):
             cluster = _cluster(task, lora, snapshot, model_config, res, store, report)
         with steps("stage"):
@@ -285,9 +302,23 @@ def _register(task: str, tenant: str, adapter_dir: Path, lora: Any, opts: Onboar
     return record
 
 
+def _gate(task: str, task_dir: Path, snapshot: Snapshot, candidate: BaseVersion, res: Resolved) -> dict[str, Any]:
+    """The rollout gate's report on `candidate`: every live task with held-out examples scored on
+    the base serving now and on the candidate (the new task too, reported but not gating)."""
+    live = sorted((t for t in snapshot.tasks.values() if t.status == "live" and t.name != task), key=lambda t: t.name)
+    held = [HeldOutTask(t.name, Path(t.adapter_uri), Path(t.extra["eval_uri"])) for t in live if t.extra.get("eval_uri")]
+    if (task_dir / EVAL_FILE).is_file():
+        held.append(HeldOutTask(task, task_dir, task_dir / EVAL_FILE, gated=False))
+    current = snapshot.base_version.uri if snapshot.base_version else str(res.base_dir)
+    return run_step(f"onboard-{task}-gate", check_candidate, res.base_dir, current, candidate.uri, held,
+                    [t.name for t in live if not t.extra.get("eval_uri")], res.gate, remote=res.remote)
+
+
 def _extra(record: TaskRecord, task_dir: Path, opts: OnboardOptions) -> dict[str, Any]:
     extra = {k: v for k, v in record.extra.items() if k != "error"}
     extra["calibration_uri"] = str(task_dir / "calibration.jsonl")
+    if opts.eval_data:
+        extra["eval_uri"] = str(task_dir / EVAL_FILE)
     if opts.expected_output_tokens is not None:
         extra["expected_output_tokens"] = opts.expected_output_tokens
     if opts.slo_s is not None:

@@ -14,6 +14,7 @@ from inlaid_ray.jobs.cluster_assign import ClusterSettings
 from inlaid_ray.jobs.probe import ProbeSettings
 from inlaid_ray.jobs.quant_step import QuantSettings
 from inlaid_ray.jobs.remote import RemoteSettings
+from inlaid_ray.jobs.rollout_gate import GateSettings
 from inlaid_ray.lora.validation import AdapterLimits
 
 
@@ -66,6 +67,15 @@ class OnboardOptions(BaseModel):
     group_size: int | None = Field(None, description="GPTQ group size; None = largest of 128/64/32 dividing d_in")
     tokens_per_task: int = Field(512, ge=1, description="calibration tokens per task (fixed when the store is created)")
     calib_max_seq_len: int = Field(512, ge=1, description="calibration sequences are cut to this length")
+    requant_min_change: float = Field(1e-4, ge=0, description="an aggregate entry must move by more than this "
+                                      "fraction of its group's largest entry for a new base to be made")
+    # --- rollout gate
+    eval_data: str | None = Field(None, description="held-out examples of this task (JSONL in a calibration "
+                                  "record shape); every later candidate base is scored on them")
+    gate_max_loss_increase: float | None = Field(
+        0.05, ge=0, description="refuse a re-quantized base when any live task's held-out loss rises by more than "
+                                "this (nats per token); the task still goes live on the current base. None = no gate")
+    gate_max_examples: int = Field(64, ge=1, description="held-out records scored per task")
     # --- compression
     cluster_rank: int = Field(32, ge=1, description="joint-compression rank k per module")
     cluster_kind: Literal["full", "diag"] = Field("full", description="core kind of the compressed bank")
@@ -104,6 +114,7 @@ class Resolved:
     cluster: ClusterSettings
     probe: ProbeSettings
     remote: RemoteSettings
+    gate: GateSettings
 
 
 def resolve(opts: OnboardOptions, settings: Settings) -> Resolved:
@@ -124,9 +135,11 @@ def resolve(opts: OnboardOptions, settings: Settings) -> Resolved:
         limits=AdapterLimits(max_rank=opts.max_rank, max_file_mb=opts.max_adapter_mb,
                              max_delta_ratio=opts.max_delta_ratio),
         quant=QuantSettings(bits=opts.bits, group_size=opts.group_size, tokens_per_task=opts.tokens_per_task,
-                            max_seq_len=opts.calib_max_seq_len),
+                            max_seq_len=opts.calib_max_seq_len, min_change=opts.requant_min_change),
         cluster=ClusterSettings(rank=opts.cluster_rank, kind=opts.cluster_kind, error_budget=opts.error_budget),
         probe=ProbeSettings(prompt=opts.probe_prompt, max_tokens=opts.probe_max_tokens, timeout_s=opts.probe_timeout_s),
         remote=RemoteSettings(use_ray=opts.use_ray, num_gpus=opts.num_gpus, num_cpus=opts.num_cpus,
                               ray_address=settings.ray_address),
+        gate=GateSettings(max_loss_increase=opts.gate_max_loss_increase, max_examples=opts.gate_max_examples,
+                          max_seq_len=opts.calib_max_seq_len),
     )

@@ -53,6 +53,10 @@ class QuantSettings:
     device: str = "auto"  # auto: cuda when the worker sees a GPU
     dtype: str = "float32"
     gptq_threads: int | None = 1
+    # A layer group counts as changed (and a new base is made) only when an aggregate entry moves by
+    # more than this fraction of the group's largest entry: the same data sampled in another order
+    # differs in the last bits, and GPTQ's result does not move for that.
+    min_change: float = 1e-4
 
     def grid(self, model_config: ModelConfig) -> QuantGrid:
         dims = [model_config.module_shape(m)[1] for m in ("q_proj", "o_proj", "down_proj")]
@@ -67,7 +71,7 @@ class StatsResult:
     """What `compute_statistics` did and found."""
 
     created_store: bool
-    computed: list[str]  # tasks whose statistics were computed now
+    computed: list[str]  # tasks whose statistics were stored now (computed, or copied from a twin)
     replaced: list[str]  # of those, tasks the store held before with another adapter / calibration
     store_tasks: list[str]  # every task in the store afterwards
     dropped: list[str]  # retired tasks whose statistics left the store now
@@ -75,6 +79,7 @@ class StatsResult:
     num_groups: int  # layers x groups compared
     basis: str  # what the comparison was made against
     resources: dict[str, Any] = field(default_factory=dict)
+    copied: dict[str, str] = field(default_factory=dict)  # of `computed`, task -> the stored twin it copied
 
     @property
     def num_changed(self) -> int:
@@ -134,14 +139,15 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
     for name in dropped:
         store.remove_task(name)
     with meter.phase("forward_hessian"):
-        computed = compute_missing_stats(model, store, tasks, cfg, progress)
+        stored = compute_missing_stats(model, store, tasks, cfg, progress)
     del model
     with meter.phase("compare_aggregate"):
-        changed, basis = aggregate_changes(store, base_tasks, settings.method)
+        changed, basis = aggregate_changes(store, base_tasks, settings.method, settings.min_change)
     return StatsResult(
-        created_store=existing is None, computed=computed, replaced=sorted(t for t in computed if t in before),
+        created_store=existing is None, computed=sorted(stored), replaced=sorted(t for t in stored if t in before),
         store_tasks=sorted(store.tasks), dropped=dropped, changed=changed,
         num_groups=store.num_layers * len(GROUPS), basis=basis, resources=meter.summary(),
+        copied={t: twin for t, twin in stored.items() if twin is not None},
     )
 
 
@@ -150,8 +156,8 @@ def aggregate_changes(store: StatsStore, base_tasks: Sequence[Mapping[str, Any]]
     """({layer: [groups]} where `method`'s aggregate over all stored tasks differs from the one over
     `base_tasks`, what was compared). For the element-wise max only a raised entry counts, read
     against the running max; an entry counts only if it moves by more than `rtol` x the group's
-    largest entry: the same data sampled in another order differs in the last bits, and GPTQ's
-    result does not move for that."""
+    largest entry (QuantSettings.min_change). Exact copies of a task count once in every aggregate,
+    so adding one changes nothing."""
     everything = {layer: list(GROUPS) for layer in range(store.num_layers)}
     if base_tasks is None:
         return everything, "no quantized base is current: every layer is new"
@@ -187,15 +193,17 @@ def aggregate_changes(store: StatsStore, base_tasks: Sequence[Mapping[str, Any]]
 def _pooled_aggregate_changes(store: StatsStore, names: list[str], extra: list[str], method: str,
                               rtol: float) -> dict[int, list[str]]:
     """Groups whose token-weighted (gptq-mixed, mlgptq-channel) aggregate moves when `extra` join."""
-    counts = {t: store.tasks[t].num_tokens for t in names + extra}
+    old_names, new_names = store.distinct(names), store.distinct(names + extra)
+    if old_names == new_names:  # every extra task is a copy of a base task
+        return {}
+    counts = {t: store.tasks[t].mix_weight for t in new_names + old_names}
     changed: dict[int, list[str]] = {}
     for layer in range(store.num_layers):
-        parts = {t: store.task_layer(t, layer) for t in names + extra}
+        parts = {t: store.task_layer(t, layer) for t in set(old_names + new_names)}
         groups = []
         for g in GROUPS:
-            old = aggregate_hessians(method, [parts[t][g] for t in names], [counts[t] for t in names])
-            new = aggregate_hessians(method, [parts[t][g] for t in sorted(names + extra)],
-                                     [counts[t] for t in sorted(names + extra)])
+            old = aggregate_hessians(method, [parts[t][g] for t in old_names], [counts[t] for t in old_names])
+            new = aggregate_hessians(method, [parts[t][g] for t in new_names], [counts[t] for t in new_names])
             if float((new - old).abs().max()) > rtol * float(old.abs().max()):
                 groups.append(g)
         if groups:

@@ -29,7 +29,7 @@ from inlaid_ray.config import Settings
 from inlaid_ray.errors import InvalidRequest
 
 # Flags whose value is a local path: sent absolute, since the job's working directory is not ours.
-_PATH_FLAGS = ("adapter", "calib", "base_dir", "artifact_dir", "data_dir", "report")
+_PATH_FLAGS = ("adapter", "calib", "eval_data", "base_dir", "artifact_dir", "data_dir", "report")
 # Flags sent through the job's environment instead of its command line (env var, flag).
 _SECRET_FLAGS = {"admin_key": "INLAID_ADMIN_KEY", "redis_url": "REDIS_URL"}
 # How long a stopped job may take to roll back before Ray kills it (Ray's default is 3 s).

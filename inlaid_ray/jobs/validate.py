@@ -27,14 +27,16 @@ class CalibrationCheck:
     num_tokens: int
 
 
-def validate_calibration(path: str | Path, tokenizer: Any, min_tokens: int = 32) -> CalibrationCheck:
-    """Parse and tokenize every record of a calibration JSONL file; at least `min_tokens` in total."""
+def validate_calibration(path: str | Path, tokenizer: Any, min_tokens: int = 32,
+                         what: str = "calibration file") -> CalibrationCheck:
+    """Parse and tokenize every record of a calibration-format JSONL file (`what` names it in
+    errors: the calibration file, the held-out examples); at least `min_tokens` in total."""
     path = Path(path)
     if path.suffix not in (".jsonl", ".json"):
-        raise InvalidRequest(f"calibration file {path} must be JSONL (.jsonl), got suffix {path.suffix!r}")
+        raise InvalidRequest(f"{what} {path} must be JSONL (.jsonl), got suffix {path.suffix!r}")
     sequences = load_calibration_file(path, tokenizer)
     total = sum(len(s) for s in sequences)
     if total < min_tokens:
-        raise InvalidRequest(f"calibration file {path} renders to {total} tokens in {len(sequences)} records; "
+        raise InvalidRequest(f"{what} {path} renders to {total} tokens in {len(sequences)} records; "
                              f"at least {min_tokens} are needed")
     return CalibrationCheck(path, len(sequences), total)

@@ -10,10 +10,12 @@ Record shapes (extra keys are ignored; the first matching shape wins, in this or
 - `{"text": ...}`: raw text.
 Every problem is an `InvalidRequest` naming the file and, where there is one, the line.
 
-Sampling is a pure function of (task name, token sequences, `CalibrationConfig`): a seeded
-shuffle, then sequences (each cut to `max_seq_len`) are taken until the budget is met, the last
-one cut to hit it exactly. Adding a task later therefore never changes the samples of the others,
-which incremental quantization (section 6.3) relies on.
+Sampling is a pure function of (token sequences, `CalibrationConfig`): a shuffle seeded by the
+config's seed and the sequences' content, then sequences (each cut to `max_seq_len`) are taken
+until the budget is met, the last one cut to hit it exactly. Adding a task later therefore never
+changes the samples of the others, which incremental quantization (section 6.3) relies on, and
+two tasks with the same calibration data get the same sample whatever their names, so an exact
+copy of a task has exactly its statistics (an identical task never changes the base).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class CalibrationConfig:
     tokens_per_task: int | None = None  # token budget of every task; None = the smallest task's total
     max_seq_len: int = 512  # each sequence is cut to this many tokens
     max_sequences: int | None = None  # at most this many sequences per task (None = no limit)
-    seed: int = 0  # shuffle seed (combined with the task name)
+    seed: int = 0  # shuffle seed (combined with a digest of the task's token sequences)
     # Concatenate the chosen sequences into windows of this many tokens, as standard GPTQ
     # calibrates on long windows: only each window's first token is an attention sink at
     # position 0 (5.4 item 6). None = one sequence per record.
@@ -82,11 +84,16 @@ class CalibrationSet:
     @property
     def digest(self) -> str:
         """sha256 of the exact token ids (what the Hessians are a function of)."""
-        h = hashlib.sha256()
-        for seq in self.sequences:
-            h.update(len(seq).to_bytes(4, "little"))
-            h.update(b"".join(int(t).to_bytes(4, "little") for t in seq))
-        return h.hexdigest()
+        return sequences_digest(self.sequences)
+
+
+def sequences_digest(sequences: Sequence[Sequence[int]]) -> str:
+    """sha256 of token sequences, in order, with their lengths."""
+    h = hashlib.sha256()
+    for seq in sequences:
+        h.update(len(seq).to_bytes(4, "little"))
+        h.update(b"".join(int(t).to_bytes(4, "little") for t in seq))
+    return h.hexdigest()
 
 
 def read_calibration_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
@@ -156,6 +163,31 @@ def render_record(record: dict[str, Any], tokenizer: Any, where: str = "record")
     return ids
 
 
+def answer_start(record: dict[str, Any], tokenizer: Any, ids: Sequence[int]) -> int:
+    """Index in `ids` (the rendered record) of the first token of the answer: the last message when
+    it is the assistant's, the completion of a prompt/completion record; 1 for text and anything
+    else (every token after the first). Held-out scoring counts the tokens from there on."""
+    prefix: Sequence[int] = ()
+    if "messages" in record and len(record["messages"]) > 1 and record["messages"][-1]["role"] == "assistant":
+        prefix = tokenizer.apply_chat_template(record["messages"][:-1], tokenize=True, add_generation_prompt=True)
+        prefix = prefix["input_ids"] if hasattr(prefix, "keys") else prefix
+    elif "messages" not in record and "prompt" in record:
+        prefix = tokenizer.encode(record["prompt"], add_special_tokens=False)
+    prefix = [int(i) for i in prefix]
+    if 0 < len(prefix) < len(ids) and list(ids[: len(prefix)]) == prefix:
+        return len(prefix)
+    return 1
+
+
+def load_scored_file(path: str | Path, tokenizer: Any) -> list[tuple[list[int], int]]:
+    """Every record of a JSONL file in a calibration shape as (token ids, `answer_start`)."""
+    out = []
+    for lineno, rec in read_calibration_records(path):
+        ids = render_record(rec, tokenizer, f"{path}:{lineno}")
+        out.append((ids, answer_start(rec, tokenizer, ids)))
+    return out
+
+
 def load_calibration_file(path: str | Path, tokenizer: Any) -> list[list[int]]:
     """Every record of a calibration JSONL file as token ids, in file order."""
     return [render_record(rec, tokenizer, f"{path}:{lineno}") for lineno, rec in read_calibration_records(path)]
@@ -174,7 +206,7 @@ def sample_calibration(
     if not sequences or any(len(s) == 0 for s in sequences):
         raise InvalidRequest(f"task {task!r}: calibration needs non-empty token sequences ({source or 'tokens'})")
     order = list(range(len(sequences)))
-    random.Random(f"{config.seed}/{task}").shuffle(order)
+    random.Random(f"{config.seed}/{sequences_digest(sequences)}").shuffle(order)
     chosen: list[tuple[int, ...]] = []
     total = 0
     for i in order:

@@ -121,31 +121,44 @@ def _record(task: CalibrationTask, seed: int, cfg: MLGPTQConfig) -> TaskRecord:
 
 def compute_missing_stats(
     model: Transformer, store: StatsStore, tasks: Sequence[CalibrationTask], cfg: MLGPTQConfig, progress: bool = True
-) -> list[str]:
+) -> dict[str, str | None]:
     """Collect and store the Hessians of every task the store lacks (or holds for another adapter /
-    other calibration tokens); returns their names. One adapter in the bank at a time, so a task's
-    numbers never depend on which other tasks are present."""
+    other calibration tokens); returns {task: None, or the stored twin whose Hessians it copied}.
+    A twin (same adapter, same calibration sample) has exactly the statistics a pass would give,
+    so an exact copy of a task costs no forward pass. One adapter in the bank at a time, so a
+    task's numbers never depend on which other tasks are present."""
     seed = int(store.settings["calibration"]["seed"])
     todo = [t for t in tasks if not store.has_task(_record(t, seed, cfg))]
+    done: dict[str, str | None] = {}
     bar = Progress(total=len(todo) * model.config.num_layers, desc="hessians", unit="layer", disable=not progress)
     for task in todo:
+        record = _record(task, seed, cfg)
+        twin = store.twin_of(record)
+        if twin is not None:
+            store.copy_task(twin, record)
+            log.info("task %s: same adapter and calibration sample as %s; its statistics were copied", task.name, twin)
+            bar.update(model.config.num_layers)
+            done[task.name] = twin
+            continue
         bar.set_postfix_str(task.name)
         bank, slots = make_adapter_bank(model, [task])
         writer = store.task_writer(task.name)
         try:
             collect_task_hessians(model, bank, slots.get(task.name, -1), task, cfg, writer.write_layer, bar)
-            writer.commit(_record(task, seed, cfg))
+            writer.commit(record)
         except BaseException:
             writer.abort()
             raise
+        done[task.name] = None
     bar.close()
-    return sorted(t.name for t in todo)
+    return dict(sorted(done.items()))
 
 
 def _hessians_source(store: StatsStore, method: str, tasks: Sequence[str]) -> Callable[[int], dict[str, torch.Tensor]]:
     if method == "mlgptq":
         store.update_max_aggregate(tasks)
         return store.aggregate_layer
+    tasks = store.distinct(tasks)  # a copied task counts once: an identical task never moves the mix
     counts = [store.tasks[t].mix_weight for t in tasks]
 
     def per_layer(layer: int) -> dict[str, torch.Tensor]:
@@ -236,7 +249,9 @@ def quantize_base(
             tasks = load_tasks(sources, tokenizer, model.config, calib_cfg, budget, cfg.dtype)  # fails before writing
             if store is None:
                 store = StatsStore.create(stats_dir or tmp, base, settings, model.config.num_layers)
-            report["computed_tasks"] = compute_missing_stats(model, store, tasks, cfg, progress)
+            stored = compute_missing_stats(model, store, tasks, cfg, progress)
+            report["computed_tasks"] = sorted(stored)
+            report["copied_tasks"] = {t: twin for t, twin in stored.items() if twin is not None}
         served = sorted(store.tasks)
         if not served:
             raise InvalidRequest(f"method {cfg.method!r} needs at least one task with calibration data")

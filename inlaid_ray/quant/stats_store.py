@@ -57,6 +57,13 @@ class TaskRecord:
     def mix_weight(self) -> float:
         return self.num_tokens if self.weight is None else self.weight
 
+    @property
+    def content_key(self) -> tuple[str, str, int, float]:
+        """What the stored Hessians are a function of besides the store's settings: two records with
+        one key hold the same statistics whatever the task names (calibration samples are seeded by
+        content, not by name)."""
+        return self.adapter_hash, self.calibration_hash, self.seed, self.mix_weight
+
 
 def check_task_name(name: str) -> str:
     """Task names become directory names: letters, digits, '_', '.', '-' (no leading dot)."""
@@ -160,6 +167,36 @@ class StatsStore:
         """True when `record.name` is stored with the same adapter and calibration tokens."""
         old = self.manifest["tasks"].get(record.name)
         return old is not None and TaskRecord(**old) == record
+
+    def twin_of(self, record: TaskRecord) -> str | None:
+        """A stored task (first by name) whose statistics `record` would reproduce exactly, if any."""
+        return next((n for n, r in self.tasks.items() if n != record.name and r.content_key == record.content_key), None)
+
+    def distinct(self, names: Sequence[str]) -> list[str]:
+        """`names` without exact copies (first by name of each content key): an aggregate that
+        weighs tasks (the mix, the channel max) counts a copied task once, so that an identical
+        task never changes the base."""
+        records, seen, out = self.tasks, set(), []
+        for name in sorted(names):
+            key = records[name].content_key
+            if key not in seen:
+                seen.add(key)
+                out.append(name)
+        return out
+
+    def copy_task(self, source: str, record: TaskRecord) -> None:
+        """Store `record` with the Hessians of `source` (its twin: same content key)."""
+        if self.tasks[source].content_key != record.content_key:
+            raise ValueError(f"task {record.name!r} is not a copy of {source!r}: their statistics differ")
+        writer = self.task_writer(record.name)
+        try:
+            for layer in range(self.num_layers):
+                shutil.copyfile(self.root / "tasks" / source / _layer_file(layer), writer.partial / _layer_file(layer))
+                writer.layers.add(layer)
+            writer.commit(record)
+        except BaseException:
+            writer.abort()
+            raise
 
     def task_writer(self, name: str) -> "TaskWriter":
         return TaskWriter(self, check_task_name(name))

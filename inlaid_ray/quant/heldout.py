@@ -1,0 +1,60 @@
+"""Held-out loss of a base with one task's adapter: the number the onboarding rollout gate
+compares between the base that serves now and a re-quantized candidate (jobs/rollout_gate.py).
+
+The loss is the mean next-token cross-entropy (teacher-forced, fp32 logits) over each example's
+answer: the tokens from `start` on, which `quant.calibration.load_scored_file` sets to the
+assistant's last message or the completion, and to every token after the first for plain text.
+It is the demo's eval loss (the training objective) for chat records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from inlaid_ray.lora.adapter import LoRAAdapter
+from inlaid_ray.lora.bank import AdapterBank
+from inlaid_ray.model.runner import prefill_logits
+from inlaid_ray.model.transformer import Transformer
+
+Example = tuple[Sequence[int], int]  # (token ids, index of the first scored token, >= 1)
+
+
+def _batches(examples: Sequence[Example], batch_tokens: int) -> Iterator[list[Example]]:
+    batch: list[Example] = []
+    for ex in examples:
+        if batch and sum(len(ids) for ids, _ in batch) + len(ex[0]) > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(ex)
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def heldout_loss(model: Transformer, examples: Sequence[Example], adapter: LoRAAdapter | None,
+                 batch_tokens: int = 2048) -> tuple[float, int]:
+    """(mean cross-entropy per scored token, number of scored tokens) of `examples` on `model` with
+    `adapter` (None = the base alone). Examples with nothing to score are skipped."""
+    examples = [(list(ids), max(int(start), 1)) for ids, start in examples if max(int(start), 1) < len(ids)]
+    if not examples:
+        raise ValueError("held-out loss needs at least one example with a token to score")
+    bank, slot = None, -1
+    if adapter is not None:
+        bank = AdapterBank(model.config, max_slots=1, max_rank=adapter.max_rank, dtype=model.dtype,
+                           device=model.device)
+        slot = bank.add(adapter)
+    attached, model.adapter_bank = model.adapter_bank, bank
+    total, count = 0.0, 0
+    try:
+        for batch in _batches(examples, batch_tokens):
+            logits = prefill_logits(model, [ids for ids, _ in batch], [slot] * len(batch))
+            for lg, (ids, start) in zip(logits, batch):
+                target = torch.tensor(ids[start:], dtype=torch.long, device=lg.device)
+                total += float(F.cross_entropy(lg[start - 1 : -1].float(), target, reduction="sum"))
+                count += len(ids) - start
+    finally:
+        model.adapter_bank = attached
+    return total / count, count
