@@ -168,7 +168,7 @@ class Study:
         tmp = root.with_name(root.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)  # a run cut short left it
         store = StatsStore.create(tmp, base_fingerprint(self.base), hessian_settings(cfg, calib, budget),
-                                  model.config.num_layers)
+                                  model.config.num_layers, keep_task_hessians=True)
         t0 = time.perf_counter()
         compute_missing_stats(model, store, tasks, cfg)
         k = cfg.sink_tokens if cfg.sink_weight != 1.0 else 0

@@ -120,7 +120,8 @@ def more_calibration_store(base: Path, tasks: list[str], examples: int, work: Pa
         path.write_text("".join(demo_data_path(t, "train").read_text().splitlines(keepends=True)[:examples]))
         sources.append(TaskSource(t, demo_adapter_dir(t), path))
     cfg = MLGPTQConfig(method="mlgptq", grid=QuantGrid(bits=bits, group_size=group_size))
-    quantize_base(base, sources, work / "ckpt_train_calib", cfg, CalibrationConfig(), root, overwrite=True)
+    quantize_base(base, sources, work / "ckpt_train_calib", cfg, CalibrationConfig(), root, overwrite=True,
+                  keep_task_hessians=True)
     return StatsStore.open(root)
 
 

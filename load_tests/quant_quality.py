@@ -93,7 +93,8 @@ def phase_quantize(args, base: Path, work: Path, state: State) -> None:
         cfg = _mlgptq_config(args, method, bits, with_adapter)
         stats = None if method == "rtn" else work / ("stats" if with_adapter else "stats_no_target")
         t0 = time.perf_counter()
-        rep = quantize_base(base, _sources(args.tasks), work / "ckpt" / name, cfg, calib, stats, overwrite=True)
+        rep = quantize_base(base, _sources(args.tasks), work / "ckpt" / name, cfg, calib, stats, overwrite=True,
+                            keep_task_hessians=True)
         layers = rep["layers"] if method == "rtn" else {k: v for d in rep["layers"].values() for k, v in d.items()}
         done[name] = {"seconds": time.perf_counter() - t0, "computed_tasks": rep["computed_tasks"],
                       "budget_tokens_per_task": rep.get("budget"), "out_dirs": rep["out_dirs"],

@@ -1,9 +1,12 @@
 """Incremental MLGPTQ (docs/algorithms.md 6.3): adding tasks to a statistics store computes only the new
-tasks' Hessians and gives a checkpoint bit-identical to a full run over all tasks; the store
-refuses another base or other settings, and a changed adapter rebuilds the running max."""
+tasks' Hessians and gives a checkpoint bit-identical to a full run over all tasks; the store keeps
+per task only its calibration sample (its aggregates are checked against the max and the
+token-weighted mean of Hessians computed by hooks), refuses another base or other settings, and
+a changed adapter or a dropped task rebuilds the aggregates from the remaining tasks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,7 +16,13 @@ import pytest
 import torch
 
 from inlaid_ray.quant.calibration import CalibrationConfig
-from inlaid_ray.quant.incremental import checkpoints_identical, measure_incremental_vs_full, quantize_base
+from inlaid_ray.quant.incremental import (
+    checkpoints_identical,
+    compute_missing_stats,
+    measure_incremental_vs_full,
+    quantize_base,
+)
+from inlaid_ray.quantized_base.loading import load_base
 from inlaid_ray.quant.mlgptq import MLGPTQConfig
 from inlaid_ray.quant.quantizer import QuantGrid
 from inlaid_ray.quant.stats_store import StatsStore
@@ -43,9 +52,9 @@ def test_adding_one_task_equals_full_run(setup):
     assert same, diffs
     store = StatsStore.open(root / "inc_stats")
     full = StatsStore.open(root / "full_stats")
-    for layer in range(store.num_layers):  # the running max equals the max over all tasks at once
+    for layer in range(store.num_layers):  # the running aggregates equal those over all tasks at once
         for g, h in full.aggregate_layer(layer).items():
-            assert torch.equal(store.aggregate_layer(layer)[g], h)
+            assert torch.equal(store.aggregate_layer(layer)[g], h), (layer, g)
     # The intermediate checkpoint (2 tasks) is a different base: the new task changed the aggregate.
     assert not checkpoints_identical(root / "inc_a", root / "inc_b")[0]
 
@@ -98,17 +107,50 @@ def test_store_refuses_other_base_or_settings(setup, tmp_path):
     assert manifest["base"]["path"] == str(base.resolve())
 
 
-def test_removed_task_is_dropped_from_a_rebuilt_max(setup, tmp_path):
+@pytest.mark.parametrize("method", ["mlgptq", "mlgptq-channel"])
+def test_dropped_task_leaves_aggregates_rebuilt_from_stored_calibration(setup, tmp_path, method):
+    """A compact store keeps no Hessians: dropping a task recomputes the others' from their stored
+    calibration samples and adapters, and the base equals a full run over the remaining tasks."""
     root, base, sources = setup
-    stats = tmp_path / "stats"
-    shutil.copytree(root / "full_stats", stats)
-    store = StatsStore.open(stats)
-    store.remove_task("mlp")
-    assert store.aggregate_tasks == []
-    quantize_base(base, [], tmp_path / "two", CFG, CALIB, stats, progress=False)
-    quantize_base(base, sources[:2], tmp_path / "two_full", CFG, CALIB, progress=False)
+    cfg = dataclasses.replace(CFG, method=method)
+    quantize_base(base, sources, tmp_path / "three", cfg, CALIB, tmp_path / "stats", progress=False)
+    store = StatsStore.open(tmp_path / "stats")
+    assert not store.keep_task_hessians and store.aggregate_tasks == sorted(s.name for s in sources)
+    stored = compute_missing_stats(load_base(base), store, [], CFG, progress=False, drop=["mlp"])
+    assert stored == {} and store.aggregate_tasks == sorted(store.tasks) == ["all", "qv"]
+    quantize_base(base, [], tmp_path / "two", cfg, CALIB, tmp_path / "stats", progress=False)
+    quantize_base(base, sources[:2], tmp_path / "two_full", cfg, CALIB, progress=False)
     same, diffs = checkpoints_identical(tmp_path / "two", tmp_path / "two_full")
     assert same, diffs
+
+
+def test_aggregates_match_hook_hessians_and_bytes_per_task(setup, tmp_path):
+    """The running aggregates against Hessians collected by plain forward pre-hooks on the same
+    model (keep store, so each task's own Hessian is there to compare): the element-wise max, the
+    token-weighted mean (fp64 reference) and the max diagonal. A compact store's bytes per task
+    are its calibration sample: 4 bytes a token plus a small header."""
+    root, base, sources = setup
+    quantize_base(base, sources, tmp_path / "k", CFG, CALIB, tmp_path / "keep", progress=False,
+                  keep_task_hessians=True)
+    keep = StatsStore.open(tmp_path / "keep")
+    names = sorted(keep.tasks)
+    weights = {n: keep.tasks[n].num_tokens for n in names}
+    for layer in range(keep.num_layers):
+        own = {n: keep.task_layer(n, layer) for n in names}
+        for g, h in keep.method_hessians("mlgptq", layer).items():
+            assert torch.equal(h, torch.stack([own[n][g] for n in names]).amax(0))
+            mix = sum(weights[n] * own[n][g].double() for n in names) / sum(weights.values())
+            torch.testing.assert_close(keep.method_hessians("gptq-mixed", layer)[g].double(), mix, rtol=1e-6, atol=1e-9)
+            top = torch.stack([own[n][g].diagonal() for n in names]).amax(0)
+            torch.testing.assert_close(keep.method_hessians("mlgptq-channel", layer)[g].diagonal(), top, rtol=1e-5,
+                                       atol=1e-9)
+    full = StatsStore.open(root / "full_stats")  # compact, the same tasks and settings
+    for layer in range(keep.num_layers):
+        for g, h in keep.aggregate_layer(layer).items():
+            assert torch.equal(full.aggregate_layer(layer)[g], h)
+    used = full.bytes_used()
+    assert used["tasks"] == 3 and used["per_task_max"] < 4 * 150 + 1024  # 150 tokens per task
+    assert used["total"] == used["aggregates"] + used["manifest"] + used["per_task_mean"] * 3
 
 
 def test_measure_reports_exactness_time_and_memory(setup, tmp_path):

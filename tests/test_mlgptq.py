@@ -49,7 +49,8 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(setup):
     root, base, sources = setup
-    report = quantize_base(base, sources, root / "ml", CFG, CALIB, root / "stats", progress=False)
+    report = quantize_base(base, sources, root / "ml", CFG, CALIB, root / "stats", progress=False,
+                           keep_task_hessians=True)
     return report, StatsStore.open(root / "stats")
 
 
@@ -152,7 +153,7 @@ def test_aggregate_is_elementwise_max_and_task_order_invariant(setup, full_run):
     report, store = full_run
     assert report["tasks"] == sorted(s.name for s in sources)
     for layer in range(store.num_layers):
-        agg = store.aggregate_layer(layer)
+        agg = store.method_hessians("mlgptq", layer)
         per_task = [store.task_layer(t, layer) for t in report["tasks"]]
         for g, h in agg.items():
             stacked = torch.stack([p[g] for p in per_task])
@@ -174,7 +175,7 @@ def test_quantized_weights_use_the_max_aggregate(setup, full_run):
     _, store = full_run
     model = load_model(base)
     tensors = load_file(str(root / "ml" / "model.safetensors"))
-    agg = store.aggregate_layer(1)
+    agg = store.method_hessians("mlgptq", 1)
     for module in ("k_proj", "down_proj"):
         prefix = hf_prefix(1, module)
         w = load_file(str(base / "model.safetensors"))[f"{prefix}.weight"]

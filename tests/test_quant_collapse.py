@@ -34,7 +34,7 @@ def quantized(tmp_path_factory):
     sources = make_task_sources(root, base)
     cfg = MLGPTQConfig(method="mlgptq", grid=QuantGrid(bits=BITS, group_size=GROUP_SIZE), batch_tokens=96)
     quantize_base(base, sources, root / "ckpt", cfg, CalibrationConfig(tokens_per_task=150), root / "stats",
-                  progress=False)
+                  progress=False, keep_task_hessians=True)
     return base, root / "ckpt", StatsStore.open(root / "stats"), [s.name for s in sources]
 
 

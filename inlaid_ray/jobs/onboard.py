@@ -367,7 +367,7 @@ def _rollback(task: str, attempt: _Attempt, registry: TaskRegistry, store: Artif
                                                               report.error or "failed", attempt.staged)))
     parts.append(("artifacts", store.discard_published))
     if attempt.stats_undo is not None:
-        parts.append(("statistics", lambda: attempt.stats_undo.restore(store.stats_dir, task)))
+        parts.append(("statistics", lambda: attempt.stats_undo.restore(store.stats_dir)))
     for name, undo in parts:
         try:
             undo()

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from inlaid_ray.jobs.artifacts import ArtifactStore
 from inlaid_ray.jobs.onboard_args import Resolved
-from inlaid_ray.jobs.quant_step import StatsResult, compute_statistics, remove_task_statistics, requantize
+from inlaid_ray.jobs.quant_step import StatsResult, compute_statistics, requantize
 from inlaid_ray.jobs.remote import run_step
 from inlaid_ray.quant.incremental import TaskSource
 from inlaid_ray.quant.stats_store import StatsStore
@@ -27,23 +28,24 @@ class StatsUndo:
     """The statistics store as it was before this job touched it, to restore on rollback."""
 
     store_existed: bool = False
-    before: dict[str, Any] = field(default_factory=dict)  # task -> its stored record
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def before(self) -> dict[str, Any]:
+        """task -> its stored record, before the job."""
+        return dict(self.manifest.get("tasks", {}))
 
     @classmethod
     def capture(cls, stats_dir: Path) -> "StatsUndo":
         existed = StatsStore.is_store(stats_dir)
-        stored = StatsStore.open(stats_dir).tasks if existed else {}
-        return cls(existed, {n: asdict(r) for n, r in stored.items()})
+        return cls(existed, StatsStore.open(stats_dir).manifest if existed else {})
 
-    def restore(self, stats_dir: Path, task: str) -> None:
-        """Remove `task`'s statistics if this job wrote or changed them (and the store if it made it)."""
+    def restore(self, stats_dir: Path) -> None:
+        """Put the store back as it was (remove it if this job created it)."""
         if not self.store_existed:
-            remove_task_statistics(stats_dir, task, created_store=True)
-            return
-        store = StatsStore.open(stats_dir)
-        record = store.tasks.get(task)
-        if record is not None and asdict(record) != self.before.get(task):
-            store.remove_task(task)
+            shutil.rmtree(stats_dir, ignore_errors=True)
+        elif StatsStore.is_store(stats_dir):
+            StatsStore.open(stats_dir).restore(self.manifest)
 
 
 def base_meta(snapshot: Snapshot) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ from inlaid_ray.quant.calibration import CalibrationConfig
 from inlaid_ray.quant.incremental import TaskSource, compute_missing_stats, load_tasks, quantize_base
 from inlaid_ray.quant.incremental import hessian_settings
 from inlaid_ray.quant.measure import ResourceMeter
-from inlaid_ray.quant.mlgptq import GROUPS, MLGPTQConfig, aggregate_hessians
+from inlaid_ray.quant.mlgptq import GROUPS, MLGPTQConfig
 from inlaid_ray.quant.quantizer import QuantGrid
 from inlaid_ray.quant.stats_store import StatsStore, base_fingerprint
 
@@ -80,6 +80,7 @@ class StatsResult:
     basis: str  # what the comparison was made against
     resources: dict[str, Any] = field(default_factory=dict)
     copied: dict[str, str] = field(default_factory=dict)  # of `computed`, task -> the stored twin it copied
+    bytes: dict[str, Any] = field(default_factory=dict)  # the store's size afterwards (StatsStore.bytes_used)
 
     @property
     def num_changed(self) -> int:
@@ -136,10 +137,8 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
     else:
         store.check_compatible(base_fingerprint(base_dir), hessian_settings(cfg, calib_cfg, budget))
     dropped = sorted(t for t in set(retired) if t in store.tasks)
-    for name in dropped:
-        store.remove_task(name)
     with meter.phase("forward_hessian"):
-        stored = compute_missing_stats(model, store, tasks, cfg, progress)
+        stored = compute_missing_stats(model, store, tasks, cfg, progress, drop=dropped)
     del model
     with meter.phase("compare_aggregate"):
         changed, basis = aggregate_changes(store, base_tasks, settings.method, settings.min_change)
@@ -147,68 +146,40 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
         created_store=existing is None, computed=sorted(stored), replaced=sorted(t for t in stored if t in before),
         store_tasks=sorted(store.tasks), dropped=dropped, changed=changed,
         num_groups=store.num_layers * len(GROUPS), basis=basis, resources=meter.summary(),
-        copied={t: twin for t, twin in stored.items() if twin is not None},
+        copied={t: twin for t, twin in stored.items() if twin is not None}, bytes=store.bytes_used(),
     )
 
 
 def aggregate_changes(store: StatsStore, base_tasks: Sequence[Mapping[str, Any]] | None, method: str,
                       rtol: float = 1e-4) -> tuple[dict[int, list[str]], str]:
-    """({layer: [groups]} where `method`'s aggregate over all stored tasks differs from the one over
-    `base_tasks`, what was compared). For the element-wise max only a raised entry counts, read
-    against the running max; an entry counts only if it moves by more than `rtol` x the group's
-    largest entry (QuantSettings.min_change). Exact copies of a task count once in every aggregate,
-    so adding one changes nothing."""
+    """({layer: [groups]} where `method`'s aggregate over all stored tasks differs from the one the
+    current base was quantized with (`base_tasks`: its meta "tasks"), what was compared. Both are
+    generations of the store's aggregates, matched by their distinct (adapter, calibration)
+    pairs, so exact copies of a task count once and adding one changes nothing. An entry counts
+    only if it moves by more than `rtol` x the group's largest entry (QuantSettings.min_change)."""
     everything = {layer: list(GROUPS) for layer in range(store.num_layers)}
     if base_tasks is None:
         return everything, "no quantized base is current: every layer is new"
     stored = store.tasks
-    names = sorted(str(t["name"]) for t in base_tasks)
     stale = [t["name"] for t in base_tasks if t["name"] not in stored
              or stored[t["name"]].adapter_hash != t.get("adapter_sha256")
              or stored[t["name"]].calibration_hash != t.get("calibration_sha256")]
     if stale:
         return everything, f"statistics of base tasks {sorted(stale)} are missing or were replaced: every layer"
-    extra = sorted(set(stored) - set(names))
-    if not extra:
-        return {}, f"the store holds exactly the current base's tasks {names}"
-    if method != "mlgptq":
-        return _pooled_aggregate_changes(store, names, extra, method, rtol), \
-            f"{method} over {names} + {extra} vs over {names}"
-    use_aggregate = sorted(store.aggregate_tasks) == names
+    names = sorted(str(t["name"]) for t in base_tasks)
+    keys = {(t["adapter_sha256"], t["calibration_sha256"]) for t in base_tasks}
+    if set(store.current_keys()) == keys:
+        return {}, f"the stored tasks {sorted(stored)} have the statistics of the current base's {names}"
+    old = store.generation_with_keys(keys)
+    if old is None:
+        return everything, f"the aggregates the current base was quantized from ({names}) are no longer kept: every layer"
     changed: dict[int, list[str]] = {}
     for layer in range(store.num_layers):
-        if use_aggregate:
-            old = store.aggregate_layer(layer)
-        else:
-            parts = [store.task_layer(t, layer) for t in names]
-            old = {g: torch.stack([p[g] for p in parts]).amax(dim=0) for g in parts[0]}
-        new_parts = [store.task_layer(t, layer) for t in extra]
-        groups = [g for g in old
-                  if any(float((p[g] - old[g]).max()) > rtol * float(old[g].abs().max()) for p in new_parts)]
+        before, after = store.method_hessians(method, layer, old), store.method_hessians(method, layer)
+        groups = [g for g in GROUPS if float((after[g] - before[g]).abs().max()) > rtol * float(before[g].abs().max())]
         if groups:
             changed[layer] = groups
-    return changed, f"max over {names} + {extra} vs max over {names}"
-
-
-def _pooled_aggregate_changes(store: StatsStore, names: list[str], extra: list[str], method: str,
-                              rtol: float) -> dict[int, list[str]]:
-    """Groups whose token-weighted (gptq-mixed, mlgptq-channel) aggregate moves when `extra` join."""
-    old_names, new_names = store.distinct(names), store.distinct(names + extra)
-    if old_names == new_names:  # every extra task is a copy of a base task
-        return {}
-    counts = {t: store.tasks[t].mix_weight for t in new_names + old_names}
-    changed: dict[int, list[str]] = {}
-    for layer in range(store.num_layers):
-        parts = {t: store.task_layer(t, layer) for t in set(old_names + new_names)}
-        groups = []
-        for g in GROUPS:
-            old = aggregate_hessians(method, [parts[t][g] for t in old_names], [counts[t] for t in old_names])
-            new = aggregate_hessians(method, [parts[t][g] for t in new_names], [counts[t] for t in new_names])
-            if float((new - old).abs().max()) > rtol * float(old.abs().max()):
-                groups.append(g)
-        if groups:
-            changed[layer] = groups
-    return changed
+    return changed, f"{method} over {sorted(stored)} vs over {names}"
 
 
 def requantize(base_dir: str | Path, stats_dir: str | Path, out_dir: str | Path,
@@ -220,18 +191,3 @@ def requantize(base_dir: str | Path, stats_dir: str | Path, out_dir: str | Path,
     cfg, calib_cfg, _ = configs(settings, model_config, store)
     return quantize_base(base_dir, [], out_dir, cfg, calib_cfg, stats_dir, progress=progress,
                          meter=ResourceMeter(cfg.device))
-
-
-def remove_task_statistics(stats_dir: str | Path, task: str, created_store: bool) -> None:
-    """Rollback of `compute_statistics` for `task`: drop the store if this attempt created it, else
-    forget the task (the running max is rebuilt from the per-task files on the next use)."""
-    import shutil
-
-    stats_dir = Path(stats_dir)
-    if created_store:
-        shutil.rmtree(stats_dir, ignore_errors=True)
-        return
-    if StatsStore.is_store(stats_dir):
-        store = StatsStore.open(stats_dir)
-        if task in store.tasks:
-            store.remove_task(task)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from inlaid_ray.devices import parse_dtype, resolve_device
 from inlaid_ray.lora.peft_io import load_peft_adapter
 from inlaid_ray.model import ModelConfig, load_tokenizer

@@ -15,6 +15,7 @@ import torch
 
 from inlaid_ray.config import Settings
 from inlaid_ray.devices import DTYPES, parse_dtype, resolve_device
+from inlaid_ray.errors import InvalidRequest
 from inlaid_ray.quant.mlgptq import METHODS
 from inlaid_ray.quant.quantizer import SUPPORTED_BITS
 
@@ -59,7 +60,11 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-true-sequential", action="store_true", help="with --activation-source quantized: one step per block")
     p.add_argument("--no-adapter-calibration", action="store_true",
                    help="calibrate without the task adapters (the MLGPTQ_no_target ablation)")
-    p.add_argument("--stats-dir", help="per-task statistics store (created if missing, reused and extended if present)")
+    p.add_argument("--stats-dir", help="statistics store (created if missing, reused and extended if present): each "
+                                       "task's calibration sample and the running aggregates")
+    p.add_argument("--keep-task-hessians", action="store_true",
+                   help="a new --stats-dir store also keeps every task's Hessians (~0.4 GB a task on SmolLM2; "
+                        "gptq-per-task and the research aggregates need them)")
     p.add_argument("--tokens-per-task", type=int, help="calibration tokens per task (default: the smallest task's total)")
     p.add_argument("--max-seq-len", type=int, default=512, help="calibration sequences are cut to this length")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
@@ -83,7 +88,7 @@ def run_quantize(args: argparse.Namespace, settings: Settings) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.add_task and not (args.stats_dir and StatsStore.is_store(args.stats_dir)):
-        raise SystemExit(f"--add-task needs an existing statistics store in --stats-dir (got {args.stats_dir!r})")
+        raise InvalidRequest(f"--add-task needs an existing statistics store in --stats-dir (got {args.stats_dir!r})")
     grid = QuantGrid(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act,
                      static_groups=args.static_groups, damp_percent=args.damp,
                      true_sequential=not args.no_true_sequential, psd_repair=args.psd_repair)
@@ -94,7 +99,8 @@ def run_quantize(args: argparse.Namespace, settings: Settings) -> int:
     calib = CalibrationConfig(tokens_per_task=args.tokens_per_task, max_seq_len=args.max_seq_len, seed=args.seed,
                               pack_tokens=args.pack_tokens)
     sources = [TaskSource.parse(s) for s in [*args.task, *args.add_task]]
-    report = quantize_base(base_dir_from_args(args, settings), sources, args.out, cfg, calib, args.stats_dir, args.overwrite)
+    report = quantize_base(base_dir_from_args(args, settings), sources, args.out, cfg, calib, args.stats_dir,
+                           args.overwrite, keep_task_hessians=args.keep_task_hessians)
     res = report["resources"]["total"]
     print(f"{args.method} {args.bits}-bit g{args.group_size}: tasks {report['tasks']} "
           f"(statistics computed for {report['computed_tasks']}) -> {', '.join(report['out_dirs'].values())}")

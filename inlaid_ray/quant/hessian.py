@@ -131,7 +131,15 @@ def channel_max_aggregate_hessians(
     the max turns indefinite: max of task-dependent entries is a positively biased random matrix)."""
     mix = mix_aggregate_hessians(hs, token_counts)
     top = torch.stack([_as_tensor(h).diagonal().to(mix.device, torch.float32) for h in hs]).amax(dim=0)
+    return channel_max_from_mix(mix, top)
+
+
+def channel_max_from_mix(mix: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """`S M S` with `S = diag(sqrt(top / diag(M)))`: the mix `M` rescaled so that its diagonal is
+    `top` (every channel's max energy over tasks); channels the mix never saw stay as they are."""
+    mix = mix.float().clone()
     mean = mix.diagonal()
+    top = top.to(mix.device, torch.float32)
     scale = torch.where(mean > 0, (top / mean.clamp_min(torch.finfo(mean.dtype).tiny)).sqrt(), torch.ones_like(mean))
     return mix.mul_(scale.unsqueeze(1)).mul_(scale.unsqueeze(0))
 

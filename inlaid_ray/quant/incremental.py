@@ -3,11 +3,12 @@
 
 `quantize_base` is the one entry point (CLI, load tests, onboarding job): with
 activation_source="fp16" it (1) computes the per-task Hessians of tasks not yet in the store
-(fp16 base + that task's adapter), (2) brings the running element-wise max up to date with the
-new tasks only, (3) re-runs GPTQ for every Linear from the fp16 weights with the aggregate, and
-(4) writes a GPTQ v1 checkpoint. A full run is the same call on an empty store, so "incremental
-== full" is exact by construction of the max (associative, commutative, idempotent) and is
-checked bit for bit by `checkpoints_identical`. `measure_incremental_vs_full` times both for
+(fp16 base + that task's adapter) and (2) folds them into the store's running aggregates (sum,
+element-wise max, diagonal max: stats_store.py), (3) re-runs GPTQ for every Linear from the fp16
+weights with the method's aggregate, and (4) writes a GPTQ v1 checkpoint. A full run is the same
+call on an empty store, so "incremental == full" holds by construction (the max is associative,
+commutative and idempotent; the fp64 sum of fp32 terms is exact, module docstring of
+stats_store.py) and is checked bit for bit by `checkpoints_identical`. `measure_incremental_vs_full` times both for
 2..N tasks (the Table 4 analogue).
 """
 
@@ -32,6 +33,7 @@ from inlaid_ray.model.config import ModelConfig
 from inlaid_ray.model.tokenizer import load_tokenizer
 from inlaid_ray.model.transformer import Transformer
 from inlaid_ray.quant.calibration import (
+    CalibrationSet,
     CalibrationConfig,
     available_tokens,
     build_calibration_sets,
@@ -54,7 +56,13 @@ from inlaid_ray.quant.mlgptq import (
     sequential_quantize,
     unquantized_tensors,
 )
-from inlaid_ray.quant.stats_store import StatsStore, TaskRecord, base_fingerprint, check_task_name
+from inlaid_ray.quant.stats_store import (
+    AGGREGATE_METHODS,
+    StatsStore,
+    TaskRecord,
+    base_fingerprint,
+    check_task_name,
+)
 
 log = logging.getLogger(__name__)
 MLGPTQ_META_VERSION = 1
@@ -93,7 +101,8 @@ def load_tasks(
     adapters = {s.name: load_peft_adapter(s.adapter_dir, model_config, name=s.name, dtype=dtype)
                 if s.adapter_dir is not None else None for s in sources}
     calib = build_calibration_sets({s.name: s.calibration for s in sources}, tokenizer, calib_cfg, budget)
-    return [CalibrationTask(s.name, adapters[s.name], calib[s.name]) for s in sources]
+    return [CalibrationTask(s.name, adapters[s.name], calib[s.name],
+                            str(s.adapter_dir.resolve()) if s.adapter_dir is not None else "") for s in sources]
 
 
 def resolve_task_budget(sources: Sequence[TaskSource], tokenizer: Any, calib_cfg: CalibrationConfig) -> int:
@@ -116,49 +125,95 @@ def hessian_settings(cfg: MLGPTQConfig, calib_cfg: CalibrationConfig, budget: in
 def _record(task: CalibrationTask, seed: int, cfg: MLGPTQConfig) -> TaskRecord:
     c = task.calibration
     return TaskRecord(task.name, task.adapter_hash, c.digest, c.num_tokens, c.num_sequences, seed,
-                      hessian_weight(c, cfg))
+                      hessian_weight(c, cfg), task.adapter_path)
+
+
+def _stored_task(model: Transformer, store: StatsStore, name: str, cfg: MLGPTQConfig) -> CalibrationTask:
+    """A stored task as it was calibrated: its sample from the store, its adapter read again from
+    where it was recorded (and checked against the recorded hash)."""
+    record = store.tasks[name]
+    adapter = None
+    if record.adapter_hash:
+        if not record.adapter_path or not Path(record.adapter_path).is_dir():
+            raise FileNotFoundError(f"statistics store {store.root}: rebuilding the aggregates needs task {name!r}'s "
+                                    f"adapter, recorded at {record.adapter_path or '(nowhere)'}, which is gone")
+        adapter = load_peft_adapter(record.adapter_path, model.config, name=name, dtype=cfg.dtype)
+        if adapter.content_hash != record.adapter_hash:
+            raise ValueError(f"statistics store {store.root}: the adapter of task {name!r} at {record.adapter_path} "
+                             "changed since its statistics were computed")
+    return CalibrationTask(name, adapter, CalibrationSet(name, store.calibration(name)), record.adapter_path)
 
 
 def compute_missing_stats(
-    model: Transformer, store: StatsStore, tasks: Sequence[CalibrationTask], cfg: MLGPTQConfig, progress: bool = True
+    model: Transformer, store: StatsStore, tasks: Sequence[CalibrationTask], cfg: MLGPTQConfig, progress: bool = True,
+    drop: Sequence[str] = (),
 ) -> dict[str, str | None]:
-    """Collect and store the Hessians of every task the store lacks (or holds for another adapter /
-    other calibration tokens); returns {task: None, or the stored twin whose Hessians it copied}.
-    A twin (same adapter, same calibration sample) has exactly the statistics a pass would give,
-    so an exact copy of a task costs no forward pass. One adapter in the bank at a time, so a
-    task's numbers never depend on which other tasks are present."""
+    """Bring the store up to date in one transaction: drop `drop`, add every task of `tasks` it
+    lacks (or holds for another adapter / other calibration tokens), and fold them into the
+    aggregates. Returns {task added: None, or the covered twin whose statistics it copied}: an
+    exact copy (same adapter, same calibration sample) costs no forward pass. Dropping or
+    replacing a task rebuilds the aggregates from every remaining one (their stored Hessians, or
+    recomputed from their stored calibration and adapters). One adapter in the bank at a time,
+    so a task's numbers never depend on which other tasks are present."""
     seed = int(store.settings["calibration"]["seed"])
     todo = [t for t in tasks if not store.has_task(_record(t, seed, cfg))]
+    update = store.update(drop=drop, rebuild=any(t.name in store.tasks for t in todo))
+    again = [n for n in update.readd if n not in {t.name for t in todo}]
     done: dict[str, str | None] = {}
-    bar = Progress(total=len(todo) * model.config.num_layers, desc="hessians", unit="layer", disable=not progress)
-    for task in todo:
-        record = _record(task, seed, cfg)
-        twin = store.twin_of(record)
-        if twin is not None:
-            store.copy_task(twin, record)
-            log.info("task %s: same adapter and calibration sample as %s; its statistics were copied", task.name, twin)
-            bar.update(model.config.num_layers)
+    recompute = [] if store.keep_task_hessians else again
+    bar = Progress(total=(len(todo) + len(recompute)) * model.config.num_layers, desc="hessians", unit="layer",
+                   disable=not progress)
+    try:
+        for name in again:  # a rebuild: the remaining tasks, from their stored Hessians or recomputed
+            record = store.tasks[name]
+            fold = update.begin(record, store.calibration(name))
+            if store.keep_task_hessians:
+                for layer in range(store.num_layers):
+                    fold.layer(layer, store.task_layer(name, layer))
+            else:
+                _collect(model, _stored_task(model, store, name, cfg), cfg, fold, bar)
+            fold.done()
+        for task in todo:
+            record = _record(task, seed, cfg)
+            fold = update.begin(record, task.calibration.sequences)
+            twin = update.twin_of(record)
+            if twin is not None:
+                source = update.new[twin][1] if twin in update.new else store.root / "tasks" / twin
+                fold.copy_layers_from(source)
+                log.info("task %s: same adapter and calibration sample as %s; its statistics are copied",
+                         task.name, twin)
+                bar.update(model.config.num_layers)
+            else:
+                _collect(model, task, cfg, fold, bar)
+            fold.done()
             done[task.name] = twin
-            continue
-        bar.set_postfix_str(task.name)
-        bank, slots = make_adapter_bank(model, [task])
-        writer = store.task_writer(task.name)
-        try:
-            collect_task_hessians(model, bank, slots.get(task.name, -1), task, cfg, writer.write_layer, bar)
-            writer.commit(record)
-        except BaseException:
-            writer.abort()
-            raise
-        done[task.name] = None
-    bar.close()
+        update.commit()
+    except BaseException:
+        update.abort()
+        raise
+    finally:
+        bar.close()
     return dict(sorted(done.items()))
 
 
+def _collect(model: Transformer, task: CalibrationTask, cfg: MLGPTQConfig, fold: Any, bar: Progress) -> None:
+    bar.set_postfix_str(task.name)
+    bank, slots = make_adapter_bank(model, [task])
+    collect_task_hessians(model, bank, slots.get(task.name, -1), task, cfg, fold.layer, bar)
+
+
+PER_TASK_METHODS = ("gptq-per-task", "mlgptq-eigenbasis", "mlgptq-normalized")  # need every H_t kept
+
+
 def _hessians_source(store: StatsStore, method: str, tasks: Sequence[str]) -> Callable[[int], dict[str, torch.Tensor]]:
-    if method == "mlgptq":
-        store.update_max_aggregate(tasks)
-        return store.aggregate_layer
-    tasks = store.distinct(tasks)  # a copied task counts once: an identical task never moves the mix
+    if method not in PER_TASK_METHODS:
+        if not store.aggregate_current:
+            raise ValueError(f"{store.root}: the aggregates do not cover the stored tasks; add or drop tasks first")
+        return lambda layer: store.method_hessians(method, layer)
+    if not store.keep_task_hessians:
+        raise ValueError(f"method {method!r} needs every task's Hessians: use a store created with "
+                         "keep_task_hessians=True")
+    tasks = store.distinct(tasks)  # a copied task counts once
     counts = [store.tasks[t].mix_weight for t in tasks]
 
     def per_layer(layer: int) -> dict[str, torch.Tensor]:
@@ -208,9 +263,11 @@ def quantize_base(
     overwrite: bool = False,
     progress: bool = True,
     meter: ResourceMeter | None = None,
+    keep_task_hessians: bool = False,
 ) -> dict[str, Any]:
     """Quantize the base in `base_dir` for `sources` (plus every task already in `stats_dir`) and
-    write the checkpoint to `out_dir` (gptq-per-task: one per task in `out_dir/<task>`).
+    write the checkpoint to `out_dir` (gptq-per-task: one per task in `out_dir/<task>`). A new
+    store keeps every task's Hessians when `keep_task_hessians` or the method needs them.
     Returns a report: output dirs, served / computed tasks, layer info, resources per phase."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     meter = meter or ResourceMeter(cfg.device)
@@ -248,7 +305,8 @@ def quantize_base(
                 store.check_compatible(base, settings)
             tasks = load_tasks(sources, tokenizer, model.config, calib_cfg, budget, cfg.dtype)  # fails before writing
             if store is None:
-                store = StatsStore.create(stats_dir or tmp, base, settings, model.config.num_layers)
+                store = StatsStore.create(stats_dir or tmp, base, settings, model.config.num_layers,
+                                          keep_task_hessians=keep_task_hessians or cfg.method in PER_TASK_METHODS)
             stored = compute_missing_stats(model, store, tasks, cfg, progress)
             report["computed_tasks"] = sorted(stored)
             report["copied_tasks"] = {t: twin for t, twin in stored.items() if twin is not None}
@@ -271,6 +329,9 @@ def quantize_base(
                 meta = checkpoint_meta(cfg, calib, recs, info)
                 report["out_dirs"][key] = str(save_checkpoint(out, base_dir, model, packed, cfg, meta, overwrite))
             report["layers"][key] = info
+        if cfg.method in AGGREGATE_METHODS:
+            store.mark_quantized()
+        report["statistics_bytes"] = store.bytes_used()
     report.update(tasks=served, budget=budget, resources=meter.summary())
     return report
 

@@ -115,6 +115,7 @@ class CalibrationTask:
     name: str
     adapter: LoRAAdapter | None
     calibration: CalibrationSet
+    adapter_path: str = ""  # where the adapter was read (a statistics store reads it again to rebuild)
 
     @property
     def adapter_hash(self) -> str:

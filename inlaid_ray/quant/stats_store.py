@@ -1,19 +1,31 @@
-"""On-disk store of MLGPTQ per-task statistics (docs/algorithms.md 6.2), so that adding a task
-computes only that task's Hessians and re-quantizes from the fp16 base (6.3).
+"""On-disk store of MLGPTQ statistics whose size per task is the task's calibration sample, not its
+Hessians (docs/algorithms.md 6.2), so that adding a task computes only that task's Hessians and
+re-quantizes from the fp16 base (6.3), and a store of thousands of tasks stays small.
 
-Layout (safetensors only, one file per block, fp32 so that nothing is lost):
+Layout (safetensors only):
 
-    store.json                         manifest: base reference, settings, tasks, aggregate
-    tasks/<task>/layer_000.safetensors {attn_in, attn_out, mlp_in, mlp_out}: H_t [d_in, d_in]
-    aggregate/layer_000.safetensors    the running element-wise max over `aggregate.tasks`
+    store.json                              manifest: base reference, settings, tasks, generations
+    tasks/<task>/calibration.safetensors    the task's calibration sample (token ids + lengths)
+    tasks/<task>/layer_000.safetensors      {group: H_t} fp32, only in a store created with
+                                            keep_task_hessians (research tools read them)
+    aggregates/<generation>/layer_000.safetensors
+        per Linear input group g, over the DISTINCT tasks the generation covers (an exact copy of a
+        task - same adapter, same calibration sample - counts once):
+        sum.g  = sum_t w_t H_t   fp64  (w_t = the task's token weight; mix = sum / sum_t w_t)
+        max.g  = max_t H_t       fp32  (MLGPTQ's element-wise max, 5.3)
+        diag.g = max_t diag(H_t) fp32  (the channel max's diagonal, 5.4)
 
-The manifest records, per task, the adapter's sha256, the sha256 of the calibration token ids,
-the token/sequence counts and the seed; globally the base model's reference (path + sha256 of its
-weights and config: re-quantization always starts from those fp16 weights, never from a
-dequantized checkpoint, 11 item 5) and every setting the Hessians depend on. A store refuses a
-base or settings that differ from the ones it was built with. Every write goes to a temporary
-name first and is renamed into place, and the manifest is replaced last, so an interrupted run
-leaves the store as it was.
+Every fp32 H_t times an integer token count is exact in fp64, so the running sum equals a sum in
+any other order unless its terms span more than 2^9 in magnitude at one position, and the max is
+exact by construction: "incremental == full" (tests/test_incremental.py checks it bit for bit).
+A max cannot drop a task, so retiring or replacing one rebuilds the aggregates from every
+remaining task: from the stored Hessians in a keep store, else by recomputing each task's
+Hessians from its stored calibration sample and its adapter (`TaskRecord.adapter_path`, checked
+against its hash). An update writes a new generation; the manifest, replaced last, names the
+current one, the previous one (what an interrupted onboarding restores) and the one the last
+quantized base was made from (what the next onboarding compares against); older generations are
+deleted. The manifest records the base's reference (path + sha256 of its weights and config) and
+every setting the Hessians depend on, and a store refuses a base or settings that differ.
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ import hashlib
 import json
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,20 +44,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from inlaid_ray.atomic_files import write_json_atomic
-from inlaid_ray.quant.hessian import max_aggregate_hessians
+from inlaid_ray.quant.hessian import channel_max_from_mix
 
 STORE_FORMAT = "inlaid-ray-mlgptq-stats"
-STORE_VERSION = 1
+STORE_VERSION = 2
 MANIFEST = "store.json"
+CALIBRATION_FILE = "calibration.safetensors"
+AGGREGATE_METHODS = ("mlgptq", "mlgptq-channel", "gptq-mixed")  # quantized from the aggregates alone
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass(frozen=True)
 class TaskRecord:
-    """What a task's stored Hessians were computed from."""
+    """What a task's statistics were computed from."""
 
     name: str
-    adapter_hash: str  # sha256 of adapter_model.safetensors ("" = no adapter)
+    adapter_hash: str  # sha256 of the adapter's tensors ("" = no adapter)
     calibration_hash: str  # CalibrationSet.digest
     num_tokens: int
     num_sequences: int
@@ -52,6 +67,7 @@ class TaskRecord:
     # The Hessians' normaliser, sum of token weights, when the first tokens of each sequence were
     # down-weighted (MLGPTQConfig.sink_weight); None = num_tokens. Aggregates weigh tasks by it.
     weight: float | None = None
+    adapter_path: str = ""  # where the adapter is read again when the aggregates are rebuilt
 
     @property
     def mix_weight(self) -> float:
@@ -59,10 +75,13 @@ class TaskRecord:
 
     @property
     def content_key(self) -> tuple[str, str, int, float]:
-        """What the stored Hessians are a function of besides the store's settings: two records with
-        one key hold the same statistics whatever the task names (calibration samples are seeded by
+        """What the task's Hessians are a function of besides the store's settings: two records with
+        one key have the same statistics whatever their names (calibration samples are seeded by
         content, not by name)."""
         return self.adapter_hash, self.calibration_hash, self.seed, self.mix_weight
+
+    def same_statistics(self, other: "TaskRecord") -> bool:
+        return self.name == other.name and self.content_key == other.content_key
 
 
 def check_task_name(name: str) -> str:
@@ -96,8 +115,18 @@ def _save_hessians(path: Path, hs: Mapping[str, torch.Tensor]) -> None:
     save_file({g: h.detach().to("cpu", torch.float32).contiguous() for g, h in hs.items()}, str(path))
 
 
+def _save_calibration(path: Path, sequences: Sequence[Sequence[int]]) -> None:
+    tokens = torch.tensor([t for s in sequences for t in s], dtype=torch.int32)
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int32)
+    save_file({"tokens": tokens, "lengths": lengths}, str(path))
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
 class StatsStore:
-    """A directory of per-task Hessians plus their running max (see module docstring)."""
+    """A directory of per-task calibration samples and their running aggregates (module docstring)."""
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
@@ -110,17 +139,20 @@ class StatsStore:
 
     @classmethod
     def create(cls, root: str | Path, base: Mapping[str, str], settings: Mapping[str, Any], num_layers: int,
-               overwrite: bool = False) -> "StatsStore":
-        """A new, empty store for `base` (a `base_fingerprint`) and the Hessian `settings`."""
+               keep_task_hessians: bool = False, overwrite: bool = False) -> "StatsStore":
+        """A new, empty store for `base` (a `base_fingerprint`) and the Hessian `settings`;
+        `keep_task_hessians` also keeps every task's Hessians (~0.4 GB a task on SmolLM2)."""
         root = Path(root)
         if root.exists() and any(root.iterdir()):
             if not overwrite:
                 raise FileExistsError(f"{root} already exists and is not empty (pass overwrite=True to replace it)")
             shutil.rmtree(root)
         (root / "tasks").mkdir(parents=True, exist_ok=True)
+        (root / "aggregates").mkdir(exist_ok=True)
         manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "base": dict(base),
                     "settings": json.loads(json.dumps(dict(settings))), "num_layers": num_layers,
-                    "tasks": {}, "aggregate": {"method": "max", "tasks": []}}
+                    "keep_task_hessians": keep_task_hessians, "tasks": {}, "generations": {},
+                    "current": None, "previous": None, "quantized_from": None}
         write_json_atomic(root / MANIFEST, manifest)
         return cls(root, manifest)
 
@@ -133,7 +165,8 @@ class StatsStore:
         manifest = json.loads(path.read_text())
         if manifest.get("format") != STORE_FORMAT or manifest.get("version") != STORE_VERSION:
             raise ValueError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-                             f"expected {STORE_FORMAT!r} version {STORE_VERSION}")
+                             f"expected {STORE_FORMAT!r} version {STORE_VERSION} (a store of an older inlaid-ray: "
+                             "remove the directory and the next run rebuilds it)")
         return cls(root, manifest)
 
     def check_compatible(self, base: Mapping[str, str], settings: Mapping[str, Any]) -> None:
@@ -160,22 +193,24 @@ class StatsStore:
         return self.manifest["settings"]
 
     @property
+    def keep_task_hessians(self) -> bool:
+        return bool(self.manifest["keep_task_hessians"])
+
+    @property
     def tasks(self) -> dict[str, TaskRecord]:
         return {n: TaskRecord(**r) for n, r in sorted(self.manifest["tasks"].items())}
 
     def has_task(self, record: TaskRecord) -> bool:
         """True when `record.name` is stored with the same adapter and calibration tokens."""
         old = self.manifest["tasks"].get(record.name)
-        return old is not None and TaskRecord(**old) == record
+        return old is not None and TaskRecord(**old).same_statistics(record)
 
     def twin_of(self, record: TaskRecord) -> str | None:
         """A stored task (first by name) whose statistics `record` would reproduce exactly, if any."""
         return next((n for n, r in self.tasks.items() if n != record.name and r.content_key == record.content_key), None)
 
     def distinct(self, names: Sequence[str]) -> list[str]:
-        """`names` without exact copies (first by name of each content key): an aggregate that
-        weighs tasks (the mix, the channel max) counts a copied task once, so that an identical
-        task never changes the base."""
+        """`names` without exact copies (the first by name of each content key)."""
         records, seen, out = self.tasks, set(), []
         for name in sorted(names):
             key = records[name].content_key
@@ -184,114 +219,237 @@ class StatsStore:
                 out.append(name)
         return out
 
-    def copy_task(self, source: str, record: TaskRecord) -> None:
-        """Store `record` with the Hessians of `source` (its twin: same content key)."""
-        if self.tasks[source].content_key != record.content_key:
-            raise ValueError(f"task {record.name!r} is not a copy of {source!r}: their statistics differ")
-        writer = self.task_writer(record.name)
-        try:
-            for layer in range(self.num_layers):
-                shutil.copyfile(self.root / "tasks" / source / _layer_file(layer), writer.partial / _layer_file(layer))
-                writer.layers.add(layer)
-            writer.commit(record)
-        except BaseException:
-            writer.abort()
-            raise
-
-    def task_writer(self, name: str) -> "TaskWriter":
-        return TaskWriter(self, check_task_name(name))
+    def calibration(self, name: str) -> tuple[tuple[int, ...], ...]:
+        """The calibration sample a task's Hessians were computed from."""
+        data = load_file(str(self.root / "tasks" / name / CALIBRATION_FILE))
+        tokens, out, start = data["tokens"].tolist(), [], 0
+        for n in data["lengths"].tolist():
+            out.append(tuple(tokens[start : start + n]))
+            start += n
+        return tuple(out)
 
     def task_layer(self, name: str, layer: int) -> dict[str, torch.Tensor]:
-        """{group: H_t} of one task and layer (fp32, CPU)."""
+        """{group: H_t} of one task and layer (fp32, CPU); only a keep_task_hessians store has them."""
         if name not in self.manifest["tasks"]:
             raise KeyError(f"task {name!r} is not in the store {self.root} (stored: {sorted(self.manifest['tasks'])})")
+        if not self.keep_task_hessians:
+            raise ValueError(f"{self.root} keeps no per-task Hessians (create it with keep_task_hessians=True)")
         return load_file(str(self.root / "tasks" / name / _layer_file(layer)))
 
-    def remove_task(self, name: str) -> None:
-        """Forget a task; the running max cannot drop it (max is not invertible), so it is rebuilt later."""
-        if self.manifest["tasks"].pop(name, None) is None:
-            raise KeyError(f"task {name!r} is not in the store {self.root}")
-        self.manifest["aggregate"]["tasks"] = []  # stale: recomputed from the per-task files
-        write_json_atomic(self.root / MANIFEST, self.manifest)
-        shutil.rmtree(self.root / "tasks" / name, ignore_errors=True)
+    # ------------------------------------------------------------------ aggregates
+    def _generation(self, gid: str | None = None) -> dict[str, Any]:
+        gid = gid or self.manifest["current"]
+        if gid is None:
+            raise ValueError(f"{self.root}: no aggregate yet (no task was added)")
+        return self.manifest["generations"][gid]
 
-    def _commit_task(self, record: TaskRecord, partial: Path) -> None:
-        final = self.root / "tasks" / record.name
-        replaced = record.name in self.manifest["tasks"]
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
-        self.manifest["tasks"][record.name] = asdict(record)
-        if replaced:  # the old H_t may be inside the running max: rebuild it from the task files
-            self.manifest["aggregate"]["tasks"] = []
-        write_json_atomic(self.root / MANIFEST, self.manifest)
-
-    # ------------------------------------------------------------------ running max
     @property
     def aggregate_tasks(self) -> list[str]:
-        return list(self.manifest["aggregate"]["tasks"])
+        """The tasks the current aggregates cover."""
+        return [] if self.manifest["current"] is None else list(self._generation()["tasks"])
 
-    def aggregate_layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """{group: max_t H_t} over `aggregate_tasks` for one layer."""
-        if not self.aggregate_tasks:
-            raise ValueError(f"{self.root}: the aggregate is empty or stale; call update_max_aggregate() first")
-        return load_file(str(self.root / "aggregate" / _layer_file(layer)))
+    @property
+    def aggregate_current(self) -> bool:
+        """Whether the current aggregates cover exactly the stored tasks (else a rebuild is due)."""
+        return sorted(self.aggregate_tasks) == sorted(self.manifest["tasks"])
 
-    def update_max_aggregate(self, tasks: Sequence[str] | None = None) -> list[str]:
-        """Make the running max cover `tasks` (default: every stored task). Only tasks not yet in
-        it are read (6.3: `H_agg_new = max(H_agg_old, H_new)`, exact because max is associative
-        and idempotent); a stale aggregate is rebuilt from all of them. Returns the tasks read."""
-        tasks = sorted(self.manifest["tasks"] if tasks is None else tasks)
-        missing = [t for t in tasks if t not in self.manifest["tasks"]]
-        if missing:
-            raise KeyError(f"tasks {missing} are not in the store {self.root}")
-        have = self.aggregate_tasks
-        if have and not set(have) <= set(tasks):
-            raise ValueError(f"the aggregate covers {have}, which is not a subset of {tasks}; a max cannot drop tasks")
-        new = [t for t in tasks if t not in have]
-        if not new:
-            return []
-        partial = self.root / "aggregate.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        for layer in range(self.num_layers):
-            parts = [self.aggregate_layer(layer)] if have else []
-            parts += [self.task_layer(t, layer) for t in new]
-            agg = {g: max_aggregate_hessians([p[g] for p in parts]) for g in parts[0]}
-            _save_hessians(partial / _layer_file(layer), agg)
-        final = self.root / "aggregate"
-        old = self.root / "aggregate.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        partial.rename(final)
-        self.manifest["aggregate"]["tasks"] = tasks
+    def generation_with_keys(self, keys: Iterable[tuple[str, str]]) -> str | None:
+        """A kept generation over exactly these distinct (adapter hash, calibration hash) pairs."""
+        want = sorted({tuple(k) for k in keys})
+        return next((gid for gid, g in self.manifest["generations"].items()
+                     if sorted(tuple(k) for k in g["keys"]) == want), None)
+
+    def current_keys(self) -> list[tuple[str, str]]:
+        return [] if self.manifest["current"] is None else [tuple(k) for k in self._generation()["keys"]]
+
+    def aggregate_layer(self, layer: int, gid: str | None = None) -> dict[str, torch.Tensor]:
+        """The raw aggregates of one layer: {"sum.g", "max.g", "diag.g"} (module docstring)."""
+        return load_file(str(self.root / "aggregates" / (gid or self.manifest["current"]) / _layer_file(layer)))
+
+    def method_hessians(self, method: str, layer: int, gid: str | None = None) -> dict[str, torch.Tensor]:
+        """{group: H} that `method` quantizes layer `layer` with, from generation `gid` (default: current)."""
+        if method not in AGGREGATE_METHODS:
+            raise ValueError(f"method {method!r} needs per-task Hessians; the aggregates serve {AGGREGATE_METHODS}")
+        data, weight = self.aggregate_layer(layer, gid), float(self._generation(gid)["weight"])
+        out = {}
+        for g in sorted({k.split(".", 1)[1] for k in data}):
+            if method == "mlgptq":
+                out[g] = data[f"max.{g}"]
+            else:
+                mix = (data[f"sum.{g}"] / weight).float()
+                out[g] = mix if method == "gptq-mixed" else channel_max_from_mix(mix, data[f"diag.{g}"])
+        return out
+
+    def mark_quantized(self) -> None:
+        """Record that a base was quantized from the current aggregates (they are kept for comparison)."""
+        self.manifest["quantized_from"] = self.manifest["current"]
         write_json_atomic(self.root / MANIFEST, self.manifest)
-        shutil.rmtree(old, ignore_errors=True)
-        return new
+
+    def update(self, drop: Sequence[str] = (), rebuild: bool = False) -> "StoreUpdate":
+        """A transaction adding tasks (and dropping `drop`); see StoreUpdate."""
+        return StoreUpdate(self, drop, rebuild)
+
+    def restore(self, before: Mapping[str, Any]) -> None:
+        """Put back a manifest captured earlier (an interrupted onboarding's undo). Tasks whose files
+        are gone since are left out, and a generation no longer on disk is forgotten: the
+        aggregates are then rebuilt by the next update."""
+        manifest = json.loads(json.dumps(dict(before)))
+        manifest["tasks"] = {n: r for n, r in manifest["tasks"].items()
+                             if (self.root / "tasks" / n / CALIBRATION_FILE).is_file()}
+        manifest["generations"] = {g: v for g, v in manifest["generations"].items()
+                                   if (self.root / "aggregates" / g).is_dir()}
+        for key in ("current", "previous", "quantized_from"):
+            if manifest[key] not in manifest["generations"]:
+                manifest[key] = None
+        self.manifest = manifest
+        self._write_and_collect_garbage()
+
+    def _write_and_collect_garbage(self) -> None:
+        """Keep the current, previous and last-quantized generations, write the manifest, then
+        delete what it no longer names (task directories, generations, interrupted partials)."""
+        keep = {self.manifest[k] for k in ("current", "previous", "quantized_from")} - {None}
+        self.manifest["generations"] = {g: v for g, v in self.manifest["generations"].items() if g in keep}
+        write_json_atomic(self.root / MANIFEST, self.manifest)
+        for d in (self.root / "tasks").iterdir():
+            if d.name not in self.manifest["tasks"]:
+                shutil.rmtree(d, ignore_errors=True)
+        for d in (self.root / "aggregates").iterdir():
+            if d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def bytes_used(self) -> dict[str, Any]:
+        """Bytes on disk: per task (mean, max), aggregates (every kept generation), total."""
+        per_task = [_dir_bytes(self.root / "tasks" / n) for n in self.manifest["tasks"]]
+        aggregates = _dir_bytes(self.root / "aggregates")
+        manifest = (self.root / MANIFEST).stat().st_size
+        return {"tasks": len(per_task), "per_task_mean": sum(per_task) / max(len(per_task), 1),
+                "per_task_max": max(per_task, default=0), "manifest": manifest,
+                "manifest_per_task": manifest / max(len(per_task), 1),
+                "aggregates": aggregates, "generations": len(self.manifest["generations"]),
+                "total": sum(per_task) + aggregates + manifest}
 
 
-class TaskWriter:
-    """Streams one task's per-layer Hessians into `tasks/<name>.partial/`, then commits them."""
+class StoreUpdate:
+    """Adds tasks (and drops `drop`) in one transaction. Each task's Hessians are folded, layer by
+    layer, into a new generation of the aggregates (an exact copy of a task already covered is
+    not folded again); `commit` writes the manifest last, so an interrupted update changes
+    nothing. Dropping or replacing a task needs `rebuild`: the new generation starts empty and
+    the caller adds every remaining task again (`readd`)."""
 
-    def __init__(self, store: StatsStore, name: str) -> None:
-        self.store, self.name = store, name
-        self.partial = store.root / "tasks" / f"{name}.partial"
+    def __init__(self, store: StatsStore, drop: Sequence[str], rebuild: bool) -> None:
+        self.store, self.drop = store, set(drop)
+        self.rebuild = rebuild or bool(self.drop) or not store.aggregate_current
+        current = store.manifest["current"]
+        self.gid = uuid.uuid4().hex[:12]
+        self.partial = store.root / "aggregates" / f".{self.gid}.partial"
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
-        self.layers: set[int] = set()
+        self.start = None if self.rebuild or current is None else store.root / "aggregates" / current
+        self.covered = [] if self.start is None else list(store.aggregate_tasks)
+        self.weight = 0.0 if self.start is None else float(store._generation()["weight"])
+        records = store.tasks
+        self.keys = {} if self.start is None else {records[n].content_key: n for n in self.covered}
+        self.new: dict[str, tuple[TaskRecord, Path]] = {}
+        self.folded = False
 
-    def write_layer(self, layer: int, hs: Mapping[str, torch.Tensor]) -> None:
-        _save_hessians(self.partial / _layer_file(layer), hs)
-        self.layers.add(layer)
+    @property
+    def readd(self) -> list[str]:
+        """Stored tasks a rebuild must add again (every one not dropped)."""
+        return [n for n in self.store.tasks if n not in self.drop] if self.rebuild else []
 
-    def commit(self, record: TaskRecord) -> None:
-        if record.name != self.name:
-            raise ValueError(f"record for {record.name!r} committed to the writer of {self.name!r}")
-        expected = set(range(self.store.num_layers))
-        if self.layers != expected:
-            raise ValueError(f"task {self.name!r}: layers {sorted(expected - self.layers)} were never written")
-        self.store._commit_task(record, self.partial)
+    def twin_of(self, record: TaskRecord) -> str | None:
+        """A task covered by this update with the statistics `record` would have."""
+        return self.keys.get(record.content_key)
+
+    def begin(self, record: TaskRecord, sequences: Sequence[Sequence[int]]) -> "TaskFold":
+        return TaskFold(self, record, sequences)
+
+    def _fold(self, layer: int, hs: Mapping[str, torch.Tensor], weight: float) -> None:
+        path = self.partial / _layer_file(layer)
+        old = (load_file(str(path)) if path.is_file()
+               else load_file(str(self.start / _layer_file(layer))) if self.start is not None else None)
+        out = {}
+        for g, h in hs.items():
+            h = h.detach().to("cpu", torch.float32)
+            term = h.double() * weight
+            if old is None:
+                out.update({f"sum.{g}": term, f"max.{g}": h.clone(), f"diag.{g}": h.diagonal().clone()})
+            else:
+                out.update({f"sum.{g}": old[f"sum.{g}"] + term, f"max.{g}": torch.maximum(old[f"max.{g}"], h),
+                            f"diag.{g}": torch.maximum(old[f"diag.{g}"], h.diagonal())})
+        save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+        self.folded = True
+
+    def commit(self) -> None:
+        store, m = self.store, self.store.manifest
+        for name in self.drop:
+            m["tasks"].pop(name, None)
+        for name, (record, partial) in self.new.items():
+            final = store.root / "tasks" / name
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+            m["tasks"][name] = asdict(record)
+        keys = sorted({(m["tasks"][n]["adapter_hash"], m["tasks"][n]["calibration_hash"]) for n in self.covered})
+        if self.folded:
+            missing = [i for i in range(store.num_layers) if not (self.partial / _layer_file(i)).is_file()]
+            if missing:
+                raise ValueError(f"aggregate update of {store.root}: layers {missing} were never folded")
+            self.partial.rename(store.root / "aggregates" / self.gid)
+            m["generations"][self.gid] = {"tasks": sorted(self.covered), "keys": keys, "weight": self.weight}
+            m["previous"], m["current"] = m["current"], self.gid
+        elif self.start is not None:  # only copies of covered tasks: the same aggregates cover them too
+            m["generations"][m["current"]]["tasks"] = sorted(self.covered)
+            shutil.rmtree(self.partial, ignore_errors=True)
+        else:  # a rebuild over no task
+            m["previous"], m["current"] = m["current"], None
+            shutil.rmtree(self.partial, ignore_errors=True)
+        store._write_and_collect_garbage()
 
     def abort(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
+        for _, partial in self.new.values():
+            shutil.rmtree(partial, ignore_errors=True)
+        self.store.manifest = json.loads((self.store.root / MANIFEST).read_text())
+
+
+class TaskFold:
+    """One task of a StoreUpdate: its calibration sample is saved, and each layer's Hessians given
+    to `layer` are folded into the aggregates (and saved whole in a keep store)."""
+
+    def __init__(self, update: StoreUpdate, record: TaskRecord, sequences: Sequence[Sequence[int]]) -> None:
+        self.update, self.record = update, record
+        self.counted = record.content_key not in update.keys  # a copy of a covered task counts once
+        self.dir = update.store.root / "tasks" / f".{check_task_name(record.name)}.{update.gid}.partial"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        _save_calibration(self.dir / CALIBRATION_FILE, sequences)
+        self.layers: set[int] = set()
+
+    def layer(self, layer: int, hs: Mapping[str, torch.Tensor]) -> None:
+        if self.update.store.keep_task_hessians:
+            _save_hessians(self.dir / _layer_file(layer), hs)
+        if self.counted:
+            self.update._fold(layer, hs, self.record.mix_weight)
+        self.layers.add(layer)
+
+    def copy_layers_from(self, source_dir: Path) -> None:
+        """A copy's statistics without a forward pass: the keep store's files of its twin."""
+        if self.update.store.keep_task_hessians:
+            for layer in range(self.update.store.num_layers):
+                shutil.copyfile(source_dir / _layer_file(layer), self.dir / _layer_file(layer))
+        self.layers = set(range(self.update.store.num_layers))
+
+    def done(self) -> None:
+        u = self.update
+        if self.layers != set(range(u.store.num_layers)):
+            raise ValueError(f"task {self.record.name!r}: layers {sorted(set(range(u.store.num_layers)) - self.layers)} "
+                             "were never given")
+        u.covered = [n for n in u.covered if n != self.record.name] + [self.record.name]
+        if self.counted:
+            u.keys[self.record.content_key] = self.record.name
+            u.weight += self.record.mix_weight
+        u.new[self.record.name] = (self.record, self.dir)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
