@@ -149,6 +149,24 @@ def test_demo_calibration_files_render_with_smollm2_template(smollm2_dir):
         assert len(seq) == rec["prompt_tokens"] + rec["completion_tokens"] + 2
 
 
+@pytest.mark.slow
+def test_scored_answer_span_is_the_training_labels(smollm2_dir):
+    """Held-out scoring of a chat record covers exactly the tokens the demo trains on (its labels:
+    the reply and <|im_end|>, not the template's newline after it), on SmolLM2's real template."""
+    from inlaid_ray.demo.paths import demo_data_path
+    from inlaid_ray.demo.train import tokenize_example
+    from inlaid_ray.model.tokenizer import load_tokenizer
+    from inlaid_ray.quant.calibration import load_scored_file
+
+    tok = load_tokenizer(smollm2_dir)
+    path = demo_data_path("sentiment", "eval")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for (ids, start, end), rec in zip(load_scored_file(path, tok), records):
+        want_ids, labels = tokenize_example(tok, rec["messages"])
+        assert ids[:end] == want_ids and end < len(ids)  # the trailing newline is left out
+        assert [i for i, lab in enumerate(labels) if lab >= 0] == list(range(start, end))
+
+
 def test_packed_windows_keep_the_tokens_and_cut_sequence_starts(tokenizer, tmp_path):
     """pack_tokens=N: the same sampled tokens in the same order, in windows of N (last shorter)."""
     path = tmp_path / "c.jsonl"

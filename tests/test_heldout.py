@@ -44,11 +44,12 @@ def reference_loss(base, adapter, records) -> tuple[float, int]:
     total, count = 0.0, 0
     for line in records.read_text().splitlines():
         rec = json.loads(line)
-        if "messages" in rec:
+        if "messages" in rec:  # the reply through its end-of-turn token, not the template's newline after it
             ids = list(tok.apply_chat_template(rec["messages"], tokenize=True, return_dict=True)["input_ids"])
             prompt = tok.apply_chat_template(rec["messages"][:-1], tokenize=True, add_generation_prompt=True,
                                              return_dict=True)["input_ids"]
             start = len(prompt)
+            ids = ids[: ids.index(tok.eos_token_id, start) + 1]
         elif "prompt" in rec:
             ids = tok.encode(rec["prompt"] + rec["completion"], add_special_tokens=False)
             start = len(tok.encode(rec["prompt"], add_special_tokens=False))
@@ -69,15 +70,16 @@ def test_heldout_loss_matches_transformers_and_peft(setup, with_adapter):
     model = load_base(base, torch.float32, "cpu")
     adapter = load_peft_adapter(adapter_dir, ModelConfig.from_dir(base), name="t") if with_adapter else None
     examples = load_scored_file(records, load_tokenizer(base))
-    assert all(1 < start < len(ids) for ids, start in examples[:-1]) and examples[-1][1] == 1
+    assert all(1 < start < end <= len(ids) for ids, start, end in examples[:-1]) and examples[-1][1] == 1
     # a small batch budget: several prefill batches; an example with nothing to score is skipped
-    loss, count = heldout_loss(model, [*examples, (examples[0][0], len(examples[0][0]))], adapter, batch_tokens=40)
+    empty = (examples[0][0], len(examples[0][0]), len(examples[0][0]))
+    loss, count = heldout_loss(model, [*examples, empty], adapter, batch_tokens=40)
     want, want_count = reference_loss(base, adapter_dir if with_adapter else None, records)
     assert count == want_count
     assert loss == pytest.approx(want, rel=1e-5)
     assert model.adapter_bank is None  # the scoring bank is detached again
     with pytest.raises(ValueError, match="a token to score"):
-        heldout_loss(model, [([5], 1)], None)
+        heldout_loss(model, [([5], 1, 1)], None)
 
 
 def test_adapter_changes_the_loss(setup):

@@ -2,7 +2,8 @@
 
 Every live task that was onboarded with held-out examples (`--eval-data`, kept beside its
 adapter) is scored on the base that serves now and on the candidate, with its own adapter: the
-mean loss over each example's answer tokens (`quant.heldout.heldout_loss`). When any task's held-out loss rises by more than
+mean loss over each example's answer tokens, through its end-of-turn token
+(`quant.heldout.heldout_loss`). When any task's held-out loss rises by more than
 `max_loss_increase` (nats per token) the candidate is refused: the job keeps the current base
 and still onboards the new task on it (its statistics stay stored, so a later re-quantization
 includes it). The task being onboarded is scored too, for the report, but never gates: it is not
@@ -64,8 +65,8 @@ def check_candidate(base_dir: str | Path, current: str | Path, candidate: str | 
         return report | {"passed": True, "reason": "no task has held-out examples: nothing to check"}
     device, dtype = resolve_device(settings.device), parse_dtype(settings.dtype)
     tokenizer, model_config = load_tokenizer(base_dir), ModelConfig.from_dir(base_dir)
-    examples = {t.name: [(ids[: settings.max_seq_len], start)
-                         for ids, start in load_scored_file(t.eval_path, tokenizer)[: settings.max_examples]]
+    examples = {t.name: [(ids[: settings.max_seq_len], start, end)
+                         for ids, start, end in load_scored_file(t.eval_path, tokenizer)[: settings.max_examples]]
                 for t in tasks}
     adapters = {t.name: load_peft_adapter(t.adapter_dir, model_config, name=t.name, dtype=dtype, device=device)
                 for t in tasks}

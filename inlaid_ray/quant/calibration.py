@@ -163,28 +163,34 @@ def render_record(record: dict[str, Any], tokenizer: Any, where: str = "record")
     return ids
 
 
-def answer_start(record: dict[str, Any], tokenizer: Any, ids: Sequence[int]) -> int:
-    """Index in `ids` (the rendered record) of the first token of the answer: the last message when
-    it is the assistant's, the completion of a prompt/completion record; 1 for text and anything
-    else (every token after the first). Held-out scoring counts the tokens from there on."""
+def answer_span(record: dict[str, Any], tokenizer: Any, ids: Sequence[int]) -> tuple[int, int]:
+    """[start, end) in `ids` (the rendered record) of the answer: the last message when it is the
+    assistant's, up to and including its end-of-turn token (what follows is the template's, not the
+    answer's: the demo's eval loss stops there too); the completion of a prompt/completion record;
+    every token after the first of anything else."""
     prefix: Sequence[int] = ()
-    if "messages" in record and len(record["messages"]) > 1 and record["messages"][-1]["role"] == "assistant":
+    chat_answer = "messages" in record and len(record["messages"]) > 1 and record["messages"][-1]["role"] == "assistant"
+    if chat_answer:
         prefix = tokenizer.apply_chat_template(record["messages"][:-1], tokenize=True, add_generation_prompt=True)
         prefix = prefix["input_ids"] if hasattr(prefix, "keys") else prefix
     elif "messages" not in record and "prompt" in record:
         prefix = tokenizer.encode(record["prompt"], add_special_tokens=False)
     prefix = [int(i) for i in prefix]
-    if 0 < len(prefix) < len(ids) and list(ids[: len(prefix)]) == prefix:
-        return len(prefix)
-    return 1
+    if not (0 < len(prefix) < len(ids) and list(ids[: len(prefix)]) == prefix):
+        return 1, len(ids)
+    start, end = len(prefix), len(ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if chat_answer and eos is not None and eos in ids[start:]:
+        end = list(ids).index(eos, start) + 1
+    return start, end
 
 
-def load_scored_file(path: str | Path, tokenizer: Any) -> list[tuple[list[int], int]]:
-    """Every record of a JSONL file in a calibration shape as (token ids, `answer_start`)."""
+def load_scored_file(path: str | Path, tokenizer: Any) -> list[tuple[list[int], int, int]]:
+    """Every record of a JSONL file in a calibration shape as (token ids, *`answer_span`)."""
     out = []
     for lineno, rec in read_calibration_records(path):
         ids = render_record(rec, tokenizer, f"{path}:{lineno}")
-        out.append((ids, answer_start(rec, tokenizer, ids)))
+        out.append((ids, *answer_span(rec, tokenizer, ids)))
     return out
 
 

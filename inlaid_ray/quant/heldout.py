@@ -2,9 +2,9 @@
 compares between the base that serves now and a re-quantized candidate (jobs/rollout_gate.py).
 
 The loss is the mean next-token cross-entropy (teacher-forced, fp32 logits) over each example's
-answer: the tokens from `start` on, which `quant.calibration.load_scored_file` sets to the
-assistant's last message or the completion, and to every token after the first for plain text.
-It is the demo's eval loss (the training objective) for chat records.
+answer, the tokens in [start, end): `quant.calibration.load_scored_file` sets them to the
+assistant's last message through its end-of-turn token, the completion, or every token after the
+first of plain text. For chat records it is the demo's eval loss (the training objective).
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from inlaid_ray.lora.bank import AdapterBank
 from inlaid_ray.model.runner import prefill_logits
 from inlaid_ray.model.transformer import Transformer
 
-Example = tuple[Sequence[int], int]  # (token ids, index of the first scored token, >= 1)
+Example = tuple[Sequence[int], int, int]  # (token ids, first scored index >= 1, end of the scored span)
 
 
-def _batches(examples: Sequence[Example], batch_tokens: int) -> Iterator[list[Example]]:
-    batch: list[Example] = []
-    for ex in examples:
-        if batch and sum(len(ids) for ids, _ in batch) + len(ex[0]) > batch_tokens:
+def _batches(scored: Sequence[tuple[list[int], int]], batch_tokens: int) -> Iterator[list[tuple[list[int], int]]]:
+    batch: list[tuple[list[int], int]] = []
+    for item in scored:
+        if batch and sum(len(ids) for ids, _ in batch) + len(item[0]) > batch_tokens:
             yield batch
             batch = []
-        batch.append(ex)
+        batch.append(item)
     if batch:
         yield batch
 
@@ -38,8 +38,10 @@ def heldout_loss(model: Transformer, examples: Sequence[Example], adapter: LoRAA
                  batch_tokens: int = 2048) -> tuple[float, int]:
     """(mean cross-entropy per scored token, number of scored tokens) of `examples` on `model` with
     `adapter` (None = the base alone). Examples with nothing to score are skipped."""
-    examples = [(list(ids), max(int(start), 1)) for ids, start in examples if max(int(start), 1) < len(ids)]
-    if not examples:
+    # each example cut after its span; the first token has no prediction to score
+    scored = [(list(ids[:end]), max(int(start), 1)) for ids, start, end in examples
+              if max(int(start), 1) < min(int(end), len(ids))]
+    if not scored:
         raise ValueError("held-out loss needs at least one example with a token to score")
     bank, slot = None, -1
     if adapter is not None:
@@ -49,7 +51,7 @@ def heldout_loss(model: Transformer, examples: Sequence[Example], adapter: LoRAA
     attached, model.adapter_bank = model.adapter_bank, bank
     total, count = 0.0, 0
     try:
-        for batch in _batches(examples, batch_tokens):
+        for batch in _batches(scored, batch_tokens):
             logits = prefill_logits(model, [ids for ids, _ in batch], [slot] * len(batch))
             for lg, (ids, start) in zip(logits, batch):
                 target = torch.tensor(ids[start:], dtype=torch.long, device=lg.device)
