@@ -194,3 +194,25 @@ def test_resource_meter_sees_torch_allocations():
     assert s["phases"]["alloc"]["rss_growth_mb"] > 200
     assert s["phases"]["idle"]["rss_growth_mb"] < 100
     assert s["total"]["rss_growth_mb"] == s["phases"]["alloc"]["rss_growth_mb"]
+
+
+def test_cli_adds_a_task_to_a_compact_store_and_keeps_one_generation(setup, tmp_path, capsys):
+    """`inlaid-ray quantize --stats-dir` then `--add-task`: the same base as the full run, a store
+    holding one generation of aggregates (nothing rolls back to the previous one), and a missing
+    store for --add-task is a one-line user error (exit 2)."""
+    from inlaid_ray.cli import main
+
+    root, base, sources = setup
+    spec = lambda s: f"{s.name}={s.adapter_dir}:{s.calibration}"  # noqa: E731
+    common = ["quantize", "--base", str(base), "--method", "mlgptq", "--bits", "4", "--group-size", "32",
+              "--batch-tokens", "96", "--tokens-per-task", "150", "--stats-dir", str(tmp_path / "stats")]
+    assert main([*common, "--out", str(tmp_path / "a"), *[a for s in sources[:2] for a in ("--task", spec(s))]]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--add-task", spec(sources[2])]) == 0
+    assert checkpoints_identical(root / "full", tmp_path / "b")[0]
+    store = StatsStore.open(tmp_path / "stats")
+    assert len(store.manifest["generations"]) == 1 and len(list((tmp_path / "stats" / "aggregates").iterdir())) == 1
+    capsys.readouterr()
+    assert main(["quantize", "--base", str(base), "--out", str(tmp_path / "c"), "--stats-dir", str(tmp_path / "none"),
+                 "--add-task", spec(sources[0])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--add-task needs an existing statistics store" in err[0]

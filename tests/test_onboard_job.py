@@ -154,6 +154,10 @@ def test_onboarding_is_incremental_and_equals_full_mlgptq(tiny, tmp_path, redis_
     assert second.decision["changed_layers"]  # e.g. {"attn_in": "0-1", ...}
     snap = reg.snapshot()
     assert snap.base_version.version == 2 and snap.tasks["all"].status == "live"
+    # the store keeps one generation of aggregates after a finished job: the base's (no undo pending)
+    store = StatsStore.open(artifacts / "stats")
+    assert store.manifest["current"] == store.manifest["quantized_from"] and len(store.manifest["generations"]) == 1
+    assert second.statistics["bytes"]["per_task_max"] < 4 * TOKENS + 1024  # a calibration sample, no Hessians
     # The job's base equals MLGPTQ over both tasks computed from scratch, bit for bit.
     cfg = MLGPTQConfig(method="mlgptq-channel", grid=QuantGrid(bits=4, group_size=GROUP_SIZE))  # the job's default
     full = quantize_base(base, [sources["qv"], sources["all"]], tmp_path / "full", cfg,

@@ -56,6 +56,7 @@ from inlaid_ray.lora import load_peft_adapter
 from inlaid_ray.lora.cluster_bank import save_cluster_banks
 from inlaid_ray.lora.peft_io import CONFIG_NAME, WEIGHTS_NAME
 from inlaid_ray.model import ModelConfig, load_tokenizer
+from inlaid_ray.quant.stats_store import StatsStore
 from inlaid_ray.registry import BaseVersion, ClusterRecord, Snapshot, TaskRecord, TaskRegistry, connect_redis
 from inlaid_ray.registry.records import check_name, check_task_name
 from inlaid_ray.registry.rollout import (
@@ -268,6 +269,7 @@ def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any,
             if activate_onboarding(registry, task, version) is None:
                 raise RuntimeError(f"task {task!r} left onboarding (version {version}) before it went live")
         report.status, report.step = "live", "done"
+        _forget_undo(store.stats_dir)
         _write_report(store, report)
         return report
     except BaseException as exc:
@@ -375,6 +377,15 @@ def _rollback(task: str, attempt: _Attempt, registry: TaskRegistry, store: Artif
         except Exception as exc:  # noqa: BLE001 - keep undoing the rest, report what failed
             log.exception("onboard %s: rollback of %s failed", task, name)
             report.rollback.append(f"{name}: FAILED {type(exc).__name__}: {exc}")
+
+
+def _forget_undo(stats_dir: Path) -> None:
+    """The job is done: the statistics' previous generation (its undo) is no longer needed."""
+    try:
+        if StatsStore.is_store(stats_dir):
+            StatsStore.open(stats_dir).forget_previous()
+    except (OSError, ValueError):
+        log.warning("could not drop the previous statistics generation in %s", stats_dir, exc_info=True)
 
 
 def _write_report(store: ArtifactStore, report: OnboardReport) -> None:

@@ -101,6 +101,8 @@ def run_quantize(args: argparse.Namespace, settings: Settings) -> int:
     sources = [TaskSource.parse(s) for s in [*args.task, *args.add_task]]
     report = quantize_base(base_dir_from_args(args, settings), sources, args.out, cfg, calib, args.stats_dir,
                            args.overwrite, keep_task_hessians=args.keep_task_hessians)
+    if args.stats_dir and StatsStore.is_store(args.stats_dir):
+        StatsStore.open(args.stats_dir).forget_previous()  # nothing rolls back to it
     res = report["resources"]["total"]
     print(f"{args.method} {args.bits}-bit g{args.group_size}: tasks {report['tasks']} "
           f"(statistics computed for {report['computed_tasks']}) -> {', '.join(report['out_dirs'].values())}")

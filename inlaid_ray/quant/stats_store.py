@@ -285,6 +285,12 @@ class StatsStore:
         self.manifest["quantized_from"] = self.manifest["current"]
         write_json_atomic(self.root / MANIFEST, self.manifest)
 
+    def forget_previous(self) -> None:
+        """Delete the previous generation (kept only for an undo) once nothing can roll back to it."""
+        if self.manifest["previous"] is not None:
+            self.manifest["previous"] = None
+            self._write_and_collect_garbage()
+
     def update(self, drop: Sequence[str] = (), rebuild: bool = False) -> "StoreUpdate":
         """A transaction adding tasks (and dropping `drop`); see StoreUpdate."""
         return StoreUpdate(self, drop, rebuild)
