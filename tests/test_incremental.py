@@ -107,28 +107,37 @@ def test_store_refuses_other_base_or_settings(setup, tmp_path):
     assert manifest["base"]["path"] == str(base.resolve())
 
 
-@pytest.mark.parametrize("method", ["mlgptq", "mlgptq-channel"])
-def test_dropped_task_leaves_aggregates_rebuilt_from_stored_calibration(setup, tmp_path, method):
-    """A compact store keeps no Hessians: dropping a task recomputes the others' from their stored
-    calibration samples and adapters, and the base equals a full run over the remaining tasks."""
+@pytest.mark.parametrize("method,keep", [("mlgptq", False), ("mlgptq-channel", False), ("mlgptq-channel", True)])
+def test_dropped_task_leaves_aggregates_rebuilt_from_stored_calibration(setup, tmp_path, method, keep):
+    """Dropping a task rebuilds the aggregates from the others: a compact store recomputes their
+    Hessians from the stored calibration samples and adapters, a keep store reads them. Dropping
+    the original of a copied pair leaves the copy (its own sample and adapter path) in. The base
+    equals a full run over the remaining tasks."""
     root, base, sources = setup
     cfg = dataclasses.replace(CFG, method=method)
-    quantize_base(base, sources, tmp_path / "three", cfg, CALIB, tmp_path / "stats", progress=False)
+    copy = dataclasses.replace(sources[0], name="qv2")
+    quantize_base(base, [*sources, copy], tmp_path / "four", cfg, CALIB, tmp_path / "stats", progress=False,
+                  keep_task_hessians=keep)
     store = StatsStore.open(tmp_path / "stats")
-    assert not store.keep_task_hessians and store.aggregate_tasks == sorted(s.name for s in sources)
-    stored = compute_missing_stats(load_base(base), store, [], CFG, progress=False, drop=["mlp"])
-    assert stored == {} and store.aggregate_tasks == sorted(store.tasks) == ["all", "qv"]
+    assert store.keep_task_hessians == keep and store.aggregate_tasks == sorted(s.name for s in [*sources, copy])
+    before = {n: store.task_dir(n) for n in store.tasks}
+    stored = compute_missing_stats(load_base(base), store, [], CFG, progress=False, drop=["mlp", "qv"])
+    assert stored == {} and store.aggregate_tasks == sorted(store.tasks) == ["all", "qv2"]
+    assert all(store.task_dir(n) == before[n] and before[n].is_dir() for n in store.tasks)  # files kept in place
     quantize_base(base, [], tmp_path / "two", cfg, CALIB, tmp_path / "stats", progress=False)
-    quantize_base(base, sources[:2], tmp_path / "two_full", cfg, CALIB, progress=False)
+    quantize_base(base, [sources[1], copy], tmp_path / "two_full", cfg, CALIB, progress=False)
     same, diffs = checkpoints_identical(tmp_path / "two", tmp_path / "two_full")
     assert same, diffs
+    store.forget_previous()  # nothing rolls back: the dropped tasks' files go
+    assert sorted(d.name.split(".")[0] for d in (tmp_path / "stats" / "tasks").iterdir()) == ["all", "qv2"]
 
 
 def test_aggregates_match_hook_hessians_and_bytes_per_task(setup, tmp_path):
-    """The running aggregates against Hessians collected by plain forward pre-hooks on the same
-    model (keep store, so each task's own Hessian is there to compare): the element-wise max, the
-    token-weighted mean (fp64 reference) and the max diagonal. A compact store's bytes per task
-    are its calibration sample: 4 bytes a token plus a small header."""
+    """The running aggregates against each task's own Hessians (a keep store holds them; their
+    collection is checked against PEFT + hooks in test_mlgptq.py): the element-wise max, the
+    token-weighted mean (an fp64 reference sum) and the max diagonal; a compact store over the
+    same tasks has the same aggregates. Its bytes per task are the calibration sample: 4 bytes a
+    token plus a small header."""
     root, base, sources = setup
     quantize_base(base, sources, tmp_path / "k", CFG, CALIB, tmp_path / "keep", progress=False,
                   keep_task_hessians=True)

@@ -87,8 +87,21 @@ def _state(registry: TaskRegistry, artifacts: Path, skip: str | None = None) -> 
         "bases": sorted((b.version, b.uri) for b in registry.list_base_versions()),
         "dirs": sorted(str(v) for kind in ("tasks", "clusters") for d in sorted((artifacts / kind).glob("*"))
                        for v in list_versions(artifacts, kind, d.name)) + [str(v) for v in list_versions(artifacts, "bases")],
-        "stats": json.loads(stats.read_text())["tasks"] if stats.is_file() else None,
+        "stats": _stats_state(stats.parent) if stats.is_file() else None,
     }
+
+
+def _stats_state(root: Path) -> dict:
+    """The statistics store's whole manifest, after checking that every file it names is there and
+    holds what its record says (the calibration sample's digest)."""
+    from inlaid_ray.quant.calibration import sequences_digest
+
+    store = StatsStore.open(root)
+    for name, record in store.tasks.items():
+        assert sequences_digest(store.calibration(name)) == record.calibration_hash, name
+    for gid in store.manifest["generations"]:
+        assert (root / "aggregates" / gid / "layer_000.safetensors").is_file(), gid
+    return store.manifest
 
 
 def test_registry_stage_activate_and_rollback(redis_client):
@@ -236,6 +249,44 @@ def test_an_identical_task_never_changes_the_base(tiny, tmp_path, redis_client, 
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
+def test_undo_of_a_failed_re_onboarding_keeps_the_store_consistent(tiny, tmp_path, redis_client):
+    """Re-onboarding a retired task under its name with other data, crashing after the statistics
+    step: the undo brings back the manifest, whose files were never overwritten; the next job
+    drops the failed task's old statistics (it is not served) and re-quantizes for the live ones."""
+    root, base, sources = tiny[:3]
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    artifacts = Path(opts.artifact_dir)
+    for name in ("qv", "mlp"):
+        onboard_task(name, "acme", sources[name].adapter_dir, sources[name].calibration, opts, settings=settings)
+    retire_task(reg, "qv")
+    before = _stats_state(artifacts / "stats")
+
+    def crash(step: str) -> None:
+        if step == "statistics":
+            raise RuntimeError("injected crash")
+
+    with pytest.raises(OnboardingFailed):
+        onboard_task("qv", "acme", sources["all"].adapter_dir, sources["all"].calibration, opts, settings=settings,
+                     fault=crash)
+    assert _stats_state(artifacts / "stats") == before
+    third = onboard_task("all", "acme", sources["all"].adapter_dir, sources["all"].calibration, opts,
+                         settings=settings)
+    assert third.statistics["dropped"] == ["qv"] and third.statistics["store_tasks"] == ["all", "mlp"]
+    assert third.decision["requantize"] and _stats_state(artifacts / "stats")["tasks"].keys() == {"all", "mlp"}
+
+
+def test_unscorable_held_out_data_is_refused_before_anything_is_written(tiny, tmp_path, redis_client):
+    root, base, sources = tiny[:3]
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    held = tmp_path / "eval.jsonl"  # the answer starts after the first 8 tokens, where records are cut
+    held.write_text(json.dumps({"messages": [{"role": "user", "content": "the task is a good sample word"},
+                                             {"role": "assistant", "content": "good"}]}) + "\n")
+    with pytest.raises(OnboardingFailed, match="no record has an answer token within the first 8") as info:
+        onboard_task("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration,
+                     opts.model_copy(update={"eval_data": str(held), "calib_max_seq_len": 8}), settings=settings)
+    assert info.value.step == "validate" and reg.get_task("qv") is None
+
+
 def _greedy_examples(base: Path, adapter: Path, words: list[str], out: Path, seed: int) -> Path:
     """Held-out text the unquantized base with `adapter` continues greedily (transformers + PEFT):
     every target is that model's own top choice, which a coarser base scores worse."""
@@ -296,6 +347,14 @@ def test_rollout_gate_keeps_the_base_when_a_live_task_would_lose(tmp_path, redis
     assert accepted.gate["passed"] and set(accepted.gate["tasks"]) == {"qv", "mlp"}, accepted.gate
     assert accepted.gate["unchecked"] == [] and reg.snapshot().base_version.version == 1
     assert reg.snapshot().base_version.uri == accepted.artifacts["base"]
+    assert not any(t["current_cached"] for t in accepted.gate["tasks"].values())
+    # The live base's losses were kept beside it: the next gate reads them instead of scoring it again.
+    again = onboard_task("all-again", "acme", sources["all"].adapter_dir, sources["all"].calibration,
+                         opts.model_copy(update={"gate_max_loss_increase": 100.0, "requantize": "always"}),
+                         settings=settings)
+    for name in ("qv", "mlp"):
+        assert again.gate["tasks"][name]["current_cached"], again.gate
+        assert again.gate["tasks"][name]["current"] == accepted.gate["tasks"][name]["candidate"]
 
 
 def test_auto_method_follows_the_current_base_gptq_mixed(tiny, tmp_path, redis_client):

@@ -49,7 +49,7 @@ from inlaid_ray.jobs.onboard_base import (
 )
 from inlaid_ray.jobs.probe import probe_task
 from inlaid_ray.jobs.remote import run_step
-from inlaid_ray.jobs.rollout_gate import EVAL_FILE, HeldOutTask, check_candidate
+from inlaid_ray.jobs.rollout_gate import EVAL_FILE, HeldOutTask, check_candidate, scorable_examples
 from inlaid_ray.jobs.validate import validate_calibration
 from inlaid_ray.lora.validation import validate_adapter
 from inlaid_ray.lora import load_peft_adapter
@@ -179,6 +179,9 @@ def onboard_task(task: str, tenant: str, adapter: str | Path, calib: str | Path,
             calib_check = validate_calibration(calib, tokenizer, opts.min_calib_tokens)
             if opts.eval_data:
                 validate_calibration(opts.eval_data, tokenizer, 2, what="held-out examples file")
+                if not scorable_examples(Path(opts.eval_data), tokenizer, res.gate):
+                    raise InvalidRequest(f"held-out examples file {opts.eval_data}: no record has an answer token "
+                                         f"within the first {res.gate.max_seq_len} tokens to score")
     except Exception as exc:
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
         raise OnboardingFailed(f"onboarding of task {task!r} failed validation, nothing was changed: {exc}",
@@ -240,7 +243,9 @@ def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any,
                                            resources=qreport.get("resources"))
             with steps("gate"):
                 report.gate = _gate(task, task_dir, snapshot, base, res)
-                if not report.gate["passed"]:
+                if report.gate["passed"]:
+                    StatsStore.open(store.stats_dir).mark_quantized()  # what the next job compares with
+                else:
                     log.warning("onboard %s: base version %d refused: %s", task, base.version, report.gate["reason"])
                     store.discard(Path(base.uri))
                     report.artifacts.pop("base")

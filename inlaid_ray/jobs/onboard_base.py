@@ -89,7 +89,10 @@ def task_statistics(task: str, task_dir: Path, snapshot: Snapshot, res: Resolved
                if catch_up and t.status == "live" and t.name != task and t.name not in stored
                and t.extra.get("calibration_uri")]
     sources.append(TaskSource(task, task_dir, task_dir / "calibration.jsonl"))
-    retired = [n for n in stored if n in snapshot.tasks and snapshot.tasks[n].status == "retired"]
+    # Tasks no longer served (retired, or failed: an undo can bring back a failed task's old record)
+    # leave the statistics; the next base is quantized for the tasks still served.
+    retired = [n for n in stored if n != task and n in snapshot.tasks
+               and snapshot.tasks[n].status in ("retired", "failed")]
     return run_step(f"onboard-{task}-statistics", compute_statistics, res.base_dir, stats_dir, sources,
                     _base_tasks(snapshot), res.quant, progress, retired, remote=res.remote)
 

@@ -190,4 +190,4 @@ def requantize(base_dir: str | Path, stats_dir: str | Path, out_dir: str | Path,
     model_config = ModelConfig.from_dir(base_dir)
     cfg, calib_cfg, _ = configs(settings, model_config, store)
     return quantize_base(base_dir, [], out_dir, cfg, calib_cfg, stats_dir, progress=progress,
-                         meter=ResourceMeter(cfg.device))
+                         meter=ResourceMeter(cfg.device), mark_quantized=False)  # marked once the gate passes

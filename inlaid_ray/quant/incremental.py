@@ -6,9 +6,10 @@ activation_source="fp16" it (1) computes the per-task Hessians of tasks not yet 
 (fp16 base + that task's adapter) and (2) folds them into the store's running aggregates (sum,
 element-wise max, diagonal max: stats_store.py), (3) re-runs GPTQ for every Linear from the fp16
 weights with the method's aggregate, and (4) writes a GPTQ v1 checkpoint. A full run is the same
-call on an empty store, so "incremental == full" holds by construction (the max is associative,
-commutative and idempotent; the fp64 sum of fp32 terms is exact, module docstring of
-stats_store.py) and is checked bit for bit by `checkpoints_identical`. `measure_incremental_vs_full` times both for
+call on an empty store, so "incremental == full" holds by construction for the max (associative,
+commutative, idempotent) and, while the fp64 sum of fp32 terms stays exact, for the sum-based
+aggregates (the conditions are in stats_store.py's docstring); `checkpoints_identical` checks
+it bit for bit. `measure_incremental_vs_full` times both for
 2..N tasks (the Table 4 analogue).
 """
 
@@ -54,6 +55,7 @@ from inlaid_ray.quant.mlgptq import (
     make_adapter_bank,
     quantize_from_hessians,
     sequential_quantize,
+    statistics_hash,
     unquantized_tensors,
 )
 from inlaid_ray.quant.stats_store import (
@@ -138,10 +140,14 @@ def _stored_task(model: Transformer, store: StatsStore, name: str, cfg: MLGPTQCo
             raise FileNotFoundError(f"statistics store {store.root}: rebuilding the aggregates needs task {name!r}'s "
                                     f"adapter, recorded at {record.adapter_path or '(nowhere)'}, which is gone")
         adapter = load_peft_adapter(record.adapter_path, model.config, name=name, dtype=cfg.dtype)
-        if adapter.content_hash != record.adapter_hash:
+        if statistics_hash(adapter) != record.adapter_hash:
             raise ValueError(f"statistics store {store.root}: the adapter of task {name!r} at {record.adapter_path} "
                              "changed since its statistics were computed")
-    return CalibrationTask(name, adapter, CalibrationSet(name, store.calibration(name)), record.adapter_path)
+    calibration = CalibrationSet(name, store.calibration(name))
+    if calibration.digest != record.calibration_hash:
+        raise ValueError(f"statistics store {store.root}: the stored calibration sample of task {name!r} does not "
+                         "match its record")
+    return CalibrationTask(name, adapter, calibration, record.adapter_path)
 
 
 def compute_missing_stats(
@@ -160,14 +166,16 @@ def compute_missing_stats(
     update = store.update(drop=drop, rebuild=any(t.name in store.tasks for t in todo))
     again = [n for n in update.readd if n not in {t.name for t in todo}]
     done: dict[str, str | None] = {}
-    recompute = [] if store.keep_task_hessians else again
+    recompute = [] if store.keep_task_hessians else store.distinct(again)
     bar = Progress(total=(len(todo) + len(recompute)) * model.config.num_layers, desc="hessians", unit="layer",
                    disable=not progress)
     try:
         for name in again:  # a rebuild: the remaining tasks, from their stored Hessians or recomputed
             record = store.tasks[name]
-            fold = update.begin(record, store.calibration(name))
-            if store.keep_task_hessians:
+            fold = update.begin(record, (), readd=True)
+            if update.twin_of(record) is not None:
+                fold.copy_layers_from(update.twin_of(record))  # a copy: nothing to fold again
+            elif store.keep_task_hessians:
                 for layer in range(store.num_layers):
                     fold.layer(layer, store.task_layer(name, layer))
             else:
@@ -178,8 +186,7 @@ def compute_missing_stats(
             fold = update.begin(record, task.calibration.sequences)
             twin = update.twin_of(record)
             if twin is not None:
-                source = update.new[twin][1] if twin in update.new else store.root / "tasks" / twin
-                fold.copy_layers_from(source)
+                fold.copy_layers_from(twin)
                 log.info("task %s: same adapter and calibration sample as %s; its statistics are copied",
                          task.name, twin)
                 bar.update(model.config.num_layers)
@@ -264,10 +271,13 @@ def quantize_base(
     progress: bool = True,
     meter: ResourceMeter | None = None,
     keep_task_hessians: bool = False,
+    mark_quantized: bool = True,
 ) -> dict[str, Any]:
     """Quantize the base in `base_dir` for `sources` (plus every task already in `stats_dir`) and
     write the checkpoint to `out_dir` (gptq-per-task: one per task in `out_dir/<task>`). A new
-    store keeps every task's Hessians when `keep_task_hessians` or the method needs them.
+    store keeps every task's Hessians when `keep_task_hessians` or the method needs them;
+    `mark_quantized` records the store's aggregates as the current base's (an onboarding job
+    does that itself, once its rollout gate passed).
     Returns a report: output dirs, served / computed tasks, layer info, resources per phase."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     meter = meter or ResourceMeter(cfg.device)
@@ -303,6 +313,8 @@ def quantize_base(
             settings = hessian_settings(cfg, calib_cfg, budget)
             if store is not None:
                 store.check_compatible(base, settings)
+                if keep_task_hessians and not store.keep_task_hessians:
+                    raise ValueError(f"{stats_dir} keeps no per-task Hessians; keep_task_hessians needs a new store")
             tasks = load_tasks(sources, tokenizer, model.config, calib_cfg, budget, cfg.dtype)  # fails before writing
             if store is None:
                 store = StatsStore.create(stats_dir or tmp, base, settings, model.config.num_layers,
@@ -329,7 +341,7 @@ def quantize_base(
                 meta = checkpoint_meta(cfg, calib, recs, info)
                 report["out_dirs"][key] = str(save_checkpoint(out, base_dir, model, packed, cfg, meta, overwrite))
             report["layers"][key] = info
-        if cfg.method in AGGREGATE_METHODS:
+        if cfg.method in AGGREGATE_METHODS and mark_quantized:
             store.mark_quantized()
         report["statistics_bytes"] = store.bytes_used()
     report.update(tasks=served, budget=budget, resources=meter.summary())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -119,7 +120,16 @@ class CalibrationTask:
 
     @property
     def adapter_hash(self) -> str:
-        return self.adapter.content_hash if self.adapter is not None else ""
+        return statistics_hash(self.adapter) if self.adapter is not None else ""
+
+
+def statistics_hash(adapter: LoRAAdapter) -> str:
+    """What a task's Hessians depend on in its adapter: the weights file's sha256 and every
+    module's rank and scale (lora_alpha, rsLoRA and per-module patterns live in the config)."""
+    h = hashlib.sha256(adapter.content_hash.encode())
+    for (layer, module), f in sorted(adapter.weights.items()):
+        h.update(f"{layer}.{module}:{f.rank}:{float(f.scale)!r};".encode())
+    return h.hexdigest()
 
 
 def hessian_weight(calibration: CalibrationSet, cfg: MLGPTQConfig) -> float | None:

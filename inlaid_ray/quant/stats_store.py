@@ -5,9 +5,9 @@ re-quantizes from the fp16 base (6.3), and a store of thousands of tasks stays s
 Layout (safetensors only):
 
     store.json                              manifest: base reference, settings, tasks, generations
-    tasks/<task>/calibration.safetensors    the task's calibration sample (token ids + lengths)
-    tasks/<task>/layer_000.safetensors      {group: H_t} fp32, only in a store created with
-                                            keep_task_hessians (research tools read them)
+    tasks/<task>.<id>/calibration.safetensors  the task's calibration sample (token ids + lengths)
+    tasks/<task>.<id>/layer_000.safetensors    {group: H_t} fp32, only in a store created with
+                                               keep_task_hessians (research tools read them)
     aggregates/<generation>/layer_000.safetensors
         per Linear input group g, over the DISTINCT tasks the generation covers (an exact copy of a
         task - same adapter, same calibration sample - counts once):
@@ -15,16 +15,20 @@ Layout (safetensors only):
         max.g  = max_t H_t       fp32  (MLGPTQ's element-wise max, 5.3)
         diag.g = max_t diag(H_t) fp32  (the channel max's diagonal, 5.4)
 
-Every fp32 H_t times an integer token count is exact in fp64, so the running sum equals a sum in
-any other order unless its terms span more than 2^9 in magnitude at one position, and the max is
-exact by construction: "incremental == full" (tests/test_incremental.py checks it bit for bit).
+The max is exact in any order. Every fp32 H_t times an integer token count (no sink weighting)
+is exact in fp64, and a sum of such terms is exact, so independent of the order tasks arrived
+in, while the terms at one position span less than about 2^(29 - log2(tokens x tasks)) in
+magnitude; beyond that another order can differ in the last fp64 bits, below fp32's resolution
+and nearly always absorbed by the cast to fp32. tests/test_incremental.py and
+tests/test_onboard_job.py check "incremental == full" bit for bit on their models.
 A max cannot drop a task, so retiring or replacing one rebuilds the aggregates from every
 remaining task: from the stored Hessians in a keep store, else by recomputing each task's
 Hessians from its stored calibration sample and its adapter (`TaskRecord.adapter_path`, checked
-against its hash). An update writes a new generation; the manifest, replaced last, names the
-current one, the previous one (what an interrupted onboarding restores) and the one the last
-quantized base was made from (what the next onboarding compares against); older generations are
-deleted. The manifest records the base's reference (path + sha256 of its weights and config) and
+against its hash). Nothing a manifest names is ever rewritten: an update writes a new generation
+and new task directories, and the manifest, replaced last, names the current generation, the
+previous one (what an interrupted onboarding restores) and the one the last quantized base was
+made from (what the next onboarding compares against). Files no manifest can return to are
+deleted when the job that might undo is over (`forget_previous`) or after an undo (`restore`). The manifest records the base's reference (path + sha256 of its weights and config) and
 every setting the Hessians depend on, and a store refuses a base or settings that differ.
 """
 
@@ -36,7 +40,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,7 @@ class TaskRecord:
     # down-weighted (MLGPTQConfig.sink_weight); None = num_tokens. Aggregates weigh tasks by it.
     weight: float | None = None
     adapter_path: str = ""  # where the adapter is read again when the aggregates are rebuilt
+    files: str = ""  # its directory under tasks/ (written once, never rewritten)
 
     @property
     def mix_weight(self) -> float:
@@ -221,7 +226,7 @@ class StatsStore:
 
     def calibration(self, name: str) -> tuple[tuple[int, ...], ...]:
         """The calibration sample a task's Hessians were computed from."""
-        data = load_file(str(self.root / "tasks" / name / CALIBRATION_FILE))
+        data = load_file(str(self.task_dir(name) / CALIBRATION_FILE))
         tokens, out, start = data["tokens"].tolist(), [], 0
         for n in data["lengths"].tolist():
             out.append(tuple(tokens[start : start + n]))
@@ -234,7 +239,10 @@ class StatsStore:
             raise KeyError(f"task {name!r} is not in the store {self.root} (stored: {sorted(self.manifest['tasks'])})")
         if not self.keep_task_hessians:
             raise ValueError(f"{self.root} keeps no per-task Hessians (create it with keep_task_hessians=True)")
-        return load_file(str(self.root / "tasks" / name / _layer_file(layer)))
+        return load_file(str(self.task_dir(name) / _layer_file(layer)))
+
+    def task_dir(self, name: str) -> Path:
+        return self.root / "tasks" / self.manifest["tasks"][name]["files"]
 
     # ------------------------------------------------------------------ aggregates
     def _generation(self, gid: str | None = None) -> dict[str, Any]:
@@ -285,47 +293,50 @@ class StatsStore:
         self.manifest["quantized_from"] = self.manifest["current"]
         write_json_atomic(self.root / MANIFEST, self.manifest)
 
-    def forget_previous(self) -> None:
-        """Delete the previous generation (kept only for an undo) once nothing can roll back to it."""
-        if self.manifest["previous"] is not None:
-            self.manifest["previous"] = None
-            self._write_and_collect_garbage()
 
     def update(self, drop: Sequence[str] = (), rebuild: bool = False) -> "StoreUpdate":
         """A transaction adding tasks (and dropping `drop`); see StoreUpdate."""
         return StoreUpdate(self, drop, rebuild)
 
+    def forget_previous(self) -> None:
+        """Nothing rolls back any more: drop the previous generation and every file only an older
+        manifest named."""
+        self.manifest["previous"] = None
+        self._write(collect_tasks=True)
+
     def restore(self, before: Mapping[str, Any]) -> None:
-        """Put back a manifest captured earlier (an interrupted onboarding's undo). Tasks whose files
-        are gone since are left out, and a generation no longer on disk is forgotten: the
-        aggregates are then rebuilt by the next update."""
+        """Put back a manifest captured earlier (an interrupted onboarding's undo). A task or a
+        generation whose files are gone since is forgotten (the aggregates are then rebuilt)."""
         manifest = json.loads(json.dumps(dict(before)))
         manifest["tasks"] = {n: r for n, r in manifest["tasks"].items()
-                             if (self.root / "tasks" / n / CALIBRATION_FILE).is_file()}
+                             if (self.root / "tasks" / r["files"] / CALIBRATION_FILE).is_file()}
         manifest["generations"] = {g: v for g, v in manifest["generations"].items()
                                    if (self.root / "aggregates" / g).is_dir()}
         for key in ("current", "previous", "quantized_from"):
             if manifest[key] not in manifest["generations"]:
                 manifest[key] = None
         self.manifest = manifest
-        self._write_and_collect_garbage()
+        self._write(collect_tasks=True)
 
-    def _write_and_collect_garbage(self) -> None:
-        """Keep the current, previous and last-quantized generations, write the manifest, then
-        delete what it no longer names (task directories, generations, interrupted partials)."""
+    def _write(self, collect_tasks: bool = False) -> None:
+        """Keep the current, previous and last-quantized generations, replace the manifest, then
+        delete the generations (and with `collect_tasks` the task directories) it does not name.
+        Task directories stay until then: the previous manifest, an undo's target, names them."""
         keep = {self.manifest[k] for k in ("current", "previous", "quantized_from")} - {None}
         self.manifest["generations"] = {g: v for g, v in self.manifest["generations"].items() if g in keep}
         write_json_atomic(self.root / MANIFEST, self.manifest)
-        for d in (self.root / "tasks").iterdir():
-            if d.name not in self.manifest["tasks"]:
-                shutil.rmtree(d, ignore_errors=True)
         for d in (self.root / "aggregates").iterdir():
             if d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
+        if collect_tasks:
+            named = {r["files"] for r in self.manifest["tasks"].values()}
+            for d in (self.root / "tasks").iterdir():
+                if d.name not in named:
+                    shutil.rmtree(d, ignore_errors=True)
 
     def bytes_used(self) -> dict[str, Any]:
         """Bytes on disk: per task (mean, max), aggregates (every kept generation), total."""
-        per_task = [_dir_bytes(self.root / "tasks" / n) for n in self.manifest["tasks"]]
+        per_task = [_dir_bytes(self.task_dir(n)) for n in self.manifest["tasks"]]
         aggregates = _dir_bytes(self.root / "aggregates")
         manifest = (self.root / MANIFEST).stat().st_size
         return {"tasks": len(per_task), "per_task_mean": sum(per_task) / max(len(per_task), 1),
@@ -338,9 +349,10 @@ class StatsStore:
 class StoreUpdate:
     """Adds tasks (and drops `drop`) in one transaction. Each task's Hessians are folded, layer by
     layer, into a new generation of the aggregates (an exact copy of a task already covered is
-    not folded again); `commit` writes the manifest last, so an interrupted update changes
-    nothing. Dropping or replacing a task needs `rebuild`: the new generation starts empty and
-    the caller adds every remaining task again (`readd`)."""
+    not folded again); new tasks' files go to new directories; `commit` replaces the manifest
+    last, so an interrupted update changes nothing the manifest names. Dropping or replacing a
+    task needs `rebuild`: the new generation starts empty and the caller folds every remaining
+    task in again (`readd`, `begin(..., readd=True)`: its files stay where they are)."""
 
     def __init__(self, store: StatsStore, drop: Sequence[str], rebuild: bool) -> None:
         self.store, self.drop = store, set(drop)
@@ -348,27 +360,32 @@ class StoreUpdate:
         current = store.manifest["current"]
         self.gid = uuid.uuid4().hex[:12]
         self.partial = store.root / "aggregates" / f".{self.gid}.partial"
-        shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
         self.start = None if self.rebuild or current is None else store.root / "aggregates" / current
         self.covered = [] if self.start is None else list(store.aggregate_tasks)
         self.weight = 0.0 if self.start is None else float(store._generation()["weight"])
         records = store.tasks
         self.keys = {} if self.start is None else {records[n].content_key: n for n in self.covered}
-        self.new: dict[str, tuple[TaskRecord, Path]] = {}
+        self.new: dict[str, tuple[TaskRecord, Path | None]] = {}  # task -> (record, its new directory)
         self.folded = False
 
     @property
     def readd(self) -> list[str]:
-        """Stored tasks a rebuild must add again (every one not dropped)."""
+        """Stored tasks a rebuild must fold in again (every one not dropped)."""
         return [n for n in self.store.tasks if n not in self.drop] if self.rebuild else []
 
     def twin_of(self, record: TaskRecord) -> str | None:
         """A task covered by this update with the statistics `record` would have."""
         return self.keys.get(record.content_key)
 
-    def begin(self, record: TaskRecord, sequences: Sequence[Sequence[int]]) -> "TaskFold":
-        return TaskFold(self, record, sequences)
+    def files_of(self, name: str) -> Path:
+        """Where a task covered by this update keeps its files."""
+        if name in self.new and self.new[name][1] is not None:
+            return self.new[name][1]
+        return self.store.task_dir(name)
+
+    def begin(self, record: TaskRecord, sequences: Sequence[Sequence[int]], readd: bool = False) -> "TaskFold":
+        return TaskFold(self, record, sequences, readd)
 
     def _fold(self, layer: int, hs: Mapping[str, torch.Tensor], weight: float) -> None:
         path = self.partial / _layer_file(layer)
@@ -387,20 +404,22 @@ class StoreUpdate:
         self.folded = True
 
     def commit(self) -> None:
-        store, m = self.store, self.store.manifest
-        for name in self.drop:
-            m["tasks"].pop(name, None)
-        for name, (record, partial) in self.new.items():
-            final = store.root / "tasks" / name
-            if final.exists():
-                shutil.rmtree(final)
-            partial.rename(final)
-            m["tasks"][name] = asdict(record)
-        keys = sorted({(m["tasks"][n]["adapter_hash"], m["tasks"][n]["calibration_hash"]) for n in self.covered})
+        store = self.store
         if self.folded:
             missing = [i for i in range(store.num_layers) if not (self.partial / _layer_file(i)).is_file()]
             if missing:
                 raise ValueError(f"aggregate update of {store.root}: layers {missing} were never folded")
+        m = json.loads(json.dumps(store.manifest))
+        for name in self.drop:
+            m["tasks"].pop(name, None)
+        for name, (record, files) in self.new.items():
+            if files is not None:  # a new or replaced task: its files under a new name, never over old ones
+                final = store.root / "tasks" / f"{name}.{self.gid}"
+                files.rename(final)
+                record = replace(record, files=final.name)
+            m["tasks"][name] = asdict(record)
+        keys = sorted({(m["tasks"][n]["adapter_hash"], m["tasks"][n]["calibration_hash"]) for n in self.covered})
+        if self.folded:
             self.partial.rename(store.root / "aggregates" / self.gid)
             m["generations"][self.gid] = {"tasks": sorted(self.covered), "keys": keys, "weight": self.weight}
             m["previous"], m["current"] = m["current"], self.gid
@@ -410,40 +429,46 @@ class StoreUpdate:
         else:  # a rebuild over no task
             m["previous"], m["current"] = m["current"], None
             shutil.rmtree(self.partial, ignore_errors=True)
-        store._write_and_collect_garbage()
+        store.manifest = m
+        store._write()
 
     def abort(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
-        for _, partial in self.new.values():
-            shutil.rmtree(partial, ignore_errors=True)
-        self.store.manifest = json.loads((self.store.root / MANIFEST).read_text())
+        for _, files in self.new.values():
+            if files is not None:
+                shutil.rmtree(files, ignore_errors=True)
 
 
 class TaskFold:
-    """One task of a StoreUpdate: its calibration sample is saved, and each layer's Hessians given
-    to `layer` are folded into the aggregates (and saved whole in a keep store)."""
+    """One task of a StoreUpdate: each layer's Hessians given to `layer` are folded into the
+    aggregates; a new task's calibration sample (and in a keep store its Hessians) is saved to a
+    new directory, a re-added one keeps its files."""
 
-    def __init__(self, update: StoreUpdate, record: TaskRecord, sequences: Sequence[Sequence[int]]) -> None:
+    def __init__(self, update: StoreUpdate, record: TaskRecord, sequences: Sequence[Sequence[int]],
+                 readd: bool) -> None:
         self.update, self.record = update, record
         self.counted = record.content_key not in update.keys  # a copy of a covered task counts once
-        self.dir = update.store.root / "tasks" / f".{check_task_name(record.name)}.{update.gid}.partial"
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
-        _save_calibration(self.dir / CALIBRATION_FILE, sequences)
+        self.dir: Path | None = None
+        if not readd:
+            self.dir = update.store.root / "tasks" / f".{check_task_name(record.name)}.{update.gid}.partial"
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+            _save_calibration(self.dir / CALIBRATION_FILE, sequences)
         self.layers: set[int] = set()
 
     def layer(self, layer: int, hs: Mapping[str, torch.Tensor]) -> None:
-        if self.update.store.keep_task_hessians:
+        if self.dir is not None and self.update.store.keep_task_hessians:
             _save_hessians(self.dir / _layer_file(layer), hs)
         if self.counted:
             self.update._fold(layer, hs, self.record.mix_weight)
         self.layers.add(layer)
 
-    def copy_layers_from(self, source_dir: Path) -> None:
-        """A copy's statistics without a forward pass: the keep store's files of its twin."""
-        if self.update.store.keep_task_hessians:
+    def copy_layers_from(self, twin: str) -> None:
+        """A copy's statistics without a forward pass: in a keep store, its twin's Hessian files."""
+        if self.dir is not None and self.update.store.keep_task_hessians:
+            source = self.update.files_of(twin)
             for layer in range(self.update.store.num_layers):
-                shutil.copyfile(source_dir / _layer_file(layer), self.dir / _layer_file(layer))
+                shutil.copyfile(source / _layer_file(layer), self.dir / _layer_file(layer))
         self.layers = set(range(self.update.store.num_layers))
 
     def done(self) -> None:
@@ -458,4 +483,5 @@ class TaskFold:
         u.new[self.record.name] = (self.record, self.dir)
 
     def abort(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
