@@ -8,7 +8,8 @@ task is onboarded with its demo eval split as held-out examples (`eval_data`), i
   6.   `<second>-3bit`: a copy of the second task with `--requantize always --bits 3`, a candidate
        base that is coarser on purpose.
 The scenarios were fixed before the run. Per onboarding: whether a new base was made and kept,
-the gate's per-task losses on the current and the candidate base, statistics computed or copied,
+the gate's per-task losses on the current (computed, or read from what the previous gate wrote
+beside it) and the candidate base, statistics computed or copied, the statistics store's bytes,
 and each step's seconds. Writes load_tests/results/rollout_gate.json and .png.
 
     python load_tests/rollout_gate.py              # ~10 min on 2 cores
@@ -43,7 +44,7 @@ def _row(name: str, source: str, report: dict[str, Any], wall: float, registry: 
             "requantize": report["decision"]["requantize"], "decision": report["decision"]["reason"],
             "statistics_computed": report["statistics"]["computed"], "statistics_copied": report["statistics"]["copied"],
             "gate": report["gate"], "base_version_after": base.version if base else 0,
-            "status": report["status"]}
+            "statistics_store_bytes": report["statistics"].get("store_bytes"), "status": report["status"]}
 
 
 def _plot(rows: list[dict[str, Any]], margin: float, path: Path) -> None:

@@ -170,7 +170,7 @@ def test_onboarding_is_incremental_and_equals_full_mlgptq(tiny, tmp_path, redis_
     # the store keeps one generation of aggregates after a finished job: the base's (no undo pending)
     store = StatsStore.open(artifacts / "stats")
     assert store.manifest["current"] == store.manifest["quantized_from"] and len(store.manifest["generations"]) == 1
-    assert second.statistics["bytes"]["per_task_max"] < 4 * TOKENS + 1024  # a calibration sample, no Hessians
+    assert second.statistics["store_bytes"]["per_task_max"] < 4 * TOKENS + 1024  # a calibration sample, no Hessians
     # The job's base equals MLGPTQ over both tasks computed from scratch, bit for bit.
     cfg = MLGPTQConfig(method="mlgptq-channel", grid=QuantGrid(bits=4, group_size=GROUP_SIZE))  # the job's default
     full = quantize_base(base, [sources["qv"], sources["all"]], tmp_path / "full", cfg,

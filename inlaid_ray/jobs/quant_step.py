@@ -80,7 +80,7 @@ class StatsResult:
     basis: str  # what the comparison was made against
     resources: dict[str, Any] = field(default_factory=dict)
     copied: dict[str, str] = field(default_factory=dict)  # of `computed`, task -> the stored twin it copied
-    bytes: dict[str, Any] = field(default_factory=dict)  # the store's size afterwards (StatsStore.bytes_used)
+    store_bytes: dict[str, Any] = field(default_factory=dict)  # the store's size afterwards (StatsStore.bytes_used)
 
     @property
     def num_changed(self) -> int:
@@ -146,7 +146,7 @@ def compute_statistics(base_dir: str | Path, stats_dir: str | Path, sources: Seq
         created_store=existing is None, computed=sorted(stored), replaced=sorted(t for t in stored if t in before),
         store_tasks=sorted(store.tasks), dropped=dropped, changed=changed,
         num_groups=store.num_layers * len(GROUPS), basis=basis, resources=meter.summary(),
-        copied={t: twin for t, twin in stored.items() if twin is not None}, bytes=store.bytes_used(),
+        copied={t: twin for t, twin in stored.items() if twin is not None}, store_bytes=store.bytes_used(),
     )
 
 
