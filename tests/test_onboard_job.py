@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 import uuid
 from dataclasses import asdict, replace
@@ -285,6 +286,78 @@ def test_unscorable_held_out_data_is_refused_before_anything_is_written(tiny, tm
         onboard_task("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration,
                      opts.model_copy(update={"eval_data": str(held), "calib_max_seq_len": 8}), settings=settings)
     assert info.value.step == "validate" and reg.get_task("qv") is None
+
+
+def test_a_batch_job_quantizes_once_and_equals_a_full_run(tiny, tmp_path, redis_client):
+    """`onboard_tasks`: three tasks in one job share one statistics step and ONE new base (equal,
+    bit for bit, to a full MLGPTQ run over them), and each gets its own cluster, record and report."""
+    from inlaid_ray.jobs.onboard import TaskSpec, onboard_tasks
+
+    root, base, sources = tiny[:3]
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    specs = [TaskSpec(n, "acme", sources[n].adapter_dir, sources[n].calibration) for n in ("qv", "all", "mlp")]
+    reports = onboard_tasks(specs, opts, settings=settings)
+    assert [r.task for r in reports] == ["qv", "all", "mlp"] and all(r.status == "live" for r in reports)
+    assert reports[0].statistics["computed"] == ["all", "mlp", "qv"] and reports[0].quantization["version"] == 1
+    snap = reg.snapshot()
+    assert snap.base_version.version == 1 and [b.version for b in reg.list_base_versions()] == [0, 1]  # 0: fp16
+    assert all(snap.tasks[n].status == "live" and snap.tasks[n].cluster for n in ("qv", "all", "mlp"))
+    assert {"register", "cluster", "stage", "statistics", "quantize"} <= set(reports[2].steps)
+    cfg = MLGPTQConfig(method="mlgptq-channel", grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
+    quantize_base(base, [sources[n] for n in ("qv", "all", "mlp")], tmp_path / "full", cfg,
+                  CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
+    same, diffs = checkpoints_identical(snap.base_version.uri, tmp_path / "full")
+    assert same, diffs
+
+
+def test_cli_batch_prints_one_report_per_task(tiny, tmp_path, redis_client, capsys, monkeypatch):
+    from inlaid_ray.cli import main
+
+    root, base, sources = tiny[:3]
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    batch = tmp_path / "tasks.jsonl"
+    batch.write_text("".join(json.dumps({"task": n, "tenant": "acme", "adapter": str(sources[n].adapter_dir),
+                                         "calib": str(sources[n].calibration)}) + "\n" for n in ("qv", "mlp")))
+    monkeypatch.setenv("INLAID_CACHE_DIR", str(tmp_path / "cache"))
+    sigterm = signal.getsignal(signal.SIGTERM)  # the command installs its own (a job stop rolls back)
+    try:
+        rc = main(["onboard", "--batch", str(batch), "--base-dir", str(base), "--artifact-dir", opts.artifact_dir,
+                   "--data-dir", opts.data_dir, "--namespace", opts.namespace, "--endpoint", "none", "--no-ray",
+                   "--no-progress", "--tokens-per-task", str(TOKENS), "--max-delta-ratio", str(opts.max_delta_ratio)])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    data = json.loads(out[out.index("["):])
+    assert [r["task"] for r in data] == ["qv", "mlp"] and all(r["status"] == "live" for r in data)
+    assert data[0]["quantization"]["version"] == data[1]["quantization"]["version"] == 1
+
+
+def test_a_failed_batch_job_rolls_every_task_back(tiny, tmp_path, redis_client):
+    from inlaid_ray.jobs.onboard import TaskSpec, onboard_tasks
+
+    root, base, sources, twin = tiny
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    onboard_task("mlp", "acme", sources["mlp"].adapter_dir, sources["mlp"].calibration, opts, settings=settings)
+    artifacts = Path(opts.artifact_dir)
+    before = _state(reg, artifacts)
+    staged = []
+
+    def crash(step: str) -> None:  # after the first of the two tasks was staged
+        if step == "stage":
+            staged.append(step)
+            raise RuntimeError("injected crash")
+
+    specs = [TaskSpec("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration),
+             TaskSpec("all", "acme", sources["all"].adapter_dir, sources["all"].calibration)]
+    with pytest.raises(OnboardingFailed, match="tasks \\['qv', 'all'\\] failed at step 'stage'") as info:
+        onboard_tasks(specs, opts, settings=settings, fault=crash)
+    assert staged == ["stage"] and len(info.value.reports) == 2
+    assert all(r.rollback and all(x.endswith(": ok") for x in r.rollback) for r in info.value.reports)
+    after = _state(reg, artifacts)
+    assert {n: t["status"] for n, t in after.pop("tasks").items()} == {"mlp": "live", "qv": "failed", "all": "failed"}
+    before.pop("tasks")
+    assert after == before
 
 
 def _greedy_examples(base: Path, adapter: Path, words: list[str], out: Path, seed: int) -> Path:

@@ -92,6 +92,41 @@ def test_onboard_flags_map_to_options():
         _options(_parser().parse_args(base + ["--requantize", "sometimes"]))
 
 
+def test_onboard_batch_file_and_its_user_errors(tmp_path):
+    """`onboard --batch FILE`: tasks read from JSONL (relative paths from the file's directory);
+    mixing it with --task, a missing flag, or a malformed line is a user error naming the problem;
+    a submitted batch job gets the file's absolute path."""
+    from inlaid_ray.jobs.cli import _check_task_args, _ONBOARD_FLAGS
+    from inlaid_ray.jobs.onboard import TaskSpec, read_task_specs
+    from inlaid_ray.jobs.submit import job_argv
+
+    batch = tmp_path / "jobs" / "tasks.jsonl"
+    batch.parent.mkdir()
+    batch.write_text(json.dumps({"task": "a", "tenant": "acme", "adapter": "ad/a", "calib": "/abs/c.jsonl"}) + "\n\n"
+                     + json.dumps({"task": "b", "tenant": "acme", "adapter": "ad/b", "calib": "c.jsonl",
+                                   "eval_data": "e.jsonl"}) + "\n")
+    assert read_task_specs(batch) == [
+        TaskSpec("a", "acme", batch.parent / "ad/a", Path("/abs/c.jsonl")),
+        TaskSpec("b", "acme", batch.parent / "ad/b", batch.parent / "c.jsonl", batch.parent / "e.jsonl")]
+    args = _parser().parse_args(["onboard", "--batch", str(batch), "--no-ray"])
+    _check_task_args(args)
+    argv = job_argv(args, tuple(_ONBOARD_FLAGS))
+    assert f"--batch={batch.resolve()}" in argv and not any(a.startswith("--task") for a in argv)
+    with pytest.raises(InvalidRequest, match=r"drop \['--task'\]"):
+        _check_task_args(_parser().parse_args(["onboard", "--batch", str(batch), "--task", "x"]))
+    with pytest.raises(InvalidRequest, match="onboard needs --adapter, --calib"):
+        _check_task_args(_parser().parse_args(["onboard", "--task", "x", "--tenant", "acme"]))
+    bad = tmp_path / "bad.jsonl"
+    for line, why in [("{", "not valid JSON"), (json.dumps({"task": "a"}), "expected"),
+                      (json.dumps({"task": "a", "tenant": "t", "adapter": "x", "calib": "y", "extra": 1}), "expected")]:
+        bad.write_text(line + "\n")
+        with pytest.raises(InvalidRequest, match=f"bad.jsonl:1: {why}"):
+            read_task_specs(bad)
+    with pytest.raises(InvalidRequest, match="names no task"):
+        bad.write_text("\n")
+        read_task_specs(bad)
+
+
 def test_keys_create_list_revoke(server, capsys, tmp_path):
     client, data_dir = server
     ns = "t" + uuid.uuid4().hex[:8]

@@ -55,16 +55,20 @@ _ONBOARD_FLAGS: dict[str, tuple[type | None, str]] = {
 
 
 def add_onboard_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`inlaid-ray onboard --task NAME --tenant T --adapter DIR --calib FILE [options]`."""
+    """`inlaid-ray onboard --task NAME --tenant T --adapter DIR --calib FILE [options]`, or
+    `inlaid-ray onboard --batch TASKS.jsonl [options]` for many tasks in one job."""
     p = subparsers.add_parser(
         "onboard", help="add a task to the running service (validate, quantize, compress, roll out, probe)",
         description="Runs the onboarding job here, or with --submit as a Ray job on the serving cluster. "
                     "On any failure everything is rolled back and the service is left as it was.")
-    p.add_argument("--task", required=True, help="task name (the API's `model`)")
-    p.add_argument("--tenant", required=True, help="tenant that owns the task")
-    p.add_argument("--adapter", required=True,
-                   help="PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--calib", required=True, help="calibration JSONL (messages / prompt+completion / text records)")
+    p.add_argument("--task", help="task name (the API's `model`)")
+    p.add_argument("--tenant", help="tenant that owns the task")
+    p.add_argument("--adapter", help="PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--calib", help="calibration JSONL (messages / prompt+completion / text records)")
+    p.add_argument("--batch", help="instead of --task/--tenant/--adapter/--calib: a JSONL file, one task a line "
+                                   '({"task", "tenant", "adapter", "calib"[, "eval_data"]}; relative paths from the '
+                                   "file's directory), onboarded as ONE job: statistics together, at most one "
+                                   "re-quantization and gate")
     for flag, (kind, text) in _ONBOARD_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, default=None, help=text)
     p.add_argument("--no-ray", action="store_true", help="run the statistics / quantization steps in this process")
@@ -105,9 +109,22 @@ def _sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_onboard(args: argparse.Namespace, settings: Settings) -> int:
-    from inlaid_ray.jobs.onboard import OnboardingFailed, onboard_task
+def _check_task_args(args: argparse.Namespace) -> None:
+    single = {"--task": args.task, "--tenant": args.tenant, "--adapter": args.adapter, "--calib": args.calib}
+    if args.batch:
+        given = [flag for flag, value in single.items() if value is not None]
+        if given or args.eval_data:
+            raise InvalidRequest(f"--batch names every task itself; drop {given + (['--eval-data'] if args.eval_data else [])}")
+        return
+    missing = [flag for flag, value in single.items() if value is None]
+    if missing:
+        raise InvalidRequest(f"onboard needs {', '.join(missing)} (or --batch FILE)")
 
+
+def run_onboard(args: argparse.Namespace, settings: Settings) -> int:
+    from inlaid_ray.jobs.onboard import OnboardingFailed, TaskSpec, onboard_tasks, read_task_specs
+
+    _check_task_args(args)
     if args.ray_dashboard and not args.submit:
         raise InvalidRequest("--ray-dashboard goes with --submit")
     if args.submit:
@@ -119,21 +136,34 @@ def run_onboard(args: argparse.Namespace, settings: Settings) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _sigterm)
+    options = _options(args)
+    if args.batch:
+        specs = read_task_specs(args.batch)
+    else:
+        specs = [TaskSpec(args.task, args.tenant, Path(args.adapter), Path(args.calib),
+                          Path(options.eval_data) if options.eval_data else None)]
+    name = args.task or Path(args.batch).stem
     try:
-        report = onboard_task(args.task, args.tenant, args.adapter, args.calib, _options(args), settings=settings)
+        reports = onboard_tasks(specs, options, settings=settings)
     except OnboardingFailed as exc:  # rolled back; the report says what was done and undone
+        data = _report_data([r.to_dict() for r in exc.reports], args.batch)
         try:
-            where = f"report: {_write_report(exc.report.to_dict(), args.report or _default_report_path(args.task, settings))}"
+            where = f"report: {_write_report(data, args.report or _default_report_path(name, settings))}"
         except OSError as write_error:
             where = f"the report could not be written: {write_error}"
         print(f"error: {exc} ({where})", file=sys.stderr)
         # 2: the user's input was refused (nothing changed); 1: the job itself failed.
         return 2 if exc.step == "validate" and isinstance(exc.__cause__, (InvalidRequest, AdapterError)) else 1
-    data = report.to_dict()
+    data = _report_data([r.to_dict() for r in reports], args.batch)
     if args.report:
         _write_report(data, args.report)
     print(json.dumps(data, indent=2, default=str))
     return 0
+
+
+def _report_data(reports: list[dict[str, Any]], batch: str | None) -> Any:
+    """One task's report as before; a --batch job's as a list."""
+    return reports if batch else reports[0]
 
 
 def _default_report_path(task: str, settings: Settings) -> Path:
@@ -141,7 +171,7 @@ def _default_report_path(task: str, settings: Settings) -> Path:
     return settings.cache_dir / "reports" / f"onboard-{safe}-{time.strftime('%Y%m%dT%H%M%S')}.json"
 
 
-def _write_report(data: dict[str, Any], path: str | Path) -> Path:
+def _write_report(data: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))

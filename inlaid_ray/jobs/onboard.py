@@ -26,6 +26,7 @@ bank version, a raw one from the members' PEFT adapters.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import threading
@@ -78,9 +79,11 @@ FaultHook = Callable[[str], None]  # called after each step; raising there injec
 class OnboardingFailed(InlaidError):
     """Onboarding stopped at `step` and was rolled back; the cause is chained."""
 
-    def __init__(self, message: str, step: str, report: "OnboardReport") -> None:
+    def __init__(self, message: str, step: str, report: "OnboardReport",
+                 reports: "list[OnboardReport] | None" = None) -> None:
         super().__init__(message)
         self.step, self.report = step, report
+        self.reports = reports or [report]  # every task of the job
 
 
 @dataclass
@@ -111,9 +114,8 @@ class OnboardReport:
 @dataclass
 class _Attempt:
     record: TaskRecord | None = None  # set once begin_onboarding registered it
-    heartbeat: _Heartbeat | None = None  # refreshes the record while the job runs
+    heartbeat: "_Heartbeat | None" = None  # refreshes the record while the job runs
     staged: Staged | None = None
-    stats_undo: StatsUndo | None = None  # set once the statistics step starts
 
 
 class _Heartbeat:
@@ -141,20 +143,48 @@ class _Heartbeat:
 
 
 class _Steps:
-    def __init__(self, report: OnboardReport, fault: FaultHook | None) -> None:
-        self.report, self.fault = report, fault
+    """Times each step into the reports it concerns (every task's for the shared steps)."""
+
+    def __init__(self, reports: list[OnboardReport], fault: FaultHook | None) -> None:
+        self.reports, self.fault = reports, fault
 
     @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
+    def __call__(self, name: str, reports: list[OnboardReport] | None = None) -> Iterator[None]:
         assert name in STEPS, name
-        self.report.step = name
+        reports = self.reports if reports is None else reports
+        for r in self.reports:
+            r.step = name
         start, cpu = time.perf_counter(), time.process_time()
         yield
-        self.report.steps[name] = round(time.perf_counter() - start, 3)
-        self.report.steps_cpu[name] = round(time.process_time() - cpu, 3)
-        log.info("onboard %s: %s done in %.2fs", self.report.task, name, self.report.steps[name])
+        wall, used = round(time.perf_counter() - start, 3), round(time.process_time() - cpu, 3)
+        for r in reports:
+            r.steps[name], r.steps_cpu[name] = wall, used
+        log.info("onboard %s: %s done in %.2fs", ",".join(r.task for r in reports), name, wall)
         if self.fault is not None:
             self.fault(name)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of an onboarding job: name, tenant, PEFT directory, calibration (and held-out) data."""
+
+    task: str
+    tenant: str
+    adapter: Path
+    calib: Path
+    eval_data: Path | None = None
+
+
+@dataclass
+class _Item:
+    """A task inside a running job: its validated inputs, report and undo state."""
+
+    spec: TaskSpec
+    lora: Any
+    calib_path: Path
+    report: OnboardReport
+    attempt: _Attempt = field(default_factory=_Attempt)
+    task_dir: Path | None = None
 
 
 def onboard_task(task: str, tenant: str, adapter: str | Path, calib: str | Path,
@@ -163,133 +193,210 @@ def onboard_task(task: str, tenant: str, adapter: str | Path, calib: str | Path,
     """Onboard one task end to end (module docstring); returns the report of a live task or raises
     OnboardingFailed after rolling back. `fault(step)` runs after every step (crash injection)."""
     opts = options or OnboardOptions()
+    spec = TaskSpec(task, tenant, Path(adapter), Path(calib), Path(opts.eval_data) if opts.eval_data else None)
+    return onboard_tasks([spec], opts, settings=settings, fault=fault)[0]
+
+
+def onboard_tasks(specs: list[TaskSpec], options: OnboardOptions | None = None, *,
+                  settings: Settings | None = None, fault: FaultHook | None = None) -> list[OnboardReport]:
+    """Onboard several tasks in ONE job: each is validated, registered, given its artifacts and a
+    cluster, staged, probed and activated on its own, but their statistics are computed together
+    and the base is re-quantized (and gated) at most once for all of them. All or nothing: any
+    failure rolls every task back. Returns one report per task (the shared steps in each)."""
+    opts = options or OnboardOptions()
     res = resolve(opts, settings or Settings.from_env())
-    report = OnboardReport(task, tenant)
-    steps = _Steps(report, fault)
+    reports = [OnboardReport(s.task, s.tenant) for s in specs]
+    steps = _Steps(reports, fault)
+    items: list[_Item] = []
     try:
         with steps("validate"):
-            check_task_name(task, reserved=(res.base_model_id, Path(res.base_dir).name))
-            check_name("tenant", tenant)
+            names = [s.task for s in specs]
+            if not specs or len(set(names)) != len(names):
+                raise InvalidRequest(f"an onboarding job needs distinct task names, got {names}")
             if opts.endpoint and not res.admin_key:
                 raise InvalidRequest(f"probing {opts.endpoint} needs an admin API key (--admin-key or "
                                      "INLAID_ADMIN_KEY); pass --endpoint none to go live without a probe")
             model_config = ModelConfig.from_dir(res.base_dir)
-            lora = validate_adapter(adapter, model_config, res.limits, name=task, base_dir=res.base_dir)
             tokenizer = load_tokenizer(res.base_dir)
-            calib_check = validate_calibration(calib, tokenizer, opts.min_calib_tokens)
-            if opts.eval_data:
-                validate_calibration(opts.eval_data, tokenizer, 2, what="held-out examples file")
-                if not scorable_examples(Path(opts.eval_data), tokenizer, res.gate):
-                    raise InvalidRequest(f"held-out examples file {opts.eval_data}: no record has an answer token "
-                                         f"within the first {res.gate.max_seq_len} tokens to score")
+            for spec, report in zip(specs, reports):
+                items.append(_validate(spec, report, model_config, tokenizer, opts, res))
     except Exception as exc:
-        report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
-        raise OnboardingFailed(f"onboarding of task {task!r} failed validation, nothing was changed: {exc}",
-                               "validate", report) from exc
+        for r in reports:
+            r.status, r.error = "failed", f"{type(exc).__name__}: {exc}"
+        raise OnboardingFailed(f"onboarding of {_names(specs)} failed validation, nothing was changed: {exc}",
+                               "validate", reports[0], reports) from exc
     client = connect_redis(res.redis_url, res.data_dir)
     try:
         registry = TaskRegistry(client, opts.namespace)
-        if registry.get_tenant(tenant) is None:
-            missing = InvalidRequest(f"the tenant {tenant!r} does not exist (create it: POST /v1/admin/tenants)")
-            report.status, report.error = "failed", f"InvalidRequest: {missing}"
-            raise OnboardingFailed(f"onboarding of task {task!r} failed validation, nothing was changed: {missing}",
-                                   "validate", report) from missing
+        for spec in specs:
+            if registry.get_tenant(spec.tenant) is None:
+                missing = InvalidRequest(f"the tenant {spec.tenant!r} does not exist (create it: POST /v1/admin/tenants)")
+                for r in reports:
+                    r.status, r.error = "failed", f"InvalidRequest: {missing}"
+                raise OnboardingFailed(f"onboarding of {_names(specs)} failed validation, nothing was changed: "
+                                       f"{missing}", "validate", reports[0], reports) from missing
         store = ArtifactStore(res.artifact_dir)
         with store.lock():
-            return _run(task, tenant, Path(adapter), Path(calib_check.path), lora, model_config, opts, res,
-                        registry, store, report, steps)
+            return _run(items, model_config, opts, res, registry, store, steps)
     finally:
         client.close()
 
 
-def _run(task: str, tenant: str, adapter_dir: Path, calib_path: Path, lora: Any, model_config: ModelConfig,
-         opts: OnboardOptions, res: Resolved, registry: TaskRegistry, store: ArtifactStore, report: OnboardReport,
-         steps: _Steps) -> OnboardReport:
-    attempt = _Attempt()
+def read_task_specs(path: str | Path) -> list[TaskSpec]:
+    """The tasks of an `onboard --batch` file: JSONL, one {"task", "tenant", "adapter", "calib"
+    [, "eval_data"]} a line; relative paths are taken from the file's directory."""
+    path = Path(path)
     try:
-        with steps("register"):
-            attempt.record = _register(task, tenant, adapter_dir, lora, opts, res, registry)
-            report.version = attempt.record.version
-            attempt.heartbeat = _Heartbeat(registry, task, attempt.record.version, opts.heartbeat_s)
-        version = attempt.record.version
-        with steps("task_artifacts"):
-            with store.building("tasks", task, version) as tmp:
-                tmp.mkdir()
-                for name in (CONFIG_NAME, WEIGHTS_NAME):
-                    shutil.copy2(adapter_dir / name, tmp / name)
-                shutil.copy2(calib_path, tmp / "calibration.jsonl")
-                if opts.eval_data:
-                    shutil.copy2(opts.eval_data, tmp / EVAL_FILE)
-            task_dir = store.published[-1]
-            report.artifacts["task"] = str(task_dir)
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise InvalidRequest(f"--batch file {path}: {exc.strerror or exc}") from None
+    specs, keys, optional = [], ("task", "tenant", "adapter", "calib"), ("eval_data",)
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict) or any(not isinstance(rec.get(k), str) or not rec[k] for k in keys) \
+                or set(rec) - set(keys) - set(optional) or not isinstance(rec.get("eval_data", ""), str):
+            raise InvalidRequest(f"{path}:{lineno}: expected {{\"task\", \"tenant\", \"adapter\", \"calib\"[, "
+                                 f"\"eval_data\"]}} with string values, got {line[:200]}")
+        where = lambda p: path.parent / p  # noqa: E731 - absolute paths stay as they are
+        specs.append(TaskSpec(rec["task"], rec["tenant"], where(rec["adapter"]), where(rec["calib"]),
+                              where(rec["eval_data"]) if rec.get("eval_data") else None))
+    if not specs:
+        raise InvalidRequest(f"--batch file {path} names no task")
+    return specs
+
+
+def _names(specs: list[TaskSpec]) -> str:
+    return f"task {specs[0].task!r}" if len(specs) == 1 else f"tasks {[s.task for s in specs]}"
+
+
+def _validate(spec: TaskSpec, report: OnboardReport, model_config: ModelConfig, tokenizer: Any,
+              opts: OnboardOptions, res: Resolved) -> _Item:
+    check_task_name(spec.task, reserved=(res.base_model_id, Path(res.base_dir).name))
+    check_name("tenant", spec.tenant)
+    lora = validate_adapter(spec.adapter, model_config, res.limits, name=spec.task, base_dir=res.base_dir)
+    calib_check = validate_calibration(spec.calib, tokenizer, opts.min_calib_tokens)
+    if spec.eval_data is not None:
+        validate_calibration(spec.eval_data, tokenizer, 2, what="held-out examples file")
+        if not scorable_examples(spec.eval_data, tokenizer, res.gate):
+            raise InvalidRequest(f"held-out examples file {spec.eval_data}: no record has an answer token "
+                                 f"within the first {res.gate.max_seq_len} tokens to score")
+    return _Item(spec, lora, Path(calib_check.path), report)
+
+
+def _run(items: list[_Item], model_config: ModelConfig, opts: OnboardOptions, res: Resolved,
+         registry: TaskRegistry, store: ArtifactStore, steps: _Steps) -> list[OnboardReport]:
+    reports = [it.report for it in items]
+    stats_undo: list[StatsUndo] = []  # set once the statistics step starts
+    try:
+        for it in items:
+            with steps("register", [it.report]):
+                it.attempt.record = _register(it.spec.task, it.spec.tenant, it.spec.adapter, it.lora, opts, res,
+                                              registry)
+                it.report.version = it.attempt.record.version
+                it.attempt.heartbeat = _Heartbeat(registry, it.spec.task, it.attempt.record.version, opts.heartbeat_s)
+        for it in items:
+            with steps("task_artifacts", [it.report]):
+                with store.building("tasks", it.spec.task, it.attempt.record.version) as tmp:
+                    tmp.mkdir()
+                    for name in (CONFIG_NAME, WEIGHTS_NAME):
+                        shutil.copy2(it.spec.adapter / name, tmp / name)
+                    shutil.copy2(it.calib_path, tmp / "calibration.jsonl")
+                    if it.spec.eval_data is not None:
+                        shutil.copy2(it.spec.eval_data, tmp / EVAL_FILE)
+                it.task_dir = store.published[-1]
+                it.report.artifacts["task"] = str(it.task_dir)
+        new = {it.spec.task: it.task_dir for it in items}
+        label = items[0].spec.task if len(items) == 1 else f"{items[0].spec.task}+{len(items) - 1}"
         snapshot = registry.snapshot()
         res = replace(res, quant=replace(res.quant, method=quant_method_for(opts.quant_method, snapshot)))
-        report.quantization["method"] = res.quant.method
         with steps("statistics"):
-            attempt.stats_undo = StatsUndo.capture(store.stats_dir)
-            stats = task_statistics(task, task_dir, snapshot, res, store.stats_dir, attempt.stats_undo, opts.progress,
+            stats_undo.append(StatsUndo.capture(store.stats_dir))
+            stats = task_statistics(new, snapshot, res, store.stats_dir, stats_undo[0], opts.progress,
                                     catch_up=opts.requantize != "never")
-            report.statistics = {k: v for k, v in asdict(stats).items() if k != "changed"}
+            statistics = {k: v for k, v in asdict(stats).items() if k != "changed"}
         with steps("decide"):
-            report.decision = decide_requantize(opts.requantize, task, stats, snapshot)
-            log.info("onboard %s: re-quantize=%s (%s)", task, report.decision["requantize"], report.decision["reason"])
+            decision = decide_requantize(opts.requantize, set(new), stats, snapshot)
+            log.info("onboard %s: re-quantize=%s (%s)", label, decision["requantize"], decision["reason"])
+        quantization: dict[str, Any] = {"method": res.quant.method}
+        gate: dict[str, Any] = {}
         base = None
-        if report.decision["requantize"]:
+        for r in reports:
+            r.statistics, r.decision, r.quantization, r.gate = statistics, decision, quantization, gate
+        if decision["requantize"]:
             with steps("quantize"):
                 version_number = max([b.version for b in registry.list_base_versions()] + [0]) + 1
-                base, qreport = quantize_new_base(task, version_number, res, store)
-                report.artifacts["base"] = base.uri
-                report.quantization.update(version=base.version, tasks=qreport.get("tasks"),
-                                           resources=qreport.get("resources"))
+                base, qreport = quantize_new_base(label, version_number, res, store)
+                for r in reports:
+                    r.artifacts["base"] = base.uri
+                quantization.update(version=base.version, tasks=qreport.get("tasks"),
+                                    resources=qreport.get("resources"))
             with steps("gate"):
-                report.gate = _gate(task, task_dir, snapshot, base, res)
-                if report.gate["passed"]:
+                gate.update(_gate(label, new, snapshot, base, res))
+                if gate["passed"]:
                     StatsStore.open(store.stats_dir).mark_quantized()  # what the next job compares with
                 else:
-                    log.warning("onboard %s: base version %d refused: %s", task, base.version, report.gate["reason"])
+                    log.warning("onboard %s: base version %d refused: %s", label, base.version, gate["reason"])
                     store.discard(Path(base.uri))
-                    report.artifacts.pop("base")
+                    for r in reports:
+                        r.artifacts.pop("base")
                     base = None
-        with steps("cluster"):
-            cluster = _cluster(task, lora, snapshot, model_config, res, store, report)
-        with steps("stage"):
-            record = TaskRecord(
-                name=task, tenant=tenant, adapter_uri=str(task_dir), base_model=res.base_model_id,
-                rank=lora.max_rank, target_modules=tuple(sorted(lora.modules)), version=version,
-                adapter_sha256=lora.content_hash, extra=_extra(attempt.record, task_dir, opts),
-            )
-            previous = None if snapshot.base_version else BaseVersion(0, str(res.base_dir), quant_method="none")
-            attempt.staged = stage_onboarding(registry, record, cluster, base, previous_base=previous)
-            if attempt.staged is None:
-                raise RuntimeError(f"task {task!r} left onboarding (version {version}) before it was staged")
-        with steps("probe"):
-            if opts.endpoint:
-                endpoint = probe_endpoint(opts.endpoint, registry)
-                result = probe_task(endpoint, res.admin_key, task, base.version if base else None, res.probe)
-                report.probe = asdict(result) | {"endpoint": endpoint}
-            else:
-                log.warning("onboard %s: no endpoint given; going live without a probe", task)
-        with steps("activate"):
-            attempt.heartbeat.stop()
-            if activate_onboarding(registry, task, version) is None:
-                raise RuntimeError(f"task {task!r} left onboarding (version {version}) before it went live")
-        report.status, report.step = "live", "done"
+        previous = None if snapshot.base_version else BaseVersion(0, str(res.base_dir), quant_method="none")
+        for it in items:  # one at a time: each task's cluster choice sees the ones staged before it
+            task, version = it.spec.task, it.attempt.record.version
+            with steps("cluster", [it.report]):
+                cluster = _cluster(task, it.lora, registry.snapshot(), model_config, res, store, it.report)
+            with steps("stage", [it.report]):
+                record = TaskRecord(
+                    name=task, tenant=it.spec.tenant, adapter_uri=str(it.task_dir), base_model=res.base_model_id,
+                    rank=it.lora.max_rank, target_modules=tuple(sorted(it.lora.modules)), version=version,
+                    adapter_sha256=it.lora.content_hash, extra=_extra(it.attempt.record, it.task_dir, it.spec, opts),
+                )
+                it.attempt.staged = stage_onboarding(registry, record, cluster, base, previous_base=previous)
+                if it.attempt.staged is None:
+                    raise RuntimeError(f"task {task!r} left onboarding (version {version}) before it was staged")
+        for it in items:
+            with steps("probe", [it.report]):
+                if opts.endpoint:
+                    endpoint = probe_endpoint(opts.endpoint, registry)
+                    result = probe_task(endpoint, res.admin_key, it.spec.task, base.version if base else None,
+                                        res.probe)
+                    it.report.probe = asdict(result) | {"endpoint": endpoint}
+                else:
+                    log.warning("onboard %s: no endpoint given; going live without a probe", it.spec.task)
+        for it in items:
+            with steps("activate", [it.report]):
+                it.attempt.heartbeat.stop()
+                if activate_onboarding(registry, it.spec.task, it.attempt.record.version) is None:
+                    raise RuntimeError(f"task {it.spec.task!r} left onboarding (version "
+                                       f"{it.attempt.record.version}) before it went live")
+        for r in reports:
+            r.status, r.step = "live", "done"
         _forget_undo(store.stats_dir)
-        _write_report(store, report)
-        return report
+        for r in reports:
+            _write_report(store, r)
+        return reports
     except BaseException as exc:
-        if attempt.heartbeat is not None:
-            attempt.heartbeat.stop()
-        step = report.step
-        report.status, report.error = "failed", f"{step}: {type(exc).__name__}: {exc}"
-        _rollback(task, attempt, registry, store, res, report)
-        _write_report(store, report)
-        if isinstance(exc, InvalidRequest) and attempt.record is None:
-            raise OnboardingFailed(f"onboarding of task {task!r} refused: {exc}", step, report) from exc
+        for it in items:
+            if it.attempt.heartbeat is not None:
+                it.attempt.heartbeat.stop()
+        step = reports[0].step
+        for r in reports:
+            r.status, r.error = "failed", f"{step}: {type(exc).__name__}: {exc}"
+        _rollback(items, stats_undo[0] if stats_undo else None, registry, store)
+        for r in reports:
+            _write_report(store, r)
+        names = _names([it.spec for it in items])
+        if isinstance(exc, InvalidRequest) and all(it.attempt.record is None for it in items):
+            raise OnboardingFailed(f"onboarding of {names} refused: {exc}", step, reports[0], reports) from exc
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt / SystemExit: rolled back, now let it through
-        raise OnboardingFailed(f"onboarding of task {task!r} failed at step {step!r} and was rolled back: "
-                               f"{type(exc).__name__}: {exc}", step, report) from exc
+        raise OnboardingFailed(f"onboarding of {names} failed at step {step!r} and was rolled back: "
+                               f"{type(exc).__name__}: {exc}", step, reports[0], reports) from exc
 
 
 def _register(task: str, tenant: str, adapter_dir: Path, lora: Any, opts: OnboardOptions, res: Resolved,
@@ -309,22 +416,24 @@ def _register(task: str, tenant: str, adapter_dir: Path, lora: Any, opts: Onboar
     return record
 
 
-def _gate(task: str, task_dir: Path, snapshot: Snapshot, candidate: BaseVersion, res: Resolved) -> dict[str, Any]:
+def _gate(label: str, new: dict[str, Path], snapshot: Snapshot, candidate: BaseVersion,
+          res: Resolved) -> dict[str, Any]:
     """The rollout gate's report on `candidate`: every live task with held-out examples scored on
-    the base serving now and on the candidate (the new task too, reported but not gating)."""
-    live = sorted((t for t in snapshot.tasks.values() if t.status == "live" and t.name != task), key=lambda t: t.name)
+    the base serving now and on the candidate (the new tasks too, reported but not gating)."""
+    live = sorted((t for t in snapshot.tasks.values() if t.status == "live" and t.name not in new),
+                  key=lambda t: t.name)
     held = [HeldOutTask(t.name, Path(t.adapter_uri), Path(t.extra["eval_uri"])) for t in live if t.extra.get("eval_uri")]
-    if (task_dir / EVAL_FILE).is_file():
-        held.append(HeldOutTask(task, task_dir, task_dir / EVAL_FILE, gated=False))
+    held += [HeldOutTask(name, task_dir, task_dir / EVAL_FILE, gated=False) for name, task_dir in sorted(new.items())
+             if (task_dir / EVAL_FILE).is_file()]
     current = snapshot.base_version.uri if snapshot.base_version else str(res.base_dir)
-    return run_step(f"onboard-{task}-gate", check_candidate, res.base_dir, current, candidate.uri, held,
+    return run_step(f"onboard-{label}-gate", check_candidate, res.base_dir, current, candidate.uri, held,
                     [t.name for t in live if not t.extra.get("eval_uri")], res.gate, remote=res.remote)
 
 
-def _extra(record: TaskRecord, task_dir: Path, opts: OnboardOptions) -> dict[str, Any]:
+def _extra(record: TaskRecord, task_dir: Path, spec: TaskSpec, opts: OnboardOptions) -> dict[str, Any]:
     extra = {k: v for k, v in record.extra.items() if k != "error"}
     extra["calibration_uri"] = str(task_dir / "calibration.jsonl")
-    if opts.eval_data:
+    if spec.eval_data is not None:
         extra["eval_uri"] = str(task_dir / EVAL_FILE)
     if opts.expected_output_tokens is not None:
         extra["expected_output_tokens"] = opts.expected_output_tokens
@@ -364,24 +473,29 @@ def _cluster_format(joined: ClusterRecord | None, clusters: Mapping[str, Cluster
     return formats.pop() if len(formats) == 1 else "peft"
 
 
-def _rollback(task: str, attempt: _Attempt, registry: TaskRegistry, store: ArtifactStore, res: Resolved,
-              report: OnboardReport) -> None:
-    """Undo in reverse order; every part is attempted even if an earlier one fails."""
-    parts: list[tuple[str, Callable[[], Any]]] = []
-    record = attempt.record
-    if record is not None:
-        parts.append(("registry", lambda: rollback_onboarding(registry, task, record.version,
-                                                              report.error or "failed", attempt.staged)))
-    parts.append(("artifacts", store.discard_published))
-    if attempt.stats_undo is not None:
-        parts.append(("statistics", lambda: attempt.stats_undo.restore(store.stats_dir)))
-    for name, undo in parts:
+def _rollback(items: list[_Item], stats_undo: StatsUndo | None, registry: TaskRegistry,
+              store: ArtifactStore) -> None:
+    """Undo in reverse order (tasks last staged first); every part is attempted even if an earlier
+    one fails, and each task's report lists what was undone."""
+    parts: list[tuple[str, Callable[[], Any], list[OnboardReport]]] = []
+    for it in reversed(items):
+        record = it.attempt.record
+        if record is not None:
+            parts.append(("registry", lambda it=it, record=record: rollback_onboarding(
+                registry, it.spec.task, record.version, it.report.error or "failed", it.attempt.staged), [it.report]))
+    everyone = [it.report for it in items]
+    parts.append(("artifacts", store.discard_published, everyone))
+    if stats_undo is not None:
+        parts.append(("statistics", lambda: stats_undo.restore(store.stats_dir), everyone))
+    for name, undo, reports in parts:
         try:
             undo()
-            report.rollback.append(f"{name}: ok")
+            for r in reports:
+                r.rollback.append(f"{name}: ok")
         except Exception as exc:  # noqa: BLE001 - keep undoing the rest, report what failed
-            log.exception("onboard %s: rollback of %s failed", task, name)
-            report.rollback.append(f"{name}: FAILED {type(exc).__name__}: {exc}")
+            log.exception("onboard: rollback of %s failed", name)
+            for r in reports:
+                r.rollback.append(f"{name}: FAILED {type(exc).__name__}: {exc}")
 
 
 def _forget_undo(stats_dir: Path) -> None:

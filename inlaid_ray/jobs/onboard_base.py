@@ -77,23 +77,24 @@ def _base_tasks(snapshot: Snapshot) -> list[dict[str, Any]] | None:
     return None if meta is None else list(meta.get("tasks") or [])
 
 
-def task_statistics(task: str, task_dir: Path, snapshot: Snapshot, res: Resolved, stats_dir: Path,
+def task_statistics(new: dict[str, Path], snapshot: Snapshot, res: Resolved, stats_dir: Path,
                     undo: StatsUndo, progress: bool, catch_up: bool) -> StatsResult:
-    """The new task's statistics (and those of live tasks never stored, when `catch_up`) in a Ray task;
-    statistics of retired tasks are dropped."""
+    """The new tasks' statistics ({task: its artifact directory}), and those of live tasks never
+    stored when `catch_up`, in one Ray task; statistics of tasks no longer served are dropped."""
     stored = undo.before
     # Live tasks whose calibration data is known but whose statistics were never stored catch up now
     # (a re-quantization must see every live task); with requantize=never that waits for the next one.
     sources = [TaskSource(t.name, Path(t.adapter_uri), Path(t.extra["calibration_uri"]))
                for t in snapshot.tasks.values()
-               if catch_up and t.status == "live" and t.name != task and t.name not in stored
+               if catch_up and t.status == "live" and t.name not in new and t.name not in stored
                and t.extra.get("calibration_uri")]
-    sources.append(TaskSource(task, task_dir, task_dir / "calibration.jsonl"))
+    sources += [TaskSource(task, task_dir, task_dir / "calibration.jsonl") for task, task_dir in new.items()]
     # Tasks no longer served (retired, or failed: an undo can bring back a failed task's old record)
     # leave the statistics; the next base is quantized for the tasks still served.
-    retired = [n for n in stored if n != task and n in snapshot.tasks
+    retired = [n for n in stored if n not in new and n in snapshot.tasks
                and snapshot.tasks[n].status in ("retired", "failed")]
-    return run_step(f"onboard-{task}-statistics", compute_statistics, res.base_dir, stats_dir, sources,
+    label = next(iter(new)) if len(new) == 1 else f"{next(iter(new))}+{len(new) - 1}"
+    return run_step(f"onboard-{label}-statistics", compute_statistics, res.base_dir, stats_dir, sources,
                     _base_tasks(snapshot), res.quant, progress, retired, remote=res.remote)
 
 
@@ -108,7 +109,7 @@ def _ranges(layers: list[int]) -> str:
     return ",".join(out)
 
 
-def decide_requantize(mode: str, task: str, stats: StatsResult, snapshot: Snapshot) -> dict[str, Any]:
+def decide_requantize(mode: str, new: set[str], stats: StatsResult, snapshot: Snapshot) -> dict[str, Any]:
     """Whether `--requantize MODE` makes a new base version now, why, and which layer groups changed."""
     by_group: dict[str, list[int]] = {}
     for layer, groups in sorted(stats.changed.items()):
@@ -117,7 +118,7 @@ def decide_requantize(mode: str, task: str, stats: StatsResult, snapshot: Snapsh
     changed = {g: _ranges(ls) for g, ls in sorted(by_group.items())}
     summary = f"{stats.num_changed} of {stats.num_groups} layer groups changed ({stats.basis})"
     missing = sorted(t.name for t in snapshot.tasks.values()
-                     if t.status == "live" and t.name != task and t.name not in stats.store_tasks)
+                     if t.status == "live" and t.name not in new and t.name not in stats.store_tasks)
     if mode == "never":
         requant, reason = False, f"requantize=never; statistics stored for a later re-quantization; {summary}"
     elif mode == "always":

@@ -29,7 +29,7 @@ from inlaid_ray.config import Settings
 from inlaid_ray.errors import InvalidRequest
 
 # Flags whose value is a local path: sent absolute, since the job's working directory is not ours.
-_PATH_FLAGS = ("adapter", "calib", "eval_data", "base_dir", "artifact_dir", "data_dir", "report")
+_PATH_FLAGS = ("adapter", "calib", "batch", "eval_data", "base_dir", "artifact_dir", "data_dir", "report")
 # Flags sent through the job's environment instead of its command line (env var, flag).
 _SECRET_FLAGS = {"admin_key": "INLAID_ADMIN_KEY", "redis_url": "REDIS_URL"}
 # How long a stopped job may take to roll back before Ray kills it (Ray's default is 3 s).
@@ -40,8 +40,8 @@ def job_argv(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
     """The `inlaid-ray onboard` arguments of the job: what was given here as `--flag=value`,
     paths made absolute, without --submit, --ray-dashboard and the secret flags, and without
     progress bars (job logs are not a terminal)."""
-    argv = [f"--task={args.task}", f"--tenant={args.tenant}"]
-    for name in ("adapter", "calib", *(f.replace("-", "_") for f in flags)):
+    argv = [f"--{name}={getattr(args, name)}" for name in ("task", "tenant") if getattr(args, name, None)]
+    for name in ("adapter", "calib", "batch", *(f.replace("-", "_") for f in flags)):
         value = getattr(args, name, None)
         if value is None or name in _SECRET_FLAGS:
             continue
@@ -85,8 +85,17 @@ def submit_and_follow(args: argparse.Namespace, flags: tuple[str, ...], options:
     from inlaid_ray.registry import TaskRegistry, connect_redis
     from inlaid_ray.registry.records import check_name, check_task_name
 
-    check_task_name(args.task)  # it names the submission, and a bad one should not travel
-    check_name("tenant", args.tenant)
+    if args.batch:  # its tasks are read (and refused if malformed) here, before a job is submitted
+        from inlaid_ray.jobs.onboard import read_task_specs
+
+        specs = read_task_specs(args.batch)
+    else:
+        from inlaid_ray.jobs.onboard import TaskSpec
+
+        specs = [TaskSpec(args.task, args.tenant, Path(args.adapter), Path(args.calib))]
+    for spec in specs:
+        check_task_name(spec.task)  # it names the submission, and a bad one should not travel
+        check_name("tenant", spec.tenant)
     client = connect_redis(options.redis_url or settings.redis_url, options.data_dir or settings.cache_dir / "registry")
     try:
         address = dashboard_address(args, TaskRegistry(client, options.namespace))
@@ -103,7 +112,7 @@ def submit_and_follow(args: argparse.Namespace, flags: tuple[str, ...], options:
     job_id = None
     try:
         job_id = jobs.submit_job(entrypoint=shlex.join(["inlaid-ray", "onboard", *job_argv(args, flags)]),
-                                 submission_id=f"onboard-{args.task}-{uuid.uuid4().hex[:8]}",
+                                 submission_id=f"onboard-{specs[0].task}-{uuid.uuid4().hex[:8]}",
                                  runtime_env={"env_vars": env})
         print(f"inlaid-ray: submitted {job_id} to {address}", file=sys.stderr, flush=True)
         asyncio.run(_follow(jobs, job_id))
