@@ -1,5 +1,5 @@
 """Entry points run with `ray job submit`: dynamic task onboarding (`onboard_task`,
-`inlaid-ray onboard`) and task administration (`inlaid-ray tasks list|show|retire`).
+`onboard_tasks`, `inlaid-ray onboard`) and task administration (`inlaid-ray tasks list|show|retire`).
 
 Names are re-exported lazily (PEP 562) so that building the CLI parser does not import torch,
 Ray or Redis until a command runs.
@@ -12,7 +12,9 @@ _EXPORTS = {
     "OnboardOptions": "inlaid_ray.jobs.onboard_args",
     "OnboardReport": "inlaid_ray.jobs.onboard",
     "OnboardingFailed": "inlaid_ray.jobs.onboard",
+    "TaskSpec": "inlaid_ray.jobs.onboard",
     "onboard_task": "inlaid_ray.jobs.onboard",
+    "onboard_tasks": "inlaid_ray.jobs.onboard",
     "add_onboard_parser": "inlaid_ray.jobs.cli",
     "add_tasks_parser": "inlaid_ray.jobs.cli",
 }

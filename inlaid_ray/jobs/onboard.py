@@ -14,6 +14,10 @@ and write its next compressed bank version -> stage everything in ONE registry t
 the task on every running replica (probe.py) -> mark it `live` (`task_added`). The base-model
 steps (statistics, decision, re-quantization) are in onboard_base.py.
 
+`onboard_tasks` (`inlaid-ray onboard --batch FILE`) runs the same steps for many tasks in one
+job: the statistics of all of them in one step, at most one re-quantization and one gate, and
+the per-task steps (register, artifacts, cluster, stage, probe, activate) for each in turn.
+
 Any failure, including an interrupt, rolls back in reverse: the registry transaction of
 `rollback_onboarding` (task -> `failed`, cluster and base version restored), then the published
 artifact directories and the task's statistics are removed. Users never saw the task (it was
