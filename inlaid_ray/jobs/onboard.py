@@ -217,6 +217,8 @@ def onboard_tasks(specs: list[TaskSpec], options: OnboardOptions | None = None, 
             names = [s.task for s in specs]
             if not specs or len(set(names)) != len(names):
                 raise InvalidRequest(f"an onboarding job needs distinct task names, got {names}")
+            if opts.eval_data and len(specs) > 1:
+                raise InvalidRequest("eval_data names one task's held-out examples; give each TaskSpec its own")
             if opts.endpoint and not res.admin_key:
                 raise InvalidRequest(f"probing {opts.endpoint} needs an admin API key (--admin-key or "
                                      "INLAID_ADMIN_KEY); pass --endpoint none to go live without a probe")
