@@ -15,6 +15,7 @@ from inlaid_ray.jobs.cli import add_keys_parser, add_onboard_parser, add_tasks_p
 from inlaid_ray.compress.cli import add_compress_parser
 from inlaid_ray.demo.eval_cli import add_eval_parser
 from inlaid_ray.quant.cli import add_quantize_parser
+from inlaid_ray.quant.mlgptq import DEFAULT_SHARED_METHOD
 from inlaid_ray.serve.app_args import AppArgs
 from inlaid_ray.serve.cli_args import add_cli_arguments as add_serve_arguments
 
@@ -172,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--examples-per-task", type=int, default=None,
                       help="eval prompts sent to each task (default 3; --smoke: 1)")
     demo.add_argument("--device", default="cpu", help="device for quantization (cpu, cuda)")
-    demo.add_argument("--quant-method", default="mlgptq-channel",
-                      choices=["mlgptq-channel", "gptq-mixed", "mlgptq", "rtn"],
-                      help="shared-base quantization (load_tests/results/quant_quality.md: the element-wise "
-                           "max of mlgptq collapses on the demo tasks)")
+    demo.add_argument("--quant-method", default=DEFAULT_SHARED_METHOD,
+                      choices=["gptq-mixed", "mlgptq-channel", "mlgptq", "rtn"],
+                      help=f"shared-base quantization (default {DEFAULT_SHARED_METHOD}: load_tests/results/"
+                           "quant_quality.md; the element-wise max of mlgptq collapses on the demo tasks)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -26,7 +26,7 @@ from inlaid_ray.jobs.onboard import STEPS, OnboardingFailed, onboard_task
 from inlaid_ray.jobs.onboard_args import OnboardOptions
 from inlaid_ray.quant.calibration import CalibrationConfig
 from inlaid_ray.quant.incremental import checkpoints_identical, quantize_base
-from inlaid_ray.quant.mlgptq import MLGPTQConfig
+from inlaid_ray.quant.mlgptq import DEFAULT_SHARED_METHOD, MLGPTQConfig
 from inlaid_ray.quant.quantizer import QuantGrid
 from inlaid_ray.quant.stats_store import StatsStore
 from inlaid_ray.registry import (
@@ -173,7 +173,7 @@ def test_onboarding_is_incremental_and_equals_full_mlgptq(tiny, tmp_path, redis_
     assert store.manifest["current"] == store.manifest["quantized_from"] and len(store.manifest["generations"]) == 1
     assert second.statistics["store_bytes"]["per_task_max"] < 4 * TOKENS + 1024  # a calibration sample, no Hessians
     # The job's base equals MLGPTQ over both tasks computed from scratch, bit for bit.
-    cfg = MLGPTQConfig(method="mlgptq-channel", grid=QuantGrid(bits=4, group_size=GROUP_SIZE))  # the job's default
+    cfg = MLGPTQConfig(method=DEFAULT_SHARED_METHOD, grid=QuantGrid(bits=4, group_size=GROUP_SIZE))  # the job's default
     full = quantize_base(base, [sources["qv"], sources["all"]], tmp_path / "full", cfg,
                          CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
     assert full["tasks"] == ["all", "qv"]
@@ -303,7 +303,7 @@ def test_a_batch_job_quantizes_once_and_equals_a_full_run(tiny, tmp_path, redis_
     assert snap.base_version.version == 1 and [b.version for b in reg.list_base_versions()] == [0, 1]  # 0: fp16
     assert all(snap.tasks[n].status == "live" and snap.tasks[n].cluster for n in ("qv", "all", "mlp"))
     assert {"register", "cluster", "stage", "statistics", "quantize"} <= set(reports[2].steps)
-    cfg = MLGPTQConfig(method="mlgptq-channel", grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
+    cfg = MLGPTQConfig(method=DEFAULT_SHARED_METHOD, grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
     quantize_base(base, [sources[n] for n in ("qv", "all", "mlp")], tmp_path / "full", cfg,
                   CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
     same, diffs = checkpoints_identical(snap.base_version.uri, tmp_path / "full")
@@ -430,16 +430,18 @@ def test_rollout_gate_keeps_the_base_when_a_live_task_would_lose(tmp_path, redis
         assert again.gate["tasks"][name]["current"] == accepted.gate["tasks"][name]["candidate"]
 
 
-def test_auto_method_follows_the_current_base_gptq_mixed(tiny, tmp_path, redis_client):
+def test_auto_method_follows_the_current_base(tiny, tmp_path, redis_client):
     root, base, sources, _ = tiny
     opts, settings, reg = _env(tmp_path, redis_client, base)
+    other = "mlgptq-channel"
+    assert other != DEFAULT_SHARED_METHOD
     onboard_task("mlp", "acme", sources["mlp"].adapter_dir, sources["mlp"].calibration,
-                 opts.model_copy(update={"quant_method": "gptq-mixed"}), settings=settings)
+                 opts.model_copy(update={"quant_method": other}), settings=settings)
     second = onboard_task("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration, opts, settings=settings)
-    assert second.quantization["method"] == "gptq-mixed" and second.decision["requantize"]
+    assert second.quantization["method"] == other and second.decision["requantize"]
     base_v2 = reg.snapshot().base_version
-    assert base_v2.version == 2 and base_v2.quant_method == "gptq-mixed"
-    cfg = MLGPTQConfig(method="gptq-mixed", grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
+    assert base_v2.version == 2 and base_v2.quant_method == other
+    cfg = MLGPTQConfig(method=other, grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
     quantize_base(base, [sources["mlp"], sources["qv"]], tmp_path / "full", cfg,
                   CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
     same, diffs = checkpoints_identical(base_v2.uri, tmp_path / "full")
@@ -459,7 +461,7 @@ def test_retired_task_statistics_leave_the_store_and_the_next_base(tiny, tmp_pat
     assert third.decision["requantize"]
     snap = reg.snapshot()
     assert snap.base_version.version == 3 and snap.tasks["all"].status == "retired"
-    cfg = MLGPTQConfig(method="mlgptq-channel", grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
+    cfg = MLGPTQConfig(method=DEFAULT_SHARED_METHOD, grid=QuantGrid(bits=4, group_size=GROUP_SIZE))
     quantize_base(base, [sources["mlp"], sources["qv"]], tmp_path / "full", cfg,
                   CalibrationConfig(tokens_per_task=TOKENS, max_seq_len=opts.calib_max_seq_len), progress=False)
     same, diffs = checkpoints_identical(snap.base_version.uri, tmp_path / "full")

@@ -17,13 +17,13 @@ from inlaid_ray.demo import demo_adapter_dir
 from inlaid_ray.demo.paths import demo_data_path
 from inlaid_ray.quant.calibration import CalibrationConfig
 from inlaid_ray.quant.incremental import TaskSource, quantize_base
-from inlaid_ray.quant.mlgptq import MLGPTQConfig
+from inlaid_ray.quant.mlgptq import DEFAULT_SHARED_METHOD, MLGPTQConfig
 from inlaid_ray.quant.quantizer import QuantGrid
 from inlaid_ray.quantized_base.loading import is_gptq_dir
 
 
 def quantized_dir_name(bits: int, group_size: int, method: str) -> str:
-    """Cache directory name of a checkpoint, e.g. 'smollm2-mlgptq-channel-4bit-g64'."""
+    """Cache directory name of a checkpoint, e.g. 'smollm2-gptq-mixed-4bit-g64'."""
     return f"smollm2-{method}-{bits}bit-g{group_size}"
 
 
@@ -44,10 +44,10 @@ def ensure_quantized_base(
     group_size: int = 64,
     calib_tokens: int | None = 4096,
     progress: bool = True,
-    method: str = "mlgptq-channel",
+    method: str = DEFAULT_SHARED_METHOD,
 ) -> Path:
     """The cached shared-base checkpoint of `base_dir` for the demo `tasks` (made if missing);
-    `mlgptq-channel` by default, as the demo serves (the element-wise max collapses on these tasks).
+    the default shared method by default, as the demo serves.
 
     group_size 64 because SmolLM2's hidden size (576) is not a multiple of 128.
     """

@@ -83,7 +83,7 @@ class DriverConfig:
     step_cost_model: str | None = str(RESULTS / "cost_model_cpu.json")
     stats_period_s: float = 0.2
     work_dir: str | None = None  # None = <cache_dir>/http_load
-    quantized_dir: str | None = None  # None = make (once) <work_dir>/smollm2-mlgptq-channel-4bit-g64
+    quantized_dir: str | None = None  # None = make (once) <work_dir>/smollm2-<default method>-4bit-g64
 
     def __post_init__(self) -> None:
         if not self.rates or any(r <= 0 for r in self.rates):

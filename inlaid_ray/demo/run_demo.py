@@ -22,6 +22,7 @@ from inlaid_ray.demo.data import load_examples
 from inlaid_ray.demo.manifest import DEMO_API_KEY, DEMO_MANIFEST
 from inlaid_ray.demo.paths import demo_adapter_dir, demo_data_path
 from inlaid_ray.demo.tasks import DEMO_TASKS, get_task
+from inlaid_ray.quant.mlgptq import DEFAULT_SHARED_METHOD
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,7 @@ class DemoConfig:
     """What the demo builds and how it serves; paths default under the cache directory."""
 
     work_dir: Path | None = None
-    # The channel max, not the element-wise max: on SmolLM2 + the demo adapters the element-wise
-    # max Hessian is far from PSD and its base collapses (load_tests/results/quant_quality.md)
-    quant_method: str = "mlgptq-channel"
+    quant_method: str = DEFAULT_SHARED_METHOD  # load_tests/results/quant_quality.md decides it
     bits: int = 4
     group_size: int = 64  # SmolLM2's 576-wide projections: 128 does not divide them
     num_replicas: int = 2

@@ -35,7 +35,7 @@ _ONBOARD_FLAGS: dict[str, tuple[type | None, str]] = {
     "endpoint": (str, "service URL to probe (default: the one `inlaid-ray serve` recorded in the registry, else http://127.0.0.1:8000; 'none' = no probe)"),
     "admin-key": (str, "admin API key for the probe (default: $INLAID_ADMIN_KEY)"),
     "requantize": (str, "auto | always | never: new base version only when the statistics changed (auto)"),
-    "quant-method": (str, "auto | mlgptq | mlgptq-channel | gptq-mixed: aggregation of a re-quantized base (auto: the current base's, else mlgptq-channel)"),
+    "quant-method": (str, "auto | mlgptq | mlgptq-channel | gptq-mixed: aggregation of a re-quantized base (auto: the current base's, else gptq-mixed)"),
     "tokens-per-task": (int, "calibration tokens per task when the statistics store is created (512)"),
     "requant-min-change": (float, "smallest change of an aggregate entry, relative to its group's largest, that makes a new base (1e-4)"),
     "eval-data": (str, "held-out examples of this task (JSONL, calibration's record shapes): the rollout gate scores it on every later candidate base"),

@@ -62,7 +62,7 @@ class OnboardOptions(BaseModel):
     requantize: Literal["auto", "always", "never"] = Field(
         "auto", description="auto: new base version only if the max-aggregated statistics changed")
     quant_method: Literal["auto", "mlgptq", "mlgptq-channel", "gptq-mixed"] = Field(
-        "auto", description="aggregation of a re-quantized base; auto = the current base's, else mlgptq-channel")
+        "auto", description="aggregation of a re-quantized base; auto = the current base's, else gptq-mixed")
     bits: int = Field(4, description="GPTQ bits of a re-quantized base")
     group_size: int | None = Field(None, description="GPTQ group size; None = largest of 128/64/32 dividing d_in")
     tokens_per_task: int = Field(512, ge=1, description="calibration tokens per task (fixed when the store is created)")

@@ -17,7 +17,8 @@ from inlaid_ray.jobs.onboard_args import Resolved
 from inlaid_ray.jobs.quant_step import StatsResult, compute_statistics, requantize
 from inlaid_ray.jobs.remote import run_step
 from inlaid_ray.quant.incremental import TaskSource
-from inlaid_ray.quant.stats_store import StatsStore
+from inlaid_ray.quant.mlgptq import DEFAULT_SHARED_METHOD
+from inlaid_ray.quant.stats_store import AGGREGATE_METHODS, StatsStore
 from inlaid_ray.registry import BaseVersion, Snapshot
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,12 @@ def base_meta(snapshot: Snapshot) -> dict[str, Any] | None:
 
 
 def quant_method_for(wanted: str, snapshot: Snapshot) -> str:
-    """`wanted`, or for "auto" the method the current base was quantized with (else mlgptq-channel:
-    the element-wise max can collapse a base, load_tests/results/quant_quality.md)."""
+    """`wanted`, or for "auto" the method the current base was quantized with (else the default,
+    DEFAULT_SHARED_METHOD)."""
     if wanted != "auto":
         return wanted
-    method = (base_meta(snapshot) or {}).get("method", "mlgptq-channel")
-    return method if method in ("mlgptq", "mlgptq-channel", "gptq-mixed") else "mlgptq-channel"
+    method = (base_meta(snapshot) or {}).get("method", DEFAULT_SHARED_METHOD)
+    return method if method in AGGREGATE_METHODS else DEFAULT_SHARED_METHOD
 
 
 def _base_tasks(snapshot: Snapshot) -> list[dict[str, Any]] | None:

@@ -31,7 +31,7 @@ from inlaid_ray.quant.calibration import CalibrationConfig
 from inlaid_ray.quant.incremental import TaskSource, compute_missing_stats, load_tasks, quantize_base
 from inlaid_ray.quant.incremental import hessian_settings
 from inlaid_ray.quant.measure import ResourceMeter
-from inlaid_ray.quant.mlgptq import GROUPS, MLGPTQConfig
+from inlaid_ray.quant.mlgptq import DEFAULT_SHARED_METHOD, GROUPS, MLGPTQConfig
 from inlaid_ray.quant.quantizer import QuantGrid
 from inlaid_ray.quant.stats_store import StatsStore, base_fingerprint
 
@@ -43,7 +43,7 @@ class QuantSettings:
     """Calibration and grid of the onboarding job. The calibration fields apply only when the
     statistics store is created; an existing store keeps the settings it was built with."""
 
-    method: str = "mlgptq-channel"  # or "mlgptq" (element-wise max) or "gptq-mixed" (token-weighted mean)
+    method: str = DEFAULT_SHARED_METHOD  # or "mlgptq" (element-wise max) or "mlgptq-channel" (channel max)
     bits: int = 4
     group_size: int | None = None  # None: the largest of 128, 64, 32 dividing every input dim (else -1)
     tokens_per_task: int = 512  # calibration tokens per task (equal for every task, fixed by the store)

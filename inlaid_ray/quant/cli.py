@@ -16,7 +16,7 @@ import torch
 from inlaid_ray.config import Settings
 from inlaid_ray.devices import DTYPES, parse_dtype, resolve_device
 from inlaid_ray.errors import InvalidRequest
-from inlaid_ray.quant.mlgptq import METHODS
+from inlaid_ray.quant.mlgptq import DEFAULT_SHARED_METHOD, METHODS
 from inlaid_ray.quant.quantizer import SUPPORTED_BITS
 
 
@@ -41,9 +41,10 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--add-task", action="append", default=[], metavar="NAME=ADAPTER_DIR:CALIB.jsonl",
                    help="a task to add to the existing --stats-dir store (incremental); repeatable")
     p.add_argument("--out", required=True, help="output checkpoint directory (gptq-per-task: one sub-directory per task)")
-    p.add_argument("--method", default="mlgptq-channel", choices=list(METHODS),
-                   help="shared-base aggregation: mlgptq-channel (PSD channel max), mlgptq (the paper's element-wise "
-                        "max; can collapse, see load_tests/results/quant_quality.md), gptq-mixed, gptq-per-task, rtn")
+    p.add_argument("--method", default=DEFAULT_SHARED_METHOD, choices=list(METHODS),
+                   help=f"shared-base aggregation (default {DEFAULT_SHARED_METHOD}, the best shareable method of "
+                        "load_tests/results/quant_quality.md): gptq-mixed, mlgptq (the paper's element-wise max; "
+                        "collapses there), mlgptq-channel (PSD channel max), gptq-per-task, rtn")
     p.add_argument("--bits", type=int, default=4, choices=list(SUPPORTED_BITS))
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale (-1 = whole row)")
     p.add_argument("--desc-act", action="store_true", help="act-order (columns by decreasing Hessian diagonal)")
