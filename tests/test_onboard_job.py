@@ -360,6 +360,20 @@ def test_a_failed_batch_job_rolls_every_task_back(tiny, tmp_path, redis_client):
     assert after == before
 
 
+def test_a_statistics_store_of_an_older_format_is_set_aside(tiny, tmp_path, redis_client):
+    """A store an older inlaid-ray wrote (format 1) does not stop onboarding: it is moved aside and
+    the job starts a new store."""
+    root, base, sources = tiny[:3]
+    opts, settings, reg = _env(tmp_path, redis_client, base)
+    old = Path(opts.artifact_dir) / "stats"
+    old.mkdir(parents=True)
+    (old / "store.json").write_text(json.dumps({"format": "inlaid-ray-mlgptq-stats", "version": 1, "tasks": {}}))
+    report = onboard_task("qv", "acme", sources["qv"].adapter_dir, sources["qv"].calibration, opts, settings=settings)
+    assert report.status == "live" and report.statistics["created_store"]
+    assert StatsStore.open(old).tasks.keys() == {"qv"}
+    assert [p.name.startswith("stats.v1-") for p in old.parent.iterdir() if p.name.startswith("stats.")] == [True]
+
+
 def _greedy_examples(base: Path, adapter: Path, words: list[str], out: Path, seed: int) -> Path:
     """Held-out text the unquantized base with `adapter` continues greedily (transformers + PEFT):
     every target is that model's own top choice, which a coarser base scores worse."""

@@ -74,6 +74,7 @@ def quantize_demo_base(base_dir: Path, out_dir: Path, cfg: DemoConfig) -> Path:
     from inlaid_ray.quant.incremental import TaskSource, quantize_base
     from inlaid_ray.quant.mlgptq import MLGPTQConfig
     from inlaid_ray.quant.quantizer import QuantGrid
+    from inlaid_ray.quant.stats_store import StatsStore
 
     if (out_dir / "config.json").exists():
         print(f"reusing {out_dir}")
@@ -82,7 +83,9 @@ def quantize_demo_base(base_dir: Path, out_dir: Path, cfg: DemoConfig) -> Path:
     mlgptq = MLGPTQConfig(method=cfg.quant_method, grid=QuantGrid(bits=cfg.bits, group_size=cfg.group_size),
                           device=cfg.device)
     calib = CalibrationConfig(tokens_per_task=cfg.calib_tokens_per_task)
-    report = quantize_base(base_dir, sources, out_dir, mlgptq, calib, stats_dir=out_dir.parent / "task-stats")
+    stats_dir = out_dir.parent / "task-stats"
+    StatsStore.set_aside_if_older(stats_dir)  # a demo run of an older version left it: start again
+    report = quantize_base(base_dir, sources, out_dir, mlgptq, calib, stats_dir=stats_dir)
     print(f"{cfg.quant_method} {cfg.bits}-bit g{cfg.group_size} for {report['tasks']}: "
           f"{report['resources']['total']['seconds']:.0f} s -> {out_dir}")
     return out_dir

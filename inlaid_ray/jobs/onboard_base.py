@@ -38,6 +38,9 @@ class StatsUndo:
 
     @classmethod
     def capture(cls, stats_dir: Path) -> "StatsUndo":
+        aside = StatsStore.set_aside_if_older(stats_dir)
+        if aside is not None:  # its live tasks' statistics are computed again from their calibration data
+            log.warning("statistics store %s is of an older format; moved to %s, starting a new one", stats_dir, aside)
         existed = StatsStore.is_store(stats_dir)
         return cls(existed, StatsStore.open(stats_dir).manifest if existed else {})
 

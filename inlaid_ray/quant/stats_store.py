@@ -38,6 +38,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -160,6 +161,22 @@ class StatsStore:
                     "current": None, "previous": None, "quantized_from": None}
         write_json_atomic(root / MANIFEST, manifest)
         return cls(root, manifest)
+
+    @staticmethod
+    def set_aside_if_older(root: str | Path) -> Path | None:
+        """Rename a store another version of this format wrote to `<root>.v<N>-<time>` and return
+        the new path (None if `root` holds no such store): a job that can rebuild the statistics
+        from its tasks' calibration data starts a new store instead of failing on the old one."""
+        root = Path(root)
+        try:
+            version = json.loads((root / MANIFEST).read_text()).get("version")
+        except (OSError, ValueError):
+            return None
+        if version == STORE_VERSION:
+            return None
+        aside = root.with_name(f"{root.name}.v{version}-{time.strftime('%Y%m%dT%H%M%S')}")
+        root.rename(aside)
+        return aside
 
     @classmethod
     def open(cls, root: str | Path) -> "StatsStore":
