@@ -2,7 +2,8 @@
 
 One registry, one artifact store, `onboard_task` in-process (no Ray, no service to probe). Every
 task is onboarded with its demo eval split as held-out examples (`eval_data`), in this order:
-  1-4. the four demo tasks, `requantize=auto` (the default 4-bit `mlgptq-channel`): each new
+  1-4. the four demo tasks, `requantize=auto` (the default 4-bit shared method; the committed
+       results were made when it was `mlgptq-channel`): each new
        base is scored on every live task's held-out examples before it goes live;
   5.   `<first>-copy`: an exact copy of the first task (same adapter, same calibration file);
   6.   `<second>-3bit`: a copy of the second task with `--requantize always --bits 3`, a candidate
