@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from inlaid_ray.progress import Progress
 
 from inlaid_ray.demo.data import load_examples
@@ -30,7 +29,7 @@ from inlaid_ray.engine.builder import BankCapacity, make_bank
 from inlaid_ray.lora.adapter import LoRAAdapter
 from inlaid_ray.lora.bank import AdapterBank
 from inlaid_ray.lora.peft_io import load_peft_adapter
-from inlaid_ray.model.runner import prefill_logits
+from inlaid_ray.quant.heldout import scored_loss
 from inlaid_ray.model.tokenizer import encode_chat
 from inlaid_ray.model.transformer import Transformer
 from inlaid_ray.quantized_base.loading import is_gptq_dir, load_base
@@ -86,26 +85,16 @@ def make_engine(model: Transformer, bank: AdapterBank | None, max_seqs: int, max
     return LLMEngine(model, None, cfg, adapter_bank=bank)
 
 
-@torch.inference_mode()
 def completion_loss(model: Transformer, tokenizer: Any, records: Sequence[dict[str, Any]], slot: int,
                     batch_tokens: int = 1024) -> tuple[float, int]:
     """(mean cross-entropy per supervised token, number of those tokens) of chat records with
-    adapter `slot` (-1 = base): teacher-forced, completion tokens + end-of-turn only."""
-    examples = [tokenize_example(tokenizer, r["messages"]) for r in records]
-    total, count = 0.0, 0
-    i = 0
-    while i < len(examples):
-        batch = [examples[i]]
-        while i + len(batch) < len(examples) and sum(len(e[0]) for e in batch) + len(examples[i + len(batch)][0]) <= batch_tokens:
-            batch.append(examples[i + len(batch)])
-        logits = prefill_logits(model, [ids for ids, _ in batch], [slot] * len(batch))
-        for lg, (ids, labels) in zip(logits, batch):
-            target = torch.tensor(labels[1:], device=lg.device)  # position t predicts token t + 1
-            keep = target >= 0
-            total += float(F.cross_entropy(lg[:-1][keep], target[keep], reduction="sum"))
-            count += int(keep.sum())
-        i += len(batch)
-    return total / max(count, 1), count
+    adapter `slot` (-1 = base): teacher-forced, completion tokens + end-of-turn only (the training
+    labels), scored by the rollout gate's `scored_loss`."""
+    examples = []
+    for r in records:
+        ids, labels = tokenize_example(tokenizer, r["messages"])
+        examples.append((ids, next(i for i, label in enumerate(labels) if label >= 0), len(ids)))
+    return scored_loss(model, examples, slot, batch_tokens)
 
 
 def evaluate_tasks(

@@ -56,6 +56,7 @@ from inlaid_ray.jobs.probe import probe_task
 from inlaid_ray.jobs.remote import run_step
 from inlaid_ray.jobs.rollout_gate import EVAL_FILE, HeldOutTask, check_candidate, scorable_examples
 from inlaid_ray.jobs.validate import validate_calibration
+from inlaid_ray.jsonl import read_jsonl_objects
 from inlaid_ray.lora.validation import validate_adapter
 from inlaid_ray.lora import load_peft_adapter
 from inlaid_ray.lora.cluster_bank import save_cluster_banks
@@ -252,22 +253,12 @@ def read_task_specs(path: str | Path) -> list[TaskSpec]:
     """The tasks of an `onboard --batch` file: JSONL, one {"task", "tenant", "adapter", "calib"
     [, "eval_data"]} a line; relative paths are taken from the file's directory."""
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise InvalidRequest(f"--batch file {path}: {exc.strerror or exc}") from None
     specs, keys, optional = [], ("task", "tenant", "adapter", "calib"), ("eval_data",)
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(rec, dict) or any(not isinstance(rec.get(k), str) or not rec[k] for k in keys) \
+    for lineno, rec in read_jsonl_objects(path, "--batch file"):
+        if any(not isinstance(rec.get(k), str) or not rec[k] for k in keys) \
                 or set(rec) - set(keys) - set(optional) or not isinstance(rec.get("eval_data", ""), str):
             raise InvalidRequest(f"{path}:{lineno}: expected {{\"task\", \"tenant\", \"adapter\", \"calib\"[, "
-                                 f"\"eval_data\"]}} with string values, got {line[:200]}")
+                                 f"\"eval_data\"]}} with string values, got {json.dumps(rec)[:200]}")
         where = lambda p: path.parent / p  # noqa: E731 - absolute paths stay as they are
         specs.append(TaskSpec(rec["task"], rec["tenant"], where(rec["adapter"]), where(rec["calib"]),
                               where(rec["eval_data"]) if rec.get("eval_data") else None))

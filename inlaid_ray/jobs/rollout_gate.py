@@ -94,9 +94,10 @@ def check_candidate(base_dir: str | Path, current: str | Path, candidate: str | 
             for t in tasks}
     scoring = {"max_examples": settings.max_examples, "max_seq_len": settings.max_seq_len,
                "dtype": str(dtype), "device_type": device.type}
-    losses: dict[str, dict[str, tuple[float, int]]] = {"current": _cached(current, scoring, keys)}
+    cached = _cached(current, scoring, keys)
+    losses: dict[str, dict[str, tuple[float, int]]] = {"current": dict(cached), "candidate": {}}
     for which, model_dir in (("current", current), ("candidate", candidate)):
-        todo = [t for t in tasks if t.name not in losses.setdefault(which, {})]
+        todo = [t for t in tasks if t.name not in losses[which]]
         if not todo:
             continue
         model = load_base(model_dir, dtype, device)
@@ -104,7 +105,6 @@ def check_candidate(base_dir: str | Path, current: str | Path, candidate: str | 
         del model
     write_json_atomic(Path(candidate) / LOSSES_FILE, {"scoring": scoring, "tasks": {
         name: {"key": keys[name], "loss": loss, "tokens": tokens} for name, (loss, tokens) in losses["candidate"].items()}})
-    cached = set(_cached(current, scoring, keys))
     refused = []
     for t in tasks:
         (old, tokens), (new, _) = losses["current"][t.name], losses["candidate"][t.name]

@@ -21,7 +21,6 @@ copy of a task has exactly its statistics (an identical task never changes the b
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from inlaid_ray.errors import InvalidRequest
+from inlaid_ray.jsonl import read_jsonl_objects
 from inlaid_ray.model.tokenizer import CHAT_ROLES
 
 log = logging.getLogger(__name__)
@@ -98,22 +98,9 @@ def sequences_digest(sequences: Sequence[Sequence[int]]) -> str:
 
 def read_calibration_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) of every non-blank line of a JSONL file; shapes are checked here."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidRequest(f"calibration file {path} does not exist")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise InvalidRequest(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            _record_shape(record, f"{path}:{lineno}")
-            records.append((lineno, record))
+    records = read_jsonl_objects(path, "calibration file")
+    for lineno, record in records:
+        _record_shape(record, f"{path}:{lineno}")
     if not records:
         raise InvalidRequest(f"calibration file {path} is empty (no records)")
     return records
